@@ -1,0 +1,86 @@
+"""``mesh.connect``: a handle on one agent over one reused channel."""
+
+from __future__ import annotations
+
+import enum
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from sessionmesh.client._codec import from_struct
+from sessionmesh.client._proxy import Proxy, ProxyOptions
+from sessionmesh.client._transport import DEFAULT_MAX_MESSAGE_BYTES, ChannelTransport, Transport
+from sessionmesh.client.errors import UsageError, map_rpc_error
+from sessionmesh.v1 import session_service_pb2 as pb
+
+
+class _State(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class AgentClient:
+    """A connection to one agent. Make proxies with :meth:`proxy`; close it when done.
+
+    Example::
+
+        async with mesh.connect("127.0.0.1:50051") as agent:
+            counter = agent.proxy("session_counter", session_required=True)
+            print(await counter(increment=1))
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+        self._state = _State.OPEN
+
+    def proxy(self, tool: str, **options: Any) -> Proxy:
+        """A proxy for ``tool`` (function or capability name); options as in ProxyOptions."""
+        if self._state is _State.CLOSED:
+            raise UsageError("this client is closed; connect again")
+        try:
+            opts = ProxyOptions(**options)
+        except TypeError as exc:
+            raise UsageError(f"unknown proxy option: {exc}") from None
+        return Proxy(self._transport, tool, opts)
+
+    async def list_tools(self) -> list[dict[str, Any]]:
+        """The agent's tools: name, capability, description, schema, streaming, sessions."""
+        try:
+            response = await self._transport.pick().stub.ListTools(pb.ListToolsRequest(), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            raise map_rpc_error(exc) from exc
+        return [
+            {
+                "name": t.name,
+                "capability": t.capability,
+                "description": t.description,
+                "tags": list(t.tags),
+                "version": t.version or None,
+                "parameters": from_struct(t.parameters_schema),
+                "streaming": t.streaming,
+                "session_required": t.session_required,
+                "stateful": t.stateful,
+            }
+            for t in response.tools
+        ]
+
+    async def aclose(self) -> None:
+        if self._state is _State.OPEN:
+            self._state = _State.CLOSED
+            await self._transport.aclose()
+
+    async def __aenter__(self) -> AgentClient:
+        if self._state is _State.CLOSED:
+            raise UsageError("this client is closed; connect again")
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+def connect(address: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> AgentClient:
+    """Connect to the agent at ``address`` (``host:port``). Call from async code."""
+    return AgentClient(ChannelTransport(address, max_message_bytes=max_message_bytes))

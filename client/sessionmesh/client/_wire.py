@@ -1,0 +1,23 @@
+"""Names fixed by the wire contract that are not in the .proto: metadata keys and reasons."""
+
+from __future__ import annotations
+
+from typing import Final
+
+SESSION_ID_KEY: Final = "x-session-id"
+SESSION_CREATE_KEY: Final = "x-session-create"
+ERROR_DOMAIN: Final = "sessionmesh"
+
+
+class Reason:
+    """`google.rpc.ErrorInfo.reason` values sent by agents (docs/wire-protocol.md)."""
+
+    SESSION_NOT_FOUND: Final = "SESSION_NOT_FOUND"
+    SESSION_REQUIRED: Final = "SESSION_REQUIRED"
+    TOOL_NOT_FOUND: Final = "TOOL_NOT_FOUND"
+    INVALID_ARGUMENTS: Final = "INVALID_ARGUMENTS"
+    TOOL_FAILED: Final = "TOOL_FAILED"
+    TOO_MANY_SESSIONS: Final = "TOO_MANY_SESSIONS"
+    TOOL_TIMEOUT: Final = "TOOL_TIMEOUT"
+    INVALID_STREAM: Final = "INVALID_STREAM"
+    SHUTTING_DOWN: Final = "SHUTTING_DOWN"

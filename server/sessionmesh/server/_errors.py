@@ -1,0 +1,73 @@
+"""Server-side error statuses: a ``Fail`` raised anywhere in a handler becomes one gRPC status."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from sessionmesh.client._wire import ERROR_DOMAIN, Reason
+
+_MAX_TEXT = 2000
+
+
+class Fail(Exception):
+    """An expected failure of a call, with the status and ErrorInfo the client will see."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        metadata: Mapping[str, str] | None = None,
+        debug: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message[:_MAX_TEXT]
+        self.metadata = {k: v[:_MAX_TEXT] for k, v in (metadata or {}).items()}
+        self.debug = debug
+
+    def status(self) -> grpc.Status:
+        info = any_pb2.Any()
+        info.Pack(
+            error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata)
+        )
+        details = [info]
+        if self.debug:
+            dbg = any_pb2.Any()
+            dbg.Pack(error_details_pb2.DebugInfo(stack_entries=self.debug.splitlines(keepends=True)))
+            details.append(dbg)
+        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+        return rpc_status.to_status(status)
+
+
+def session_not_found(session_id: str) -> Fail:
+    return Fail(
+        grpc.StatusCode.NOT_FOUND,
+        Reason.SESSION_NOT_FOUND,
+        f"session {session_id[:14]}... is not open on this agent: it was closed, expired, or "
+        "never existed. Open a new session; its state is gone.",
+        {"session_id": session_id},
+    )
+
+
+def tool_not_found(name: str, known: list[str]) -> Fail:
+    return Fail(
+        grpc.StatusCode.NOT_FOUND,
+        Reason.TOOL_NOT_FOUND,
+        f"no tool {name!r} on this agent; it has: {', '.join(known) or 'no tools'}",
+        {"tool": name},
+    )
+
+
+def invalid_arguments(field: str, message: str) -> Fail:
+    return Fail(grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_ARGUMENTS, message, {"field": field})
+
+
+def invalid_stream(message: str) -> Fail:
+    return Fail(grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_STREAM, message)

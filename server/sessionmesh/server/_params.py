@@ -1,0 +1,113 @@
+"""Checking JSON arguments against a tool's annotations, and the JSON schema that says so."""
+
+from __future__ import annotations
+
+import collections.abc as cabc
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+_JSON_TYPES: dict[type, str] = {
+    str: "string",
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    type(None): "null",
+}
+
+
+class ArgumentError(ValueError):
+    """An argument that does not fit; ``field`` is its dotted path."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, path: str) -> Any:
+    """Return ``value`` as ``tp`` (int -> float where a float is wanted), or raise ArgumentError."""
+    if tp is Any or tp is object or tp is typing.Any:
+        return value
+    origin = get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        for option in get_args(tp):
+            try:
+                return coerce(value, option, path)
+            except ArgumentError:
+                continue
+        raise ArgumentError(path, f"argument {path!r} must be {_type_name(tp)}, got {_describe(value)}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        allowed = ", ".join(repr(a) for a in get_args(tp))
+        raise ArgumentError(path, f"argument {path!r} must be one of {allowed}, got {value!r}")
+    if origin in (list, cabc.Sequence, cabc.Iterable, tuple, set, frozenset):
+        if not isinstance(value, list):
+            raise ArgumentError(path, f"argument {path!r} must be a list, got {_describe(value)}")
+        args = get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+        return items if origin is not tuple else tuple(items)
+    if origin in (dict, cabc.Mapping, cabc.MutableMapping):
+        if not isinstance(value, dict):
+            raise ArgumentError(path, f"argument {path!r} must be an object, got {_describe(value)}")
+        args = get_args(tp)
+        val_tp = args[1] if len(args) == 2 else Any
+        return {k: coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
+    if tp in (list, tuple):
+        if isinstance(value, list):
+            return value
+        raise ArgumentError(path, f"argument {path!r} must be a list, got {_describe(value)}")
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise ArgumentError(path, f"argument {path!r} must be an object, got {_describe(value)}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is None or tp is type(None):
+        if value is None:
+            return None
+    elif tp in (str, bool):
+        if isinstance(value, tp):
+            return value
+    elif typing.is_typeddict(tp):
+        if isinstance(value, dict):
+            return value
+    else:
+        return value  # an annotation we cannot check from JSON: the tool gets the value as is
+    raise ArgumentError(path, f"argument {path!r} must be {_type_name(tp)}, got {_describe(value)}")
+
+
+def schema_for(tp: Any) -> dict[str, Any]:
+    """A JSON schema fragment for an annotation (an empty schema accepts anything)."""
+    if tp in _JSON_TYPES:
+        return {"type": _JSON_TYPES[tp]}
+    origin = get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        return {"anyOf": [schema_for(a) for a in get_args(tp)]}
+    if origin is Literal:
+        return {"enum": list(get_args(tp))}
+    if origin in (list, cabc.Sequence, cabc.Iterable, tuple, set, frozenset) or tp in (list, tuple):
+        args = get_args(tp)
+        return {"type": "array", "items": schema_for(args[0])} if args else {"type": "array"}
+    if origin in (dict, cabc.Mapping, cabc.MutableMapping) or tp is dict:
+        args = get_args(tp)
+        if len(args) == 2:
+            return {"type": "object", "additionalProperties": schema_for(args[1])}
+        return {"type": "object"}
+    return {}

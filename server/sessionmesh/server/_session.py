@@ -1,0 +1,212 @@
+"""Server-side sessions: ids, state, idle expiry, close callbacks, per-session call order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import heapq
+import inspect
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger("sessionmesh.session")
+
+CloseCallback = Callable[[], Awaitable[None] | None]
+
+#: How many call ids a session remembers for retries (oldest forgotten first).
+CALL_MEMORY = 1024
+
+_current: contextvars.ContextVar[Session | None] = contextvars.ContextVar(
+    "sessionmesh_session", default=None
+)
+
+
+def current_session() -> Session | None:
+    """The session the running tool was called in, or None for a call without one."""
+    return _current.get()
+
+
+def short(session_id: str) -> str:
+    """A session id shortened for logs: enough to tell sessions apart, useless to forge one."""
+    return session_id[:14]
+
+
+class Session:
+    """A session on this agent: an ``id``, a ``state`` dict that lives as long as it does, and
+    ``on_close`` callbacks that run exactly once when it is closed, expires, or the agent stops.
+
+    Annotate a tool parameter with ``mesh.Session`` to receive it::
+
+        @mesh.tool(session_required=True)
+        def increment(session: mesh.Session, increment: int = 1) -> int:
+            session.state["n"] = session.state.get("n", 0) + increment
+            return session.state["n"]
+    """
+
+    # Slots and lazily made members keep an idle session small (issue: <= 2 KB each).
+    __slots__ = ("_callbacks", "_calls", "_lock", "_state", "active", "closed", "id", "last_used", "ttl")
+
+    def __init__(self, session_id: str, ttl: float) -> None:
+        self.id = session_id
+        self.ttl = ttl
+        self.last_used = time.monotonic()
+        self.closed = False
+        self.active = 0
+        self._state: dict[str, Any] | None = None
+        self._callbacks: list[CloseCallback] | None = None
+        self._lock: asyncio.Lock | None = None
+        self._calls: dict[str, asyncio.Future[Any]] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Session {short(self.id)}{' closed' if self.closed else ''}>"
+
+    @property
+    def state(self) -> dict[str, Any]:
+        if self._state is None:
+            self._state = {}
+        return self._state
+
+    def on_close(self, callback: CloseCallback) -> None:
+        """Run ``callback`` (plain or async) once when the session ends."""
+        if self._callbacks is None:
+            self._callbacks = []
+        self._callbacks.append(callback)
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        # asyncio.Lock wakes waiters first-in first-out: calls run in arrival order.
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    def remembered(self, call_id: str) -> asyncio.Future[Any] | None:
+        return self._calls.get(call_id) if self._calls else None
+
+    def remember(self, call_id: str, outcome: asyncio.Future[Any]) -> None:
+        if self._calls is None:
+            self._calls = {}
+        calls = self._calls
+        calls[call_id] = outcome
+        if len(calls) > CALL_MEMORY:
+            del calls[next(iter(calls))]
+
+    async def _run_callbacks(self) -> None:
+        for cb in self._callbacks or ():
+            try:
+                result = cb()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("session %s: close callback %r failed", short(self.id), cb)
+        self._callbacks = None
+
+
+class SessionNotFoundError(LookupError):
+    pass
+
+
+class TooManySessionsError(RuntimeError):
+    pass
+
+
+class SessionStore:
+    """The open sessions of one agent instance, with a reaper for idle ones."""
+
+    def __init__(self, instance_id: str, *, default_ttl: float, max_sessions: int) -> None:
+        self.instance_id = instance_id
+        self.default_ttl = default_ttl
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, Session] = {}
+        self._deadlines: list[tuple[float, str]] = []
+        self._wakeup = asyncio.Event()
+        self._reaper: asyncio.Task[None] | None = None
+        self.counters = {"created": 0, "closed": 0, "expired": 0}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def ids(self) -> list[str]:
+        return list(self._sessions)
+
+    def start(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    def create(self, ttl: float | None = None) -> Session:
+        if len(self._sessions) >= self.max_sessions:
+            raise TooManySessionsError(
+                f"this agent has {len(self._sessions)} open sessions, its limit "
+                f"(max_sessions={self.max_sessions}); close sessions or raise the limit"
+            )
+        # The owner's instance id leads the id so any instance can tell who owns a session;
+        # 128 random bits after it make ids unguessable.
+        session = Session(f"{self.instance_id}.{secrets.token_urlsafe(16)}", ttl or self.default_ttl)
+        self._sessions[session.id] = session
+        entry = (session.last_used + session.ttl, session.id)
+        heapq.heappush(self._deadlines, entry)
+        if self._deadlines[0] is entry:
+            self._wakeup.set()  # the reaper sleeps towards a later deadline than this one
+        self.counters["created"] += 1
+        log.info("session %s created", short(session.id))
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFoundError(session_id)
+        return session
+
+    async def close(self, session_id: str, *, why: str = "closed") -> bool:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return False
+        session.closed = True
+        self.counters["expired" if why == "expired" else "closed"] += 1
+        log.info("session %s %s", short(session_id), why)
+        if session._callbacks:
+            # Wait for the call running in the session (if any) so callbacks see final state.
+            async with session.lock:
+                await session._run_callbacks()
+        return True
+
+    async def close_all(self, *, why: str = "closed at shutdown") -> None:
+        for sid in list(self._sessions):
+            await self.close(sid, why=why)
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            try:
+                await self._reaper
+            except asyncio.CancelledError:
+                pass
+            self._reaper = None
+        await self.close_all()
+
+    async def _reap(self) -> None:
+        heap = self._deadlines
+        while True:
+            self._wakeup.clear()
+            if not heap:
+                await self._wakeup.wait()
+                continue
+            now = time.monotonic()
+            deadline, sid = heap[0]
+            if deadline > now:
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), deadline - now)
+                except TimeoutError:
+                    pass
+                continue
+            heapq.heappop(heap)
+            session = self._sessions.get(sid)
+            if session is None:
+                continue
+            due = session.last_used + session.ttl
+            if session.active or due > now:
+                heapq.heappush(heap, (max(due, now + 0.05), sid))
+                continue
+            await self.close(sid, why="expired")

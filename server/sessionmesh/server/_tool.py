@@ -1,0 +1,353 @@
+"""``@mesh.tool``: what a tool declares, and how a call's arguments are bound to it."""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc as cabc
+import dataclasses
+import functools
+import inspect
+import types
+import typing
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, overload
+
+from sessionmesh.client import McpAgent
+from sessionmesh.server._params import ArgumentError, coerce, schema_for
+from sessionmesh.server._session import Session
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+TOOL_ATTR = "__sessionmesh_tool__"
+
+Role = Literal["arg", "session", "dependency", "input"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Dependency:
+    """A capability a tool depends on, optionally narrowed by tags and a version range."""
+
+    capability: str
+    tags: tuple[str, ...] = ()
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, raw: str | Mapping[str, Any]) -> Dependency:
+        if isinstance(raw, str):
+            return cls(raw)
+        unknown = set(raw) - {"capability", "tags", "version"}
+        if unknown or "capability" not in raw:
+            raise TypeError(
+                f"a dependency is a capability name or a dict with 'capability' and optional "
+                f"'tags', 'version'; got {dict(raw)!r}"
+            )
+        return cls(str(raw["capability"]), tuple(raw.get("tags", ())), raw.get("version"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Param:
+    name: str
+    role: Role
+    annotation: Any
+    required: bool
+    default: Any
+    dependency: Dependency | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """Everything ``@mesh.tool`` declared about one function."""
+
+    fn: Callable[..., Any]
+    name: str
+    capability: str
+    description: str
+    tags: tuple[str, ...]
+    version: str | None
+    dependencies: tuple[Dependency, ...]
+    session_required: bool
+    stateful: bool
+    auto_session_management: bool
+    timeout: float | None
+    retry_count: int
+    retry_delay: float
+    streaming: bool
+    stream_timeout: float | None
+    buffer_size: int
+    session_ttl: float | None
+
+    @property
+    def is_async_gen(self) -> bool:
+        return inspect.isasyncgenfunction(self.fn)
+
+    @property
+    def is_sync_gen(self) -> bool:
+        return inspect.isgeneratorfunction(self.fn)
+
+    @property
+    def is_coroutine(self) -> bool:
+        return inspect.iscoroutinefunction(self.fn)
+
+
+def _strip_optional(tp: Any) -> Any:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _is_async_iter(tp: Any) -> bool:
+    origin = get_origin(tp) or tp
+    return origin in (cabc.AsyncIterator, cabc.AsyncIterable, cabc.AsyncGenerator)
+
+
+class BoundTool:
+    """A ToolSpec with its annotations resolved: binds a call's JSON arguments to parameters."""
+
+    __slots__ = (
+        "_arg_names",
+        "_session_params",
+        "dependencies",
+        "input_param",
+        "params",
+        "requires_session",
+        "schema",
+        "spec",
+    )
+
+    def __init__(self, spec: ToolSpec) -> None:
+        self.spec = spec
+        try:
+            hints = typing.get_type_hints(spec.fn)
+        except Exception as exc:
+            raise TypeError(f"tool {spec.name!r}: cannot resolve its annotations: {exc}") from exc
+        deps = {d.capability: d for d in spec.dependencies}
+        positional_deps = [d for d in spec.dependencies if d.capability not in _param_names(spec)]
+        params: list[Param] = []
+        for p in inspect.signature(spec.fn).parameters.values():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise TypeError(f"tool {spec.name!r}: *args/**kwargs parameters are not supported")
+            tp = hints.get(p.name, Any)
+            bare = _strip_optional(tp)
+            required = p.default is p.empty
+            default = None if required else p.default
+            if bare is Session:
+                params.append(Param(p.name, "session", tp, False, None))
+            elif bare is McpAgent or p.name in deps:
+                dep = deps.get(p.name) or (positional_deps.pop(0) if positional_deps else None)
+                if dep is None:
+                    raise TypeError(
+                        f"tool {spec.name!r}: parameter {p.name!r} is an McpAgent but no "
+                        f"dependency is left for it; add it to dependencies=[...]"
+                    )
+                params.append(Param(p.name, "dependency", tp, False, None, dep))
+            elif _is_async_iter(bare):
+                params.append(Param(p.name, "input", tp, False, None))
+            else:
+                params.append(Param(p.name, "arg", tp, required, default))
+        inputs = [p for p in params if p.role == "input"]
+        if len(inputs) > 1:
+            raise TypeError(f"tool {spec.name!r}: at most one async-iterable input parameter")
+        self.params = tuple(params)
+        self.input_param = inputs[0].name if inputs else None
+        self.dependencies = tuple(p for p in params if p.role == "dependency")
+        self._session_params = tuple(p.name for p in params if p.role == "session")
+        # A parameter typed plain `Session` (not Optional) cannot run without one.
+        self.requires_session = spec.session_required or any(
+            p.role == "session" and _strip_optional(p.annotation) is p.annotation for p in params
+        )
+        self._arg_names = frozenset(p.name for p in params if p.role == "arg")
+        self.schema = self._schema()
+
+    def _schema(self) -> dict[str, Any]:
+        props: dict[str, Any] = {}
+        required: list[str] = []
+        for p in self.params:
+            if p.role != "arg":
+                continue
+            frag = schema_for(p.annotation)
+            if not p.required and isinstance(p.default, str | int | float | bool | type(None)):
+                frag = {**frag, "default": p.default}
+            props[p.name] = frag
+            if p.required:
+                required.append(p.name)
+        schema: dict[str, Any] = {"type": "object", "properties": props}
+        if required:
+            schema["required"] = required
+        schema["additionalProperties"] = False
+        return schema
+
+    def bind(self, arguments: Mapping[str, Any], session: Session | None) -> dict[str, Any]:
+        """Keyword arguments for the function; raises ArgumentError naming the bad parameter."""
+        unknown = arguments.keys() - self._arg_names
+        if unknown:
+            name = sorted(unknown)[0]
+            expected = ", ".join(sorted(self._arg_names)) or "none"
+            raise ArgumentError(
+                name, f"unknown argument {name!r} for tool {self.spec.name!r} (expected: {expected})"
+            )
+        kwargs: dict[str, Any] = dict.fromkeys(self._session_params, session)
+        for p in self.params:
+            if p.role != "arg":
+                continue
+            if p.name in arguments:
+                kwargs[p.name] = coerce(arguments[p.name], p.annotation, p.name)
+            elif p.required:
+                raise ArgumentError(p.name, f"missing argument {p.name!r} for tool {self.spec.name!r}")
+        return kwargs
+
+
+    async def invoke(self, kwargs: dict[str, Any]) -> Any:
+        """Run the tool once; a streaming tool's chunks are collected into a list."""
+        spec = self.spec
+        if spec.is_coroutine:
+            return await spec.fn(**kwargs)
+        if spec.is_async_gen or spec.is_sync_gen:
+            return [item async for item in self.iterate(kwargs)]
+        # Plain functions may block: they run in a worker thread (context variables included).
+        return await asyncio.to_thread(functools.partial(spec.fn, **kwargs))
+
+    async def iterate(self, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
+        """The tool's chunks; a tool that does not stream gives one chunk, its result."""
+        spec = self.spec
+        if spec.is_async_gen:
+            agen = spec.fn(**kwargs)
+            try:
+                async for item in agen:
+                    yield item
+            finally:
+                await agen.aclose()
+        elif spec.is_sync_gen:
+            gen = spec.fn(**kwargs)
+            done = object()
+            try:
+                while (item := await asyncio.to_thread(next, gen, done)) is not done:
+                    yield item
+            finally:
+                gen.close()
+        else:
+            yield await self.invoke(kwargs)
+
+
+def _param_names(spec: ToolSpec) -> set[str]:
+    return set(inspect.signature(spec.fn).parameters)
+
+
+@overload
+def tool(capability: F) -> F: ...
+@overload
+def tool(
+    capability: str | None = None,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    tags: Sequence[str] = (),
+    version: str | None = None,
+    dependencies: Sequence[str | Mapping[str, Any]] = (),
+    session_required: bool = False,
+    stateful: bool = False,
+    auto_session_management: bool = True,
+    timeout: float | None = None,
+    retry_count: int = 0,
+    retry_delay: float = 0.5,
+    streaming: bool | None = None,
+    stream_timeout: float | None = None,
+    buffer_size: int = 64,
+    session_ttl: float | None = None,
+) -> Callable[[F], F]: ...
+def tool(
+    capability: str | F | None = None,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    tags: Sequence[str] = (),
+    version: str | None = None,
+    dependencies: Sequence[str | Mapping[str, Any]] = (),
+    session_required: bool = False,
+    stateful: bool = False,
+    auto_session_management: bool = True,
+    timeout: float | None = None,
+    retry_count: int = 0,
+    retry_delay: float = 0.5,
+    streaming: bool | None = None,
+    stream_timeout: float | None = None,
+    buffer_size: int = 64,
+    session_ttl: float | None = None,
+) -> F | Callable[[F], F]:
+    """Declare a function as a tool of this agent.
+
+    The tool is called by its function name or by ``capability``. Keywords about sessions and
+    calls apply twice: the agent enforces them on this tool (``session_required``,
+    ``timeout``, ``stream_timeout``, ``buffer_size``, ``session_ttl``) and they configure the
+    proxies injected for ``dependencies`` (``session_required``, ``stateful``,
+    ``auto_session_management``, ``timeout``, ``retry_count``, ``retry_delay``,
+    ``stream_timeout``, ``buffer_size``).
+
+    Example::
+
+        @mesh.tool(capability="session_counter", session_required=True, stateful=True)
+        def increment(session: mesh.Session, increment: int = 1) -> int:
+            session.state["count"] = session.state.get("count", 0) + increment
+            return session.state["count"]
+    """
+    if callable(capability):
+        return tool()(capability)
+
+    if retry_count < 0:
+        raise ValueError("retry_count must be >= 0")
+    if buffer_size < 1:
+        raise ValueError("buffer_size must be >= 1 (chunks in flight)")
+    for label, value in (
+        ("timeout", timeout),
+        ("stream_timeout", stream_timeout),
+        ("session_ttl", session_ttl),
+    ):
+        if value is not None and value <= 0:
+            raise ValueError(f"{label} must be > 0 seconds, or None")
+    deps = tuple(Dependency.parse(d) for d in dependencies)
+
+    def decorate(fn: F) -> F:
+        gen = inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn)
+        if streaming and not gen:
+            raise TypeError(f"tool {fn.__name__!r}: streaming=True needs a generator function")
+        spec = ToolSpec(
+            fn=fn,
+            name=name or fn.__name__,
+            capability=capability or name or fn.__name__,
+            description=description or inspect.getdoc(fn) or "",
+            tags=tuple(tags),
+            version=version,
+            dependencies=deps,
+            session_required=session_required,
+            stateful=stateful,
+            auto_session_management=auto_session_management,
+            timeout=timeout,
+            retry_count=retry_count,
+            retry_delay=retry_delay,
+            streaming=gen if streaming is None else streaming,
+            stream_timeout=stream_timeout,
+            buffer_size=buffer_size,
+            session_ttl=session_ttl,
+        )
+        setattr(fn, TOOL_ATTR, spec)
+        return fn
+
+    return decorate
+
+
+def spec_of(obj: object) -> ToolSpec | None:
+    spec = getattr(obj, TOOL_ATTR, None)
+    return spec if isinstance(spec, ToolSpec) else None
+
+
+def tools_in(namespace: Mapping[str, object]) -> list[ToolSpec]:
+    """The tools declared in a module's namespace, in definition order."""
+    seen: set[int] = set()
+    found: list[ToolSpec] = []
+    for obj in namespace.values():
+        spec = spec_of(obj)
+        if spec is not None and id(spec) not in seen:
+            seen.add(id(spec))
+            found.append(spec)
+    return found
