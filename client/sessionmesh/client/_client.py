@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import enum
-from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -13,6 +12,9 @@ from sessionmesh.client._proxy import Proxy, ProxyOptions
 from sessionmesh.client._transport import DEFAULT_MAX_MESSAGE_BYTES, ChannelTransport, Transport
 from sessionmesh.client.errors import UsageError, map_rpc_error
 from sessionmesh.v1 import session_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from types import TracebackType
 
 
 class _State(enum.Enum):
@@ -47,7 +49,9 @@ class AgentClient:
     async def list_tools(self) -> list[dict[str, Any]]:
         """The agent's tools: name, capability, description, schema, streaming, sessions."""
         try:
-            response = await self._transport.pick().stub.ListTools(pb.ListToolsRequest(), timeout=10)
+            response = await self._transport.pick().stub.ListTools(
+                pb.ListToolsRequest(), timeout=10
+            )
         except grpc.aio.AioRpcError as exc:
             raise map_rpc_error(exc) from exc
         return [

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf.struct_pb2 import Struct, Value
+from google.protobuf.struct_pb2 import NULL_VALUE, Struct, Value
 
 _SAFE_INT = 2**53
 
@@ -45,7 +45,7 @@ def set_value(out: Value, obj: object) -> None:
     """Write ``obj`` into ``out``; raises :class:`NotJsonLike` naming the offending path."""
     try:
         if obj is None:
-            out.null_value = 0
+            out.null_value = NULL_VALUE
         elif obj is True or obj is False:
             out.bool_value = obj
         elif isinstance(obj, str):

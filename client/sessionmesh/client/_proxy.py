@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
 import secrets
 from collections.abc import AsyncIterable, Mapping
-from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import grpc
 
 from sessionmesh.client._codec import NotJsonLike, from_value, set_struct, set_value
-from sessionmesh.client._transport import Endpoint, Transport
 from sessionmesh.client._wire import SESSION_CREATE_KEY, SESSION_ID_KEY
 from sessionmesh.client.errors import (
     AgentUnavailable,
@@ -24,6 +23,11 @@ from sessionmesh.client.errors import (
     map_rpc_error,
 )
 from sessionmesh.v1 import session_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from sessionmesh.client._transport import Endpoint, Transport
 
 log = logging.getLogger("sessionmesh.proxy")
 
@@ -94,11 +98,15 @@ class _Binding:
         self.session_id = self.metadata = self.endpoint = self.lost = None
 
 
-def _split_call(tool: str, call: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _split_call(
+    tool: str, call: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
     if not call:
         return tool, kwargs
     if not isinstance(call[0], str) or len(call) > 2:
-        raise UsageError("call a proxy as proxy(**kwargs), proxy('tool', {args}) or proxy('tool', **kwargs)")
+        raise UsageError(
+            "call a proxy as proxy(**kwargs), proxy('tool', {args}) or proxy('tool', **kwargs)"
+        )
     args = dict(call[1]) if len(call) == 2 and call[1] else {}
     args.update(kwargs)
     return call[0], args
@@ -192,7 +200,9 @@ class Proxy:
         """Call another tool of this agent, in this proxy's session."""
         return await self._unary(tool, args or {}, None)
 
-    def call_tool_auto(self, tool: str | None = None, args: Mapping[str, Any] | None = None) -> ChunkStream:
+    def call_tool_auto(
+        self, tool: str | None = None, args: Mapping[str, Any] | None = None
+    ) -> ChunkStream:
         """Stream a tool's chunks over one StreamCall, inside this proxy's session.
 
         An async-iterable argument is sent to the tool as its input stream."""
@@ -230,11 +240,21 @@ class Proxy:
                 return self._transport.pick(), _CREATE, True
             await b.creating.wait()  # another call is opening the session: wait for its id
 
-    def _failed(self, exc: grpc.aio.AioRpcError, md: Metadata | None, explicit: bool) -> RemoteError:
+    def _failed(
+        self, exc: grpc.aio.AioRpcError, md: Metadata | None, explicit: bool
+    ) -> RemoteError:
         error = map_rpc_error(exc)
-        if isinstance(error, SessionLost) and md is not None and not explicit and md is self._binding.metadata:
+        if (
+            isinstance(error, SessionLost)
+            and md is not None
+            and not explicit
+            and md is self._binding.metadata
+        ):
             self._binding.lost = error
-            log.info("auto session %s lost: %s", (self._binding.session_id or "")[:14], error.message)
+            self._binding.metadata = None
+            log.info(
+                "auto session %s lost: %s", (self._binding.session_id or "")[:14], error.message
+            )
         return error
 
     async def _unary(self, tool: str, args: Mapping[str, Any], session_id: str | None) -> Any:
@@ -258,6 +278,11 @@ class Proxy:
                 endpoint, md, creating = await self._route()
             call = endpoint.stub.Call(request, metadata=md, timeout=opts.timeout)
             try:
+                if creating:
+                    # The agent sends the new id before it runs the tool: calls waiting for
+                    # the session can go out (and queue in order) while this one runs.
+                    b.established(endpoint, await call.initial_metadata())
+                    creating = False
                 response = await call
             except grpc.aio.AioRpcError as exc:
                 if creating:
@@ -272,8 +297,6 @@ class Proxy:
                 if creating:
                     b.established(endpoint, None)
                 raise
-            if creating:
-                b.established(endpoint, await call.initial_metadata())
             return from_value(response.result)
 
     # -- sessions -----------------------------------------------------------------------------
@@ -286,7 +309,9 @@ class Proxy:
         if session_id is None or endpoint is None:
             return
         try:
-            await endpoint.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id), timeout=5)
+            await endpoint.stub.CloseSession(
+                pb.CloseSessionRequest(session_id=session_id), timeout=5
+            )
             log.info("auto session %s closed", session_id[:14])
         except grpc.aio.AioRpcError as exc:
             # The agent is gone or going; its TTL reaps the session. Cleanup must not mask
@@ -365,7 +390,9 @@ class ChunkStream:
                 self._input = value
                 del args[key]
         self._args = args
-        self._call: grpc.aio.StreamStreamCall[pb.StreamCallRequest, pb.StreamCallResponse] | None = None
+        self._call: (
+            grpc.aio.StreamStreamCall[pb.StreamCallRequest, pb.StreamCallResponse] | None
+        ) = None
         self._window = proxy._opts.buffer_size
         self._unacked = 0
         self._feeder: asyncio.Task[None] | None = None
@@ -417,7 +444,9 @@ class ChunkStream:
             await self._end_input(call)
         return call
 
-    async def _end_input(self, call: grpc.aio.StreamStreamCall[pb.StreamCallRequest, pb.StreamCallResponse]) -> None:
+    async def _end_input(
+        self, call: grpc.aio.StreamStreamCall[pb.StreamCallRequest, pb.StreamCallResponse]
+    ) -> None:
         # With a window the stream stays open for credit; otherwise half-close ends the input.
         if self._window:
             async with self._write_lock:
@@ -449,18 +478,28 @@ class ChunkStream:
         except grpc.aio.AioRpcError as exc:
             self._finish()
             raise self._proxy._failed(exc, self._md, False) from exc
-        if message is grpc.aio.EOF:
+        if message is grpc.aio.EOF:  # a failed stream raises from read() instead
             self._finish()
-            code = await call.code()
-            if code != grpc.StatusCode.OK:
-                raise RemoteError(await call.details() or code.name, code=code)
             raise StopAsyncIteration
+        message = cast(pb.StreamCallResponse, message)
+        if message.HasField("end"):
+            # The tool is done. Half-close (the agent waits for it, so no credit we send
+            # races the end), then read the status: EOF, or the error it ended with.
+            self._window = 0
+            async with self._write_lock:
+                if self._feeder is not None:
+                    self._feeder.cancel()
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    await call.done_writing()
+            return await self.__anext__()
         if self._window:
             self._unacked += 1
             if self._unacked * 2 >= self._window:
                 credit, self._unacked = self._unacked, 0
                 async with self._write_lock:
-                    await call.write(pb.StreamCallRequest(credit=credit))
+                    # The agent may have finished already; the next read tells how it ended.
+                    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                        await call.write(pb.StreamCallRequest(credit=credit))
         return from_value(message.chunk)
 
     def _finish(self) -> None:

@@ -8,12 +8,14 @@ transport here is the whole story for ``mesh.connect``; the mesh resolves throug
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 

@@ -1,32 +1,35 @@
 """The exceptions sessionmesh raises, and the one place gRPC errors become them.
 
-    MeshError                     everything below
-    ├── UsageError                a programming mistake: e.g. a closed client used again
-    ├── RemoteError               the agent answered with an error status (.code, .reason, .metadata)
-    │   ├── SessionError
-    │   │   ├── SessionLost       the session is gone; nothing reopens it silently
-    │   │   │   └── SessionNotFound     SESSION_NOT_FOUND: unknown, closed or expired id
-    │   │   └── SessionRequired   SESSION_REQUIRED: the tool needs a session
-    │   ├── ToolNotFound          TOOL_NOT_FOUND
-    │   ├── InvalidArguments      INVALID_ARGUMENTS (.field)
-    │   ├── ToolFailed            TOOL_FAILED: the tool raised (.remote_type, .remote_message)
-    │   │   └── ToolTimeout       TOOL_TIMEOUT: the tool overran its server-side timeout
-    │   ├── TooManySessions       TOO_MANY_SESSIONS
-    │   └── ResourceExhausted     e.g. a message over the size limit
-    └── TransportError            no usable answer from the agent
-        ├── CallTimeout           the call's deadline passed (ToolTimeout is one too)
-        ├── AgentUnavailable      the agent cannot be reached, or is shutting down
-        └── CallCancelled
+MeshError                     everything below
+├── UsageError                a programming mistake: e.g. a closed client used again
+├── RemoteError               the agent answered with an error status (.code, .reason, .metadata)
+│   ├── SessionError
+│   │   ├── SessionLost       the session is gone; nothing reopens it silently
+│   │   │   └── SessionNotFound     SESSION_NOT_FOUND: unknown, closed or expired id
+│   │   └── SessionRequired   SESSION_REQUIRED: the tool needs a session
+│   ├── ToolNotFound          TOOL_NOT_FOUND
+│   ├── InvalidArguments      INVALID_ARGUMENTS (.field)
+│   ├── ToolFailed            TOOL_FAILED: the tool raised (.remote_type, .remote_message)
+│   │   └── ToolTimeout       TOOL_TIMEOUT: the tool overran its server-side timeout
+│   ├── TooManySessions       TOO_MANY_SESSIONS
+│   └── ResourceExhausted     e.g. a message over the size limit
+└── TransportError            no usable answer from the agent
+    ├── CallTimeout           the call's deadline passed (ToolTimeout is one too)
+    ├── AgentUnavailable      the agent cannot be reached, or is shutting down
+    └── CallCancelled
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from sessionmesh.client._wire import ERROR_DOMAIN, Reason
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 __all__ = [
     "AgentUnavailable",
@@ -40,10 +43,10 @@ __all__ = [
     "SessionLost",
     "SessionNotFound",
     "SessionRequired",
+    "TooManySessions",
     "ToolFailed",
     "ToolNotFound",
     "ToolTimeout",
-    "TooManySessions",
     "TransportError",
     "UsageError",
     "map_rpc_error",
@@ -177,16 +180,15 @@ _BY_CODE: dict[grpc.StatusCode, type[RemoteError]] = {
 }
 
 
-def map_rpc_error(exc: grpc.RpcError) -> RemoteError:
+def map_rpc_error(exc: grpc.aio.AioRpcError) -> RemoteError:
     """The one mapping from a gRPC error (status + ErrorInfo detail) to a sessionmesh error."""
-    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
-    message: str = exc.details() or code.name  # type: ignore[attr-defined]
+    code = exc.code()
+    message = exc.details() or code.name
     reason = ""
     metadata: dict[str, str] = {}
     debug = ""
-    trailing = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
-    for key, raw in trailing:
-        if key != _STATUS_DETAILS_KEY or not isinstance(raw, bytes):
+    for raw in exc.trailing_metadata().get_all(_STATUS_DETAILS_KEY):
+        if not isinstance(raw, bytes):
             continue
         status = status_pb2.Status.FromString(raw)
         for detail in status.details:

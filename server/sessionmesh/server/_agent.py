@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import ModuleType, TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,6 +18,9 @@ from sessionmesh.server._session import SessionStore
 from sessionmesh.server._tool import BoundTool, ToolSpec, spec_of, tools_in
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
 log = logging.getLogger("sessionmesh.agent")
 
@@ -48,7 +50,16 @@ def agent(name: str | None = None, **settings: Any) -> Callable[[C], C]:
     return decorate
 
 
-_AGENT_SETTINGS = {"host", "port", "session_ttl", "max_sessions", "grace", "debug", "max_message_bytes", "peers"}
+_AGENT_SETTINGS = {
+    "host",
+    "port",
+    "session_ttl",
+    "max_sessions",
+    "grace",
+    "debug",
+    "max_message_bytes",
+    "peers",
+}
 
 
 class Agent:
@@ -101,7 +112,7 @@ class Agent:
 
     @classmethod
     def from_module(cls, module: ModuleType | Mapping[str, Any], **overrides: Any) -> Agent:
-        """The agent a module declares: its ``@mesh.tool`` functions and ``@mesh.agent`` settings."""
+        """The agent a module declares: its ``@mesh.tool`` functions, ``@mesh.agent`` settings."""
         namespace = vars(module) if isinstance(module, ModuleType) else module
         settings: dict[str, Any] = {}
         for obj in namespace.values():
@@ -131,7 +142,9 @@ class Agent:
         """Bind and start serving; returns ``host:port``."""
         if self._server is not None:
             raise RuntimeError("the agent is already started")
-        self._store = SessionStore(self.instance_id, default_ttl=self.session_ttl, max_sessions=self.max_sessions)
+        self._store = SessionStore(
+            self.instance_id, default_ttl=self.session_ttl, max_sessions=self.max_sessions
+        )
         self._injector = Injector(self._resolver)
         self._servicer = Servicer(
             agent_name=self.name,
@@ -164,7 +177,9 @@ class Agent:
         server = self._server
         if server is None:
             return
-        assert self._servicer is not None and self._store is not None and self._health is not None
+        assert self._servicer is not None
+        assert self._store is not None
+        assert self._health is not None
         self._servicer.draining = True
         await self._health.enter_graceful_shutdown()
         await server.stop(self.grace if grace is None else grace)

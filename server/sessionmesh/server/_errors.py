@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import any_pb2
@@ -10,6 +10,9 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from sessionmesh.client._wire import ERROR_DOMAIN, Reason
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 _MAX_TEXT = 2000
 
@@ -35,12 +38,16 @@ class Fail(Exception):
     def status(self) -> grpc.Status:
         info = any_pb2.Any()
         info.Pack(
-            error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata)
+            error_details_pb2.ErrorInfo(
+                reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
+            )
         )
         details = [info]
         if self.debug:
             dbg = any_pb2.Any()
-            dbg.Pack(error_details_pb2.DebugInfo(stack_entries=self.debug.splitlines(keepends=True)))
+            dbg.Pack(
+                error_details_pb2.DebugInfo(stack_entries=self.debug.splitlines(keepends=True))
+            )
             details.append(dbg)
         status = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
         return rpc_status.to_status(status)
@@ -66,8 +73,19 @@ def tool_not_found(name: str, known: list[str]) -> Fail:
 
 
 def invalid_arguments(field: str, message: str) -> Fail:
-    return Fail(grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_ARGUMENTS, message, {"field": field})
+    return Fail(
+        grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_ARGUMENTS, message, {"field": field}
+    )
 
 
 def invalid_stream(message: str) -> Fail:
     return Fail(grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_STREAM, message)
+
+
+def not_json(tool: str, verb: str, exc: Exception) -> Fail:
+    return Fail(
+        grpc.StatusCode.INTERNAL,
+        Reason.TOOL_FAILED,
+        f"tool {tool!r} {verb} a value with no JSON form: {exc}",
+        {"type": "NotJsonLike", "message": str(exc)},
+    )

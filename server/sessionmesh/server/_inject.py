@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import typing
-from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 from sessionmesh.client import AgentClient, Proxy, connect
-from sessionmesh.server._session import Session
 
 if typing.TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Mapping
+
+    from sessionmesh.server._session import Session
     from sessionmesh.server._tool import BoundTool, Dependency, ToolSpec
 
 

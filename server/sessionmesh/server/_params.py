@@ -46,7 +46,9 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
                 return coerce(value, option, path)
             except ArgumentError:
                 continue
-        raise ArgumentError(path, f"argument {path!r} must be {_type_name(tp)}, got {_describe(value)}")
+        raise ArgumentError(
+            path, f"argument {path!r} must be {_type_name(tp)}, got {_describe(value)}"
+        )
     if origin is Literal:
         if value in get_args(tp):
             return value
@@ -61,7 +63,9 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
         return items if origin is not tuple else tuple(items)
     if origin in (dict, cabc.Mapping, cabc.MutableMapping):
         if not isinstance(value, dict):
-            raise ArgumentError(path, f"argument {path!r} must be an object, got {_describe(value)}")
+            raise ArgumentError(
+                path, f"argument {path!r} must be an object, got {_describe(value)}"
+            )
         args = get_args(tp)
         val_tp = args[1] if len(args) == 2 else Any
         return {k: coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}

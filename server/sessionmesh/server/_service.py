@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 import traceback
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf import struct_pb2
 
 from sessionmesh.client._codec import NotJsonLike, from_struct, from_value, set_value
 from sessionmesh.client._wire import SESSION_CREATE_KEY, SESSION_ID_KEY, Reason
@@ -18,6 +17,7 @@ from sessionmesh.server._errors import (
     Fail,
     invalid_arguments,
     invalid_stream,
+    not_json,
     session_not_found,
     tool_not_found,
 )
@@ -33,25 +33,41 @@ from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from google.protobuf import struct_pb2
+
     from sessionmesh.server._inject import Injector
     from sessionmesh.server._tool import BoundTool
 
 #: How many call ids of calls without a session (or that opened one) the agent remembers.
 RECENT_CALLS = 10_000
+#: How long a finished flow-controlled stream waits for the client's half-close.
+HALF_CLOSE_WAIT = 5.0
 
 _END = object()
+_END_MESSAGE = pb.StreamCallResponse(end=pb.StreamEnd())
 
 
 class _Flow:
-    """Credit-based flow control for one StreamCall (StreamStart.window)."""
+    """One StreamCall's client side: credit-based flow control (StreamStart.window), the
+    tool's input queue, and a protocol error the pump found."""
 
-    __slots__ = ("allowed", "changed", "sent", "window")
+    __slots__ = ("allowed", "changed", "error", "finished", "inputs", "sent", "window")
 
     def __init__(self, window: int) -> None:
         self.window = window
         self.allowed = window
         self.sent = 0
         self.changed = asyncio.Event()
+        self.inputs: asyncio.Queue[Any] | None = None
+        self.error: Fail | None = None
+        self.finished = False
+
+    def discard_inputs(self) -> None:
+        """The tool is done: drop queued input so a pump blocked on a full queue moves on."""
+        while self.inputs is not None and not self.inputs.empty():
+            self.inputs.get_nowait()
 
     def grant(self, n: int) -> None:
         self.allowed += n
@@ -110,7 +126,9 @@ class Servicer(pb_grpc.SessionServiceServicer):
         try:
             return self.store.create(bound.spec.session_ttl if bound else None)
         except TooManySessionsError as exc:
-            raise Fail(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_SESSIONS, str(exc)) from None
+            raise Fail(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_SESSIONS, str(exc)
+            ) from None
 
     async def _session_for(
         self, bound: BoundTool, context: grpc.aio.ServicerContext[Any, Any], call_id: str
@@ -148,7 +166,9 @@ class Servicer(pb_grpc.SessionServiceServicer):
             )
         return None, (self._recent[call_id][1] if call_id in self._recent else None), False
 
-    def _remember(self, session: Session | None, call_id: str, outcome: asyncio.Future[Any], created: bool) -> None:
+    def _remember(
+        self, session: Session | None, call_id: str, outcome: asyncio.Future[Any], created: bool
+    ) -> None:
         if session is not None:
             session.remember(call_id, outcome)
         if session is None or created:
@@ -158,7 +178,9 @@ class Servicer(pb_grpc.SessionServiceServicer):
 
     # -- running tools ------------------------------------------------------------------------
 
-    def _bind(self, bound: BoundTool, arguments: struct_pb2.Struct, session: Session | None) -> dict[str, Any]:
+    def _bind(
+        self, bound: BoundTool, arguments: struct_pb2.Struct, session: Session | None
+    ) -> dict[str, Any]:
         try:
             return bound.bind(from_struct(arguments), session)
         except ArgumentError as exc:
@@ -186,7 +208,11 @@ class Servicer(pb_grpc.SessionServiceServicer):
     async def _enter(self, session: Session | None) -> None:
         if session is None:
             return
-        await session.lock.acquire()
+        session.waiting += 1
+        try:
+            await session.lock.acquire()
+        finally:
+            session.waiting -= 1
         if session.closed:
             session.lock.release()
             raise session_not_found(session.id)
@@ -199,7 +225,9 @@ class Servicer(pb_grpc.SessionServiceServicer):
             session.last_used = time.monotonic()
             session.lock.release()
 
-    async def _run(self, bound: BoundTool, arguments: struct_pb2.Struct, session: Session | None) -> pb.CallResponse:
+    async def _run(
+        self, bound: BoundTool, arguments: struct_pb2.Struct, session: Session | None
+    ) -> pb.CallResponse:
         kwargs = self._bind(bound, arguments, session)
         await self._enter(session)
         token = _current.set(session)
@@ -214,12 +242,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
             try:
                 set_value(response.result, result)
             except NotJsonLike as exc:
-                raise Fail(
-                    grpc.StatusCode.INTERNAL,
-                    Reason.TOOL_FAILED,
-                    f"tool {bound.spec.name!r} returned a value with no JSON form: {exc}",
-                    {"type": "NotJsonLike", "message": str(exc)},
-                ) from None
+                raise not_json(bound.spec.name, "returned", exc) from None
             return response
         finally:
             _current.reset(token)
@@ -227,18 +250,22 @@ class Servicer(pb_grpc.SessionServiceServicer):
 
     # -- RPCs ---------------------------------------------------------------------------------
 
-    async def Call(self, request: pb.CallRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.CallResponse:
+    async def Call(
+        self, request: pb.CallRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CallResponse:
         try:
             bound = self._tool(request.tool)
             call_id = request.call_id
             session, earlier, created = await self._session_for(bound, context, call_id)
             if earlier is not None:
-                return await asyncio.shield(earlier)  # type: ignore[no-any-return]
+                return await asyncio.shield(earlier)
             if not call_id:
                 return await self._run(bound, request.arguments, session)
             # With a call id the tool must run once even if this RPC is cancelled (its
             # connection dropped): it runs in its own task and a retry awaits the same outcome.
-            task = asyncio.get_running_loop().create_task(self._run(bound, request.arguments, session))
+            task = asyncio.get_running_loop().create_task(
+                self._run(bound, request.arguments, session)
+            )
             task.add_done_callback(_consume)
             self._remember(session, call_id, task, created)
             return await asyncio.shield(task)
@@ -246,67 +273,87 @@ class Servicer(pb_grpc.SessionServiceServicer):
             await context.abort_with_status(fail.status())
             raise  # abort_with_status raises; this line is for the type checker
 
-    async def StreamCall(
+    async def StreamCall(  # type: ignore[override]  # writes with context.write
         self,
         request_iterator: AsyncIterator[pb.StreamCallRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         requests = aiter(request_iterator)
         pump: asyncio.Task[None] | None = None
+        flow: _Flow | None = None
+        failure: Fail | None = None
         try:
             try:
                 first = await anext(requests)
             except StopAsyncIteration:
-                raise invalid_stream("the stream ended before its first message (StreamStart)") from None
+                raise invalid_stream("the stream ended before its first message (start)") from None
             if first.WhichOneof("kind") != "start":
                 raise invalid_stream("the first message of a StreamCall must be 'start'")
             start = first.start
             bound = self._tool(start.call.tool)
             session, _, _ = await self._session_for(bound, context, "")
-            window = min(start.window, bound.spec.buffer_size) if start.window else 0
-            flow = _Flow(window)
+            flow = _Flow(min(start.window, bound.spec.buffer_size) if start.window else 0)
             kwargs = self._bind(bound, start.call.arguments, session)
-            inputs: asyncio.Queue[Any] | None = None
             if bound.input_param:
-                inputs = asyncio.Queue(maxsize=bound.spec.buffer_size)
-                kwargs[bound.input_param] = _drain(inputs)
-            errors: list[Fail] = []
+                flow.inputs = asyncio.Queue(maxsize=bound.spec.buffer_size)
+                kwargs[bound.input_param] = _drain(flow.inputs)
             me = asyncio.current_task()
             assert me is not None
-            pump = asyncio.get_running_loop().create_task(_pump(requests, flow, inputs, errors, me))
-            await self._enter(session)
-            token = _current.set(session)
+            pump = asyncio.get_running_loop().create_task(_pump(requests, flow, me))
             try:
-                async with self.injector.scope(bound, session, kwargs):
-                    try:
-                        async with asyncio.timeout(bound.spec.stream_timeout):
-                            async for item in bound.iterate(kwargs):
-                                message = pb.StreamCallResponse()
-                                try:
-                                    set_value(message.chunk, item)
-                                except NotJsonLike as exc:
-                                    raise Fail(
-                                        grpc.StatusCode.INTERNAL,
-                                        Reason.TOOL_FAILED,
-                                        f"tool {bound.spec.name!r} yielded a value with no JSON form: {exc}",
-                                        {"type": "NotJsonLike", "message": str(exc)},
-                                    ) from None
-                                await flow.before_send()
-                                await context.write(message)
-                    except asyncio.CancelledError:
-                        if errors:
-                            raise errors[0] from None
-                        raise
-                    except Exception as exc:
-                        raise self._tool_failed(bound, exc) from None
-            finally:
-                _current.reset(token)
-                self._leave(session)
+                await self._stream(bound, session, kwargs, flow, context)
+            except asyncio.CancelledError:
+                if flow.error is None:
+                    raise
+                raise flow.error from None
         except Fail as fail:
-            await context.abort_with_status(fail.status())
-        finally:
+            failure = fail
+        except BaseException:
             if pump is not None:
                 pump.cancel()
+            raise
+        if flow is not None and flow.window and pump is not None:
+            # Tell the client it is over and wait (briefly) for its half-close, so no credit
+            # it is still sending races the end of the call.
+            flow.finished = True
+            flow.discard_inputs()
+            with contextlib.suppress(Exception):
+                await context.write(_END_MESSAGE)
+                await asyncio.wait_for(asyncio.shield(pump), HALF_CLOSE_WAIT)
+        if pump is not None:
+            pump.cancel()
+        if failure is not None:
+            await context.abort_with_status(failure.status())
+
+    async def _stream(
+        self,
+        bound: BoundTool,
+        session: Session | None,
+        kwargs: dict[str, Any],
+        flow: _Flow,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        await self._enter(session)
+        token = _current.set(session)
+        try:
+            async with self.injector.scope(bound, session, kwargs):
+                try:
+                    async with asyncio.timeout(bound.spec.stream_timeout):
+                        async for item in bound.iterate(kwargs):
+                            message = pb.StreamCallResponse()
+                            try:
+                                set_value(message.chunk, item)
+                            except NotJsonLike as exc:
+                                raise not_json(bound.spec.name, "yielded", exc) from None
+                            await flow.before_send()
+                            await context.write(message)
+                except (asyncio.CancelledError, Fail):
+                    raise
+                except Exception as exc:
+                    raise self._tool_failed(bound, exc) from None
+        finally:
+            _current.reset(token)
+            self._leave(session)
 
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -341,37 +388,33 @@ def _consume(task: asyncio.Future[Any]) -> None:
 
 
 async def _pump(
-    requests: AsyncIterator[pb.StreamCallRequest],
-    flow: _Flow,
-    inputs: asyncio.Queue[Any] | None,
-    errors: list[Fail],
-    main: asyncio.Task[Any],
+    requests: AsyncIterator[pb.StreamCallRequest], flow: _Flow, main: asyncio.Task[Any]
 ) -> None:
-    """Read a StreamCall's later messages: input items and credit."""
+    """Read a StreamCall's later messages (input items and credit) until the half-close."""
     ended = False
-    try:
-        async for message in requests:
-            kind = message.WhichOneof("kind")
-            if kind == "credit":
-                flow.grant(message.credit)
-            elif kind == "input" and inputs is not None and not ended:
-                await inputs.put(from_value(message.input))
-            elif kind == "input_end":
-                if inputs is not None and not ended:
-                    ended = True
-                    await inputs.put(_END)
-            else:
-                what = "a second 'start'" if kind == "start" else f"'{kind}'"
-                if kind == "input" and inputs is None:
-                    what = "'input', but this tool takes no input stream"
-                elif kind == "input":
-                    what = "'input' after 'input_end'"
-                errors.append(invalid_stream(f"unexpected StreamCall message: {what}"))
-                main.cancel()
-                return
-    except (asyncio.CancelledError, grpc.aio.AioRpcError):
-        raise
-    if inputs is not None and not ended:
+    inputs = flow.inputs
+    async for message in requests:
+        if flow.finished:
+            continue  # the tool is done: read on to the half-close, ignoring the rest
+        kind = message.WhichOneof("kind")
+        if kind == "credit":
+            flow.grant(message.credit)
+        elif kind == "input" and inputs is not None and not ended:
+            await inputs.put(from_value(message.input))
+        elif kind == "input_end":
+            if inputs is not None and not ended:
+                ended = True
+                await inputs.put(_END)
+        else:
+            what = "a second 'start'" if kind == "start" else f"'{kind}'"
+            if kind == "input" and inputs is None:
+                what = "'input', but this tool takes no input stream"
+            elif kind == "input":
+                what = "'input' after 'input_end'"
+            flow.error = invalid_stream(f"unexpected StreamCall message: {what}")
+            main.cancel()
+            return
+    if inputs is not None and not ended and not flow.finished:
         await inputs.put(_END)
 
 
@@ -397,4 +440,3 @@ def _describe(bound: BoundTool) -> pb.Tool:
     )
     tool.parameters_schema.update(bound.schema)
     return tool
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import heapq
 import inspect
@@ -47,7 +48,18 @@ class Session:
     """
 
     # Slots and lazily made members keep an idle session small (issue: <= 2 KB each).
-    __slots__ = ("_callbacks", "_calls", "_lock", "_state", "active", "closed", "id", "last_used", "ttl")
+    __slots__ = (
+        "_callbacks",
+        "_calls",
+        "_lock",
+        "_state",
+        "active",
+        "closed",
+        "id",
+        "last_used",
+        "ttl",
+        "waiting",
+    )
 
     def __init__(self, session_id: str, ttl: float) -> None:
         self.id = session_id
@@ -55,6 +67,7 @@ class Session:
         self.last_used = time.monotonic()
         self.closed = False
         self.active = 0
+        self.waiting = 0
         self._state: dict[str, Any] | None = None
         self._callbacks: list[CloseCallback] | None = None
         self._lock: asyncio.Lock | None = None
@@ -143,7 +156,9 @@ class SessionStore:
             )
         # The owner's instance id leads the id so any instance can tell who owns a session;
         # 128 random bits after it make ids unguessable.
-        session = Session(f"{self.instance_id}.{secrets.token_urlsafe(16)}", ttl or self.default_ttl)
+        session = Session(
+            f"{self.instance_id}.{secrets.token_urlsafe(16)}", ttl or self.default_ttl
+        )
         self._sessions[session.id] = session
         entry = (session.last_used + session.ttl, session.id)
         heapq.heappush(self._deadlines, entry)
@@ -179,10 +194,8 @@ class SessionStore:
     async def stop(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-            except asyncio.CancelledError:
-                pass
             self._reaper = None
         await self.close_all()
 
@@ -196,10 +209,8 @@ class SessionStore:
             now = time.monotonic()
             deadline, sid = heap[0]
             if deadline > now:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), deadline - now)
-                except TimeoutError:
-                    pass
                 continue
             heapq.heappop(heap)
             session = self._sessions.get(sid)

@@ -153,10 +153,13 @@ class BoundTool:
         self.input_param = inputs[0].name if inputs else None
         self.dependencies = tuple(p for p in params if p.role == "dependency")
         self._session_params = tuple(p.name for p in params if p.role == "session")
-        # A parameter typed plain `Session` (not Optional) cannot run without one.
-        self.requires_session = spec.session_required or any(
+        # Callers must bring a session to a tool that keeps state in one (a plain `Session`
+        # parameter) or declares session_required with no dependencies. On a consumer with
+        # dependencies, session_required configures the injected proxies instead, and the
+        # consumer runs with its caller's session or without one (docs/concepts.md).
+        self.requires_session = any(
             p.role == "session" and _strip_optional(p.annotation) is p.annotation for p in params
-        )
+        ) or (spec.session_required and not self.dependencies)
         self._arg_names = frozenset(p.name for p in params if p.role == "arg")
         self.schema = self._schema()
 
@@ -185,7 +188,8 @@ class BoundTool:
             name = sorted(unknown)[0]
             expected = ", ".join(sorted(self._arg_names)) or "none"
             raise ArgumentError(
-                name, f"unknown argument {name!r} for tool {self.spec.name!r} (expected: {expected})"
+                name,
+                f"unknown argument {name!r} for tool {self.spec.name!r} (expected: {expected})",
             )
         kwargs: dict[str, Any] = dict.fromkeys(self._session_params, session)
         for p in self.params:
@@ -194,9 +198,10 @@ class BoundTool:
             if p.name in arguments:
                 kwargs[p.name] = coerce(arguments[p.name], p.annotation, p.name)
             elif p.required:
-                raise ArgumentError(p.name, f"missing argument {p.name!r} for tool {self.spec.name!r}")
+                raise ArgumentError(
+                    p.name, f"missing argument {p.name!r} for tool {self.spec.name!r}"
+                )
         return kwargs
-
 
     async def invoke(self, kwargs: dict[str, Any]) -> Any:
         """Run the tool once; a streaming tool's chunks are collected into a list."""

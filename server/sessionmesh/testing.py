@@ -1,0 +1,49 @@
+"""Test helpers for code that uses sessionmesh: a real agent on 127.0.0.1, in-process.
+
+Example::
+
+    @pytest.mark.anyio
+    async def test_counter() -> None:
+        async with testing.running_agent(increment) as (agent, client):
+            async with client.proxy("increment", session_required=True) as counter:
+                assert await counter(increment=2) == 2
+            assert len(agent.sessions) == 0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from sessionmesh.client import AgentClient, connect
+from sessionmesh.server import Agent
+
+__all__ = ["eventually", "running_agent"]
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    *tools: Callable[..., Any], **settings: Any
+) -> AsyncIterator[tuple[Agent, AgentClient]]:
+    """Start an agent serving ``tools`` on a free port and connect a client to it."""
+    agent = Agent(tools, **settings)
+    await agent.start()
+    try:
+        async with connect(agent.address) as client:
+            yield agent, client
+    finally:
+        await agent.stop(grace=1.0)
+
+
+async def eventually(
+    check: Callable[[], bool], *, within: float = 5.0, what: str = "condition"
+) -> None:
+    """Poll ``check`` until it holds; fail after ``within`` seconds (no fixed sleeps)."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {within} s")
+        await asyncio.sleep(0.005)

@@ -1,0 +1,270 @@
+"""The design note's session flows over real gRPC on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Any
+
+import pytest
+
+from sessionmesh import mesh
+from sessionmesh.client.errors import SessionLost, SessionNotFound, SessionRequired, TooManySessions
+from sessionmesh.testing import eventually, running_agent
+from tests.tools import increment, peek
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_three_rounds_in_one_auto_session() -> None:
+    async with running_agent(increment, peek) as (agent, client):
+        counter = client.proxy("session_counter", session_required=True)
+        assert counter.session_id is None
+        async with counter:
+            counts = [await counter(increment=n) for n in (1, 2, 3)]
+            assert counts == [1, 3, 6]
+            sid = counter.session_id
+            assert sid is not None and sid.startswith(agent.instance_id + ".")
+            assert (await counter("peek", {}))["id"] == sid
+            assert (await counter.call_tool("peek"))["count"] == 6
+            assert len(agent.sessions) == 1
+        assert counter.session_id is None
+        assert len(agent.sessions) == 0
+
+
+async def test_first_call_opens_the_session_without_an_extra_rpc() -> None:
+    async with running_agent(increment) as (agent, client):
+        async with client.proxy("increment", session_required=True) as counter:
+            await counter()
+            assert agent.sessions.counters["created"] == 1
+
+
+async def test_new_scope_starts_a_fresh_session() -> None:
+    async with running_agent(increment) as (agent, client):
+        counter = client.proxy("session_counter", session_required=True)
+        async with counter:
+            assert await counter(increment=5) == 5
+            first = counter.session_id
+        async with counter:
+            assert await counter(increment=1) == 1
+            assert counter.session_id != first
+        other = client.proxy("session_counter", session_required=True)
+        async with other:
+            assert await other(increment=2) == 2
+        assert len(agent.sessions) == 0
+
+
+async def test_caller_raising_midway_still_closes_the_session() -> None:
+    async with running_agent(increment) as (agent, client):
+        with pytest.raises(RuntimeError, match="caller failed"):
+            async with client.proxy("session_counter", session_required=True) as counter:
+                await counter(increment=1)
+                assert len(agent.sessions) == 1
+                raise RuntimeError("caller failed")
+        assert len(agent.sessions) == 0
+
+
+async def test_cleanup_auto_session_closes_and_next_call_reopens() -> None:
+    async with running_agent(increment) as (agent, client):
+        counter = client.proxy("session_counter", session_required=True)
+        assert await counter(increment=1) == 1
+        await counter.cleanup_auto_session()
+        assert len(agent.sessions) == 0
+        assert await counter(increment=1) == 1
+        await counter.cleanup_auto_session()
+        await counter.cleanup_auto_session()  # idempotent
+
+
+async def test_manual_sessions_are_real_rpcs() -> None:
+    async with running_agent(increment) as (agent, client):
+        counter = client.proxy("session_counter")
+        sid = await counter.create_session()
+        assert len(agent.sessions) == 1
+        results = [await counter.call_with_session(session_id=sid, increment=n) for n in (1, 2, 3)]
+        assert results == [1, 3, 6]
+        assert await counter.close_session(sid) is True
+        assert await counter.close_session(sid) is False  # idempotent
+        assert len(agent.sessions) == 0
+        with pytest.raises(SessionNotFound) as info:
+            await counter.call_with_session(session_id=sid, increment=1)
+        assert info.value.session_id == sid
+
+
+async def test_session_required_tool_refuses_a_call_without_session() -> None:
+    async with running_agent(increment) as (agent, client):
+        with pytest.raises(SessionRequired, match="x-session-create"):
+            await client.proxy("session_counter")(increment=1)
+        assert len(agent.sessions) == 0
+
+
+async def test_options_copy_shares_the_auto_session() -> None:
+    async with running_agent(increment) as (_, client):
+        async with client.proxy("session_counter", session_required=True) as counter:
+            await counter(increment=1)
+            patient = counter.options(timeout=30.0)
+            assert patient.settings.timeout == 30.0 and counter.settings.timeout is None
+            assert await patient(increment=1) == 2
+            assert patient.session_id == counter.session_id
+
+
+async def test_concurrent_first_calls_share_one_session() -> None:
+    async with running_agent(increment) as (agent, client):
+        async with client.proxy("session_counter", session_required=True) as counter:
+            results = await asyncio.gather(*(counter(increment=1) for _ in range(10)))
+            assert sorted(results) == list(range(1, 11))
+            assert agent.sessions.counters["created"] == 1
+
+
+async def test_calls_in_one_session_run_one_at_a_time_in_arrival_order() -> None:
+    release = asyncio.Event()
+    order: list[int] = []
+    running = 0
+    peak = 0
+
+    @mesh.tool(session_required=True)
+    async def step(session: mesh.Session, seq: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        if seq == 0:
+            await release.wait()
+        if seq < 0:
+            running -= 1
+            return seq
+        order.append(seq)
+        await asyncio.sleep(0)  # give another call the chance to overlap, were it allowed to
+        running -= 1
+        return seq
+
+    async with running_agent(step) as (agent, client):
+        async with client.proxy("step", session_required=True) as proxy:
+            await proxy(seq=-1)  # opens the session
+            first = asyncio.create_task(proxy(seq=0))
+            await eventually(lambda: running == 1, what="call 0 running")
+            session = agent.sessions.get(proxy.session_id or "")
+            tasks = [first]
+            for seq in range(1, 20):
+                tasks.append(asyncio.create_task(proxy(seq=seq)))
+                # Wait until call `seq` has reached the agent and queues behind the others,
+                # so that arrival order is known.
+                await eventually(partial(lambda n: session.waiting == n, seq), what=f"call {seq}")
+            release.set()
+            assert await asyncio.gather(*tasks) == list(range(20))
+    assert order == list(range(20))
+    assert peak == 1
+
+
+async def test_two_sessions_run_in_parallel() -> None:
+    # Each call waits for the other one to have started: serialised sessions would deadlock.
+    started = {"a": asyncio.Event(), "b": asyncio.Event()}
+
+    @mesh.tool(session_required=True)
+    async def rendezvous(session: mesh.Session, me: str, other: str) -> str:
+        started[me].set()
+        await asyncio.wait_for(started[other].wait(), timeout=5)
+        return me
+
+    async with running_agent(rendezvous) as (_, client):
+        async with (
+            client.proxy("rendezvous", session_required=True) as a,
+            client.proxy("rendezvous", session_required=True) as b,
+        ):
+            both = await asyncio.gather(a(me="a", other="b"), b(me="b", other="a"))
+            assert list(both) == ["a", "b"]
+            assert a.session_id != b.session_id
+
+
+async def test_idle_session_expires_once_and_is_never_silently_reopened() -> None:
+    closed: list[str] = []
+
+    @mesh.tool(session_required=True)
+    def remember(session: mesh.Session, value: int) -> int:
+        if "value" not in session.state:
+            session.on_close(lambda: closed.append(session.id))
+        session.state["value"] = value
+        return value
+
+    async with running_agent(remember, session_ttl=0.3) as (agent, client):
+        proxy = client.proxy("remember", session_required=True)
+        async with proxy:
+            assert await proxy(value=7) == 7
+            sid = proxy.session_id
+            await eventually(lambda: len(agent.sessions) == 0, what="the idle session expires")
+            assert closed == [sid]
+            assert agent.sessions.counters["expired"] == 1
+            with pytest.raises(SessionNotFound):
+                await proxy(value=8)
+            with pytest.raises(SessionLost, match="cleanup_auto_session"):
+                await proxy(value=9)  # the proxy refuses to open a fresh, empty session
+            assert agent.sessions.counters["created"] == 1
+        assert closed == [sid]  # exactly once, the exit's CloseSession found nothing to close
+
+
+async def test_close_callbacks_run_once_on_close_and_on_agent_stop() -> None:
+    events: list[str] = []
+
+    @mesh.tool(session_required=True)
+    async def track(session: mesh.Session, name: str) -> None:
+        async def on_close() -> None:
+            events.append(name)
+
+        session.on_close(on_close)
+
+    async with running_agent(track) as (agent, client):
+        async with client.proxy("track", session_required=True) as p:
+            await p(name="closed")
+        left_open = client.proxy("track", session_required=True)
+        await left_open(name="at-stop")
+        await agent.stop()
+    assert events == ["closed", "at-stop"]
+
+
+async def test_too_many_sessions() -> None:
+    async with running_agent(increment, max_sessions=2) as (_, client):
+        proxies = [client.proxy("session_counter", session_required=True) for _ in range(3)]
+        await proxies[0]()
+        await proxies[1]()
+        with pytest.raises(TooManySessions, match="max_sessions=2"):
+            await proxies[2]()
+        await proxies[0].cleanup_auto_session()
+        assert await proxies[2]() == 1
+        for p in proxies:
+            await p.cleanup_auto_session()
+
+
+async def test_session_ids_are_long_and_random() -> None:
+    async with running_agent(increment) as (agent, client):
+        ids = {await client.proxy("increment").create_session() for _ in range(50)}
+        assert len(ids) == 50
+        for sid in ids:
+            prefix, _, secret = sid.partition(".")
+            assert prefix == agent.instance_id
+            assert len(secret) * 6 >= 128  # url-safe base64 carries 6 bits per character
+
+
+async def test_session_state_is_per_session() -> None:
+    async with running_agent(increment) as (_, client):
+        a = client.proxy("session_counter", session_required=True)
+        b = client.proxy("session_counter", session_required=True)
+        async with a, b:
+            assert await a(increment=10) == 10
+            assert await b(increment=1) == 1
+            assert await a(increment=1) == 11
+
+
+async def test_current_session_matches_the_injected_one() -> None:
+    seen: list[Any] = []
+
+    @mesh.tool(session_required=True)
+    async def who(session: mesh.Session) -> bool:
+        seen.append(mesh.current_session())
+        return mesh.current_session() is session
+
+    @mesh.tool
+    def nobody() -> bool:
+        return mesh.current_session() is None
+
+    async with running_agent(who, nobody) as (_, client):
+        async with client.proxy("who", session_required=True) as p:
+            assert await p() is True
+        assert await client.proxy("nobody")() is True

@@ -1,0 +1,157 @@
+"""StreamCall inside sessions: state, cancellation, input streams, flow control, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from sessionmesh import mesh
+from sessionmesh.client.errors import CallTimeout, ToolFailed, ToolTimeout
+from sessionmesh.testing import eventually, running_agent
+from tests.tools import increment, running_total, stream_count
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_stream_sees_the_session_state() -> None:
+    async with running_agent(increment, stream_count) as (agent, client):
+        async with client.proxy("session_counter", session_required=True) as counter:
+            await counter(increment=1)
+            await counter(increment=2)
+            chunks = [c async for c in counter.call_tool_auto("stream_count", {"start": 1, "n": 3})]
+            assert chunks == [{"i": 1, "count": 3}, {"i": 2, "count": 3}, {"i": 3, "count": 3}]
+            assert await counter(increment=3) == 6
+        assert len(agent.sessions) == 0
+
+
+async def test_stream_can_open_the_auto_session() -> None:
+    async with running_agent(increment, stream_count) as (agent, client):
+        async with client.proxy("stream_count", session_required=True) as streamer:
+            assert [c["i"] async for c in streamer.stream(n=2)] == [1, 2]
+            assert streamer.session_id is not None
+            assert await streamer("session_counter", {"increment": 4}) == 4
+            assert len(agent.sessions) == 1
+        assert len(agent.sessions) == 0
+
+
+async def test_streaming_option_makes_calls_stream() -> None:
+    async with running_agent(increment, stream_count) as (_, client):
+        async with client.proxy("stream_count", session_required=True, streaming=True) as s:
+            assert [c["i"] async for c in s(start=5, n=2)] == [5, 6]
+
+
+async def test_cancelling_a_stream_leaves_the_session_usable() -> None:
+    produced = 0
+    finished = asyncio.Event()
+
+    @mesh.tool(session_required=True)
+    async def forever(session: mesh.Session) -> AsyncIterator[int]:
+        nonlocal produced
+        try:
+            while True:
+                produced += 1
+                session.state["produced"] = produced
+                yield produced
+        finally:
+            finished.set()
+
+    async with running_agent(forever, increment) as (agent, client):
+        async with client.proxy("forever", session_required=True) as proxy:
+            async with proxy.stream() as chunks:
+                got = [await anext(chunks), await anext(chunks)]
+            assert got == [1, 2]
+            await asyncio.wait_for(finished.wait(), timeout=5)
+            assert await proxy("session_counter", {"increment": 1}) == 1
+            assert len(agent.sessions) == 1
+        assert len(agent.sessions) == 0
+
+
+async def test_slow_reader_with_small_buffer_holds_the_tool_back() -> None:
+    produced = 0
+
+    @mesh.tool(buffer_size=1_000_000)  # the agent's own cap: leave it to the reader
+    async def firehose() -> AsyncIterator[str]:
+        nonlocal produced
+        while produced < 100_000:
+            produced += 1
+            yield "x" * 100
+
+    async with running_agent(firehose) as (_, client):
+        proxy = client.proxy("firehose", buffer_size=4)
+        async with proxy.stream() as chunks:
+            consumed = 0
+            for _ in range(10):
+                await anext(chunks)
+                consumed += 1
+                # Give the agent every chance to run ahead, and check it never does by more
+                # than the window (plus the one chunk waiting for credit).
+                for _ in range(20):
+                    await asyncio.sleep(0.002)
+                    assert produced <= consumed + 4 + 1, (produced, consumed)
+        # Without the window, HTTP/2 buffers alone would let thousands of chunks pile up.
+        unbounded = client.proxy("firehose", buffer_size=1_000_000)
+        produced = 0
+        async with unbounded.stream() as chunks:
+            await anext(chunks)
+            await eventually(lambda: produced > 1000, what="an unbounded stream runs ahead")
+
+
+async def test_input_stream_goes_over_the_same_stream() -> None:
+    async def numbers() -> AsyncIterator[int]:
+        for n in (1, 2, 3, 4):
+            yield n
+
+    async with running_agent(running_total) as (_, client):
+        totals = [
+            t
+            async for t in client.proxy("running_total").call_tool_auto(args={"numbers": numbers()})
+        ]
+        assert totals == [1, 3, 6, 10]
+        tight = client.proxy("running_total", buffer_size=1)
+        assert [t async for t in tight.call_tool_auto(args={"numbers": numbers()})] == [1, 3, 6, 10]
+
+
+async def test_stream_timeout_bounds_the_whole_stream() -> None:
+    @mesh.tool
+    async def slow_ticks() -> AsyncIterator[int]:
+        n = 0
+        while True:
+            n += 1
+            yield n
+            await asyncio.sleep(0.05)
+
+    @mesh.tool(stream_timeout=0.2)
+    async def bounded_ticks() -> AsyncIterator[int]:
+        async for n in slow_ticks():
+            yield n
+
+    async with running_agent(slow_ticks, bounded_ticks) as (_, client):
+        with pytest.raises(CallTimeout):
+            async for _ in client.proxy("slow_ticks", stream_timeout=0.2).stream():
+                pass
+        with pytest.raises(ToolTimeout):
+            async for _ in client.proxy("bounded_ticks").stream():
+                pass
+
+
+async def test_a_failing_stream_raises_after_its_chunks() -> None:
+    @mesh.tool
+    async def breaks() -> AsyncIterator[int]:
+        yield 1
+        raise KeyError("gone")
+
+    async with running_agent(breaks) as (_, client):
+        got: list[int] = []
+        with pytest.raises(ToolFailed) as info:
+            async for chunk in client.proxy("breaks").stream():
+                got.append(chunk)
+        assert got == [1]
+        assert info.value.remote_type == "KeyError"
+
+
+async def test_unary_call_of_a_streaming_tool_collects_its_chunks() -> None:
+    async with running_agent(stream_count) as (_, client):
+        async with client.proxy("stream_count", session_required=True) as p:
+            assert [c["i"] for c in await p(n=3)] == [1, 2, 3]
