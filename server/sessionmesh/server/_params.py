@@ -41,7 +41,12 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
         return value
     origin = get_origin(tp)
     if origin is Union or origin is types.UnionType:
-        for option in get_args(tp):
+        options = [a for a in get_args(tp) if a is not type(None)]
+        if value is None and len(options) < len(get_args(tp)):
+            return None
+        if len(options) == 1:  # Optional[X]: X's own message says more than the union's
+            return coerce(value, options[0], path)
+        for option in options:
             try:
                 return coerce(value, option, path)
             except ArgumentError:

@@ -1,0 +1,169 @@
+"""Bad input gets a clear status, an ErrorInfo reason and a typed error."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from sessionmesh import mesh
+from sessionmesh.client.errors import (
+    CallTimeout,
+    InvalidArguments,
+    RemoteError,
+    ResourceExhausted,
+    SessionNotFound,
+    ToolFailed,
+    ToolNotFound,
+    ToolTimeout,
+    UsageError,
+)
+from sessionmesh.testing import running_agent
+from sessionmesh.v1 import session_service_pb2 as pb
+from tests.tools import add, echo, fail, increment, not_json, overrun, wait_forever
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_unknown_tool_lists_the_known_ones() -> None:
+    async with running_agent(add, echo) as (_, client):
+        with pytest.raises(ToolNotFound, match=r"no tool .nope.*add, echo") as info:
+            await client.proxy("nope")()
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+        assert info.value.reason == "TOOL_NOT_FOUND"
+
+
+async def test_unknown_session_id() -> None:
+    async with running_agent(increment) as (agent, client):
+        forged = agent.instance_id + ".AAAAAAAAAAAAAAAAAAAAAA"
+        with pytest.raises(SessionNotFound) as info:
+            await client.proxy("increment").call_with_session(session_id=forged)
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+        assert info.value.session_id == forged
+        assert len(agent.sessions) == 0  # nothing was opened in its place
+
+
+@pytest.mark.parametrize(
+    ("args", "field", "text"),
+    [
+        ({"a": "one"}, "a", "argument 'a' must be int, got str 'one'"),
+        ({"a": 1.5}, "a", "must be int, got float"),
+        ({"a": True}, "a", "must be int, got bool"),
+        ({}, "a", "missing argument 'a'"),
+        ({"a": 1, "c": 2}, "c", "unknown argument 'c'.*expected: a, b, tags"),
+        ({"a": 1, "tags": ["x", 2]}, "tags[1]", r"'tags\[1\]' must be str"),
+        ({"a": 1, "tags": "x"}, "tags", "must be a list, got str"),
+    ],
+)
+async def test_invalid_arguments_name_the_parameter(
+    args: dict[str, object], field: str, text: str
+) -> None:
+    async with running_agent(add) as (_, client):
+        with pytest.raises(InvalidArguments, match=text) as info:
+            await client.proxy("add")(**args)
+        assert info.value.field == field
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_arguments_are_coerced_as_json_numbers() -> None:
+    async with running_agent(add) as (_, client):
+        assert await client.proxy("add")(a=1, b=2) == 3  # int accepted where float is declared
+        assert await client.proxy("add")(a=2, tags=["x"]) == 3.5
+
+
+async def test_tool_failure_carries_remote_type_and_message_without_traceback() -> None:
+    async with running_agent(fail) as (_, client):
+        with pytest.raises(ToolFailed, match="raised ValueError: boom") as info:
+            await client.proxy("fail")(message="boom")
+        assert info.value.remote_type == "ValueError"
+        assert info.value.remote_message == "boom"
+        assert info.value.debug == ""
+
+
+async def test_debug_agents_send_the_traceback() -> None:
+    async with running_agent(fail, debug=True) as (_, client):
+        with pytest.raises(ToolFailed) as info:
+            await client.proxy("fail")(message="boom")
+        assert "Traceback" in info.value.debug
+        assert "raise ValueError(message)" in info.value.debug
+
+
+async def test_a_result_with_no_json_form_is_a_clear_failure() -> None:
+    async with running_agent(not_json) as (_, client):
+        with pytest.raises(ToolFailed, match=r"\$\.a is a set") as info:
+            await client.proxy("not_json")()
+        assert info.value.remote_type == "NotJsonLike"
+
+
+async def test_arguments_with_no_json_form_are_refused_locally() -> None:
+    async with running_agent(echo) as (_, client):
+        with pytest.raises(UsageError, match="value is a object"):
+            await client.proxy("echo")(value=object())
+
+
+async def test_oversize_message_gets_resource_exhausted() -> None:
+    async with running_agent(echo, max_message_bytes=64 * 1024) as (_, client):
+        with pytest.raises(ResourceExhausted) as info:
+            await client.proxy("echo")(value="x" * 100_000)
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await client.proxy("echo")(value="small") == "small"
+
+
+async def test_tool_timeout_and_call_deadline() -> None:
+    async with running_agent(overrun, wait_forever) as (_, client):
+        with pytest.raises(ToolTimeout, match="ran past its timeout"):
+            await client.proxy("overrun")()
+        with pytest.raises(CallTimeout):
+            await client.proxy("wait_forever", timeout=0.2)()
+
+
+async def test_bad_proxy_options_are_usage_errors() -> None:
+    async with running_agent(echo) as (_, client):
+        with pytest.raises(UsageError, match="retry_count"):
+            client.proxy("echo", retry_count=-1)
+        with pytest.raises(UsageError, match="unknown proxy option"):
+            client.proxy("echo", retries=3)
+        with pytest.raises(UsageError, match="timeout"):
+            client.proxy("echo").options(timeout=0)
+    with pytest.raises(UsageError, match="closed"):
+        client.proxy("echo")
+
+
+async def test_raw_stream_protocol_errors() -> None:
+    async with running_agent(echo) as (agent, client):
+        channel = grpc.aio.insecure_channel(agent.address)
+        stub = client._transport.pick().stub
+        call = stub.StreamCall()
+        await call.write(pb.StreamCallRequest(credit=1))
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call.read()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "first message" in (info.value.details() or "")
+        await channel.close()
+
+
+def test_bad_tool_declarations_fail_at_import_time() -> None:
+    with pytest.raises(TypeError, match="streaming=True needs a generator"):
+
+        @mesh.tool(streaming=True)
+        def not_a_stream() -> int:
+            return 1
+
+    with pytest.raises(ValueError, match="buffer_size"):
+        mesh.tool(buffer_size=0)
+    with pytest.raises(TypeError, match="dependency"):
+        mesh.tool(dependencies=[{"tags": ["x"]}])
+
+
+def test_two_tools_with_one_name_are_refused() -> None:
+    @mesh.tool(capability="echo")
+    def other() -> None:
+        return None
+
+    with pytest.raises(ValueError, match="two tools answer to 'echo'"):
+        mesh.Agent([echo, other])
+
+
+def test_error_hierarchy() -> None:
+    assert issubclass(ToolTimeout, ToolFailed) and issubclass(ToolTimeout, CallTimeout)
+    assert issubclass(SessionNotFound, RemoteError)

@@ -1,0 +1,152 @@
+"""Dependencies injected as proxies, configured by the consumer's own keywords."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from sessionmesh import mesh
+from sessionmesh.client.errors import CallTimeout, ToolFailed
+from sessionmesh.testing import running_agent
+from tests.tools import increment, stream_count
+
+pytestmark = pytest.mark.anyio
+
+
+@mesh.tool(
+    capability="auto_session_test",
+    dependencies=["session_counter"],
+    session_required=True,
+    stateful=True,
+    auto_session_management=True,
+)
+async def auto_session_affinity(
+    test_rounds: int = 3, session_counter: mesh.McpAgent | None = None
+) -> dict[str, Any]:
+    """The design note's consumer, as written there."""
+    if not session_counter:
+        return {"error": "No session_counter service available"}
+    results = []
+    for round_num in range(1, test_rounds + 1):
+        result = await session_counter(increment=round_num)
+        results.append({"round": round_num, "response": result})
+    return {
+        "test_rounds": test_rounds,
+        "results": results,
+        "auto_session": True,
+        "session": session_counter.session_id,
+    }
+
+
+async def test_the_design_notes_consumer_gets_one_auto_session_per_invocation() -> None:
+    async with running_agent(increment) as (provider, _):
+        peers = {"session_counter": provider.address}
+        async with running_agent(auto_session_affinity, peers=peers) as (_, client):
+            consumer = client.proxy("auto_session_test")
+            first = await consumer(test_rounds=3)
+            assert [r["response"] for r in first["results"]] == [1, 3, 6]
+            second = await consumer(test_rounds=2)
+            assert [r["response"] for r in second["results"]] == [1, 3]  # a fresh session
+            assert first["session"] != second["session"]
+            assert len(provider.sessions) == 0  # both closed when their invocation returned
+            assert provider.sessions.counters["created"] == 2
+
+
+async def test_without_a_provider_the_dependency_is_none() -> None:
+    async with running_agent(auto_session_affinity) as (_, client):
+        assert await client.proxy("auto_session_test")() == {
+            "error": "No session_counter service available"
+        }
+
+
+async def test_a_failing_consumer_still_closes_its_auto_session() -> None:
+    @mesh.tool(dependencies=["session_counter"], session_required=True)
+    async def fails_midway(session_counter: mesh.McpAgent | None = None) -> None:
+        assert session_counter is not None
+        await session_counter(increment=1)
+        raise RuntimeError("consumer failed")
+
+    async with running_agent(increment) as (provider, _):
+        async with running_agent(fails_midway, peers={"session_counter": provider.address}) as (
+            _,
+            client,
+        ):
+            with pytest.raises(ToolFailed, match="consumer failed"):
+                await client.proxy("fails_midway")()
+            assert len(provider.sessions) == 0
+
+
+async def test_a_consumer_called_in_a_session_keeps_its_downstream_session() -> None:
+    @mesh.tool(dependencies=["session_counter"], session_required=True)
+    async def chained(session: mesh.Session, session_counter: mesh.McpAgent | None = None) -> int:
+        assert session_counter is not None
+        return int(await session_counter(increment=1))
+
+    async with running_agent(increment) as (provider, _):
+        async with running_agent(chained, peers={"session_counter": provider.address}) as (
+            consumer,
+            client,
+        ):
+            async with client.proxy("chained", session_required=True) as p:
+                assert [await p(), await p(), await p()] == [1, 2, 3]
+                assert len(provider.sessions) == 1
+            assert len(consumer.sessions) == 0
+            assert len(provider.sessions) == 0  # closed together with the caller's session
+
+
+async def test_consumer_keywords_configure_the_injected_proxy() -> None:
+    seen: dict[str, Any] = {}
+
+    @mesh.tool
+    async def slow_provider() -> None:
+        await asyncio.Event().wait()
+
+    @mesh.tool(
+        dependencies=["slow_provider"], timeout=0.3, retry_count=2, retry_delay=0.01, buffer_size=7
+    )
+    async def impatient(slow_provider: mesh.McpAgent | None = None) -> str:
+        assert slow_provider is not None
+        seen["settings"] = slow_provider.settings
+        try:
+            await slow_provider.options(timeout=0.1)()
+        except CallTimeout:
+            return "timed out"
+        return "no timeout"
+
+    async with running_agent(slow_provider) as (provider, _):
+        async with running_agent(impatient, peers={"slow_provider": provider.address}) as (
+            _,
+            client,
+        ):
+            assert await client.proxy("impatient")() == "timed out"
+    settings = seen["settings"]
+    assert (settings.timeout, settings.retry_count, settings.retry_delay, settings.buffer_size) == (
+        0.3,
+        2,
+        0.01,
+        7,
+    )
+    assert settings.session_required is False
+
+
+async def test_streaming_with_sessions_as_in_the_note() -> None:
+    @mesh.tool(
+        capability="streaming_session_service",
+        dependencies=["stream_count"],
+        session_required=True,
+        streaming=True,
+    )
+    async def stream_with_sessions(stream_count: mesh.McpAgent | None = None) -> Any:
+        assert stream_count is not None
+        async for chunk in stream_count.call_tool_auto("stream_count", {"start": 1}):
+            yield chunk
+
+    async with running_agent(stream_count) as (provider, _):
+        async with running_agent(
+            stream_with_sessions, peers={"stream_count": provider.address}
+        ) as (_, client):
+            chunks = [c async for c in client.proxy("streaming_session_service").stream()]
+            assert [c["i"] for c in chunks] == [1, 2, 3]
+            assert len(provider.sessions) == 0
