@@ -44,7 +44,10 @@ async def main() -> None:
     try:
         counter, ready = start("counter.py")
         procs.append(counter)
-        peers = [f"--peer={cap}={ready['address']}" for cap in ("session_counter", "stream_count", "analyze")]
+        peers = [
+            f"--peer={cap}={ready['address']}"
+            for cap in ("session_counter", "stream_count", "analyze")
+        ]
         consumer, consumer_ready = start("consumer.py", *peers)
         procs.append(consumer)
         async with mesh.connect(consumer_ready["address"]) as client:
@@ -53,21 +56,32 @@ async def main() -> None:
             counts = [r["response"]["count"] for r in auto["results"]]
             sessions = {r["response"]["session"] for r in auto["results"]}
             print(f"counts {counts}, in {len(sessions)} session(s)")
-            show("a new invocation gets a fresh session", await client.proxy("auto_session_test")(test_rounds=2))
+            show(
+                "a new invocation gets a fresh session",
+                await client.proxy("auto_session_test")(test_rounds=2),
+            )
             show("manual sessions, the old way", await client.proxy("session_test")(test_rounds=3))
-            show("reliable counter (retries, deadline)", await client.proxy("reliable_counter")(amount=5))
+            show(
+                "reliable counter (retries, deadline)",
+                await client.proxy("reliable_counter")(amount=5),
+            )
             show(
                 "streaming inside a session",
                 [c async for c in client.proxy("streaming_session_service").stream()],
             )
             show(
                 "stream analytics",
-                [c async for c in client.proxy("stream_analytics").stream(dataset="sessions that just work")],
+                [
+                    c
+                    async for c in client.proxy("stream_analytics").stream(
+                        dataset="sessions that just work"
+                    )
+                ],
             )
         async with mesh.connect(ready["address"]) as provider:
             async with provider.proxy("session_counter", session_required=True) as direct:
-                await direct(increment=1)
-                print(f"\nprovider sessions open now: 1 ({direct.session_id and direct.session_id[:14]}...)")
+                reply = await direct(increment=1)
+                show("calling the provider directly, in an auto session", reply)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
