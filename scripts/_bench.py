@@ -30,7 +30,8 @@ from sessionmesh.server._session import SessionStore
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 
-ARGS: dict[str, Any] = {"increment": 1, "note": "bench", "flag": True}  # a Struct of 3 fields, as the baseline
+# A Struct of 3 fields, as in the baseline figures.
+ARGS: dict[str, Any] = {"increment": 1, "note": "bench", "flag": True}
 
 # -- the servers (child process) ------------------------------------------------------------
 
