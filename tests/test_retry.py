@@ -16,14 +16,37 @@ from sessionmesh.testing import running_agent
 pytestmark = pytest.mark.anyio
 
 CALL = "/sessionmesh.v1.SessionService/Call"
+CALL_STREAM = "/sessionmesh.v1.SessionService/CallStream"
+
+
+class _LosingContext:
+    """A servicer context whose `write` of a chosen answer breaks the stream instead."""
+
+    def __init__(self, context: Any, fault: LoseResponses) -> None:
+        self._context = context
+        self._fault = fault
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def write(self, message: Any) -> None:
+        if self._fault.answered():
+            await self._context.abort(grpc.StatusCode.UNAVAILABLE, "injected fault: response lost")
+        await self._context.write(message)
 
 
 class LoseResponses(grpc.aio.ServerInterceptor):
-    """A fault: the call runs on the agent, then its response is lost (UNAVAILABLE)."""
+    """A fault: a call runs on the agent, then its response is lost (UNAVAILABLE), whether it
+    came as a unary Call or on a session's CallStream."""
 
     def __init__(self, lose: set[int]) -> None:
         self.lose = lose
-        self.calls = 0
+        self.answers = 0
+
+    def answered(self) -> bool:
+        """Count an answer; True if this one is to be lost."""
+        self.answers += 1
+        return self.answers in self.lose
 
     async def intercept_service(
         self,
@@ -33,23 +56,36 @@ class LoseResponses(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
-        if handler is None or details.method != CALL:
+        if handler is None:
             return handler
-        inner: Any = handler.unary_unary
-        assert inner is not None
+        if details.method == CALL:
+            unary: Any = handler.unary_unary
 
-        async def behaviour(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            self.calls += 1
-            response = await inner(request, context)
-            if self.calls in self.lose:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "injected fault: response lost")
-            return response
+            async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                response = await unary(request, context)
+                if self.answered():
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, "injected fault: response lost"
+                    )
+                return response
 
-        return grpc.unary_unary_rpc_method_handler(
-            behaviour,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+            return grpc.unary_unary_rpc_method_handler(
+                call,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if details.method == CALL_STREAM:
+            streaming: Any = handler.stream_stream
+
+            async def stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                return await streaming(requests, _LosingContext(context, self))
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
 
 async def test_lost_responses_are_retried_and_the_tool_runs_once() -> None:
@@ -61,12 +97,13 @@ async def test_lost_responses_are_retried_and_the_tool_runs_once() -> None:
         session.state["total"] = session.state.get("total", 0) + n
         return int(session.state["total"])
 
-    fault = LoseResponses(lose={1, 4})  # the call that opens the session, and a later one
+    # The call that opens the session (a unary Call), and a later one (on the CallStream).
+    fault = LoseResponses(lose={1, 4})
     async with running_agent(bump, interceptors=[fault]) as (agent, client):
         async with client.proxy("bump", session_required=True, retry_count=2, retry_delay=0) as p:
             assert [await p(n=n) for n in (1, 2, 3)] == [1, 3, 6]
         assert runs == [1, 2, 3]
-        assert fault.calls == 5  # 3 calls + 2 retries
+        assert fault.answers == 5  # 3 calls + 2 retries answered from memory
         assert agent.sessions.counters["created"] == 1
 
 

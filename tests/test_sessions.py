@@ -137,20 +137,46 @@ async def test_calls_in_one_session_run_one_at_a_time_in_arrival_order() -> None
         return seq
 
     async with running_agent(step) as (agent, client):
-        async with client.proxy("step", session_required=True) as proxy:
-            await proxy(seq=-1)  # opens the session
-            first = asyncio.create_task(proxy(seq=0))
-            await eventually(lambda: running == 1, what="call 0 running")
-            session = agent.sessions.get(proxy.session_id or "")
-            tasks = [first]
-            for seq in range(1, 20):
-                tasks.append(asyncio.create_task(proxy(seq=seq)))
-                # Wait until call `seq` has reached the agent and queues behind the others,
-                # so that arrival order is known.
-                await eventually(partial(lambda n: session.waiting == n, seq), what=f"call {seq}")
-            release.set()
-            assert await asyncio.gather(*tasks) == list(range(20))
+        proxy = client.proxy("step")
+        # Explicit session ids make every call its own unary RPC, so they reach the agent
+        # independently and queue on the session's lock.
+        sid = await proxy.create_session()
+        session = agent.sessions.get(sid)
+        first = asyncio.create_task(proxy.call_with_session(session_id=sid, seq=0))
+        await eventually(lambda: running == 1, what="call 0 running")
+        tasks = [first]
+        for seq in range(1, 20):
+            tasks.append(asyncio.create_task(proxy.call_with_session(session_id=sid, seq=seq)))
+            # Wait until call `seq` has reached the agent and queues behind the others,
+            # so that arrival order is known.
+            await eventually(partial(lambda n: session.waiting == n, seq), what=f"call {seq}")
+        release.set()
+        assert await asyncio.gather(*tasks) == list(range(20))
     assert order == list(range(20))
+    assert peak == 1
+
+
+async def test_concurrent_calls_through_one_auto_session_keep_their_order() -> None:
+    order: list[int] = []
+    running = 0
+    peak = 0
+
+    @mesh.tool(session_required=True)
+    async def step(session: mesh.Session, seq: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        order.append(seq)
+        await asyncio.sleep(0)
+        running -= 1
+        return seq
+
+    async with running_agent(step) as (_, client):
+        async with client.proxy("step", session_required=True) as proxy:
+            await proxy(seq=-1)
+            results = await asyncio.gather(*(proxy(seq=n) for n in range(20)))
+    assert list(results) == list(range(20))
+    assert order == [-1, *range(20)]
     assert peak == 1
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import grpc
 
+from sessionmesh.client._callstream import CallStream
 from sessionmesh.client._codec import NotJsonLike, from_value, set_struct, set_value
 from sessionmesh.client._wire import SESSION_CREATE_KEY, SESSION_ID_KEY
 from sessionmesh.client.errors import (
@@ -69,7 +70,16 @@ class ProxyOptions:
 class _Binding:
     """The auto session shared by a proxy and its ``.options()`` copies."""
 
-    __slots__ = ("_ids", "creating", "endpoint", "lost", "metadata", "prefix", "session_id")
+    __slots__ = (
+        "_ids",
+        "creating",
+        "endpoint",
+        "lost",
+        "metadata",
+        "prefix",
+        "session_id",
+        "stream",
+    )
 
     def __init__(self) -> None:
         self.session_id: str | None = None
@@ -77,6 +87,7 @@ class _Binding:
         self.endpoint: Endpoint | None = None
         self.lost: SessionLost | None = None
         self.creating: asyncio.Event | None = None
+        self.stream: CallStream | None = None
         self.prefix = secrets.token_hex(12) + "-"
         self._ids = itertools.count(1)
 
@@ -94,8 +105,11 @@ class _Binding:
         if event is not None:
             event.set()
 
-    def reset(self) -> None:
-        self.session_id = self.metadata = self.endpoint = self.lost = None
+    def reset(self) -> CallStream | None:
+        """Forget the session; returns its call stream, for the caller to close."""
+        stream = self.stream
+        self.session_id = self.metadata = self.endpoint = self.lost = self.stream = None
+        return stream
 
 
 def _split_call(
@@ -240,64 +254,79 @@ class Proxy:
                 return self._transport.pick(), _CREATE, True
             await b.creating.wait()  # another call is opening the session: wait for its id
 
-    def _failed(
-        self, exc: grpc.aio.AioRpcError, md: Metadata | None, explicit: bool
-    ) -> RemoteError:
-        error = map_rpc_error(exc)
-        if (
-            isinstance(error, SessionLost)
-            and md is not None
-            and not explicit
-            and md is self._binding.metadata
-        ):
-            self._binding.lost = error
-            self._binding.metadata = None
-            log.info(
-                "auto session %s lost: %s", (self._binding.session_id or "")[:14], error.message
-            )
-        return error
+    def _check_lost(self, error: RemoteError, md: Metadata | None) -> None:
+        """A SessionLost on the auto session's own call marks it lost: no silent reopening."""
+        b = self._binding
+        if isinstance(error, SessionLost) and md is not None and md is b.metadata:
+            b.lost = error
+            b.metadata = None
+            log.info("auto session %s lost: %s", (b.session_id or "")[:14], error.message)
 
     async def _unary(self, tool: str, args: Mapping[str, Any], session_id: str | None) -> Any:
-        request = pb.CallRequest(tool=tool)
+        # Built as a CallStreamRequest so the stream path sends it without a copy.
+        message = pb.CallStreamRequest()
+        request = message.call
+        request.tool = tool
         if args:
             try:
                 set_struct(request.arguments, args)
             except NotJsonLike as exc:
                 raise UsageError(f"argument {exc}") from None
         opts = self._opts
-        b = self._binding
+        if opts.timeout is not None:
+            message.timeout.FromNanoseconds(int(opts.timeout * 1e9))
         if opts.retry_count:
-            request.call_id = b.next_call_id()
+            request.call_id = self._binding.next_call_id()
         attempt = 0
         while True:
-            creating = False
-            if session_id is not None:
-                endpoint = self._transport.owner(session_id)
-                md: Metadata | None = ((SESSION_ID_KEY, session_id),)
-            else:
-                endpoint, md, creating = await self._route()
-            call = endpoint.stub.Call(request, metadata=md, timeout=opts.timeout)
             try:
-                if creating:
-                    # The agent sends the new id before it runs the tool: calls waiting for
-                    # the session can go out (and queue in order) while this one runs.
-                    b.established(endpoint, await call.initial_metadata())
-                    creating = False
-                response = await call
-            except grpc.aio.AioRpcError as exc:
-                if creating:
-                    b.established(endpoint, exc.initial_metadata())
-                error = self._failed(exc, md, session_id is not None)
-                if isinstance(error, AgentUnavailable) and attempt < opts.retry_count:
-                    attempt += 1
-                    await asyncio.sleep(opts.retry_delay)
-                    continue
-                raise error from exc
-            except BaseException:
-                if creating:
-                    b.established(endpoint, None)
-                raise
-            return from_value(response.result)
+                return await self._attempt(message, session_id)
+            except AgentUnavailable:
+                if attempt >= opts.retry_count:
+                    raise
+                attempt += 1
+                await asyncio.sleep(opts.retry_delay)
+
+    async def _attempt(self, message: pb.CallStreamRequest, session_id: str | None) -> Any:
+        b = self._binding
+        creating = False
+        if session_id is not None:
+            endpoint = self._transport.owner(session_id)
+            md: Metadata | None = ((SESSION_ID_KEY, session_id),)
+        else:
+            endpoint, md, creating = await self._route()
+            if md is not None and not creating:
+                # An open auto session: after its first call, calls share one stream.
+                stream = b.stream
+                if stream is None:
+                    stream = b.stream = CallStream(endpoint, md)
+                try:
+                    return await stream.call(message, self._opts.timeout)
+                except RemoteError as error:
+                    if stream.broken is not None and b.stream is stream:
+                        b.stream = None
+                    self._check_lost(error, md)
+                    raise
+        call = endpoint.stub.Call(message.call, metadata=md, timeout=self._opts.timeout)
+        try:
+            if creating:
+                # The agent sends the new id before it runs the tool: calls waiting for
+                # the session can go out (and queue in order) while this one runs.
+                b.established(endpoint, await call.initial_metadata())
+                creating = False
+            response = await call
+        except grpc.aio.AioRpcError as exc:
+            if creating:
+                b.established(endpoint, exc.initial_metadata())
+            failure = map_rpc_error(exc)
+            if session_id is None:
+                self._check_lost(failure, md)
+            raise failure from exc
+        except BaseException:
+            if creating:
+                b.established(endpoint, None)
+            raise
+        return from_value(response.result)
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -305,7 +334,9 @@ class Proxy:
         """Close the auto session (if one is open) and forget it; the next call opens anew."""
         b = self._binding
         session_id, endpoint = b.session_id, b.endpoint
-        b.reset()
+        stream = b.reset()
+        if stream is not None:
+            await stream.aclose()
         if session_id is None or endpoint is None:
             return
         try:
@@ -432,7 +463,9 @@ class ChunkStream:
         except grpc.aio.AioRpcError as exc:
             if creating:
                 proxy._binding.established(endpoint, exc.initial_metadata())
-            raise proxy._failed(exc, md, False) from exc
+            error = map_rpc_error(exc)
+            proxy._check_lost(error, md)
+            raise error from exc
         except BaseException:
             if creating:
                 proxy._binding.established(endpoint, None)
@@ -477,7 +510,9 @@ class ChunkStream:
             message = await call.read()
         except grpc.aio.AioRpcError as exc:
             self._finish()
-            raise self._proxy._failed(exc, self._md, False) from exc
+            error = map_rpc_error(exc)
+            self._proxy._check_lost(error, self._md)
+            raise error from exc
         if message is grpc.aio.EOF:  # a failed stream raises from read() instead
             self._finish()
             raise StopAsyncIteration

@@ -24,12 +24,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import grpc
+from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from sessionmesh.client._wire import ERROR_DOMAIN, Reason
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
 
 __all__ = [
     "AgentUnavailable",
@@ -50,6 +51,8 @@ __all__ = [
     "TransportError",
     "UsageError",
     "map_rpc_error",
+    "map_status",
+    "status_code",
 ]
 
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -181,28 +184,40 @@ _BY_CODE: dict[grpc.StatusCode, type[RemoteError]] = {
 
 
 def map_rpc_error(exc: grpc.aio.AioRpcError) -> RemoteError:
-    """The one mapping from a gRPC error (status + ErrorInfo detail) to a sessionmesh error."""
+    """A failed RPC as a sessionmesh error (its status details carry the ErrorInfo)."""
+    details: Sequence[any_pb2.Any] = ()
+    for raw in exc.trailing_metadata().get_all(_STATUS_DETAILS_KEY):
+        if isinstance(raw, bytes):
+            details = status_pb2.Status.FromString(raw).details
     code = exc.code()
-    message = exc.details() or code.name
+    return map_status(code, exc.details() or code.name, details)
+
+
+def map_status(code: grpc.StatusCode, message: str, details: Sequence[any_pb2.Any]) -> RemoteError:
+    """The one mapping from a status (code, message, ErrorInfo detail) to a sessionmesh error."""
     reason = ""
     metadata: dict[str, str] = {}
     debug = ""
-    for raw in exc.trailing_metadata().get_all(_STATUS_DETAILS_KEY):
-        if not isinstance(raw, bytes):
-            continue
-        status = status_pb2.Status.FromString(raw)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                if info.domain == ERROR_DOMAIN:
-                    reason = info.reason
-                    metadata = dict(info.metadata)
-            elif detail.Is(error_details_pb2.DebugInfo.DESCRIPTOR):
-                dbg = error_details_pb2.DebugInfo()
-                detail.Unpack(dbg)
-                debug = "".join(dbg.stack_entries)
+    for detail in details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            if info.domain == ERROR_DOMAIN:
+                reason = info.reason
+                metadata = dict(info.metadata)
+        elif detail.Is(error_details_pb2.DebugInfo.DESCRIPTOR):
+            dbg = error_details_pb2.DebugInfo()
+            detail.Unpack(dbg)
+            debug = "".join(dbg.stack_entries)
     cls = _BY_REASON.get(reason) or _BY_CODE.get(code, RemoteError)
     if cls is ToolNotFound and not reason:
         cls = RemoteError  # NOT_FOUND from something other than an agent (e.g. no such method)
     return cls(message, code=code, reason=reason, metadata=metadata, debug=debug)
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The StatusCode for a numeric code (UNKNOWN for one gRPC does not define)."""
+    return _CODES.get(number, grpc.StatusCode.UNKNOWN)

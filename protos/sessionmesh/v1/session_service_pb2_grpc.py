@@ -58,6 +58,11 @@ class SessionServiceStub:
                 request_serializer=sessionmesh_dot_v1_dot_session__service__pb2.StreamCallRequest.SerializeToString,
                 response_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.StreamCallResponse.FromString,
                 _registered_method=True)
+        self.CallStream = channel.stream_stream(
+                '/sessionmesh.v1.SessionService/CallStream',
+                request_serializer=sessionmesh_dot_v1_dot_session__service__pb2.CallStreamRequest.SerializeToString,
+                response_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.CallStreamResponse.FromString,
+                _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/sessionmesh.v1.SessionService/CloseSession',
                 request_serializer=sessionmesh_dot_v1_dot_session__service__pb2.CloseSessionRequest.SerializeToString,
@@ -105,6 +110,16 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CallStream(self, request_iterator, context):
+        """CallStream carries many calls of one session over one bidirectional stream,
+        each request answered by one response, in order; cheaper per call than Call.
+        Opened with `x-session-id` (or `x-session-create`) in the metadata, like Call.
+        A failed call is answered with its status in the response; the stream goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CloseSession(self, request, context):
         """CloseSession closes a session; closing a closed or unknown id is not an error.
         """
@@ -136,6 +151,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.StreamCall,
                     request_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.StreamCallRequest.FromString,
                     response_serializer=sessionmesh_dot_v1_dot_session__service__pb2.StreamCallResponse.SerializeToString,
+            ),
+            'CallStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.CallStream,
+                    request_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.CallStreamRequest.FromString,
+                    response_serializer=sessionmesh_dot_v1_dot_session__service__pb2.CallStreamResponse.SerializeToString,
             ),
             'CloseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseSession,
@@ -238,6 +258,33 @@ class SessionService:
             '/sessionmesh.v1.SessionService/StreamCall',
             sessionmesh_dot_v1_dot_session__service__pb2.StreamCallRequest.SerializeToString,
             sessionmesh_dot_v1_dot_session__service__pb2.StreamCallResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CallStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sessionmesh.v1.SessionService/CallStream',
+            sessionmesh_dot_v1_dot_session__service__pb2.CallStreamRequest.SerializeToString,
+            sessionmesh_dot_v1_dot_session__service__pb2.CallStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

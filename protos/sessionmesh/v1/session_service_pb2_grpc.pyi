@@ -51,6 +51,12 @@ class SessionServiceStub:
     message starts it, later `input` messages feed its input stream, the
     server streams `chunk`s back and ends with the call's status.
     """
+    CallStream: _grpc.StreamStreamMultiCallable[_session_service_pb2.CallStreamRequest, _session_service_pb2.CallStreamResponse]
+    """CallStream carries many calls of one session over one bidirectional stream,
+    each request answered by one response, in order; cheaper per call than Call.
+    Opened with `x-session-id` (or `x-session-create`) in the metadata, like Call.
+    A failed call is answered with its status in the response; the stream goes on.
+    """
     CloseSession: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.CloseSessionRequest, _session_service_pb2.CloseSessionResponse]
     """CloseSession closes a session; closing a closed or unknown id is not an error."""
     ListTools: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.ListToolsRequest, _session_service_pb2.ListToolsResponse]
@@ -78,6 +84,12 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """StreamCall runs one tool over a bidirectional stream: the first client
     message starts it, later `input` messages feed its input stream, the
     server streams `chunk`s back and ends with the call's status.
+    """
+    CallStream: _aio.StreamStreamMultiCallable[_session_service_pb2.CallStreamRequest, _session_service_pb2.CallStreamResponse]  # type: ignore[assignment]
+    """CallStream carries many calls of one session over one bidirectional stream,
+    each request answered by one response, in order; cheaper per call than Call.
+    Opened with `x-session-id` (or `x-session-create`) in the metadata, like Call.
+    A failed call is answered with its status in the response; the stream goes on.
     """
     CloseSession: _aio.UnaryUnaryMultiCallable[_session_service_pb2.CloseSessionRequest, _session_service_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """CloseSession closes a session; closing a closed or unknown id is not an error."""
@@ -121,6 +133,18 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         """StreamCall runs one tool over a bidirectional stream: the first client
         message starts it, later `input` messages feed its input stream, the
         server streams `chunk`s back and ends with the call's status.
+        """
+
+    @_abc_1.abstractmethod
+    def CallStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_session_service_pb2.CallStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_session_service_pb2.CallStreamResponse], _abc.AsyncIterator[_session_service_pb2.CallStreamResponse]]:
+        """CallStream carries many calls of one session over one bidirectional stream,
+        each request answered by one response, in order; cheaper per call than Call.
+        Opened with `x-session-id` (or `x-session-create`) in the metadata, like Call.
+        A failed call is answered with its status in the response; the stream goes on.
         """
 
     @_abc_1.abstractmethod

@@ -35,7 +35,7 @@ class Fail(Exception):
         self.metadata = {k: v[:_MAX_TEXT] for k, v in (metadata or {}).items()}
         self.debug = debug
 
-    def status(self) -> grpc.Status:
+    def details(self) -> list[any_pb2.Any]:
         info = any_pb2.Any()
         info.Pack(
             error_details_pb2.ErrorInfo(
@@ -49,7 +49,13 @@ class Fail(Exception):
                 error_details_pb2.DebugInfo(stack_entries=self.debug.splitlines(keepends=True))
             )
             details.append(dbg)
-        status = status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
+        return details
+
+    def status(self) -> grpc.Status:
+        """For ``context.abort_with_status``: the code, message and details of a Call."""
+        status = status_pb2.Status(
+            code=self.code.value[0], message=self.message, details=self.details()
+        )
         return rpc_status.to_status(status)
 
 

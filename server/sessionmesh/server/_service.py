@@ -255,23 +255,91 @@ class Servicer(pb_grpc.SessionServiceServicer):
     ) -> pb.CallResponse:
         try:
             bound = self._tool(request.tool)
-            call_id = request.call_id
-            session, earlier, created = await self._session_for(bound, context, call_id)
-            if earlier is not None:
-                return await asyncio.shield(earlier)
-            if not call_id:
-                return await self._run(bound, request.arguments, session)
-            # With a call id the tool must run once even if this RPC is cancelled (its
-            # connection dropped): it runs in its own task and a retry awaits the same outcome.
-            task = asyncio.get_running_loop().create_task(
-                self._run(bound, request.arguments, session)
-            )
-            task.add_done_callback(_consume)
-            self._remember(session, call_id, task, created)
-            return await asyncio.shield(task)
+            session, earlier, created = await self._session_for(bound, context, request.call_id)
+            return await self._execute(bound, request, session, earlier, created)
         except Fail as fail:
             await context.abort_with_status(fail.status())
             raise  # abort_with_status raises; this line is for the type checker
+
+    async def _execute(
+        self,
+        bound: BoundTool,
+        request: pb.CallRequest,
+        session: Session | None,
+        earlier: asyncio.Future[Any] | None,
+        created: bool,
+    ) -> pb.CallResponse:
+        if earlier is not None:
+            return await asyncio.shield(earlier)
+        call_id = request.call_id
+        if not call_id:
+            return await self._run(bound, request.arguments, session)
+        # With a call id the tool must run once even if this RPC is cancelled (its
+        # connection dropped): it runs in its own task and a retry awaits the same outcome.
+        task = asyncio.get_running_loop().create_task(self._run(bound, request.arguments, session))
+        task.add_done_callback(_consume)
+        self._remember(session, call_id, task, created)
+        return await asyncio.shield(task)
+
+    async def CallStream(  # type: ignore[override]  # writes with context.write
+        self,
+        request_iterator: AsyncIterator[pb.CallStreamRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        try:
+            session = await self._stream_session(context)
+        except Fail as fail:
+            await context.abort_with_status(fail.status())
+            return
+        async for message in request_iterator:
+            request = message.call
+            answer = pb.CallStreamResponse()
+            try:
+                bound = self._tool(request.tool)
+                call_id = request.call_id
+                earlier = session.remembered(call_id) if call_id else None
+                work = self._execute(bound, request, session, earlier, False)
+                if message.HasField("timeout"):
+                    try:
+                        async with asyncio.timeout(message.timeout.ToNanoseconds() / 1e9):
+                            response = await work
+                    except TimeoutError:
+                        raise Fail(
+                            grpc.StatusCode.DEADLINE_EXCEEDED, "", "Deadline Exceeded"
+                        ) from None
+                else:
+                    response = await work
+                answer.result.CopyFrom(response.result)
+            except Fail as fail:
+                error = answer.error
+                error.code = fail.code.value[0]
+                error.message = fail.message
+                error.details.extend(fail.details())
+            await context.write(answer)
+
+    async def _stream_session(self, context: grpc.aio.ServicerContext[Any, Any]) -> Session:
+        session_id = ""
+        create = False
+        for key, value in context.invocation_metadata() or ():
+            if key == SESSION_ID_KEY:
+                session_id = str(value)
+            elif key == SESSION_CREATE_KEY:
+                create = True
+        if session_id:
+            try:
+                return self.store.get(session_id)
+            except SessionNotFoundError:
+                raise session_not_found(session_id) from None
+        if create:
+            session = self._new_session(None)
+            await context.send_initial_metadata(((SESSION_ID_KEY, session.id),))
+            return session
+        raise Fail(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            Reason.SESSION_REQUIRED,
+            f"CallStream carries the calls of one session: send '{SESSION_ID_KEY}: <id>' or "
+            f"'{SESSION_CREATE_KEY}: 1'",
+        )
 
     async def StreamCall(  # type: ignore[override]  # writes with context.write
         self,
