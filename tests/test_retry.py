@@ -12,11 +12,13 @@ import pytest
 from sessionmesh import mesh
 from sessionmesh.client.errors import AgentUnavailable
 from sessionmesh.testing import running_agent
+from sessionmesh.v1 import session_service_pb2 as pb
+from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.anyio
 
 CALL = "/sessionmesh.v1.SessionService/Call"
-CALL_STREAM = "/sessionmesh.v1.SessionService/CallStream"
+EXCHANGE = "/sessionmesh.v1.SessionService/Exchange"
 
 
 class _LosingContext:
@@ -37,7 +39,7 @@ class _LosingContext:
 
 class LoseResponses(grpc.aio.ServerInterceptor):
     """A fault: a call runs on the agent, then its response is lost (UNAVAILABLE), whether it
-    came as a unary Call or on a session's CallStream."""
+    came as a unary Call or on an Exchange stream."""
 
     def __init__(self, lose: set[int]) -> None:
         self.lose = lose
@@ -74,7 +76,7 @@ class LoseResponses(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        if details.method == CALL_STREAM:
+        if details.method == EXCHANGE:
             streaming: Any = handler.stream_stream
 
             async def stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -97,7 +99,7 @@ async def test_lost_responses_are_retried_and_the_tool_runs_once() -> None:
         session.state["total"] = session.state.get("total", 0) + n
         return int(session.state["total"])
 
-    # The call that opens the session (a unary Call), and a later one (on the CallStream).
+    # The call that opens the session, and a later one.
     fault = LoseResponses(lose={1, 4})
     async with running_agent(bump, interceptors=[fault]) as (agent, client):
         async with client.proxy("bump", session_required=True, retry_count=2, retry_delay=0) as p:
@@ -139,3 +141,24 @@ async def test_retry_gives_up_after_retry_count() -> None:
     async with mesh.connect(address) as client:
         with pytest.raises(AgentUnavailable):
             await client.proxy("noop", retry_count=2, retry_delay=0, timeout=2)()
+
+
+async def test_a_unary_call_retried_by_another_client_is_answered_from_memory() -> None:
+    runs = 0
+
+    @mesh.tool
+    def once() -> int:
+        nonlocal runs
+        runs += 1
+        return runs
+
+    fault = LoseResponses(lose={1})
+    async with running_agent(once, interceptors=[fault]) as (agent, _):
+        async with grpc.aio.insecure_channel(agent.address) as channel:
+            stub = pb_grpc.SessionServiceStub(channel)
+            request = pb.CallRequest(tool="once", call_id="client-chosen-id-1")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Call(request)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert (await stub.Call(request)).result.number_value == 1
+            assert runs == 1

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import grpc
 
-from sessionmesh.client._callstream import CallStream
 from sessionmesh.client._codec import NotJsonLike, from_value, set_struct, set_value
+from sessionmesh.client._exchange import exchange_for
 from sessionmesh.client._wire import SESSION_CREATE_KEY, SESSION_ID_KEY
 from sessionmesh.client.errors import (
     AgentUnavailable,
@@ -22,6 +22,8 @@ from sessionmesh.client.errors import (
     SessionLost,
     UsageError,
     map_rpc_error,
+    map_status,
+    status_code,
 )
 from sessionmesh.v1 import session_service_pb2 as pb
 
@@ -78,7 +80,6 @@ class _Binding:
         "metadata",
         "prefix",
         "session_id",
-        "stream",
     )
 
     def __init__(self) -> None:
@@ -87,15 +88,14 @@ class _Binding:
         self.endpoint: Endpoint | None = None
         self.lost: SessionLost | None = None
         self.creating: asyncio.Event | None = None
-        self.stream: CallStream | None = None
         self.prefix = secrets.token_hex(12) + "-"
         self._ids = itertools.count(1)
 
     def next_call_id(self) -> str:
         return f"{self.prefix}{next(self._ids)}"
 
-    def established(self, endpoint: Endpoint, initial: Any) -> None:
-        session_id = initial.get(SESSION_ID_KEY) if initial else None
+    def established(self, endpoint: Endpoint, session_id: str | None) -> None:
+        """The call that was opening the session ended: with its id, or without (failed)."""
         if session_id and self.session_id is None:
             self.session_id = str(session_id)
             self.metadata = ((SESSION_ID_KEY, self.session_id),)
@@ -105,11 +105,8 @@ class _Binding:
         if event is not None:
             event.set()
 
-    def reset(self) -> CallStream | None:
-        """Forget the session; returns its call stream, for the caller to close."""
-        stream = self.stream
-        self.session_id = self.metadata = self.endpoint = self.lost = self.stream = None
-        return stream
+    def reset(self) -> None:
+        self.session_id = self.metadata = self.endpoint = self.lost = None
 
 
 def _split_call(
@@ -263,8 +260,7 @@ class Proxy:
             log.info("auto session %s lost: %s", (b.session_id or "")[:14], error.message)
 
     async def _unary(self, tool: str, args: Mapping[str, Any], session_id: str | None) -> Any:
-        # Built as a CallStreamRequest so the stream path sends it without a copy.
-        message = pb.CallStreamRequest()
+        message = pb.ExchangeRequest()
         request = message.call
         request.tool = tool
         if args:
@@ -287,46 +283,31 @@ class Proxy:
                 attempt += 1
                 await asyncio.sleep(opts.retry_delay)
 
-    async def _attempt(self, message: pb.CallStreamRequest, session_id: str | None) -> Any:
+    async def _attempt(self, message: pb.ExchangeRequest, session_id: str | None) -> Any:
         b = self._binding
         creating = False
+        md: Metadata | None = None
         if session_id is not None:
             endpoint = self._transport.owner(session_id)
-            md: Metadata | None = ((SESSION_ID_KEY, session_id),)
+            message.session_id = session_id
         else:
             endpoint, md, creating = await self._route()
-            if md is not None and not creating:
-                # An open auto session: after its first call, calls share one stream.
-                stream = b.stream
-                if stream is None:
-                    stream = b.stream = CallStream(endpoint, md)
-                try:
-                    return await stream.call(message, self._opts.timeout)
-                except RemoteError as error:
-                    if stream.broken is not None and b.stream is stream:
-                        b.stream = None
-                    self._check_lost(error, md)
-                    raise
-        call = endpoint.stub.Call(message.call, metadata=md, timeout=self._opts.timeout)
+            message.session_id = b.session_id or "" if md is not None else ""
+            message.create_session = creating
         try:
-            if creating:
-                # The agent sends the new id before it runs the tool: calls waiting for
-                # the session can go out (and queue in order) while this one runs.
-                b.established(endpoint, await call.initial_metadata())
-                creating = False
-            response = await call
-        except grpc.aio.AioRpcError as exc:
-            if creating:
-                b.established(endpoint, exc.initial_metadata())
-            failure = map_rpc_error(exc)
-            if session_id is None:
-                self._check_lost(failure, md)
-            raise failure from exc
+            answer = await exchange_for(endpoint).call(message, self._opts.timeout)
         except BaseException:
             if creating:
                 b.established(endpoint, None)
             raise
-        return from_value(response.result)
+        if creating:
+            b.established(endpoint, answer.session_id)
+        if answer.HasField("error"):
+            error = answer.error
+            failure = map_status(status_code(error.code), error.message, error.details)
+            self._check_lost(failure, md)
+            raise failure
+        return from_value(answer.result)
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -334,9 +315,7 @@ class Proxy:
         """Close the auto session (if one is open) and forget it; the next call opens anew."""
         b = self._binding
         session_id, endpoint = b.session_id, b.endpoint
-        stream = b.reset()
-        if stream is not None:
-            await stream.aclose()
+        b.reset()
         if session_id is None or endpoint is None:
             return
         try:
@@ -459,10 +438,11 @@ class ChunkStream:
         try:
             await call.write(start)
             if creating:
-                proxy._binding.established(endpoint, await call.initial_metadata())
+                initial = await call.initial_metadata()
+                proxy._binding.established(endpoint, _session_id(initial))
         except grpc.aio.AioRpcError as exc:
             if creating:
-                proxy._binding.established(endpoint, exc.initial_metadata())
+                proxy._binding.established(endpoint, _session_id(exc.initial_metadata()))
             error = map_rpc_error(exc)
             proxy._check_lost(error, md)
             raise error from exc
@@ -551,3 +531,8 @@ class ChunkStream:
     def __del__(self) -> None:
         if self._call is not None and not self._call.done():
             self._call.cancel()
+
+
+def _session_id(initial: grpc.aio.Metadata | None) -> str | None:
+    value = initial.get(SESSION_ID_KEY) if initial is not None else None
+    return str(value) if value else None

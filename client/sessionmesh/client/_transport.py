@@ -17,6 +17,8 @@ from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from sessionmesh.client._exchange import Exchange
+
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
@@ -33,13 +35,14 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
 class Endpoint:
     """One agent instance behind one reused channel."""
 
-    __slots__ = ("address", "channel", "instance_id", "stub")
+    __slots__ = ("address", "channel", "exchange", "instance_id", "stub")
 
     def __init__(self, address: str, channel: grpc.aio.Channel, instance_id: str = "") -> None:
         self.address = address
         self.channel = channel
         self.instance_id = instance_id
         self.stub = pb_grpc.SessionServiceStub(channel)
+        self.exchange: Exchange | None = None  # opened on first call (_exchange.py)
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.address}>"
@@ -83,4 +86,11 @@ class ChannelTransport(Transport):
         return self.endpoint
 
     async def aclose(self) -> None:
-        await self.endpoint.channel.close()
+        await close_endpoint(self.endpoint)
+
+
+async def close_endpoint(endpoint: Endpoint) -> None:
+    """Close the endpoint's exchange stream gracefully, then its channel."""
+    if endpoint.exchange is not None:
+        await endpoint.exchange.aclose()
+    await endpoint.channel.close()

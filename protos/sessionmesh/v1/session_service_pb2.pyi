@@ -147,37 +147,60 @@ class CallResponse(_message.Message):
 Global___CallResponse: _TypeAlias = CallResponse  # noqa: Y015
 
 @_typing.final
-class CallStreamRequest(_message.Message):
+class ExchangeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    ID_FIELD_NUMBER: _builtins.int
     CALL_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    CREATE_SESSION_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Chosen by the client, unique among its calls in flight; echoed in the response."""
+    session_id: _builtins.str
+    """The session to run in, as `x-session-id` on Call; empty for none."""
+    create_session: _builtins.bool
+    """Open a session for this call, as `x-session-create` on Call; the new id comes
+    back in ExchangeResponse.session_id.
+    """
+    cancel: _builtins.bool
+    """Cancel the call with this id instead (the other fields are ignored)."""
     @_builtins.property
     def call(self) -> Global___CallRequest: ...
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """Optional: the call's deadline, counted from when the agent starts it."""
+        """Optional: the call's deadline, counted from when the agent receives it."""
 
     def __init__(
         self,
         *,
+        id: _builtins.int = ...,
         call: Global___CallRequest | None = ...,
+        session_id: _builtins.str = ...,
+        create_session: _builtins.bool = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        cancel: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "cancel", b"cancel", "create_session", b"create_session", "id", b"id", "session_id", b"session_id", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CallStreamRequest: _TypeAlias = CallStreamRequest  # noqa: Y015
+Global___ExchangeRequest: _TypeAlias = ExchangeRequest  # noqa: Y015
 
 @_typing.final
-class CallStreamResponse(_message.Message):
+class ExchangeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    session_id: _builtins.str
+    """The session the request opened, if it asked to."""
     @_builtins.property
     def result(self) -> _struct_pb2.Value: ...
     @_builtins.property
@@ -187,18 +210,20 @@ class CallStreamResponse(_message.Message):
     def __init__(
         self,
         *,
+        id: _builtins.int = ...,
+        session_id: _builtins.str = ...,
         result: _struct_pb2.Value | None = ...,
         error: Global___CallError | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "outcome", b"outcome", "result", b"result", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
 
-Global___CallStreamResponse: _TypeAlias = CallStreamResponse  # noqa: Y015
+Global___ExchangeResponse: _TypeAlias = ExchangeResponse  # noqa: Y015
 
 @_typing.final
 class CallError(_message.Message):

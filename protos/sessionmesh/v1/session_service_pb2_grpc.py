@@ -58,10 +58,10 @@ class SessionServiceStub:
                 request_serializer=sessionmesh_dot_v1_dot_session__service__pb2.StreamCallRequest.SerializeToString,
                 response_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.StreamCallResponse.FromString,
                 _registered_method=True)
-        self.CallStream = channel.stream_stream(
-                '/sessionmesh.v1.SessionService/CallStream',
-                request_serializer=sessionmesh_dot_v1_dot_session__service__pb2.CallStreamRequest.SerializeToString,
-                response_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.CallStreamResponse.FromString,
+        self.Exchange = channel.stream_stream(
+                '/sessionmesh.v1.SessionService/Exchange',
+                request_serializer=sessionmesh_dot_v1_dot_session__service__pb2.ExchangeRequest.SerializeToString,
+                response_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.ExchangeResponse.FromString,
                 _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/sessionmesh.v1.SessionService/CloseSession',
@@ -110,11 +110,12 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def CallStream(self, request_iterator, context):
-        """CallStream carries many calls of one session over one bidirectional stream,
-        each request answered by one response, in order; cheaper per call than Call.
-        Opened with `x-session-id` (or `x-session-create`) in the metadata, like Call.
+    def Exchange(self, request_iterator, context):
+        """Exchange multiplexes calls over one long-lived bidirectional stream per
+        connection: each request carries an id that its response echoes. Calls of one
+        session run one at a time in the order sent; other calls run concurrently.
         A failed call is answered with its status in the response; the stream goes on.
+        Cheaper per call than Call; the Python client sends all its calls this way.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -152,10 +153,10 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     request_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.StreamCallRequest.FromString,
                     response_serializer=sessionmesh_dot_v1_dot_session__service__pb2.StreamCallResponse.SerializeToString,
             ),
-            'CallStream': grpc.stream_stream_rpc_method_handler(
-                    servicer.CallStream,
-                    request_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.CallStreamRequest.FromString,
-                    response_serializer=sessionmesh_dot_v1_dot_session__service__pb2.CallStreamResponse.SerializeToString,
+            'Exchange': grpc.stream_stream_rpc_method_handler(
+                    servicer.Exchange,
+                    request_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.ExchangeRequest.FromString,
+                    response_serializer=sessionmesh_dot_v1_dot_session__service__pb2.ExchangeResponse.SerializeToString,
             ),
             'CloseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseSession,
@@ -269,7 +270,7 @@ class SessionService:
             _registered_method=True)
 
     @staticmethod
-    def CallStream(request_iterator,
+    def Exchange(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -282,9 +283,9 @@ class SessionService:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/sessionmesh.v1.SessionService/CallStream',
-            sessionmesh_dot_v1_dot_session__service__pb2.CallStreamRequest.SerializeToString,
-            sessionmesh_dot_v1_dot_session__service__pb2.CallStreamResponse.FromString,
+            '/sessionmesh.v1.SessionService/Exchange',
+            sessionmesh_dot_v1_dot_session__service__pb2.ExchangeRequest.SerializeToString,
+            sessionmesh_dot_v1_dot_session__service__pb2.ExchangeResponse.FromString,
             options,
             channel_credentials,
             insecure,

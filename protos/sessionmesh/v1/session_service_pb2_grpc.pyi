@@ -51,11 +51,12 @@ class SessionServiceStub:
     message starts it, later `input` messages feed its input stream, the
     server streams `chunk`s back and ends with the call's status.
     """
-    CallStream: _grpc.StreamStreamMultiCallable[_session_service_pb2.CallStreamRequest, _session_service_pb2.CallStreamResponse]
-    """CallStream carries many calls of one session over one bidirectional stream,
-    each request answered by one response, in order; cheaper per call than Call.
-    Opened with `x-session-id` (or `x-session-create`) in the metadata, like Call.
+    Exchange: _grpc.StreamStreamMultiCallable[_session_service_pb2.ExchangeRequest, _session_service_pb2.ExchangeResponse]
+    """Exchange multiplexes calls over one long-lived bidirectional stream per
+    connection: each request carries an id that its response echoes. Calls of one
+    session run one at a time in the order sent; other calls run concurrently.
     A failed call is answered with its status in the response; the stream goes on.
+    Cheaper per call than Call; the Python client sends all its calls this way.
     """
     CloseSession: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.CloseSessionRequest, _session_service_pb2.CloseSessionResponse]
     """CloseSession closes a session; closing a closed or unknown id is not an error."""
@@ -85,11 +86,12 @@ class SessionServiceAsyncStub(SessionServiceStub):
     message starts it, later `input` messages feed its input stream, the
     server streams `chunk`s back and ends with the call's status.
     """
-    CallStream: _aio.StreamStreamMultiCallable[_session_service_pb2.CallStreamRequest, _session_service_pb2.CallStreamResponse]  # type: ignore[assignment]
-    """CallStream carries many calls of one session over one bidirectional stream,
-    each request answered by one response, in order; cheaper per call than Call.
-    Opened with `x-session-id` (or `x-session-create`) in the metadata, like Call.
+    Exchange: _aio.StreamStreamMultiCallable[_session_service_pb2.ExchangeRequest, _session_service_pb2.ExchangeResponse]  # type: ignore[assignment]
+    """Exchange multiplexes calls over one long-lived bidirectional stream per
+    connection: each request carries an id that its response echoes. Calls of one
+    session run one at a time in the order sent; other calls run concurrently.
     A failed call is answered with its status in the response; the stream goes on.
+    Cheaper per call than Call; the Python client sends all its calls this way.
     """
     CloseSession: _aio.UnaryUnaryMultiCallable[_session_service_pb2.CloseSessionRequest, _session_service_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """CloseSession closes a session; closing a closed or unknown id is not an error."""
@@ -136,15 +138,16 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
-    def CallStream(
+    def Exchange(
         self,
-        request_iterator: _MaybeAsyncIterator[_session_service_pb2.CallStreamRequest],
+        request_iterator: _MaybeAsyncIterator[_session_service_pb2.ExchangeRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_session_service_pb2.CallStreamResponse], _abc.AsyncIterator[_session_service_pb2.CallStreamResponse]]:
-        """CallStream carries many calls of one session over one bidirectional stream,
-        each request answered by one response, in order; cheaper per call than Call.
-        Opened with `x-session-id` (or `x-session-create`) in the metadata, like Call.
+    ) -> _typing.Union[_abc.Iterator[_session_service_pb2.ExchangeResponse], _abc.AsyncIterator[_session_service_pb2.ExchangeResponse]]:
+        """Exchange multiplexes calls over one long-lived bidirectional stream per
+        connection: each request carries an id that its response echoes. Calls of one
+        session run one at a time in the order sent; other calls run concurrently.
         A failed call is answered with its status in the response; the stream goes on.
+        Cheaper per call than Call; the Python client sends all its calls this way.
         """
 
     @_abc_1.abstractmethod

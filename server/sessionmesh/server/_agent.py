@@ -180,7 +180,7 @@ class Agent:
         assert self._servicer is not None
         assert self._store is not None
         assert self._health is not None
-        self._servicer.draining = True
+        self._servicer.drain()
         await self._health.enter_graceful_shutdown()
         await server.stop(self.grace if grace is None else grace)
         await self._store.stop()

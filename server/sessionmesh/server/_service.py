@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from sessionmesh.client._codec import NotJsonLike, from_struct, from_value, set_value
+from sessionmesh.client._codec import NotJsonLike, from_struct, set_value
 from sessionmesh.client._wire import SESSION_CREATE_KEY, SESSION_ID_KEY, Reason
 from sessionmesh.server._errors import (
     Fail,
@@ -29,56 +30,79 @@ from sessionmesh.server._session import (
     TooManySessionsError,
     _current,
 )
+from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, Flow, drain, pump
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
-    from google.protobuf import struct_pb2
+    from collections.abc import AsyncIterator, Callable
 
     from sessionmesh.server._inject import Injector
     from sessionmesh.server._tool import BoundTool
 
 #: How many call ids of calls without a session (or that opened one) the agent remembers.
 RECENT_CALLS = 10_000
-#: How long a finished flow-controlled stream waits for the client's half-close.
-HALF_CLOSE_WAIT = 5.0
 
-_END = object()
-_END_MESSAGE = pb.StreamCallResponse(end=pb.StreamEnd())
+Turn = asyncio.Future[None] | None
 
 
-class _Flow:
-    """One StreamCall's client side: credit-based flow control (StreamStart.window), the
-    tool's input queue, and a protocol error the pump found."""
+class _Plan:
+    """A call ready to run: everything decided at arrival, before the first await, so that
+    calls of one session keep their arrival order."""
 
-    __slots__ = ("allowed", "changed", "error", "finished", "inputs", "sent", "window")
+    __slots__ = (
+        "bound",
+        "call_id",
+        "created",
+        "earlier",
+        "entered",
+        "kwargs",
+        "new_id",
+        "session",
+        "turn",
+    )
 
-    def __init__(self, window: int) -> None:
-        self.window = window
-        self.allowed = window
-        self.sent = 0
-        self.changed = asyncio.Event()
-        self.inputs: asyncio.Queue[Any] | None = None
-        self.error: Fail | None = None
-        self.finished = False
+    def __init__(
+        self,
+        bound: BoundTool,
+        session: Session | None,
+        earlier: asyncio.Future[Any] | None,
+        new_id: str,
+        call_id: str,
+    ) -> None:
+        self.bound = bound
+        self.session = session
+        self.earlier = earlier
+        self.new_id = new_id  # a session id to report to the caller: opened, or a replay's
+        self.created = session is not None and new_id == session.id
+        self.call_id = call_id
+        self.kwargs: dict[str, Any] = {}
+        self.turn: Turn = None
+        self.entered = False
 
-    def discard_inputs(self) -> None:
-        """The tool is done: drop queued input so a pump blocked on a full queue moves on."""
-        while self.inputs is not None and not self.inputs.empty():
-            self.inputs.get_nowait()
+    def abandon(self) -> None:
+        """Give up the call's place in line without running (it failed or was cancelled
+        before its turn); a no-op once it has entered."""
+        session = self.session
+        if session is None or self.entered:
+            return
+        self.entered = True
+        turn = self.turn
+        if turn is None or (turn.done() and not turn.cancelled()):
+            session.release()  # the turn was this call's: pass it on
+        else:
+            turn.cancel()
 
-    def grant(self, n: int) -> None:
-        self.allowed += n
-        self.changed.set()
 
-    async def before_send(self) -> None:
-        if self.window:
-            while self.sent >= self.allowed:
-                self.changed.clear()
-                await self.changed.wait()
-            self.sent += 1
+def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, bool]:
+    session_id = ""
+    create = False
+    for key, value in context.invocation_metadata() or ():
+        if key == SESSION_ID_KEY:
+            session_id = str(value)
+        elif key == SESSION_CREATE_KEY:
+            create = True
+    return session_id, create
 
 
 class Servicer(pb_grpc.SessionServiceServicer):
@@ -97,6 +121,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
         self.injector = injector
         self.debug = debug
         self.draining = False
+        self._exchange_readers: set[asyncio.Task[None]] = set()
         self._recent: collections.OrderedDict[str, tuple[str, asyncio.Future[Any]]] = (
             collections.OrderedDict()
         )
@@ -108,7 +133,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
         )
         self._tool_names = sorted({b.spec.name for b in unique.values()})
 
-    # -- resolution ---------------------------------------------------------------------------
+    # -- deciding, at arrival -----------------------------------------------------------------
 
     def _tool(self, name: str) -> BoundTool:
         bound = self.tools.get(name)
@@ -130,61 +155,62 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_SESSIONS, str(exc)
             ) from None
 
-    async def _session_for(
-        self, bound: BoundTool, context: grpc.aio.ServicerContext[Any, Any], call_id: str
-    ) -> tuple[Session | None, asyncio.Future[Any] | None, bool]:
-        """The call's session (found, or created for ``x-session-create``), the remembered
-        outcome of an earlier call with the same id if any, and whether the session is new."""
-        session_id = ""
-        create = False
-        for key, value in context.invocation_metadata() or ():
-            if key == SESSION_ID_KEY:
-                session_id = str(value)
-            elif key == SESSION_CREATE_KEY:
-                create = True
+    def _plan(
+        self, request: pb.CallRequest, session_id: str, create: bool, *, bind: bool = True
+    ) -> _Plan:
+        """Find (or open) the call's session, find an earlier outcome of the same call id,
+        bind the arguments and take the call's place in its session's line. Never awaits."""
+        bound = self._tool(request.tool)
+        call_id = request.call_id
         if session_id:
             try:
                 session = self.store.get(session_id)
             except SessionNotFoundError:
                 raise session_not_found(session_id) from None
-            return session, (session.remembered(call_id) if call_id else None), False
-        if create:
+            plan = _Plan(
+                bound, session, session.remembered(call_id) if call_id else None, "", call_id
+            )
+        elif create:
             if call_id and call_id in self._recent:
                 # A retry of a call that opened a session: the same session, the same outcome.
                 sid, outcome = self._recent[call_id]
-                await context.send_initial_metadata(((SESSION_ID_KEY, sid),))
-                return None, outcome, False
+                return _Plan(bound, None, outcome, sid, call_id)
             session = self._new_session(bound)
-            await context.send_initial_metadata(((SESSION_ID_KEY, session.id),))
-            return session, None, True
-        if bound.requires_session:
+            plan = _Plan(bound, session, None, session.id, call_id)
+        elif bound.requires_session:
             raise Fail(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 Reason.SESSION_REQUIRED,
                 f"tool {bound.spec.name!r} needs a session: send '{SESSION_ID_KEY}: <id>' from "
                 f"CreateSession, or '{SESSION_CREATE_KEY}: 1' to open one with this call",
             )
-        return None, (self._recent[call_id][1] if call_id in self._recent else None), False
+        else:
+            earlier = self._recent[call_id][1] if call_id and call_id in self._recent else None
+            plan = _Plan(bound, None, earlier, "", call_id)
+        if plan.earlier is None:
+            if bind:
+                plan.kwargs = self._bind(bound, request, plan.session)
+            if plan.session is not None:
+                plan.turn = plan.session.enqueue()
+        return plan
 
-    def _remember(
-        self, session: Session | None, call_id: str, outcome: asyncio.Future[Any], created: bool
-    ) -> None:
-        if session is not None:
-            session.remember(call_id, outcome)
-        if session is None or created:
-            self._recent[call_id] = (session.id if session else "", outcome)
+    def _bind(
+        self, bound: BoundTool, request: pb.CallRequest, session: Session | None
+    ) -> dict[str, Any]:
+        try:
+            return bound.bind(from_struct(request.arguments), session)
+        except ArgumentError as exc:
+            raise invalid_arguments(exc.field, str(exc)) from None
+
+    def _remember(self, plan: _Plan, outcome: asyncio.Future[Any]) -> None:
+        if plan.session is not None:
+            plan.session.remember(plan.call_id, outcome)
+        if plan.session is None or plan.created:
+            self._recent[plan.call_id] = (plan.new_id, outcome)
             if len(self._recent) > RECENT_CALLS:
                 self._recent.popitem(last=False)
 
-    # -- running tools ------------------------------------------------------------------------
-
-    def _bind(
-        self, bound: BoundTool, arguments: struct_pb2.Struct, session: Session | None
-    ) -> dict[str, Any]:
-        try:
-            return bound.bind(from_struct(arguments), session)
-        except ArgumentError as exc:
-            raise invalid_arguments(exc.field, str(exc)) from None
+    # -- running ------------------------------------------------------------------------------
 
     def _tool_failed(self, bound: BoundTool, exc: BaseException) -> Fail:
         if isinstance(exc, Fail):
@@ -205,16 +231,19 @@ class Servicer(pb_grpc.SessionServiceServicer):
             debug="".join(traceback.format_exception(exc)) if self.debug else "",
         )
 
-    async def _enter(self, session: Session | None) -> None:
+    async def _enter(self, plan: _Plan) -> None:
+        session = plan.session
         if session is None:
             return
-        session.waiting += 1
         try:
-            await session.lock.acquire()
-        finally:
-            session.waiting -= 1
+            if plan.turn is not None:
+                await plan.turn
+        except BaseException:
+            plan.abandon()
+            raise
+        plan.entered = True
         if session.closed:
-            session.lock.release()
+            session.release()
             raise session_not_found(session.id)
         session.active += 1
 
@@ -223,13 +252,11 @@ class Servicer(pb_grpc.SessionServiceServicer):
         if session is not None:
             session.active -= 1
             session.last_used = time.monotonic()
-            session.lock.release()
+            session.release()
 
-    async def _run(
-        self, bound: BoundTool, arguments: struct_pb2.Struct, session: Session | None
-    ) -> pb.CallResponse:
-        kwargs = self._bind(bound, arguments, session)
-        await self._enter(session)
+    async def _run(self, plan: _Plan) -> pb.CallResponse:
+        bound, session, kwargs = plan.bound, plan.session, plan.kwargs
+        await self._enter(plan)
         token = _current.set(session)
         try:
             async with self.injector.scope(bound, session, kwargs):
@@ -248,98 +275,120 @@ class Servicer(pb_grpc.SessionServiceServicer):
             _current.reset(token)
             self._leave(session)
 
+    async def _execute(self, plan: _Plan) -> pb.CallResponse:
+        if plan.earlier is not None:
+            return await asyncio.shield(plan.earlier)
+        if not plan.call_id:
+            return await self._run(plan)
+        # With a call id the tool must run once even if the caller goes away (its connection
+        # dropped): it runs in its own task and a retry awaits the same outcome.
+        task = asyncio.get_running_loop().create_task(self._run(plan))
+        task.add_done_callback(_consume)
+        self._remember(plan, task)
+        return await asyncio.shield(task)
+
     # -- RPCs ---------------------------------------------------------------------------------
 
     async def Call(
         self, request: pb.CallRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CallResponse:
         try:
-            bound = self._tool(request.tool)
-            session, earlier, created = await self._session_for(bound, context, request.call_id)
-            return await self._execute(bound, request, session, earlier, created)
+            plan = self._plan(request, *_metadata(context))
+            try:
+                if plan.new_id:
+                    await context.send_initial_metadata(((SESSION_ID_KEY, plan.new_id),))
+                return await self._execute(plan)
+            except BaseException:
+                plan.abandon()  # if it never got its turn
+                raise
         except Fail as fail:
             await context.abort_with_status(fail.status())
             raise  # abort_with_status raises; this line is for the type checker
 
-    async def _execute(
+    async def Exchange(  # type: ignore[override]  # writes with context.write
         self,
-        bound: BoundTool,
-        request: pb.CallRequest,
-        session: Session | None,
-        earlier: asyncio.Future[Any] | None,
-        created: bool,
-    ) -> pb.CallResponse:
-        if earlier is not None:
-            return await asyncio.shield(earlier)
-        call_id = request.call_id
-        if not call_id:
-            return await self._run(bound, request.arguments, session)
-        # With a call id the tool must run once even if this RPC is cancelled (its
-        # connection dropped): it runs in its own task and a retry awaits the same outcome.
-        task = asyncio.get_running_loop().create_task(self._run(bound, request.arguments, session))
-        task.add_done_callback(_consume)
-        self._remember(session, call_id, task, created)
-        return await asyncio.shield(task)
-
-    async def CallStream(  # type: ignore[override]  # writes with context.write
-        self,
-        request_iterator: AsyncIterator[pb.CallStreamRequest],
+        request_iterator: AsyncIterator[pb.ExchangeRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
+        running: dict[int, asyncio.Task[None]] = {}
+        loop = asyncio.get_running_loop()
+        # Reading runs in its own task so that draining can stop it (the stream is long-lived)
+        # and still let the calls it started finish and answer.
+        reader = loop.create_task(self._read_exchange(request_iterator, context, running))
+        self._exchange_readers.add(reader)
         try:
-            session = await self._stream_session(context)
-        except Fail as fail:
-            await context.abort_with_status(fail.status())
-            return
-        async for message in request_iterator:
-            request = message.call
-            answer = pb.CallStreamResponse()
             try:
-                bound = self._tool(request.tool)
-                call_id = request.call_id
-                earlier = session.remembered(call_id) if call_id else None
-                work = self._execute(bound, request, session, earlier, False)
-                if message.HasField("timeout"):
-                    try:
-                        async with asyncio.timeout(message.timeout.ToNanoseconds() / 1e9):
-                            response = await work
-                    except TimeoutError:
-                        raise Fail(
-                            grpc.StatusCode.DEADLINE_EXCEEDED, "", "Deadline Exceeded"
-                        ) from None
-                else:
-                    response = await work
-                answer.result.CopyFrom(response.result)
-            except Fail as fail:
-                error = answer.error
-                error.code = fail.code.value[0]
-                error.message = fail.message
-                error.details.extend(fail.details())
-            await context.write(answer)
+                await reader
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if me is not None and me.cancelling():
+                    raise  # the RPC itself is cancelled: the client is gone
+            if running:  # half-closed, or draining: finish what was sent
+                await asyncio.wait(list(running.values()))
+        finally:
+            self._exchange_readers.discard(reader)
+            reader.cancel()
+            for task in list(running.values()):
+                loop.call_soon(task.cancel)
 
-    async def _stream_session(self, context: grpc.aio.ServicerContext[Any, Any]) -> Session:
-        session_id = ""
-        create = False
-        for key, value in context.invocation_metadata() or ():
-            if key == SESSION_ID_KEY:
-                session_id = str(value)
-            elif key == SESSION_CREATE_KEY:
-                create = True
-        if session_id:
+    async def _read_exchange(
+        self,
+        request_iterator: AsyncIterator[pb.ExchangeRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+        running: dict[int, asyncio.Task[None]],
+    ) -> None:
+        write = asyncio.Lock()  # one write at a time on the stream
+        loop = asyncio.get_running_loop()
+        async for message in request_iterator:
+            if message.cancel:
+                task = running.get(message.id)
+                if task is not None:
+                    # Soon, not now: a task cancelled before its first step would skip
+                    # the code that gives up its place in the session's line.
+                    loop.call_soon(task.cancel)
+                continue
+            answer = pb.ExchangeResponse(id=message.id)
             try:
-                return self.store.get(session_id)
-            except SessionNotFoundError:
-                raise session_not_found(session_id) from None
-        if create:
-            session = self._new_session(None)
-            await context.send_initial_metadata(((SESSION_ID_KEY, session.id),))
-            return session
-        raise Fail(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            Reason.SESSION_REQUIRED,
-            f"CallStream carries the calls of one session: send '{SESSION_ID_KEY}: <id>' or "
-            f"'{SESSION_CREATE_KEY}: 1'",
-        )
+                plan = self._plan(message.call, message.session_id, message.create_session)
+            except Fail as fail:
+                task = loop.create_task(_send_failure(answer, fail, context, write))
+            else:
+                task = loop.create_task(self._exchange(message, plan, answer, context, write))
+            running[message.id] = task
+            task.add_done_callback(functools.partial(_forget, running, message.id))
+
+    def drain(self) -> None:
+        """Take no new sessions or calls: Exchange streams stop reading and end once the
+        calls they carry are answered (the client then sees the stream end)."""
+        self.draining = True
+        for reader in list(self._exchange_readers):
+            reader.cancel()
+
+    async def _exchange(
+        self,
+        message: pb.ExchangeRequest,
+        plan: _Plan,
+        answer: pb.ExchangeResponse,
+        context: grpc.aio.ServicerContext[Any, Any],
+        write: asyncio.Lock,
+    ) -> None:
+        if plan.new_id:
+            answer.session_id = plan.new_id
+        try:
+            if message.HasField("timeout"):
+                try:
+                    async with asyncio.timeout(message.timeout.ToNanoseconds() / 1e9):
+                        response = await self._execute(plan)
+                except TimeoutError:
+                    raise Fail(grpc.StatusCode.DEADLINE_EXCEEDED, "", "Deadline Exceeded") from None
+            else:
+                response = await self._execute(plan)
+        except Fail as fail:
+            await _send_failure(answer, fail, context, write)
+            return
+        answer.result.CopyFrom(response.result)
+        async with write:
+            await context.write(answer)
 
     async def StreamCall(  # type: ignore[override]  # writes with context.write
         self,
@@ -347,9 +396,10 @@ class Servicer(pb_grpc.SessionServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         requests = aiter(request_iterator)
-        pump: asyncio.Task[None] | None = None
-        flow: _Flow | None = None
+        pumping: asyncio.Task[None] | None = None
+        flow: Flow | None = None
         failure: Fail | None = None
+        abandon: Callable[[], None] | None = None
         try:
             try:
                 first = await anext(requests)
@@ -358,50 +408,52 @@ class Servicer(pb_grpc.SessionServiceServicer):
             if first.WhichOneof("kind") != "start":
                 raise invalid_stream("the first message of a StreamCall must be 'start'")
             start = first.start
-            bound = self._tool(start.call.tool)
-            session, _, _ = await self._session_for(bound, context, "")
-            flow = _Flow(min(start.window, bound.spec.buffer_size) if start.window else 0)
-            kwargs = self._bind(bound, start.call.arguments, session)
+            plan = self._plan(start.call, *_metadata(context))
+            abandon = plan.abandon
+            if plan.new_id:
+                await context.send_initial_metadata(((SESSION_ID_KEY, plan.new_id),))
+            bound = plan.bound
+            flow = Flow(min(start.window, bound.spec.buffer_size) if start.window else 0)
             if bound.input_param:
                 flow.inputs = asyncio.Queue(maxsize=bound.spec.buffer_size)
-                kwargs[bound.input_param] = _drain(flow.inputs)
+                plan.kwargs[bound.input_param] = drain(flow.inputs)
             me = asyncio.current_task()
             assert me is not None
-            pump = asyncio.get_running_loop().create_task(_pump(requests, flow, me))
+            pumping = asyncio.get_running_loop().create_task(pump(requests, flow, me))
             try:
-                await self._stream(bound, session, kwargs, flow, context)
+                await self._stream(plan, flow, context)
             except asyncio.CancelledError:
                 if flow.error is None:
                     raise
                 raise flow.error from None
         except Fail as fail:
             failure = fail
+            if abandon is not None:
+                abandon()
         except BaseException:
-            if pump is not None:
-                pump.cancel()
+            if abandon is not None:
+                abandon()
+            if pumping is not None:
+                pumping.cancel()
             raise
-        if flow is not None and flow.window and pump is not None:
+        if flow is not None and flow.window and pumping is not None:
             # Tell the client it is over and wait (briefly) for its half-close, so no credit
             # it is still sending races the end of the call.
             flow.finished = True
             flow.discard_inputs()
             with contextlib.suppress(Exception):
-                await context.write(_END_MESSAGE)
-                await asyncio.wait_for(asyncio.shield(pump), HALF_CLOSE_WAIT)
-        if pump is not None:
-            pump.cancel()
+                await context.write(END_MESSAGE)
+                await asyncio.wait_for(asyncio.shield(pumping), HALF_CLOSE_WAIT)
+        if pumping is not None:
+            pumping.cancel()
         if failure is not None:
             await context.abort_with_status(failure.status())
 
     async def _stream(
-        self,
-        bound: BoundTool,
-        session: Session | None,
-        kwargs: dict[str, Any],
-        flow: _Flow,
-        context: grpc.aio.ServicerContext[Any, Any],
+        self, plan: _Plan, flow: Flow, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        await self._enter(session)
+        bound, session, kwargs = plan.bound, plan.session, plan.kwargs
+        await self._enter(plan)
         token = _current.set(session)
         try:
             async with self.injector.scope(bound, session, kwargs):
@@ -449,49 +501,28 @@ class Servicer(pb_grpc.SessionServiceServicer):
         return self._list_tools
 
 
+async def _send_failure(
+    answer: pb.ExchangeResponse,
+    fail: Fail,
+    context: grpc.aio.ServicerContext[Any, Any],
+    write: asyncio.Lock,
+) -> None:
+    error = answer.error
+    error.code = fail.code.value[0]
+    error.message = fail.message
+    error.details.extend(fail.details())
+    async with write:
+        await context.write(answer)
+
+
+def _forget(running: dict[int, asyncio.Task[None]], call_id: int, _: object) -> None:
+    running.pop(call_id, None)
+
+
 def _consume(task: asyncio.Future[Any]) -> None:
     # Outcomes are kept for retries; mark failures as seen so asyncio does not log them.
     if not task.cancelled():
         task.exception()
-
-
-async def _pump(
-    requests: AsyncIterator[pb.StreamCallRequest], flow: _Flow, main: asyncio.Task[Any]
-) -> None:
-    """Read a StreamCall's later messages (input items and credit) until the half-close."""
-    ended = False
-    inputs = flow.inputs
-    async for message in requests:
-        if flow.finished:
-            continue  # the tool is done: read on to the half-close, ignoring the rest
-        kind = message.WhichOneof("kind")
-        if kind == "credit":
-            flow.grant(message.credit)
-        elif kind == "input" and inputs is not None and not ended:
-            await inputs.put(from_value(message.input))
-        elif kind == "input_end":
-            if inputs is not None and not ended:
-                ended = True
-                await inputs.put(_END)
-        else:
-            what = "a second 'start'" if kind == "start" else f"'{kind}'"
-            if kind == "input" and inputs is None:
-                what = "'input', but this tool takes no input stream"
-            elif kind == "input":
-                what = "'input' after 'input_end'"
-            flow.error = invalid_stream(f"unexpected StreamCall message: {what}")
-            main.cancel()
-            return
-    if inputs is not None and not ended and not flow.finished:
-        await inputs.put(_END)
-
-
-async def _drain(inputs: asyncio.Queue[Any]) -> AsyncIterator[Any]:
-    while True:
-        item = await inputs.get()
-        if item is _END:
-            return
-        yield item
 
 
 def _describe(bound: BoundTool) -> pb.Tool:

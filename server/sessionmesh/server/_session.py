@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import heapq
@@ -49,16 +50,16 @@ class Session:
 
     # Slots and lazily made members keep an idle session small (issue: <= 2 KB each).
     __slots__ = (
+        "_busy",
         "_callbacks",
         "_calls",
-        "_lock",
+        "_line",
         "_state",
         "active",
         "closed",
         "id",
         "last_used",
         "ttl",
-        "waiting",
     )
 
     def __init__(self, session_id: str, ttl: float) -> None:
@@ -67,10 +68,10 @@ class Session:
         self.last_used = time.monotonic()
         self.closed = False
         self.active = 0
-        self.waiting = 0
+        self._busy = False
+        self._line: collections.deque[asyncio.Future[None]] | None = None
         self._state: dict[str, Any] | None = None
         self._callbacks: list[CloseCallback] | None = None
-        self._lock: asyncio.Lock | None = None
         self._calls: dict[str, asyncio.Future[Any]] | None = None
 
     def __repr__(self) -> str:
@@ -88,12 +89,45 @@ class Session:
             self._callbacks = []
         self._callbacks.append(callback)
 
+    # Calls of a session run one at a time in arrival order. A call takes its place in line
+    # (enqueue) the moment it arrives, before anything can yield to the event loop, and waits
+    # for its turn later: so order holds however many tasks a call goes through.
+
+    def enqueue(self) -> asyncio.Future[None] | None:
+        """Take a place in line: None means it is this call's turn now, else await the future."""
+        if not self._busy:
+            self._busy = True
+            return None
+        if self._line is None:
+            self._line = collections.deque()
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._line.append(turn)
+        return turn
+
+    async def wait_turn(self, turn: asyncio.Future[None] | None) -> None:
+        if turn is None:
+            return
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()  # the turn was handed over just as this call was cancelled
+            raise
+
+    def release(self) -> None:
+        """End this call's turn: hand it to the next in line."""
+        line = self._line
+        while line:
+            turn = line.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._busy = False
+
     @property
-    def lock(self) -> asyncio.Lock:
-        # asyncio.Lock wakes waiters first-in first-out: calls run in arrival order.
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        return self._lock
+    def waiting(self) -> int:
+        """Calls waiting for their turn."""
+        return sum(1 for t in self._line if not t.done()) if self._line else 0
 
     def remembered(self, call_id: str) -> asyncio.Future[Any] | None:
         return self._calls.get(call_id) if self._calls else None
@@ -182,9 +216,12 @@ class SessionStore:
         self.counters["expired" if why == "expired" else "closed"] += 1
         log.info("session %s %s", short(session_id), why)
         if session._callbacks:
-            # Wait for the call running in the session (if any) so callbacks see final state.
-            async with session.lock:
+            # Wait for the calls already in line so callbacks see the final state.
+            await session.wait_turn(session.enqueue())
+            try:
                 await session._run_callbacks()
+            finally:
+                session.release()
         return True
 
     async def close_all(self, *, why: str = "closed at shutdown") -> None:

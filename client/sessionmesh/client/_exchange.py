@@ -1,0 +1,129 @@
+"""Calls over one Exchange stream per endpoint: a message each way per call.
+
+A message on an open stream costs about half a unary call, and the stream is shared by
+every proxy on the connection, so even a session's first call rides it. Answers are
+matched to calls by id; the agent keeps each session's calls in the order they were sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from typing import cast
+
+import grpc
+
+from sessionmesh.client._transport import Endpoint
+from sessionmesh.client.errors import AgentUnavailable, CallTimeout, RemoteError, map_rpc_error
+from sessionmesh.v1 import session_service_pb2 as pb
+
+#: Extra time the client waits past a call's own deadline (which the agent enforces).
+_DEADLINE_SLACK = 1.0
+
+
+def _copy(error: RemoteError) -> RemoteError:
+    return type(error)(
+        error.message,
+        code=error.code,
+        reason=error.reason,
+        metadata=error.metadata,
+        debug=error.debug,
+    )
+
+
+class Exchange:
+    __slots__ = ("_call", "_ids", "_lock", "_pending", "_reader", "broken")
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._call: grpc.aio.StreamStreamCall[pb.ExchangeRequest, pb.ExchangeResponse] = (
+            endpoint.stub.Exchange()
+        )
+        self._pending: dict[int, asyncio.Future[pb.ExchangeResponse]] = {}
+        self._ids = itertools.count(1)
+        self._lock = asyncio.Lock()
+        self.broken: RemoteError | None = None
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def call(
+        self, message: pb.ExchangeRequest, deadline: float | None
+    ) -> pb.ExchangeResponse:
+        """Send one call and wait for its answer. Transport failures raise; a failed call
+        comes back as an answer with ``error`` set."""
+        if self.broken is not None:
+            raise _copy(self.broken)
+        call_id = message.id = next(self._ids)
+        future: asyncio.Future[pb.ExchangeResponse] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = future
+        try:
+            async with self._lock:  # one write at a time
+                await self._call.write(message)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            self._pending.pop(call_id, None)
+            if isinstance(exc, grpc.aio.AioRpcError):
+                raise map_rpc_error(exc) from exc
+            raise _copy(self.broken or AgentUnavailable("the exchange stream ended")) from None
+        try:
+            if deadline is None:
+                return await future
+            try:
+                return await asyncio.wait_for(future, deadline + _DEADLINE_SLACK)
+            except TimeoutError:
+                raise CallTimeout(
+                    f"no answer within {deadline} s", code=grpc.StatusCode.DEADLINE_EXCEEDED
+                ) from None
+        except asyncio.CancelledError:
+            if self._pending.pop(call_id, None) is not None:
+                asyncio.get_running_loop().create_task(self._cancel(call_id))
+            raise
+
+    async def _cancel(self, call_id: int) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            async with self._lock:
+                await self._call.write(pb.ExchangeRequest(id=call_id, cancel=True))
+
+    async def _read(self) -> None:
+        error: RemoteError
+        try:
+            while True:
+                answer = await self._call.read()
+                if answer is grpc.aio.EOF:
+                    error = AgentUnavailable("the agent ended the exchange stream")
+                    break
+                answer = cast(pb.ExchangeResponse, answer)
+                future = self._pending.pop(answer.id, None)
+                if future is not None and not future.done():
+                    future.set_result(answer)
+        except grpc.aio.AioRpcError as exc:
+            error = map_rpc_error(exc)
+        except asyncio.CancelledError:
+            self._fail(AgentUnavailable("the exchange stream was closed"))
+            raise
+        self._fail(error)
+
+    def _fail(self, error: RemoteError) -> None:
+        self.broken = error
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(_copy(error))
+
+    async def aclose(self) -> None:
+        """Half-close, let the agent answer what is in flight, then stop reading."""
+        if self.broken is None:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                async with self._lock:
+                    await self._call.done_writing()
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+def exchange_for(endpoint: Endpoint) -> Exchange:
+    """The endpoint's exchange stream, opened on first use and again after it broke."""
+    exchange = endpoint.exchange
+    if exchange is None or exchange.broken is not None:
+        exchange = endpoint.exchange = Exchange(endpoint)
+    return exchange
