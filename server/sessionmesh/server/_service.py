@@ -459,14 +459,22 @@ class Servicer(pb_grpc.SessionServiceServicer):
             async with self.injector.scope(bound, session, kwargs):
                 try:
                     async with asyncio.timeout(bound.spec.stream_timeout):
-                        async for item in bound.iterate(kwargs):
-                            message = pb.StreamCallResponse()
-                            try:
-                                set_value(message.chunk, item)
-                            except NotJsonLike as exc:
-                                raise not_json(bound.spec.name, "yielded", exc) from None
-                            await flow.before_send()
-                            await context.write(message)
+                        write = context.write
+                        chunks = bound.iterate(kwargs)
+                        try:
+                            async for item in chunks:
+                                message = pb.StreamCallResponse()
+                                try:
+                                    set_value(message.chunk, item)
+                                except NotJsonLike as exc:
+                                    raise not_json(bound.spec.name, "yielded", exc) from None
+                                if flow.window:
+                                    if flow.sent >= flow.allowed:
+                                        await flow.credit()
+                                    flow.sent += 1
+                                await write(message)
+                        finally:
+                            await chunks.aclose()
                 except (asyncio.CancelledError, Fail):
                     raise
                 except Exception as exc:

@@ -41,12 +41,11 @@ class Flow:
         self.allowed += n
         self.changed.set()
 
-    async def before_send(self) -> None:
-        if self.window:
-            while self.sent >= self.allowed:
-                self.changed.clear()
-                await self.changed.wait()
-            self.sent += 1
+    async def credit(self) -> None:
+        """Wait until the client has granted credit for one more chunk."""
+        while self.sent >= self.allowed:
+            self.changed.clear()
+            await self.changed.wait()
 
 
 async def pump(

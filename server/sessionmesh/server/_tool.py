@@ -9,7 +9,7 @@ import functools
 import inspect
 import types
 import typing
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, overload
 
 from sessionmesh.client import McpAgent
@@ -213,17 +213,16 @@ class BoundTool:
         # Plain functions may block: they run in a worker thread (context variables included).
         return await asyncio.to_thread(functools.partial(spec.fn, **kwargs))
 
-    async def iterate(self, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
+    def iterate(self, kwargs: dict[str, Any]) -> AsyncGenerator[Any, None]:
         """The tool's chunks; a tool that does not stream gives one chunk, its result."""
+        if self.spec.is_async_gen:
+            gen: AsyncGenerator[Any, None] = self.spec.fn(**kwargs)
+            return gen  # as it is: no wrapper on the per-chunk path
+        return self._iterate(kwargs)
+
+    async def _iterate(self, kwargs: dict[str, Any]) -> AsyncGenerator[Any, None]:
         spec = self.spec
-        if spec.is_async_gen:
-            agen = spec.fn(**kwargs)
-            try:
-                async for item in agen:
-                    yield item
-            finally:
-                await agen.aclose()
-        elif spec.is_sync_gen:
+        if spec.is_sync_gen:
             gen = spec.fn(**kwargs)
             done = object()
             try:
