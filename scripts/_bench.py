@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import json
 import os
@@ -129,6 +130,10 @@ async def serve() -> None:
 # -- measuring (this process) ---------------------------------------------------------------
 
 
+def _caller(proxies: list[mesh.Proxy], i: int) -> Callable[[], Awaitable[Any]]:
+    return lambda: proxies[i](**ARGS)
+
+
 def pct(samples: list[int], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000.0  # µs
@@ -229,9 +234,7 @@ async def measure(addresses: dict[str, str], quick: bool) -> dict[str, Any]:
         raw_tputs: list[float] = []
         for _ in range(rounds):
             sessions = [agent.proxy("bump", session_required=True) for _ in range(64)]
-            mesh_tputs.append(
-                await throughput(lambda i, ss=sessions: lambda: ss[i](**ARGS), 64, per)
-            )
+            mesh_tputs.append(await throughput(functools.partial(_caller, sessions), 64, per))
             for s in sessions:
                 await s.cleanup_auto_session()
             raw_tputs.append(await throughput(lambda i: raw_call, 64, per))
