@@ -73,6 +73,11 @@ class SessionServiceStub:
                 request_serializer=sessionmesh_dot_v1_dot_session__service__pb2.ListToolsRequest.SerializeToString,
                 response_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.ListToolsResponse.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/sessionmesh.v1.SessionService/ListSessions',
+                request_serializer=sessionmesh_dot_v1_dot_session__service__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -135,6 +140,13 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSessions(self, request, context):
+        """ListSessions describes the open sessions, ids shortened (a full id is a secret).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +179,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.ListTools,
                     request_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.ListToolsRequest.FromString,
                     response_serializer=sessionmesh_dot_v1_dot_session__service__pb2.ListToolsResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.ListSessionsRequest.FromString,
+                    response_serializer=sessionmesh_dot_v1_dot_session__service__pb2.ListSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -340,6 +357,33 @@ class SessionService:
             '/sessionmesh.v1.SessionService/ListTools',
             sessionmesh_dot_v1_dot_session__service__pb2.ListToolsRequest.SerializeToString,
             sessionmesh_dot_v1_dot_session__service__pb2.ListToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessionmesh.v1.SessionService/ListSessions',
+            sessionmesh_dot_v1_dot_session__service__pb2.ListSessionsRequest.SerializeToString,
+            sessionmesh_dot_v1_dot_session__service__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,8 @@ class SessionServiceStub:
     """CloseSession closes a session; closing a closed or unknown id is not an error."""
     ListTools: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.ListToolsRequest, _session_service_pb2.ListToolsResponse]
     """ListTools describes the agent's tools."""
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.ListSessionsRequest, _session_service_pb2.ListSessionsResponse]
+    """ListSessions describes the open sessions, ids shortened (a full id is a secret)."""
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -97,6 +99,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """CloseSession closes a session; closing a closed or unknown id is not an error."""
     ListTools: _aio.UnaryUnaryMultiCallable[_session_service_pb2.ListToolsRequest, _session_service_pb2.ListToolsResponse]  # type: ignore[assignment]
     """ListTools describes the agent's tools."""
+    ListSessions: _aio.UnaryUnaryMultiCallable[_session_service_pb2.ListSessionsRequest, _session_service_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """ListSessions describes the open sessions, ids shortened (a full id is a secret)."""
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """SessionService is what every sessionmesh agent serves.
@@ -165,5 +169,13 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.ListToolsResponse, _abc.Awaitable[_session_service_pb2.ListToolsResponse]]:
         """ListTools describes the agent's tools."""
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _session_service_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_service_pb2.ListSessionsResponse, _abc.Awaitable[_session_service_pb2.ListSessionsResponse]]:
+        """ListSessions describes the open sessions, ids shortened (a full id is a secret)."""
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

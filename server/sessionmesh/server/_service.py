@@ -29,6 +29,7 @@ from sessionmesh.server._session import (
     SessionStore,
     TooManySessionsError,
     _current,
+    short,
 )
 from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, Flow, drain, pump
 from sessionmesh.v1 import session_service_pb2 as pb
@@ -502,6 +503,19 @@ class Servicer(pb_grpc.SessionServiceServicer):
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CloseSessionResponse:
         return pb.CloseSessionResponse(closed=await self.store.close(request.session_id))
+
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListSessionsResponse:
+        response = pb.ListSessionsResponse(instance_id=self.store.instance_id)
+        now = time.monotonic()
+        for session in self.store.sessions():
+            info = response.sessions.add(
+                short_id=short(session.id), active=session.active > 0, waiting=session.waiting
+            )
+            info.idle.FromNanoseconds(0 if session.active else int((now - session.last_used) * 1e9))
+            info.idle_timeout.FromNanoseconds(int(session.ttl * 1e9))
+        return response
 
     async def ListTools(
         self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -175,8 +175,8 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def ids(self) -> list[str]:
-        return list(self._sessions)
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
 
     def start(self) -> None:
         if self._reaper is None:
