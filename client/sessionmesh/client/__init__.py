@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sessionmesh.client import errors
 from sessionmesh.client._client import AgentClient, connect
+from sessionmesh.client._mesh import Dependency
 from sessionmesh.client._proxy import ChunkStream, McpAgent, Proxy, ProxyOptions
 from sessionmesh.client._transport import ChannelTransport, Endpoint, Transport
 
@@ -11,6 +12,7 @@ __all__ = [
     "AgentClient",
     "ChannelTransport",
     "ChunkStream",
+    "Dependency",
     "Endpoint",
     "McpAgent",
     "Proxy",

@@ -15,11 +15,13 @@ import grpc
 
 from sessionmesh.client._codec import NotJsonLike, from_value, set_struct, set_value
 from sessionmesh.client._exchange import exchange_for
-from sessionmesh.client._wire import SESSION_CREATE_KEY, SESSION_ID_KEY
+from sessionmesh.client._wire import SESSION_CREATE_KEY, SESSION_ID_KEY, Reason
 from sessionmesh.client.errors import (
     AgentUnavailable,
     RemoteError,
     SessionLost,
+    SessionOwnerLost,
+    SessionOwnerUnavailable,
     UsageError,
     map_rpc_error,
     map_status,
@@ -235,8 +237,13 @@ class Proxy:
             return self._transport.pick(), None, False
         while True:
             if b.metadata is not None:
-                assert b.endpoint is not None
-                return b.endpoint, b.metadata, False
+                assert b.session_id is not None
+                try:
+                    # The owner, by the session id: gone from the registry means lost.
+                    return self._transport.owner(b.session_id), b.metadata, False
+                except SessionLost as gone:
+                    self._check_lost(gone, b.metadata)
+                    raise
             if b.lost is not None:
                 lost = b.lost
                 raise type(lost)(
@@ -251,6 +258,23 @@ class Proxy:
                 return self._transport.pick(), _CREATE, True
             await b.creating.wait()  # another call is opening the session: wait for its id
 
+    def _owner_unreachable(
+        self, session_id: str, md: Metadata | None, error: AgentUnavailable
+    ) -> SessionLost:
+        """A session's owner did not answer: lost for good if the registry has dropped it,
+        else unavailable for now (a retry may reach it)."""
+        try:
+            self._transport.owner(session_id)
+        except SessionOwnerLost as gone:
+            self._check_lost(gone, md)
+            return gone
+        return SessionOwnerUnavailable(
+            f"the owner of session {session_id[:14]}... cannot be reached: {error.message}",
+            code=error.code,
+            reason=error.reason,
+            metadata={"session_id": session_id},
+        )
+
     def _check_lost(self, error: RemoteError, md: Metadata | None) -> None:
         """A SessionLost on the auto session's own call marks it lost: no silent reopening."""
         b = self._binding
@@ -260,6 +284,9 @@ class Proxy:
             log.info("auto session %s lost: %s", (b.session_id or "")[:14], error.message)
 
     async def _unary(self, tool: str, args: Mapping[str, Any], session_id: str | None) -> Any:
+        """One call with its retries: transport failures are retried ``retry_count`` times
+        (the call id makes a retry safe); a new session refused by an agent that is
+        shutting down is tried once more on another instance, as nothing ran."""
         message = pb.ExchangeRequest()
         request = message.call
         request.tool = tool
@@ -274,11 +301,15 @@ class Proxy:
         if opts.retry_count:
             request.call_id = self._binding.next_call_id()
         attempt = 0
+        moved = False
         while True:
             try:
                 return await self._attempt(message, session_id)
-            except AgentUnavailable:
-                if attempt >= opts.retry_count:
+            except AgentUnavailable as error:
+                if message.create_session and error.reason == Reason.SHUTTING_DOWN and not moved:
+                    moved = True
+                    continue
+                if attempt >= opts.retry_count or isinstance(error, SessionOwnerLost):
                     raise
                 attempt += 1
                 await asyncio.sleep(opts.retry_delay)
@@ -296,6 +327,13 @@ class Proxy:
             message.create_session = creating
         try:
             answer = await exchange_for(endpoint).call(message, self._opts.timeout)
+        except AgentUnavailable as unreachable:
+            if creating:
+                b.established(endpoint, None)
+            self._transport.failed(endpoint)
+            if message.session_id:
+                raise self._owner_unreachable(message.session_id, md, unreachable) from None
+            raise
         except BaseException:
             if creating:
                 b.established(endpoint, None)

@@ -59,6 +59,9 @@ class Transport(abc.ABC):
     def owner(self, session_id: str) -> Endpoint:
         """The endpoint of the instance that owns ``session_id``."""
 
+    def failed(self, endpoint: Endpoint) -> None:  # noqa: B027 - optional hook
+        """A call could not reach ``endpoint``: try others first for a while."""
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Close the channels."""

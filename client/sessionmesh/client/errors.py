@@ -1,22 +1,25 @@
 """The exceptions sessionmesh raises, and the one place gRPC errors become them.
 
-MeshError                     everything below
-├── UsageError                a programming mistake: e.g. a closed client used again
-├── RemoteError               the agent answered with an error status (.code, .reason, .metadata)
-│   ├── SessionError
-│   │   ├── SessionLost       the session is gone; nothing reopens it silently
-│   │   │   └── SessionNotFound     SESSION_NOT_FOUND: unknown, closed or expired id
-│   │   └── SessionRequired   SESSION_REQUIRED: the tool needs a session
-│   ├── ToolNotFound          TOOL_NOT_FOUND
-│   ├── InvalidArguments      INVALID_ARGUMENTS (.field)
-│   ├── ToolFailed            TOOL_FAILED: the tool raised (.remote_type, .remote_message)
-│   │   └── ToolTimeout       TOOL_TIMEOUT: the tool overran its server-side timeout
-│   ├── TooManySessions       TOO_MANY_SESSIONS
-│   └── ResourceExhausted     e.g. a message over the size limit
-└── TransportError            no usable answer from the agent
-    ├── CallTimeout           the call's deadline passed (ToolTimeout is one too)
-    ├── AgentUnavailable      the agent cannot be reached, or is shutting down
-    └── CallCancelled
+MeshError                        everything below
+├── UsageError                   a programming mistake: e.g. a closed client used again
+└── RemoteError                  the agent answered with an error (.code, .reason, .metadata)
+    ├── SessionError
+    │   ├── SessionLost          the session is gone; nothing reopens it silently
+    │   │   ├── SessionNotFound            SESSION_NOT_FOUND: unknown, closed or expired id
+    │   │   ├── SessionOwnerLost           the instance that owned it left the registry
+    │   │   └── SessionOwnerUnavailable    its owner cannot be reached (an AgentUnavailable too)
+    │   ├── SessionElsewhere     SESSION_ELSEWHERE: sent to an instance that does not own it
+    │   └── SessionRequired      SESSION_REQUIRED: the tool needs a session
+    ├── ToolNotFound             TOOL_NOT_FOUND
+    ├── InvalidArguments         INVALID_ARGUMENTS (.field)
+    ├── ToolFailed               TOOL_FAILED: the tool raised (.remote_type, .remote_message)
+    │   └── ToolTimeout          TOOL_TIMEOUT: it overran its own timeout (a CallTimeout too)
+    ├── TooManySessions          TOO_MANY_SESSIONS
+    ├── ResourceExhausted        e.g. a message over the size limit
+    └── TransportError           no usable answer from the agent
+        ├── CallTimeout          the call's deadline passed
+        ├── AgentUnavailable     cannot be reached, or shutting down (SHUTTING_DOWN)
+        └── CallCancelled
 """
 
 from __future__ import annotations
@@ -40,9 +43,12 @@ __all__ = [
     "MeshError",
     "RemoteError",
     "ResourceExhausted",
+    "SessionElsewhere",
     "SessionError",
     "SessionLost",
     "SessionNotFound",
+    "SessionOwnerLost",
+    "SessionOwnerUnavailable",
     "SessionRequired",
     "TooManySessions",
     "ToolFailed",
@@ -107,6 +113,19 @@ class SessionNotFound(SessionLost):
     """The agent does not know the session id: never existed, closed or expired."""
 
 
+class SessionOwnerLost(SessionLost):
+    """The instance that owned the session is gone (killed, or stopped), and its state too."""
+
+
+class SessionElsewhere(SessionError):
+    """The call reached an instance that does not own the session; ``owner_endpoint`` says
+    where it lives. (The Python proxy never sees this: it sends calls to the owner.)"""
+
+    @property
+    def owner_endpoint(self) -> str:
+        return self.metadata.get("owner_endpoint", "")
+
+
 class SessionRequired(SessionError):
     """The tool needs a session and the call carried none."""
 
@@ -159,6 +178,12 @@ class AgentUnavailable(TransportError):
     """The agent cannot be reached, or is shutting down."""
 
 
+class SessionOwnerUnavailable(SessionLost, AgentUnavailable):
+    """The session's owner cannot be reached now. With retries the proxy tries it again
+    (never running a call twice); once the registry drops the owner this becomes
+    SessionOwnerLost."""
+
+
 class CallCancelled(TransportError):
     """The call was cancelled."""
 
@@ -172,6 +197,7 @@ _BY_REASON: dict[str, type[RemoteError]] = {
     Reason.TOOL_TIMEOUT: ToolTimeout,
     Reason.TOO_MANY_SESSIONS: TooManySessions,
     Reason.SHUTTING_DOWN: AgentUnavailable,
+    Reason.SESSION_ELSEWHERE: SessionElsewhere,
 }
 
 _BY_CODE: dict[grpc.StatusCode, type[RemoteError]] = {

@@ -7,19 +7,23 @@ import contextlib
 import typing
 from typing import Any, Protocol
 
-from sessionmesh.client import AgentClient, Proxy, connect
+from sessionmesh.client import Proxy, ProxyOptions
+from sessionmesh.client._mesh import Dependency, EndpointPool, MeshTransport
+from sessionmesh.client._transport import ChannelTransport, Transport
 
 if typing.TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
 
     from sessionmesh.server._session import Session
-    from sessionmesh.server._tool import BoundTool, Dependency, ToolSpec
+    from sessionmesh.server._tool import BoundTool, ToolSpec
 
 
 class Resolver(Protocol):
-    """Finds a live provider of a dependency: its address, or None when there is none."""
+    """Finds the live providers of a dependency: a transport over them, or None if none."""
 
-    def resolve(self, dependency: Dependency) -> str | None: ...
+    def transport_for(self, dependency: Dependency) -> Transport | None: ...
+
+    async def aclose(self) -> None: ...
 
 
 class StaticResolver:
@@ -27,9 +31,41 @@ class StaticResolver:
 
     def __init__(self, peers: Mapping[str, str]) -> None:
         self.peers = dict(peers)
+        self._transports: dict[str, ChannelTransport] = {}
 
-    def resolve(self, dependency: Dependency) -> str | None:
-        return self.peers.get(dependency.capability)
+    def transport_for(self, dependency: Dependency) -> Transport | None:
+        address = self.peers.get(dependency.capability)
+        if address is None:
+            return None
+        transport = self._transports.get(address)
+        if transport is None:
+            transport = self._transports[address] = ChannelTransport(address)
+        return transport
+
+    async def aclose(self) -> None:
+        transports, self._transports = self._transports, {}
+        for transport in transports.values():
+            await transport.aclose()
+
+
+class RegistryResolver:
+    """Providers as the registry lists them now: the next invocation sees a provider that
+    came up, and gets None for one that went away."""
+
+    def __init__(self, pool: EndpointPool) -> None:
+        self.pool = pool
+        self._transports: dict[Dependency, MeshTransport] = {}
+
+    def transport_for(self, dependency: Dependency) -> Transport | None:
+        if not self.pool.watch.providers(dependency):
+            return None
+        transport = self._transports.get(dependency)
+        if transport is None:
+            transport = self._transports[dependency] = MeshTransport(self.pool, dependency)
+        return transport
+
+    async def aclose(self) -> None:
+        self._transports.clear()  # the pool's owner closes the channels
 
 
 def proxy_options(spec: ToolSpec) -> dict[str, Any]:
@@ -50,20 +86,13 @@ def proxy_options(spec: ToolSpec) -> dict[str, Any]:
 class Injector:
     def __init__(self, resolver: Resolver | None) -> None:
         self.resolver = resolver
-        self._clients: dict[str, AgentClient] = {}
         self._by_session: dict[str, dict[str, Proxy]] = {}
 
-    def _client(self, address: str) -> AgentClient:
-        client = self._clients.get(address)
-        if client is None:
-            client = self._clients[address] = connect(address)
-        return client
-
     def _proxy(self, bound: BoundTool, param: str, dependency: Dependency) -> Proxy | None:
-        address = self.resolver.resolve(dependency) if self.resolver else None
-        if address is None:
+        transport = self.resolver.transport_for(dependency) if self.resolver else None
+        if transport is None:
             return None
-        return self._client(address).proxy(dependency.capability, **proxy_options(bound.spec))
+        return Proxy(transport, dependency.capability, ProxyOptions(**proxy_options(bound.spec)))
 
     def scope(
         self, bound: BoundTool, session: Session | None, kwargs: dict[str, Any]
@@ -110,6 +139,5 @@ class Injector:
         return close
 
     async def aclose(self) -> None:
-        clients, self._clients = self._clients, {}
-        for client in clients.values():
-            await client.aclose()
+        if self.resolver is not None:
+            await self.resolver.aclose()

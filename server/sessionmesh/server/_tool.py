@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, overload
 
 from sessionmesh.client import McpAgent
+from sessionmesh.client._mesh import Dependency
 from sessionmesh.server._params import ArgumentError, coerce, schema_for
 from sessionmesh.server._session import Session
 
@@ -21,27 +22,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 TOOL_ATTR = "__sessionmesh_tool__"
 
 Role = Literal["arg", "session", "dependency", "input"]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Dependency:
-    """A capability a tool depends on, optionally narrowed by tags and a version range."""
-
-    capability: str
-    tags: tuple[str, ...] = ()
-    version: str | None = None
-
-    @classmethod
-    def parse(cls, raw: str | Mapping[str, Any]) -> Dependency:
-        if isinstance(raw, str):
-            return cls(raw)
-        unknown = set(raw) - {"capability", "tags", "version"}
-        if unknown or "capability" not in raw:
-            raise TypeError(
-                f"a dependency is a capability name or a dict with 'capability' and optional "
-                f"'tags', 'version'; got {dict(raw)!r}"
-            )
-        return cls(str(raw["capability"]), tuple(raw.get("tags", ())), raw.get("version"))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -1,0 +1,284 @@
+"""Resolving through a registry: a live view of the instances, and a transport over them.
+
+RegistryWatch keeps a copy of the registry's instances by Watch (pushed, not polled) and
+keeps it through registry restarts, so calls, sessions above all, go on while the registry
+is down. MeshTransport spreads new sessions and session-less calls over the live, serving
+instances of one capability and sends every call of a session to the instance that owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+
+from sessionmesh.client._transport import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Endpoint,
+    Transport,
+    channel_options,
+    close_endpoint,
+)
+from sessionmesh.client.errors import AgentUnavailable, SessionOwnerLost
+from sessionmesh.v1 import registry_service_pb2 as rpb
+from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
+
+log = logging.getLogger("sessionmesh.mesh")
+
+Listener = Callable[["rpb.WatchResponse.Change.ValueType", rpb.Instance], None]
+
+#: After a connection failure an instance is tried last for this long.
+_SUSPECT_SECONDS = 2.0
+
+_VERSION_OP = re.compile(r"^\s*(>=|<=|==|!=|>|<|=)?\s*([0-9][0-9A-Za-z.+-]*)\s*$")
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in version.split("."):
+        digits = re.match(r"\d+", part)
+        parts.append(int(digits.group()) if digits else 0)
+    return tuple(parts)
+
+
+def version_matches(version: str, constraint: str | None) -> bool:
+    """Whether ``version`` ("1.2.3") meets ``constraint`` (">=1,<2", "==1.2", "1.2")."""
+    if not constraint:
+        return True
+    if not version:
+        return False
+    have = _version_key(version)
+    for clause in constraint.split(","):
+        match = _VERSION_OP.match(clause)
+        if match is None:
+            raise ValueError(f"bad version constraint {constraint!r}: use e.g. '>=1', '>=1,<2'")
+        op, want = match.group(1) or "==", _version_key(match.group(2))
+        width = max(len(have), len(want))
+        a, b = have + (0,) * (width - len(have)), want + (0,) * (width - len(want))
+        ok = {
+            ">=": a >= b,
+            "<=": a <= b,
+            ">": a > b,
+            "<": a < b,
+            "!=": a != b,
+            "==": a == b,
+            "=": a == b,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Dependency:
+    """A capability wanted, optionally narrowed by tags (all must be present) and a version
+    constraint (">=1", ">=1.2,<2")."""
+
+    capability: str
+    tags: tuple[str, ...] = ()
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, raw: str | Mapping[str, Any]) -> Dependency:
+        if isinstance(raw, str):
+            return cls(raw)
+        unknown = set(raw) - {"capability", "tags", "version"}
+        if unknown or "capability" not in raw:
+            raise TypeError(
+                f"a dependency is a capability name or a dict with 'capability' and optional "
+                f"'tags', 'version'; got {dict(raw)!r}"
+            )
+        dependency = cls(str(raw["capability"]), tuple(raw.get("tags", ())), raw.get("version"))
+        version_matches("0", dependency.version)  # a bad constraint fails now, not per call
+        return dependency
+
+    def matches(self, instance: rpb.Instance) -> bool:
+        for tool in instance.tools:
+            if self.capability not in (tool.capability, tool.name):
+                continue
+            if not set(self.tags) <= set(tool.tags):
+                continue
+            if version_matches(tool.version, self.version):
+                return True
+        return False
+
+
+class RegistryWatch:
+    """A live copy of the registry's instances."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.instances: dict[str, rpb.Instance] = {}
+        self.listeners: list[Listener] = []
+        self.connected = False
+        self._ready = asyncio.Event()
+        self._channel = grpc.aio.insecure_channel(address)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def ready(self, within: float = 10.0) -> None:
+        """Wait for the first full view of the registry."""
+        self.start()
+        try:
+            await asyncio.wait_for(self._ready.wait(), within)
+        except TimeoutError:
+            raise AgentUnavailable(
+                f"no answer from the registry at {self.address} within {within} s: is "
+                "`sessionmesh registry` (or `sessionmesh run`) running there?",
+                code=grpc.StatusCode.UNAVAILABLE,
+            ) from None
+
+    def providers(self, dependency: Dependency, *, serving: bool = True) -> list[rpb.Instance]:
+        return [
+            i
+            for i in self.instances.values()
+            if dependency.matches(i) and (not serving or i.state == rpb.INSTANCE_STATE_SERVING)
+        ]
+
+    def _tell(self, change: rpb.WatchResponse.Change.ValueType, instance: rpb.Instance) -> None:
+        for listener in self.listeners:
+            listener(change, instance)
+
+    async def _run(self) -> None:
+        stub = rpb_grpc.RegistryServiceStub(self._channel)
+        backoff = 0.05
+        while True:
+            fresh: dict[str, rpb.Instance] | None = {}
+            try:
+                async for message in stub.Watch(rpb.WatchRequest()):
+                    if fresh is not None:  # the snapshot that starts every watch
+                        if not message.snapshot_done:
+                            fresh[message.instance.instance_id] = message.instance
+                            continue
+                        self._replace(fresh)
+                        fresh = None
+                        self.connected = True
+                        backoff = 0.05
+                        self._ready.set()
+                        continue
+                    instance = message.instance
+                    if message.change == rpb.WatchResponse.CHANGE_REMOVED:
+                        self.instances.pop(instance.instance_id, None)
+                    else:
+                        self.instances[instance.instance_id] = instance
+                    self._tell(message.change, instance)
+            except grpc.aio.AioRpcError as exc:
+                if self.connected:
+                    log.info(
+                        "registry %s unreachable (%s); keeping what it said",
+                        self.address,
+                        exc.code().name,
+                    )
+            self.connected = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    def _replace(self, fresh: dict[str, rpb.Instance]) -> None:
+        old, self.instances = self.instances, fresh
+        for iid, instance in old.items():
+            if iid not in fresh:
+                self._tell(rpb.WatchResponse.CHANGE_REMOVED, instance)
+        for iid, instance in fresh.items():
+            if iid not in old:
+                self._tell(rpb.WatchResponse.CHANGE_ADDED, instance)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._channel.close()
+
+
+class EndpointPool:
+    """One channel per instance, shared by every proxy of a client; closed when the
+    registry says the instance is gone, so calls to it fail at once."""
+
+    def __init__(
+        self, watch: RegistryWatch, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ) -> None:
+        self.watch = watch
+        self.max_message_bytes = max_message_bytes
+        self._endpoints: dict[str, Endpoint] = {}
+        self.failed_at: dict[str, float] = {}
+        watch.listeners.append(self._on_change)
+
+    def get(self, instance: rpb.Instance) -> Endpoint:
+        endpoint = self._endpoints.get(instance.instance_id)
+        if endpoint is None:
+            channel = grpc.aio.insecure_channel(
+                instance.endpoint, options=channel_options(self.max_message_bytes)
+            )
+            endpoint = Endpoint(instance.endpoint, channel, instance.instance_id)
+            self._endpoints[instance.instance_id] = endpoint
+        return endpoint
+
+    def _on_change(
+        self, change: rpb.WatchResponse.Change.ValueType, instance: rpb.Instance
+    ) -> None:
+        if change == rpb.WatchResponse.CHANGE_REMOVED:
+            endpoint = self._endpoints.pop(instance.instance_id, None)
+            self.failed_at.pop(instance.instance_id, None)
+            if endpoint is not None:
+                asyncio.get_running_loop().create_task(close_endpoint(endpoint))
+
+    async def aclose(self) -> None:
+        endpoints, self._endpoints = self._endpoints, {}
+        for endpoint in endpoints.values():
+            await close_endpoint(endpoint)
+
+
+class MeshTransport(Transport):
+    """The instances providing one dependency, as the registry lists them."""
+
+    def __init__(self, pool: EndpointPool, dependency: Dependency) -> None:
+        self.pool = pool
+        self.dependency = dependency
+        self._turn = itertools.count()
+
+    def pick(self) -> Endpoint:
+        candidates = self.pool.watch.providers(self.dependency)
+        if not candidates:
+            raise AgentUnavailable(
+                f"no live provider of {self.dependency.capability!r} in the registry at "
+                f"{self.pool.watch.address}",
+                code=grpc.StatusCode.UNAVAILABLE,
+            )
+        now = time.monotonic()
+        healthy = [
+            i
+            for i in candidates
+            if now - self.pool.failed_at.get(i.instance_id, -1e9) > _SUSPECT_SECONDS
+        ]
+        choices = healthy or candidates
+        return self.pool.get(choices[next(self._turn) % len(choices)])
+
+    def owner(self, session_id: str) -> Endpoint:
+        instance_id = session_id.partition(".")[0]
+        instance = self.pool.watch.instances.get(instance_id)
+        if instance is None:
+            raise SessionOwnerLost(
+                f"instance {instance_id}, which owned session {session_id[:14]}..., is gone "
+                "from the registry: the session's state went with it",
+                code=grpc.StatusCode.UNAVAILABLE,
+                metadata={"session_id": session_id, "instance_id": instance_id},
+            )
+        return self.pool.get(instance)
+
+    def failed(self, endpoint: Endpoint) -> None:
+        self.pool.failed_at[endpoint.instance_id] = time.monotonic()
+
+    async def aclose(self) -> None:
+        return None  # the pool's channels belong to the client that made the pool

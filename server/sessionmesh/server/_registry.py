@@ -1,0 +1,242 @@
+"""The registry: which agent instances are alive, and what they provide.
+
+An instance is registered exactly as long as its Register stream lives and heartbeats
+arrive within the lease: a killed agent's stream breaks at once on the same host, its lease
+runs out elsewhere. Instances live in a RegistryStore; the in-memory one is the default, and
+a store on a distributed database (etcd) implements the same four methods and one feed.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sessionmesh.v1 import registry_service_pb2 as rpb
+from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
+
+log = logging.getLogger("sessionmesh.registry")
+
+SERVICE_NAME = rpb.DESCRIPTOR.services_by_name["RegistryService"].full_name
+#: An instance that sends nothing for this long is dropped (it heartbeats every third).
+LEASE_MS = 1000
+
+Change = rpb.WatchResponse.Change
+Event = tuple["rpb.WatchResponse.Change.ValueType", rpb.Instance]
+
+
+def provides(instance: rpb.Instance, capability: str) -> bool:
+    return any(capability in (t.capability, t.name) for t in instance.tools)
+
+
+class RegistryStore(abc.ABC):
+    """Where the registry keeps instances, and who hears of changes."""
+
+    @abc.abstractmethod
+    def put(self, instance: rpb.Instance) -> None:
+        """Add or replace an instance (by instance_id); tell watchers."""
+
+    @abc.abstractmethod
+    def remove(self, instance_id: str) -> rpb.Instance | None:
+        """Drop an instance; tell watchers. Returns what was there."""
+
+    @abc.abstractmethod
+    def instances(self) -> list[rpb.Instance]:
+        """Every instance now."""
+
+    @abc.abstractmethod
+    def subscribe(self) -> tuple[list[rpb.Instance], asyncio.Queue[Event]]:
+        """The instances now, and a queue of every change after that, atomically."""
+
+    @abc.abstractmethod
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None: ...
+
+
+class MemoryStore(RegistryStore):
+    def __init__(self) -> None:
+        self._instances: dict[str, rpb.Instance] = {}
+        self._watchers: set[asyncio.Queue[Event]] = set()
+
+    def _tell(self, change: rpb.WatchResponse.Change.ValueType, instance: rpb.Instance) -> None:
+        for queue in self._watchers:
+            queue.put_nowait((change, instance))
+
+    def put(self, instance: rpb.Instance) -> None:
+        known = instance.instance_id in self._instances
+        self._instances[instance.instance_id] = instance
+        self._tell(Change.CHANGE_UPDATED if known else Change.CHANGE_ADDED, instance)
+
+    def remove(self, instance_id: str) -> rpb.Instance | None:
+        instance = self._instances.pop(instance_id, None)
+        if instance is not None:
+            self._tell(Change.CHANGE_REMOVED, instance)
+        return instance
+
+    def instances(self) -> list[rpb.Instance]:
+        return list(self._instances.values())
+
+    def subscribe(self) -> tuple[list[rpb.Instance], asyncio.Queue[Event]]:
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._watchers.add(queue)
+        return self.instances(), queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
+        self._watchers.discard(queue)
+
+
+class RegistryServicer(rpb_grpc.RegistryServiceServicer):
+    def __init__(self, store: RegistryStore, lease_ms: int = LEASE_MS) -> None:
+        self.store = store
+        self.lease_ms = lease_ms
+
+    async def Register(  # type: ignore[override]  # writes with context.write
+        self,
+        request_iterator: AsyncIterator[rpb.RegisterRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        requests = aiter(request_iterator)
+        try:
+            first = await asyncio.wait_for(anext(requests), self.lease_ms / 1000)
+        except (StopAsyncIteration, TimeoutError):
+            return
+        if first.WhichOneof("kind") != "instance" or not first.instance.instance_id:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first Register message must be an instance"
+            )
+        instance = rpb.Instance()
+        instance.CopyFrom(first.instance)
+        if instance.state == rpb.INSTANCE_STATE_UNSPECIFIED:
+            instance.state = rpb.INSTANCE_STATE_SERVING
+        self.store.put(instance)
+        log.info(
+            "instance %s (%s) registered at %s: %s",
+            instance.instance_id,
+            instance.agent_name,
+            instance.endpoint,
+            ", ".join(sorted({t.capability for t in instance.tools})),
+        )
+        why = "deregistered"
+        try:
+            await context.write(rpb.RegisterResponse(lease_ms=self.lease_ms))
+            while True:
+                try:
+                    message = await asyncio.wait_for(anext(requests), self.lease_ms / 1000)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    why = "lease ran out"
+                    break
+                beat = message.heartbeat
+                if beat.state != instance.state or beat.open_sessions != instance.open_sessions:
+                    updated = rpb.Instance()
+                    updated.CopyFrom(instance)
+                    if beat.state != rpb.INSTANCE_STATE_UNSPECIFIED:
+                        updated.state = beat.state
+                    updated.open_sessions = beat.open_sessions
+                    instance = updated
+                    self.store.put(instance)
+        except asyncio.CancelledError:
+            why = "gone (stream broken)"
+            raise
+        finally:
+            current = {i.instance_id: i for i in self.store.instances()}.get(instance.instance_id)
+            if current is instance:  # not replaced by a newer registration of the same id
+                self.store.remove(instance.instance_id)
+                log.info("instance %s (%s) %s", instance.instance_id, instance.agent_name, why)
+
+    async def ListInstances(
+        self, request: rpb.ListInstancesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> rpb.ListInstancesResponse:
+        found = self.store.instances()
+        if request.capability:
+            found = [i for i in found if provides(i, request.capability)]
+        return rpb.ListInstancesResponse(instances=found)
+
+    async def Watch(  # type: ignore[override]  # writes with context.write
+        self, request: rpb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        snapshot, queue = self.store.subscribe()
+        try:
+            for instance in snapshot:
+                await context.write(
+                    rpb.WatchResponse(change=Change.CHANGE_ADDED, instance=instance)
+                )
+            await context.write(rpb.WatchResponse(snapshot_done=True))
+            while True:
+                change, instance = await queue.get()
+                await context.write(rpb.WatchResponse(change=change, instance=instance))
+        finally:
+            self.store.unsubscribe(queue)
+
+
+class Registry:
+    """The registry server (``sessionmesh registry``), on 127.0.0.1 by default.
+
+    Example::
+
+        async with Registry() as registry:
+            agent = Agent([increment], registry=registry.address)
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        store: RegistryStore | None = None,
+        lease_ms: int = LEASE_MS,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.store = store or MemoryStore()
+        self.lease_ms = lease_ms
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        if self._server is None:
+            raise RuntimeError("the registry is not started")
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> str:
+        server = grpc.aio.server()
+        rpb_grpc.add_RegistryServiceServicer_to_server(
+            RegistryServicer(self.store, self.lease_ms), server
+        )
+        checks = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.port = server.add_insecure_port(f"{self.host}:{self.port}")
+        await server.start()
+        for service in ("", SERVICE_NAME):
+            await checks.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        log.info("registry serving on %s", self.address)
+        return self.address
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def __aenter__(self) -> Registry:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
