@@ -7,15 +7,27 @@ agents with ``mesh.connect``.
 
 from __future__ import annotations
 
-from sessionmesh.client import AgentClient, ChunkStream, McpAgent, Proxy, connect, errors
-from sessionmesh.server import Agent, Session, agent, current_session, tool
+from sessionmesh.client import (
+    AgentClient,
+    ChunkStream,
+    Dependency,
+    McpAgent,
+    MeshClient,
+    Proxy,
+    connect,
+    errors,
+)
+from sessionmesh.server import Agent, Registry, Session, agent, current_session, tool
 
 __all__ = [
     "Agent",
     "AgentClient",
     "ChunkStream",
+    "Dependency",
     "McpAgent",
+    "MeshClient",
     "Proxy",
+    "Registry",
     "Session",
     "agent",
     "connect",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sessionmesh.client import errors
-from sessionmesh.client._client import AgentClient, connect
+from sessionmesh.client._client import AgentClient, MeshClient, connect
 from sessionmesh.client._mesh import Dependency
 from sessionmesh.client._proxy import ChunkStream, McpAgent, Proxy, ProxyOptions
 from sessionmesh.client._transport import ChannelTransport, Endpoint, Transport
@@ -15,6 +15,7 @@ __all__ = [
     "Dependency",
     "Endpoint",
     "McpAgent",
+    "MeshClient",
     "Proxy",
     "ProxyOptions",
     "Transport",

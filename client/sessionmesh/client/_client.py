@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, overload
 
 import grpc
 
 from sessionmesh.client._codec import from_struct
+from sessionmesh.client._mesh import Dependency, EndpointPool, MeshTransport, RegistryWatch
 from sessionmesh.client._proxy import Proxy, ProxyOptions
 from sessionmesh.client._transport import DEFAULT_MAX_MESSAGE_BYTES, ChannelTransport, Transport
 from sessionmesh.client.errors import UsageError, map_rpc_error
+from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import session_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -85,6 +88,89 @@ class AgentClient:
         await self.aclose()
 
 
-def connect(address: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> AgentClient:
-    """Connect to the agent at ``address`` (``host:port``). Call from async code."""
+class MeshClient:
+    """A client of the whole mesh: proxies by capability, resolved through the registry.
+    New sessions and session-less calls spread over the live instances; every call of a
+    session goes to the instance that owns it.
+
+    Example::
+
+        async with mesh.connect(registry="127.0.0.1:50050") as client:
+            async with client.proxy("session_counter", session_required=True) as counter:
+                print(await counter(increment=1))
+    """
+
+    def __init__(
+        self, registry: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ) -> None:
+        self.registry = registry
+        self.watch = RegistryWatch(registry)
+        self._pool = EndpointPool(self.watch, max_message_bytes)
+        self._state = _State.OPEN
+
+    def proxy(
+        self,
+        capability: str,
+        *,
+        tags: Sequence[str] = (),
+        version: str | None = None,
+        **options: Any,
+    ) -> Proxy:
+        """A proxy for a capability (optionally narrowed by tags and a version constraint)."""
+        if self._state is _State.CLOSED:
+            raise UsageError("this client is closed; connect again")
+        try:
+            opts = ProxyOptions(**options)
+        except TypeError as exc:
+            raise UsageError(f"unknown proxy option: {exc}") from None
+        dependency = Dependency(capability, tuple(tags), version)
+        return Proxy(MeshTransport(self._pool, dependency), capability, opts)
+
+    def instances(self) -> list[rpb.Instance]:
+        """The instances the registry lists now."""
+        return list(self.watch.instances.values())
+
+    async def ready(self, within: float = 5.0) -> None:
+        """Wait for the registry's first answer (raises AgentUnavailable if none comes)."""
+        await self.watch.ready(within)
+
+    async def aclose(self) -> None:
+        if self._state is _State.OPEN:
+            self._state = _State.CLOSED
+            await self._pool.aclose()
+            await self.watch.aclose()
+
+    async def __aenter__(self) -> MeshClient:
+        if self._state is _State.CLOSED:
+            raise UsageError("this client is closed; connect again")
+        try:
+            await self.ready()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+@overload
+def connect(address: str, *, max_message_bytes: int = ...) -> AgentClient: ...
+@overload
+def connect(*, registry: str, max_message_bytes: int = ...) -> MeshClient: ...
+def connect(
+    address: str | None = None,
+    *,
+    registry: str | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> AgentClient | MeshClient:
+    """Connect to one agent (``connect("host:port")``) or to the mesh through its registry
+    (``connect(registry="host:port")``). Call from async code; use ``async with``."""
+    if (address is None) == (registry is None):
+        raise UsageError("connect() takes an agent address or registry=, one of the two")
+    if registry is not None:
+        return MeshClient(registry, max_message_bytes=max_message_bytes)
+    assert address is not None
     return AgentClient(ChannelTransport(address, max_message_bytes=max_message_bytes))

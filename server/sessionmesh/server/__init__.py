@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from sessionmesh.client import Dependency
 from sessionmesh.server._agent import Agent, agent
-from sessionmesh.server._inject import Resolver, StaticResolver
+from sessionmesh.server._inject import RegistryResolver, Resolver, StaticResolver
+from sessionmesh.server._registry import MemoryStore, Registry, RegistryStore
 from sessionmesh.server._session import Session, current_session
 from sessionmesh.server._tool import ToolSpec, tool
 
 __all__ = [
     "Agent",
     "Dependency",
+    "MemoryStore",
+    "Registry",
+    "RegistryResolver",
+    "RegistryStore",
     "Resolver",
     "Session",
     "StaticResolver",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 from types import ModuleType, TracebackType
@@ -11,11 +13,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sessionmesh.client._mesh import EndpointPool, RegistryWatch
 from sessionmesh.client._transport import DEFAULT_MAX_MESSAGE_BYTES, channel_options
-from sessionmesh.server._inject import Injector, Resolver, StaticResolver
+from sessionmesh.client.errors import MeshError
+from sessionmesh.server._inject import Injector, RegistryResolver, Resolver, StaticResolver
+from sessionmesh.server._registration import Registration
 from sessionmesh.server._service import Servicer
 from sessionmesh.server._session import SessionStore
 from sessionmesh.server._tool import BoundTool, ToolSpec, spec_of, tools_in
+from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 
@@ -51,6 +57,9 @@ def agent(name: str | None = None, **settings: Any) -> Callable[[C], C]:
 
 
 _AGENT_SETTINGS = {
+    "registry",
+    "advertise",
+    "drain_timeout",
     "host",
     "port",
     "session_ttl",
@@ -85,6 +94,9 @@ class Agent:
         debug: bool = False,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         peers: Mapping[str, str] | None = None,
+        registry: str | None = None,
+        advertise: str | None = None,
+        drain_timeout: float = 30.0,
         resolver: Resolver | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
@@ -102,7 +114,16 @@ class Agent:
         self.max_message_bytes = max_message_bytes
         self.instance_id = secrets.token_hex(4)
         self.tools = _index(tools)
+        self.registry = registry
+        self.advertise = advertise
+        self.drain_timeout = drain_timeout
+        if peers and registry:
+            raise ValueError("give peers or a registry, not both")
         self._resolver = resolver or (StaticResolver(peers) if peers else None)
+        self._watch: RegistryWatch | None = None
+        self._pool: EndpointPool | None = None
+        self._registration: Registration | None = None
+        self._draining = False
         self._interceptors = tuple(interceptors)
         self._server: grpc.aio.Server | None = None
         self._store: SessionStore | None = None
@@ -145,6 +166,11 @@ class Agent:
         self._store = SessionStore(
             self.instance_id, default_ttl=self.session_ttl, max_sessions=self.max_sessions
         )
+        if self.registry is not None:
+            self._watch = RegistryWatch(self.registry)
+            self._watch.start()
+            self._pool = EndpointPool(self._watch, self.max_message_bytes)
+            self._resolver = self._resolver or RegistryResolver(self._pool)
         self._injector = Injector(self._resolver)
         self._servicer = Servicer(
             agent_name=self.name,
@@ -152,6 +178,7 @@ class Agent:
             store=self._store,
             injector=self._injector,
             debug=self.debug,
+            locate=self._locate,
         )
         server = grpc.aio.server(
             options=channel_options(self.max_message_bytes), interceptors=self._interceptors
@@ -168,8 +195,55 @@ class Agent:
         self._store.start()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.registry is not None:
+            assert self._watch is not None
+            self._registration = Registration(self.registry, self._describe, self._heartbeat)
+            self._registration.start()
+            # Dependencies resolve better with a first view of the mesh; a registry that
+            # is down just means none yet (the watch keeps trying).
+            with contextlib.suppress(MeshError):
+                await self._watch.ready(within=2.0)
         log.info("agent %s (instance %s) serving on %s", self.name, self.instance_id, self.address)
         return self.address
+
+    def _describe(self) -> rpb.Instance:
+        assert self._servicer is not None
+        return rpb.Instance(
+            instance_id=self.instance_id,
+            agent_name=self.name,
+            endpoint=self.advertise or self.address,
+            tools=self._servicer.tool_descriptions,
+            state=self._state(),
+            open_sessions=len(self._store or ()),
+        )
+
+    def _state(self) -> rpb.InstanceState.ValueType:
+        return rpb.INSTANCE_STATE_DRAINING if self._draining else rpb.INSTANCE_STATE_SERVING
+
+    def _heartbeat(self) -> rpb.Heartbeat:
+        return rpb.Heartbeat(state=self._state(), open_sessions=len(self._store or ()))
+
+    def _locate(self, instance_id: str) -> str | None:
+        instance = self._watch.instances.get(instance_id) if self._watch else None
+        return instance.endpoint if instance is not None else None
+
+    async def drain(self, within: float | None = None) -> None:
+        """Take no new sessions (the registry marks this instance draining, so callers go
+        elsewhere) and wait up to ``within`` (``drain_timeout``) for open sessions to close.
+        Calls in open sessions, and calls without one, are still served."""
+        if self._servicer is None or self._store is None:
+            return
+        self._draining = True
+        self._servicer.draining = True
+        if self._registration is not None:
+            self._registration.nudge()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        log.info("agent %s draining: %d open session(s)", self.name, len(self._store))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self._store.empty.wait(), self.drain_timeout if within is None else within
+            )
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop gracefully: no new calls or sessions, in-flight calls get ``grace`` seconds to
@@ -182,10 +256,16 @@ class Agent:
         assert self._health is not None
         self._servicer.drain()
         await self._health.enter_graceful_shutdown()
+        if self._registration is not None:
+            await self._registration.stop()
         await server.stop(self.grace if grace is None else grace)
         await self._store.stop()
         if self._injector is not None:
             await self._injector.aclose()
+        if self._pool is not None:
+            await self._pool.aclose()
+        if self._watch is not None:
+            await self._watch.aclose()
         self._server = None
         log.info("agent %s (instance %s) stopped", self.name, self.instance_id)
 

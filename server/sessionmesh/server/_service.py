@@ -115,22 +115,23 @@ class Servicer(pb_grpc.SessionServiceServicer):
         store: SessionStore,
         injector: Injector,
         debug: bool = False,
+        locate: Callable[[str], str | None] | None = None,
     ) -> None:
         self.agent_name = agent_name
         self.tools = tools
         self.store = store
         self.injector = injector
         self.debug = debug
+        self.locate = locate
         self.draining = False
         self._exchange_readers: set[asyncio.Task[None]] = set()
         self._recent: collections.OrderedDict[str, tuple[str, asyncio.Future[Any]]] = (
             collections.OrderedDict()
         )
         unique = {id(b): b for b in tools.values()}
+        self.tool_descriptions = [_describe(b) for b in unique.values()]
         self._list_tools = pb.ListToolsResponse(
-            agent_name=agent_name,
-            instance_id=store.instance_id,
-            tools=[_describe(b) for b in unique.values()],
+            agent_name=agent_name, instance_id=store.instance_id, tools=self.tool_descriptions
         )
         self._tool_names = sorted({b.spec.name for b in unique.values()})
 
@@ -167,7 +168,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
             try:
                 session = self.store.get(session_id)
             except SessionNotFoundError:
-                raise session_not_found(session_id) from None
+                raise self._not_here(session_id) from None
             plan = _Plan(
                 bound, session, session.remembered(call_id) if call_id else None, "", call_id
             )
@@ -194,6 +195,21 @@ class Servicer(pb_grpc.SessionServiceServicer):
             if plan.session is not None:
                 plan.turn = plan.session.enqueue()
         return plan
+
+    def _not_here(self, session_id: str) -> Fail:
+        """A session this instance does not have: elsewhere (name the owner) or nowhere."""
+        owner = session_id.partition(".")[0]
+        if owner != self.store.instance_id and self.locate is not None:
+            endpoint = self.locate(owner)
+            if endpoint is not None:
+                return Fail(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    Reason.SESSION_ELSEWHERE,
+                    f"session {session_id[:14]}... lives on instance {owner} at {endpoint}; "
+                    "send its calls there (a session never moves)",
+                    {"session_id": session_id, "owner_instance": owner, "owner_endpoint": endpoint},
+                )
+        return session_not_found(session_id)
 
     def _bind(
         self, bound: BoundTool, request: pb.CallRequest, session: Session | None

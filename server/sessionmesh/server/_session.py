@@ -169,6 +169,8 @@ class SessionStore:
         self._sessions: dict[str, Session] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._wakeup = asyncio.Event()
+        self.empty = asyncio.Event()  # set while no session is open
+        self.empty.set()
         self._reaper: asyncio.Task[None] | None = None
         self.counters = {"created": 0, "closed": 0, "expired": 0}
 
@@ -194,6 +196,7 @@ class SessionStore:
             f"{self.instance_id}.{secrets.token_urlsafe(16)}", ttl or self.default_ttl
         )
         self._sessions[session.id] = session
+        self.empty.clear()
         entry = (session.last_used + session.ttl, session.id)
         heapq.heappush(self._deadlines, entry)
         if self._deadlines[0] is entry:
@@ -213,6 +216,8 @@ class SessionStore:
         if session is None:
             return False
         session.closed = True
+        if not self._sessions:
+            self.empty.set()
         self.counters["expired" if why == "expired" else "closed"] += 1
         log.info("session %s %s", short(session_id), why)
         if session._callbacks:

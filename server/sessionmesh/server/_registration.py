@@ -1,0 +1,92 @@
+"""An agent's registration: held open as a stream, with heartbeats, renewed after outages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from sessionmesh.v1 import registry_service_pb2 as rpb
+from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
+
+log = logging.getLogger("sessionmesh.registration")
+
+
+class Registration:
+    """Keeps one instance registered while the agent runs, re-registering on its own when
+    the registry restarts. Sessions never depend on it: they go agent to agent."""
+
+    def __init__(
+        self,
+        registry: str,
+        instance: Callable[[], rpb.Instance],
+        heartbeat: Callable[[], rpb.Heartbeat],
+    ) -> None:
+        self.registry = registry
+        self._instance = instance
+        self._heartbeat = heartbeat
+        self._channel = grpc.aio.insecure_channel(registry)
+        self._nudged = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._call: grpc.aio.StreamStreamCall[rpb.RegisterRequest, rpb.RegisterResponse] | None = (
+            None
+        )
+        self.registered = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def nudge(self) -> None:
+        """Send a heartbeat now (the state changed)."""
+        self._nudged.set()
+
+    async def _run(self) -> None:
+        stub = rpb_grpc.RegistryServiceStub(self._channel)
+        backoff = 0.05
+        was_registered = False
+        while True:
+            call = self._call = stub.Register()
+            try:
+                await call.write(rpb.RegisterRequest(instance=self._instance()))
+                first = await call.read()
+                if first is grpc.aio.EOF:
+                    raise ConnectionError("the registry ended the registration")
+                assert isinstance(first, rpb.RegisterResponse)
+                interval = max(first.lease_ms, 30) / 3000
+                log.info(
+                    "%s with the registry at %s",
+                    "re-registered" if was_registered else "registered",
+                    self.registry,
+                )
+                was_registered = True
+                self.registered.set()
+                backoff = 0.05
+                while True:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._nudged.wait(), interval)
+                    self._nudged.clear()
+                    await call.write(rpb.RegisterRequest(heartbeat=self._heartbeat()))
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, ConnectionError) as exc:
+                if self.registered.is_set():
+                    log.info("lost the registry at %s (%s); registering again", self.registry, exc)
+                self.registered.clear()
+            finally:
+                call.cancel()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def stop(self) -> None:
+        """Deregister at once (a half-close tells the registry this is a clean goodbye)."""
+        if self._task is not None:
+            call = self._call
+            if call is not None and self.registered.is_set():
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    await asyncio.wait_for(call.done_writing(), 1.0)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._channel.close()
