@@ -81,6 +81,7 @@ class _Binding:
         "lost",
         "metadata",
         "prefix",
+        "reused",
         "session_id",
     )
 
@@ -89,6 +90,7 @@ class _Binding:
         self.metadata: Metadata | None = None
         self.endpoint: Endpoint | None = None
         self.lost: SessionLost | None = None
+        self.reused = False
         self.creating: asyncio.Event | None = None
         self.prefix = secrets.token_hex(12) + "-"
         self._ids = itertools.count(1)
@@ -109,6 +111,7 @@ class _Binding:
 
     def reset(self) -> None:
         self.session_id = self.metadata = self.endpoint = self.lost = None
+        self.reused = False
 
 
 def _split_call(
@@ -238,6 +241,9 @@ class Proxy:
         while True:
             if b.metadata is not None:
                 assert b.session_id is not None
+                if not b.reused:  # the lifecycle in the log, without a line per call
+                    b.reused = True
+                    log.info("auto session %s reused", b.session_id[:14])
                 try:
                     # The owner, by the session id: gone from the registry means lost.
                     return self._transport.owner(b.session_id), b.metadata, False

@@ -83,8 +83,12 @@ class Registration:
         if self._task is not None:
             call = self._call
             if call is not None and self.registered.is_set():
-                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                # Half-close and wait for the registry to end the stream: a clean goodbye.
+                with contextlib.suppress(
+                    grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError
+                ):
                     await asyncio.wait_for(call.done_writing(), 1.0)
+                    await asyncio.wait_for(call.code(), 1.0)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
