@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from sessionmesh import mesh
 from sessionmesh.testing import eventually
-from tests.procs import serve
+from tests.procs import CLI, ROOT, free_port, process, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -38,16 +42,97 @@ async def test_serve_then_sigterm_finishes_calls_and_closes_sessions(tmp_path: P
 
 
 def test_serve_reports_a_file_without_tools(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     empty = tmp_path / "empty.py"
     empty.write_text("x = 1\n")
     out = subprocess.run(
-        [sys.executable, "-m", "sessionmesh.server._cli", "serve", str(empty)],
+        [*CLI, "serve", str(empty)],
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert out.returncode != 0
     assert "no @mesh.tool functions found" in out.stderr
+
+
+def _cli(*args: str, registry: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SESSIONMESH_REGISTRY": registry},
+    )
+
+
+def _stopped(address: str) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(tuple_address(address)) != 0
+
+
+def tuple_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+@pytest.mark.slow
+def test_run_then_list_call_sessions_and_ctrl_c() -> None:
+    port = free_port()
+    files = ("examples/counter.py", "examples/consumer.py")
+    with process(
+        "run", *(str(ROOT / f) for f in files), "--replicas", "2", "--registry-port", str(port)
+    ) as (run, ready):
+        registry = ready["registry"]
+        assert registry == f"127.0.0.1:{port}"
+        assert sorted(a["agent"] for a in ready["agents"]) == [
+            "consumer",
+            "consumer",
+            "counter",
+            "counter",
+        ]
+
+        listed = json.loads(_cli("list", "--json", registry=registry).stdout)
+        assert sorted(r["agent"] for r in listed) == ["consumer", "consumer", "counter", "counter"]
+        assert all(r["state"] == "serving" for r in listed)
+        assert (
+            "session_counter" in next(r for r in listed if r["agent"] == "counter")["capabilities"]
+        )
+        table = _cli("list", registry=registry).stdout
+        assert table.splitlines()[0].split() == [
+            "AGENT",
+            "INSTANCE",
+            "ENDPOINT",
+            "STATE",
+            "SESSIONS",
+            "CAPABILITIES",
+        ]
+
+        called = _cli("call", "auto_session_test", '{"test_rounds": 3}', registry=registry)
+        assert called.returncode == 0, called.stderr
+        assert [r["response"]["count"] for r in json.loads(called.stdout)["results"]] == [1, 3, 6]
+
+        streamed = _cli("call", "stream_count", '{"n": 3}', registry=registry)
+        assert [json.loads(line)["i"] for line in streamed.stdout.splitlines()] == [1, 2, 3]
+
+        bad = _cli("call", "session_counter", '{"increment": "x"}', registry=registry)
+        assert bad.returncode == 1
+        assert "INVALID_ARGUMENTS" in bad.stderr and "increment" in bad.stderr
+        assert bad.stdout == ""
+        missing = _cli("call", "nope", registry=registry)
+        assert missing.returncode == 1 and "no live provider of 'nope'" in missing.stderr
+        not_json = _cli("call", "session_counter", "{oops", registry=registry)
+        assert not_json.returncode == 1 and "not JSON" in not_json.stderr
+
+        sessions = _cli("sessions", "counter", registry=registry)
+        assert sessions.returncode == 0
+        assert sessions.stdout.count("0 open session(s)") == 2
+
+        run.send_signal(signal.SIGINT)
+        assert run.wait(timeout=60) == 0
+    assert all(_stopped(a["address"]) for a in ready["agents"])  # every agent process stopped
+    assert _stopped(registry)
+
+
+def test_call_without_a_registry_says_what_to_do() -> None:
+    out = _cli("call", "x", "--wait", "0.5", registry=f"127.0.0.1:{free_port()}")
+    assert out.returncode == 1
+    assert "no answer from the registry" in out.stderr

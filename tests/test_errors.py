@@ -167,3 +167,13 @@ def test_two_tools_with_one_name_are_refused() -> None:
 def test_error_hierarchy() -> None:
     assert issubclass(ToolTimeout, ToolFailed) and issubclass(ToolTimeout, CallTimeout)
     assert issubclass(SessionNotFound, RemoteError)
+
+
+async def test_a_first_call_that_cannot_run_leaves_no_session() -> None:
+    async with running_agent(increment) as (agent, client):
+        async with client.proxy("session_counter", session_required=True) as counter:
+            with pytest.raises(InvalidArguments):
+                await counter(increment="x")
+            assert counter.session_id is None
+            assert len(agent.sessions) == 0
+            assert await counter(increment=2) == 2  # the next call opens one

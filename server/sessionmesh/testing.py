@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from sessionmesh.client import AgentClient, connect
@@ -39,11 +40,16 @@ async def running_agent(
 
 
 async def eventually(
-    check: Callable[[], bool], *, within: float = 5.0, what: str = "condition"
+    check: Callable[[], bool | Awaitable[bool]], *, within: float = 5.0, what: str = "condition"
 ) -> None:
-    """Poll ``check`` until it holds; fail after ``within`` seconds (no fixed sleeps)."""
+    """Poll ``check`` (plain or async) until it holds; fail after ``within`` seconds."""
     deadline = time.monotonic() + within
-    while not check():
+    while True:
+        held = check()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not hold within {within} s")
         await asyncio.sleep(0.005)

@@ -35,6 +35,8 @@ log = logging.getLogger("sessionmesh.mesh")
 
 Listener = Callable[["rpb.WatchResponse.Change.ValueType", rpb.Instance], None]
 
+#: How long an instance missing from a new registry's first snapshot is still believed in.
+REREGISTER_GRACE = 3.0
 #: After a connection failure an instance is tried last for this long.
 _SUSPECT_SECONDS = 2.0
 
@@ -185,13 +187,24 @@ class RegistryWatch:
             backoff = min(backoff * 2, 1.0)
 
     def _replace(self, fresh: dict[str, rpb.Instance]) -> None:
-        old, self.instances = self.instances, fresh
+        """A new snapshot (after a (re)connect). Instances missing from it are kept for a
+        grace period: a registry that just restarted has not heard from them yet, and
+        dropping them would break their open sessions."""
+        old = self.instances
+        self.instances = dict(fresh)
+        loop = asyncio.get_running_loop()
         for iid, instance in old.items():
             if iid not in fresh:
-                self._tell(rpb.WatchResponse.CHANGE_REMOVED, instance)
+                self.instances[iid] = instance
+                loop.call_later(REREGISTER_GRACE, self._expire, iid, instance)
         for iid, instance in fresh.items():
             if iid not in old:
                 self._tell(rpb.WatchResponse.CHANGE_ADDED, instance)
+
+    def _expire(self, instance_id: str, instance: rpb.Instance) -> None:
+        if self.instances.get(instance_id) is instance:  # not heard of again since
+            del self.instances[instance_id]
+            self._tell(rpb.WatchResponse.CHANGE_REMOVED, instance)
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -213,6 +226,7 @@ class EndpointPool:
         self.max_message_bytes = max_message_bytes
         self._endpoints: dict[str, Endpoint] = {}
         self.failed_at: dict[str, float] = {}
+        self.turns = itertools.count()  # round robin, shared by every proxy of the client
         watch.listeners.append(self._on_change)
 
     def get(self, instance: rpb.Instance) -> Endpoint:
@@ -246,7 +260,6 @@ class MeshTransport(Transport):
     def __init__(self, pool: EndpointPool, dependency: Dependency) -> None:
         self.pool = pool
         self.dependency = dependency
-        self._turn = itertools.count()
 
     def pick(self) -> Endpoint:
         candidates = self.pool.watch.providers(self.dependency)
@@ -263,7 +276,7 @@ class MeshTransport(Transport):
             if now - self.pool.failed_at.get(i.instance_id, -1e9) > _SUSPECT_SECONDS
         ]
         choices = healthy or candidates
-        return self.pool.get(choices[next(self._turn) % len(choices)])
+        return self.pool.get(choices[next(self.pool.turns) % len(choices)])
 
     def owner(self, session_id: str) -> Endpoint:
         instance_id = session_id.partition(".")[0]

@@ -358,10 +358,14 @@ class Proxy:
     async def cleanup_auto_session(self) -> None:
         """Close the auto session (if one is open) and forget it; the next call opens anew."""
         b = self._binding
-        session_id, endpoint = b.session_id, b.endpoint
+        session_id, lost = b.session_id, b.lost
         b.reset()
-        if session_id is None or endpoint is None:
+        if session_id is None or isinstance(lost, SessionOwnerLost):
             return
+        try:
+            endpoint = self._transport.owner(session_id)
+        except SessionLost:
+            return  # its owner is gone, and the session with it
         try:
             await endpoint.stub.CloseSession(
                 pb.CloseSessionRequest(session_id=session_id), timeout=5

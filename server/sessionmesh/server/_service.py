@@ -157,9 +157,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_SESSIONS, str(exc)
             ) from None
 
-    def _plan(
-        self, request: pb.CallRequest, session_id: str, create: bool, *, bind: bool = True
-    ) -> _Plan:
+    def _plan(self, request: pb.CallRequest, session_id: str, create: bool) -> _Plan:
         """Find (or open) the call's session, find an earlier outcome of the same call id,
         bind the arguments and take the call's place in its session's line. Never awaits."""
         bound = self._tool(request.tool)
@@ -177,8 +175,14 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 # A retry of a call that opened a session: the same session, the same outcome.
                 sid, outcome = self._recent[call_id]
                 return _Plan(bound, None, outcome, sid, call_id)
+            # Bind first: a call that cannot run must not leave a session nobody knows of.
+            kwargs = self._bind(bound, request, None)
             session = self._new_session(bound)
             plan = _Plan(bound, session, None, session.id, call_id)
+            plan.kwargs = kwargs
+            kwargs.update(dict.fromkeys(bound.session_params, session))
+            plan.turn = session.enqueue()
+            return plan
         elif bound.requires_session:
             raise Fail(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -190,8 +194,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
             earlier = self._recent[call_id][1] if call_id and call_id in self._recent else None
             plan = _Plan(bound, None, earlier, "", call_id)
         if plan.earlier is None:
-            if bind:
-                plan.kwargs = self._bind(bound, request, plan.session)
+            plan.kwargs = self._bind(bound, request, plan.session)
             if plan.session is not None:
                 plan.turn = plan.session.enqueue()
         return plan

@@ -87,12 +87,12 @@ class BoundTool:
 
     __slots__ = (
         "_arg_names",
-        "_session_params",
         "dependencies",
         "input_param",
         "params",
         "requires_session",
         "schema",
+        "session_params",
         "spec",
     )
 
@@ -132,7 +132,7 @@ class BoundTool:
         self.params = tuple(params)
         self.input_param = inputs[0].name if inputs else None
         self.dependencies = tuple(p for p in params if p.role == "dependency")
-        self._session_params = tuple(p.name for p in params if p.role == "session")
+        self.session_params = tuple(p.name for p in params if p.role == "session")
         # Callers must bring a session to a tool that keeps state in one (a plain `Session`
         # parameter) or declares session_required with no dependencies. On a consumer with
         # dependencies, session_required configures the injected proxies instead, and the
@@ -171,7 +171,7 @@ class BoundTool:
                 name,
                 f"unknown argument {name!r} for tool {self.spec.name!r} (expected: {expected})",
             )
-        kwargs: dict[str, Any] = dict.fromkeys(self._session_params, session)
+        kwargs: dict[str, Any] = dict.fromkeys(self.session_params, session)
         for p in self.params:
             if p.role != "arg":
                 continue

@@ -1,0 +1,281 @@
+"""The mesh as processes: registry, injection, replicas and affinity, failures, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+import grpc
+import pytest
+
+from sessionmesh import mesh
+from sessionmesh.client.errors import (
+    AgentUnavailable,
+    SessionElsewhere,
+    SessionLost,
+    SessionNotFound,
+)
+from sessionmesh.testing import eventually
+from sessionmesh.v1 import session_service_pb2 as pb
+from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
+from tests.procs import free_port, open_sessions, registry, serve
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+def owner(reply: dict[str, Any]) -> str:
+    """The instance id in a counter reply's (shortened) session id."""
+    return str(reply["session"]).partition(".")[0]
+
+
+async def instances_of(client: mesh.MeshClient, agent: str, n: int) -> list[str]:
+    await eventually(
+        lambda: len([i for i in client.instances() if i.agent_name == agent]) == n,
+        what=f"{n} {agent} instance(s) registered",
+    )
+    return [i.instance_id for i in client.instances() if i.agent_name == agent]
+
+
+async def test_the_design_notes_examples_through_the_registry() -> None:
+    port = free_port()
+    reg = f"127.0.0.1:{port}"
+    with registry(port), serve("examples/counter.py", "--registry", reg) as (_, counter):
+        with serve("examples/consumer.py", "--registry", reg):
+            async with mesh.connect(registry=reg) as client:
+                await instances_of(client, "consumer", 1)
+                auto = await client.proxy("auto_session_test")(test_rounds=3)
+                assert [r["response"]["count"] for r in auto["results"]] == [1, 3, 6]
+                assert len({r["response"]["session"] for r in auto["results"]}) == 1
+                manual = await client.proxy("session_test")(test_rounds=3)
+                assert [r["response"]["count"] for r in manual["results"]] == [1, 3, 6]
+                reliable = await client.proxy("reliable_counter")(amount=5)
+                assert reliable["count"] == 5
+                streamed = [c async for c in client.proxy("streaming_session_service").stream()]
+                assert [c["i"] for c in streamed] == [1, 2, 3]
+                analysis = [
+                    c async for c in client.proxy("stream_analytics").stream(dataset="a bc")
+                ]
+                assert [c["word"] for c in analysis] == ["a", "bc"]
+                assert await open_sessions(counter["address"]) == 0  # every flow closed its own
+
+
+async def test_sessions_stay_on_their_replica_across_three() -> None:
+    port = free_port()
+    reg = f"127.0.0.1:{port}"
+    with (
+        registry(port),
+        serve("examples/counter.py", "--registry", reg),
+        serve("examples/counter.py", "--registry", reg),
+        serve("examples/counter.py", "--registry", reg),
+    ):
+        async with mesh.connect(registry=reg) as client:
+            await instances_of(client, "counter", 3)
+            proxies = [client.proxy("session_counter", session_required=True) for _ in range(30)]
+            owners: list[set[str]] = [set() for _ in proxies]
+            for round_ in range(1, 6):
+                replies = await asyncio.gather(*(p(increment=1) for p in proxies))
+                for i, reply in enumerate(replies):
+                    assert reply["count"] == round_  # state carried over: same instance
+                    owners[i].add(owner(reply))
+            assert all(len(o) == 1 for o in owners)  # every call of a session on one instance
+            assert len(set().union(*owners)) == 3  # new sessions spread over the replicas
+            for p in proxies:
+                await p.cleanup_auto_session()
+
+
+async def test_sigkill_of_an_owner_loses_only_its_sessions() -> None:
+    port = free_port()
+    reg = f"127.0.0.1:{port}"
+    with (
+        registry(port),
+        serve("examples/counter.py", "--registry", reg) as (a_proc, a),
+        serve("examples/counter.py", "--registry", reg),
+    ):
+        async with mesh.connect(registry=reg) as client:
+            await instances_of(client, "counter", 2)
+            proxies = [client.proxy("session_counter", session_required=True) for _ in range(6)]
+            replies = [await p(increment=1) for p in proxies]
+            on_a = [p for p, r in zip(proxies, replies, strict=True) if owner(r) == a["instance"]]
+            on_b = [p for p, r in zip(proxies, replies, strict=True) if owner(r) != a["instance"]]
+            assert on_a and on_b
+            os.kill(a_proc.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            await eventually(
+                lambda: a["instance"] not in {i.instance_id for i in client.instances()},
+                what="the registry drops the killed instance",
+            )
+            seen_gone = time.monotonic() - killed
+            for p in on_a:
+                with pytest.raises(SessionLost):
+                    await p(increment=1)
+                with pytest.raises(SessionLost):  # and it stays lost: no fresh session
+                    await p(increment=1)
+            for p in on_b:
+                assert (await p(increment=1))["count"] == 2  # untouched
+            # Calls without a session fail over to the live replica.
+            plain = client.proxy(
+                "session_counter", session_required=True, retry_count=2, retry_delay=0.05
+            )
+            assert (await plain(increment=1))["count"] == 1
+            print(f"consumer saw the SIGKILLed provider gone after {seen_gone * 1000:.0f} ms")
+
+
+async def test_sigkill_of_a_consumer_mid_session_is_reclaimed_by_ttl() -> None:
+    port = free_port()
+    reg = f"127.0.0.1:{port}"
+    with (
+        registry(port),
+        serve("examples/counter.py", "--registry", reg, "--session-ttl", "0.5") as (_, counter),
+    ):
+        with serve("tests/agents/holder.py", "--registry", reg) as (holder_proc, _):
+            async with mesh.connect(registry=reg) as client:
+                await instances_of(client, "holder", 1)
+                await instances_of(client, "counter", 1)
+                hanging = asyncio.create_task(client.proxy("hold")())
+                await eventually(
+                    lambda: _some_open(counter["address"]),
+                    what="the consumer opened a session downstream",
+                )
+                os.kill(holder_proc.pid, signal.SIGKILL)
+                with pytest.raises(AgentUnavailable):
+                    await hanging
+                await eventually(
+                    lambda: _none_open(counter["address"]),
+                    within=10,
+                    what="the provider reclaims the session",
+                )
+
+
+async def _some_open(address: str) -> bool:
+    return await open_sessions(address) > 0
+
+
+async def _none_open(address: str) -> bool:
+    return await open_sessions(address) == 0
+
+
+async def test_registry_restart_does_not_interrupt_open_sessions() -> None:
+    port = free_port()
+    reg = f"127.0.0.1:{port}"
+    with serve("examples/counter.py", "--registry", reg) as (_, counter):
+        with registry(port) as (reg_proc, _):
+            async with mesh.connect(registry=reg) as client:
+                await instances_of(client, "counter", 1)
+                async with client.proxy("session_counter", session_required=True) as p:
+                    assert (await p(increment=1))["count"] == 1
+                    reg_proc.send_signal(signal.SIGKILL)
+                    reg_proc.wait(timeout=10)
+                    assert (await p(increment=1))["count"] == 2  # the registry is down
+                    with registry(port):
+                        await eventually(
+                            lambda: client.watch.connected, within=10, what="the watch reconnects"
+                        )
+                        await instances_of(client, "counter", 1)  # the agent re-registered
+                        assert (await p(increment=1))["count"] == 3
+        assert await open_sessions(counter["address"]) == 0
+
+
+async def test_draining_moves_no_session() -> None:
+    port = free_port()
+    reg = f"127.0.0.1:{port}"
+    with (
+        registry(port),
+        serve("examples/counter.py", "--registry", reg) as (a_proc, a),
+        serve("examples/counter.py", "--registry", reg) as (_, b),
+    ):
+        async with mesh.connect(registry=reg) as client:
+            await instances_of(client, "counter", 2)
+            proxies = [client.proxy("session_counter", session_required=True) for _ in range(4)]
+            first = [await p(increment=1) for p in proxies]
+            on_a = [p for p, r in zip(proxies, first, strict=True) if owner(r) == a["instance"]]
+            assert on_a
+            a_proc.send_signal(signal.SIGTERM)
+            await eventually(
+                lambda: any(
+                    i.instance_id == a["instance"] and i.state == 2 for i in client.instances()
+                ),
+                what="instance A marked draining",
+            )
+            for p in on_a:  # open sessions keep working on A
+                assert (await p(increment=1))["count"] == 2
+                assert owner(await p(increment=0)) == a["instance"]
+            fresh = [client.proxy("session_counter", session_required=True) for _ in range(4)]
+            assert {owner(await p(increment=1)) for p in fresh} == {b["instance"]}
+            assert a_proc.poll() is None  # still waiting for its sessions
+            for p in proxies + fresh:
+                await p.cleanup_auto_session()
+            await eventually(
+                lambda: a_proc.poll() is not None,
+                within=10,
+                what="A exits once its sessions closed",
+            )
+            assert a_proc.returncode == 0
+
+
+async def test_a_call_at_the_wrong_instance_names_the_owner() -> None:
+    port = free_port()
+    reg = f"127.0.0.1:{port}"
+    with (
+        registry(port),
+        serve("examples/counter.py", "--registry", reg) as (_, a),
+        serve("examples/counter.py", "--registry", reg) as (_, b),
+    ):
+        async with mesh.connect(a["address"]) as at_a, mesh.connect(b["address"]) as at_b:
+            sid = await at_a.proxy("session_counter").create_session()
+            async with mesh.connect(registry=reg) as client:
+                await instances_of(client, "counter", 2)
+            await eventually(lambda: _elsewhere(at_b, sid), what="B knows of A")
+            with pytest.raises(SessionElsewhere) as info:
+                await at_b.proxy("session_counter").call_with_session(session_id=sid, increment=1)
+            assert info.value.owner_endpoint == a["address"]
+            with pytest.raises(SessionNotFound):  # a forged id, at its would-be owner
+                await at_a.proxy("session_counter").call_with_session(
+                    session_id=a["instance"] + ".forgedforgedforgedforg"
+                )
+            with pytest.raises(SessionNotFound):  # a forged id of no instance at all
+                await at_b.proxy("session_counter").call_with_session(
+                    session_id="00000000.forgedforgedforgedforg"
+                )
+        async with grpc.aio.insecure_channel(b["address"]) as channel:  # as grpcurl would
+            stub = pb_grpc.SessionServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as raw:
+                await stub.Call(
+                    pb.CallRequest(tool="session_counter"), metadata=(("x-session-id", sid),)
+                )
+            assert raw.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert a["address"] in (raw.value.details() or "")
+
+
+async def _elsewhere(client: mesh.AgentClient, sid: str) -> bool:
+    try:
+        await client.proxy("session_counter").call_with_session(session_id=sid, increment=0)
+    except SessionElsewhere:
+        return True
+    except SessionNotFound:
+        return False
+    raise AssertionError("the call ran on the wrong instance")
+
+
+async def test_providers_that_appear_or_vanish_rewire_the_next_invocation() -> None:
+    port = free_port()
+    reg = f"127.0.0.1:{port}"
+    with registry(port), serve("tests/agents/holder.py", "--registry", reg):
+        async with mesh.connect(registry=reg) as client:
+            await instances_of(client, "holder", 1)
+            count_twice = client.proxy("count_twice")
+            assert await count_twice() is None  # no provider: injected as None
+            with serve("examples/counter.py", "--registry", reg):
+                await eventually(lambda: _counts(count_twice), what="the provider is injected")
+            await eventually(lambda: _is_none(count_twice), what="the vanished provider is gone")
+
+
+async def _counts(proxy: mesh.Proxy) -> bool:
+    reply = await proxy()
+    return reply is not None and reply["count"] == 2
+
+
+async def _is_none(proxy: mesh.Proxy) -> bool:
+    return await proxy() is None
