@@ -1,7 +1,8 @@
 """The demo mesh: a stateful provider, a consumer, and auto sessions you can watch.
 
-Run with `scripts/demo`. Starts examples/counter.py and examples/consumer.py as real agent
-processes on 127.0.0.1, calls the design note's consumers, and stops everything.
+Run with `scripts/demo`. `sessionmesh run` starts an embedded registry and
+examples/counter.py and examples/consumer.py as agent processes on 127.0.0.1; the demo calls
+the design note's consumers through the registry and stops everything.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,18 +22,10 @@ from sessionmesh import mesh
 HERE = Path(__file__).resolve().parent
 
 
-def start(file: str, *args: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sessionmesh.server._cli", "serve", str(HERE / file), *args],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        raise SystemExit(f"demo: {file} did not start")
-    return proc, json.loads(line)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def show(title: str, value: Any) -> None:
@@ -39,56 +33,52 @@ def show(title: str, value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
-async def main() -> None:
-    procs: list[subprocess.Popen[str]] = []
+async def tour(registry: str) -> None:
+    async with mesh.connect(registry=registry) as client:
+        auto = await client.proxy("auto_session_test")(test_rounds=3)
+        show("auto sessions: 3 rounds, increment=round -> counts 1, 3, 6 in one session", auto)
+        counts = [r["response"]["count"] for r in auto["results"]]
+        sessions = {r["response"]["session"] for r in auto["results"]}
+        print(f"counts {counts}, in {len(sessions)} session(s)")
+        fresh = await client.proxy("auto_session_test")(test_rounds=2)
+        show("a new invocation gets a fresh session", fresh)
+        show("manual sessions, the old way", await client.proxy("session_test")(test_rounds=3))
+        show(
+            "reliable counter (retries, deadline)", await client.proxy("reliable_counter")(amount=5)
+        )
+        streamed = [c async for c in client.proxy("streaming_session_service").stream()]
+        show("streaming inside a session", streamed)
+        analysis = client.proxy("stream_analytics").stream(dataset="sessions that just work")
+        show("stream analytics", [c async for c in analysis])
+        async with client.proxy("session_counter", session_required=True) as direct:
+            show("calling the provider directly, in an auto session", await direct(increment=1))
+        rows = sorted((i.agent_name, i.instance_id, i.open_sessions) for i in client.instances())
+        print(f"\ninstances (agent, id, open sessions): {rows}")
+
+
+def main() -> None:
+    # `sessionmesh run` starts an embedded registry and each file in its own process.
+    command = [sys.executable, "-m", "sessionmesh.server._cli", "run"]
+    files = [str(HERE / "counter.py"), str(HERE / "consumer.py")]
+    run = subprocess.Popen(
+        [*command, *files, "--registry-port", str(free_port())],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
-        counter, ready = start("counter.py")
-        procs.append(counter)
-        peers = [
-            f"--peer={cap}={ready['address']}"
-            for cap in ("session_counter", "stream_count", "analyze")
-        ]
-        consumer, consumer_ready = start("consumer.py", *peers)
-        procs.append(consumer)
-        async with mesh.connect(consumer_ready["address"]) as client:
-            auto = await client.proxy("auto_session_test")(test_rounds=3)
-            show("auto sessions: 3 rounds, increment=round -> counts 1, 3, 6 in one session", auto)
-            counts = [r["response"]["count"] for r in auto["results"]]
-            sessions = {r["response"]["session"] for r in auto["results"]}
-            print(f"counts {counts}, in {len(sessions)} session(s)")
-            show(
-                "a new invocation gets a fresh session",
-                await client.proxy("auto_session_test")(test_rounds=2),
-            )
-            show("manual sessions, the old way", await client.proxy("session_test")(test_rounds=3))
-            show(
-                "reliable counter (retries, deadline)",
-                await client.proxy("reliable_counter")(amount=5),
-            )
-            show(
-                "streaming inside a session",
-                [c async for c in client.proxy("streaming_session_service").stream()],
-            )
-            show(
-                "stream analytics",
-                [
-                    c
-                    async for c in client.proxy("stream_analytics").stream(
-                        dataset="sessions that just work"
-                    )
-                ],
-            )
-        async with mesh.connect(ready["address"]) as provider:
-            async with provider.proxy("session_counter", session_required=True) as direct:
-                reply = await direct(increment=1)
-                show("calling the provider directly, in an auto session", reply)
+        assert run.stdout is not None
+        line = run.stdout.readline()
+        if not line:
+            raise SystemExit("demo: the mesh did not start")
+        registry = json.loads(line)["registry"]
+        print(f"\nmesh up; look around with: SESSIONMESH_REGISTRY={registry} sessionmesh list")
+        asyncio.run(tour(registry))
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(timeout=15)
-    print("\nall agents stopped; every session was closed (see the log lines above).")
+        run.send_signal(signal.SIGINT)
+        run.wait(timeout=60)
+    print("\nmesh stopped; every session was closed (see the log lines above).")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -28,6 +28,7 @@ import grpc
 
 from sessionmesh import mesh
 from sessionmesh.server._session import SessionStore
+from sessionmesh.testing import eventually
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 
@@ -281,6 +282,64 @@ async def measure(addresses: dict[str, str], quick: bool) -> dict[str, Any]:
     return results
 
 
+def _knows(client: mesh.MeshClient, instance_id: str) -> bool:
+    return instance_id in client.watch.instances
+
+
+async def sigkill_seen(rounds: int) -> list[float]:
+    """Milliseconds from SIGKILL of a provider process until a consumer's call in one of its
+    sessions raises SessionLost (registry and provider are real processes)."""
+    cli = [sys.executable, "-m", "sessionmesh.server._cli"]
+    counter_file = os.path.join(
+        os.path.dirname(os.path.dirname(__file__)), "examples", "counter.py"
+    )
+    seen: list[float] = []
+    registry = await asyncio.create_subprocess_exec(
+        *cli,
+        "registry",
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert registry.stdout is not None
+        address = json.loads(await registry.stdout.readline())["registry"]
+        async with mesh.connect(registry=address) as client:
+            for _ in range(rounds):
+                provider = await asyncio.create_subprocess_exec(
+                    *cli,
+                    "serve",
+                    counter_file,
+                    "--registry",
+                    address,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.DEVNULL,
+                )
+                assert provider.stdout is not None
+                instance = json.loads(await provider.stdout.readline())["instance"]
+                await eventually(functools.partial(_knows, client, instance), within=10)
+                counter = client.proxy("session_counter", session_required=True)
+                await counter(increment=1)
+                provider.kill()
+                killed = time.perf_counter()
+                while True:
+                    try:
+                        await counter(increment=1)
+                    except mesh.errors.SessionLost:
+                        break
+                    except mesh.errors.AgentUnavailable:
+                        pass
+                    await asyncio.sleep(0.001)
+                seen.append((time.perf_counter() - killed) * 1000)
+                await provider.wait()
+                await counter.cleanup_auto_session()
+    finally:
+        registry.terminate()
+        await registry.wait()
+    return seen
+
+
 def table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}"
@@ -323,6 +382,12 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"{r['idle_sessions']} sessions open",
         ),
         (
+            "SIGKILL of a provider -> consumer sees its session lost",
+            f"{max(r['sigkill_seen_ms']):.0f} ms",
+            "≤ 1 s",
+            "worst of " + ", ".join(f"{x:.0f}" for x in r["sigkill_seen_ms"]) + " ms",
+        ),
+        (
             "injected-proxy call ÷ direct proxy call",
             ratio(r["injected_call_p50_us"], r["session_call_p50_us"]),
             "≤ 1.1",
@@ -359,6 +424,7 @@ def main() -> None:
     finally:
         child.send_signal(signal.SIGTERM)
         child.wait(timeout=30)
+    results["sigkill_seen_ms"] = asyncio.run(sigkill_seen(1 if args.quick else 3))
     count = 10_000 if args.quick else 100_000
     results["idle_sessions"] = count
     results["idle_session_bytes"] = idle_session_bytes(count)

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,16 @@ def test_call_without_a_registry_says_what_to_do() -> None:
     out = _cli("call", "x", "--wait", "0.5", registry=f"127.0.0.1:{free_port()}")
     assert out.returncode == 1
     assert "no answer from the registry" in out.stderr
+
+
+@pytest.mark.slow
+def test_the_demo_runs_and_shows_auto_sessions() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples/demo.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "counts [1, 3, 6], in 1 session(s)" in out.stdout
+    assert "mesh stopped" in out.stdout
