@@ -10,8 +10,6 @@ from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from sessionmesh.client._mesh import EndpointPool, RegistryWatch
 from sessionmesh.client._transport import DEFAULT_MAX_MESSAGE_BYTES, channel_options
@@ -20,6 +18,7 @@ from sessionmesh.server._inject import Injector, RegistryResolver, Resolver, Sta
 from sessionmesh.server._registration import Registration
 from sessionmesh.server._service import Servicer
 from sessionmesh.server._session import SessionStore
+from sessionmesh.server._standard import StandardServices
 from sessionmesh.server._tool import BoundTool, ToolSpec, spec_of, tools_in
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import session_service_pb2 as pb
@@ -129,7 +128,7 @@ class Agent:
         self._store: SessionStore | None = None
         self._servicer: Servicer | None = None
         self._injector: Injector | None = None
-        self._health: health.aio.HealthServicer | None = None
+        self._health: StandardServices | None = None
 
     @classmethod
     def from_module(cls, module: ModuleType | Mapping[str, Any], **overrides: Any) -> Agent:
@@ -184,17 +183,12 @@ class Agent:
             options=channel_options(self.max_message_bytes), interceptors=self._interceptors
         )
         pb_grpc.add_SessionServiceServicer_to_server(self._servicer, server)
-        self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        self._health = StandardServices(server, SERVICE_NAME)
         self.port = server.add_insecure_port(f"{self.host}:{self.port}")
         await server.start()
         self._server = server
         self._store.start()
-        for service in ("", SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._health.serving()
         if self.registry is not None:
             assert self._watch is not None
             self._registration = Registration(self.registry, self._describe, self._heartbeat)
@@ -238,7 +232,7 @@ class Agent:
         if self._registration is not None:
             self._registration.nudge()
         if self._health is not None:
-            await self._health.enter_graceful_shutdown()
+            await self._health.not_serving()
         log.info("agent %s draining: %d open session(s)", self.name, len(self._store))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
@@ -255,7 +249,7 @@ class Agent:
         assert self._store is not None
         assert self._health is not None
         self._servicer.drain()
-        await self._health.enter_graceful_shutdown()
+        await self._health.not_serving()
         if self._registration is not None:
             await self._registration.stop()
         await server.stop(self.grace if grace is None else grace)

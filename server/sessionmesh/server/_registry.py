@@ -16,9 +16,8 @@ from types import TracebackType
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from sessionmesh.server._standard import StandardServices
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
 
@@ -210,15 +209,10 @@ class Registry:
         rpb_grpc.add_RegistryServiceServicer_to_server(
             RegistryServicer(self.store, self.lease_ms), server
         )
-        checks = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(checks, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        standard = StandardServices(server, SERVICE_NAME)
         self.port = server.add_insecure_port(f"{self.host}:{self.port}")
         await server.start()
-        for service in ("", SERVICE_NAME):
-            await checks.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await standard.serving()
         self._server = server
         log.info("registry serving on %s", self.address)
         return self.address

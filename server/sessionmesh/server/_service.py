@@ -37,6 +37,7 @@ from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
+    from types import TracebackType
 
     from sessionmesh.server._inject import Injector
     from sessionmesh.server._tool import BoundTool
@@ -93,6 +94,40 @@ class _Plan:
             session.release()  # the turn was this call's: pass it on
         else:
             turn.cancel()
+
+
+class _Turn:
+    """A call's turn in its session, with the session as the current one and the tool's
+    dependencies injected, for as long as the tool runs."""
+
+    __slots__ = ("plan", "scope", "servicer", "token")
+
+    def __init__(self, servicer: Servicer, plan: _Plan) -> None:
+        self.servicer = servicer
+        self.plan = plan
+
+    async def __aenter__(self) -> None:
+        plan = self.plan
+        await self.servicer._enter(plan)
+        self.token = _current.set(plan.session)
+        try:
+            self.scope = self.servicer.injector.scope(plan.bound, plan.session, plan.kwargs)
+            await self.scope.__aenter__()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self.scope.__aexit__(et, ev, tb)
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        _current.reset(self.token)
+        self.servicer._leave(self.plan.session)
 
 
 def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, bool]:
@@ -275,25 +310,19 @@ class Servicer(pb_grpc.SessionServiceServicer):
             session.release()
 
     async def _run(self, plan: _Plan) -> pb.CallResponse:
-        bound, session, kwargs = plan.bound, plan.session, plan.kwargs
-        await self._enter(plan)
-        token = _current.set(session)
-        try:
-            async with self.injector.scope(bound, session, kwargs):
-                try:
-                    async with asyncio.timeout(bound.spec.timeout):
-                        result = await bound.invoke(kwargs)
-                except Exception as exc:
-                    raise self._tool_failed(bound, exc) from None
-            response = pb.CallResponse()
+        bound = plan.bound
+        async with _Turn(self, plan):
             try:
-                set_value(response.result, result)
-            except NotJsonLike as exc:
-                raise not_json(bound.spec.name, "returned", exc) from None
-            return response
-        finally:
-            _current.reset(token)
-            self._leave(session)
+                async with asyncio.timeout(bound.spec.timeout):
+                    result = await bound.invoke(plan.kwargs)
+            except Exception as exc:
+                raise self._tool_failed(bound, exc) from None
+        response = pb.CallResponse()
+        try:
+            set_value(response.result, result)
+        except NotJsonLike as exc:
+            raise not_json(bound.spec.name, "returned", exc) from None
+        return response
 
     async def _execute(self, plan: _Plan) -> pb.CallResponse:
         if plan.earlier is not None:
@@ -472,36 +501,30 @@ class Servicer(pb_grpc.SessionServiceServicer):
     async def _stream(
         self, plan: _Plan, flow: Flow, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        bound, session, kwargs = plan.bound, plan.session, plan.kwargs
-        await self._enter(plan)
-        token = _current.set(session)
-        try:
-            async with self.injector.scope(bound, session, kwargs):
-                try:
-                    async with asyncio.timeout(bound.spec.stream_timeout):
-                        write = context.write
-                        chunks = bound.iterate(kwargs)
-                        try:
-                            async for item in chunks:
-                                message = pb.StreamCallResponse()
-                                try:
-                                    set_value(message.chunk, item)
-                                except NotJsonLike as exc:
-                                    raise not_json(bound.spec.name, "yielded", exc) from None
-                                if flow.window:
-                                    if flow.sent >= flow.allowed:
-                                        await flow.credit()
-                                    flow.sent += 1
-                                await write(message)
-                        finally:
-                            await chunks.aclose()
-                except (asyncio.CancelledError, Fail):
-                    raise
-                except Exception as exc:
-                    raise self._tool_failed(bound, exc) from None
-        finally:
-            _current.reset(token)
-            self._leave(session)
+        bound = plan.bound
+        async with _Turn(self, plan):
+            try:
+                async with asyncio.timeout(bound.spec.stream_timeout):
+                    write = context.write
+                    chunks = bound.iterate(plan.kwargs)
+                    try:
+                        async for item in chunks:
+                            message = pb.StreamCallResponse()
+                            try:
+                                set_value(message.chunk, item)
+                            except NotJsonLike as exc:
+                                raise not_json(bound.spec.name, "yielded", exc) from None
+                            if flow.window:
+                                if flow.sent >= flow.allowed:
+                                    await flow.credit()
+                                flow.sent += 1
+                            await write(message)
+                    finally:
+                        await chunks.aclose()
+            except (asyncio.CancelledError, Fail):
+                raise
+            except Exception as exc:
+                raise self._tool_failed(bound, exc) from None
 
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
