@@ -151,6 +151,8 @@ def test_bad_tool_declarations_fail_at_import_time() -> None:
 
     with pytest.raises(ValueError, match="buffer_size"):
         mesh.tool(buffer_size=0)
+    with pytest.raises(TypeError, match="retry_count, auto_session_management configure"):
+        mesh.tool(retry_count=3, auto_session_management=False)
     with pytest.raises(TypeError, match="dependency"):
         mesh.tool(dependencies=[{"tags": ["x"]}])
 

@@ -278,4 +278,27 @@ async def _counts(proxy: mesh.Proxy) -> bool:
 
 
 async def _is_none(proxy: mesh.Proxy) -> bool:
-    return await proxy() is None
+    try:
+        return await proxy() is None
+    except mesh.errors.ToolFailed as failed:
+        # Killed but not yet dropped by the registry (a few ms): the call fails, not None.
+        assert failed.remote_type == "AgentUnavailable"
+        return False
+
+
+async def test_stateful_proxies_pin_calls_without_a_session() -> None:
+    port = free_port()
+    reg = f"127.0.0.1:{port}"
+    agent = "tests/agents/replica.py"
+    with (
+        registry(port),
+        serve(agent, "--registry", reg),
+        serve(agent, "--registry", reg),
+        serve(agent, "--registry", reg),
+    ):
+        async with mesh.connect(registry=reg) as client:
+            await instances_of(client, "replica", 3)
+            spread = client.proxy("whoami")
+            assert len({await spread() for _ in range(6)}) == 3  # round robin
+            pinned = client.proxy("whoami", stateful=True)
+            assert len({await pinned() for _ in range(6)}) == 1  # one instance throughout

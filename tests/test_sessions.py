@@ -294,3 +294,17 @@ async def test_current_session_matches_the_injected_one() -> None:
         async with client.proxy("who", session_required=True) as p:
             assert await p() is True
         assert await client.proxy("nobody")() is True
+
+
+async def test_without_auto_session_management_sessions_are_manual() -> None:
+    async with running_agent(increment) as (agent, client):
+        manual = client.proxy(
+            "session_counter", session_required=True, auto_session_management=False
+        )
+        assert manual.auto_session_management is False
+        with pytest.raises(SessionRequired):
+            await manual(increment=1)  # nothing opens a session behind your back
+        assert len(agent.sessions) == 0
+        sid = await manual.create_session()
+        assert await manual.call_with_session(session_id=sid, increment=2) == 2
+        await manual.close_session(sid)

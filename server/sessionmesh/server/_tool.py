@@ -234,7 +234,7 @@ def tool(
     auto_session_management: bool = True,
     timeout: float | None = None,
     retry_count: int = 0,
-    retry_delay: float = 0.5,
+    retry_delay: float | None = None,
     streaming: bool | None = None,
     stream_timeout: float | None = None,
     buffer_size: int = 64,
@@ -253,7 +253,7 @@ def tool(
     auto_session_management: bool = True,
     timeout: float | None = None,
     retry_count: int = 0,
-    retry_delay: float = 0.5,
+    retry_delay: float | None = None,
     streaming: bool | None = None,
     stream_timeout: float | None = None,
     buffer_size: int = 64,
@@ -280,6 +280,8 @@ def tool(
 
     if retry_count < 0:
         raise ValueError("retry_count must be >= 0")
+    if retry_delay is not None and retry_delay < 0:
+        raise ValueError("retry_delay must be >= 0 seconds")
     if buffer_size < 1:
         raise ValueError("buffer_size must be >= 1 (chunks in flight)")
     for label, value in (
@@ -290,6 +292,23 @@ def tool(
         if value is not None and value <= 0:
             raise ValueError(f"{label} must be > 0 seconds, or None")
     deps = tuple(Dependency.parse(d) for d in dependencies)
+    if not deps:
+        # These only configure the proxies injected for dependencies: accepted without
+        # any, they would silently do nothing.
+        idle = [
+            label
+            for label, given in (
+                ("retry_count", retry_count != 0),
+                ("retry_delay", retry_delay is not None),
+                ("auto_session_management", auto_session_management is not True),
+            )
+            if given
+        ]
+        if idle:
+            raise TypeError(
+                f"{', '.join(idle)} configure the proxies injected for dependencies, and this "
+                "tool declares none: add dependencies=[...] or drop them"
+            )
 
     def decorate(fn: F) -> F:
         gen = inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn)
@@ -308,7 +327,7 @@ def tool(
             auto_session_management=auto_session_management,
             timeout=timeout,
             retry_count=retry_count,
-            retry_delay=retry_delay,
+            retry_delay=0.5 if retry_delay is None else retry_delay,
             streaming=gen if streaming is None else streaming,
             stream_timeout=stream_timeout,
             buffer_size=buffer_size,
