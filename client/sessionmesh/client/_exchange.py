@@ -59,10 +59,20 @@ class Exchange:
             async with self._lock:  # one write at a time
                 await self._call.write(message)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            # A write fails only on a broken stream, and grpc then reports a status it made
+            # up (INTERNAL): the reader's error, if it saw the break first, says more.
             self._pending.pop(call_id, None)
-            if isinstance(exc, grpc.aio.AioRpcError):
-                raise map_rpc_error(exc) from exc
-            raise _copy(self.broken or AgentUnavailable("the exchange stream ended")) from None
+            if future.done() and not future.cancelled():
+                error = future.exception()
+                assert isinstance(error, RemoteError)
+            else:
+                future.cancel()
+                error = AgentUnavailable(
+                    "the exchange stream to the agent broke", code=grpc.StatusCode.UNAVAILABLE
+                )
+                if self.broken is None:
+                    self.broken = error
+            raise _copy(error) from exc
         try:
             if deadline is None:
                 return await future
@@ -95,7 +105,14 @@ class Exchange:
                 if future is not None and not future.done():
                     future.set_result(answer)
         except grpc.aio.AioRpcError as exc:
+            # The stream carries no call's own failure (those come in answers): whatever
+            # ended it, the calls on it could not reach the agent.
             error = map_rpc_error(exc)
+            if not isinstance(error, AgentUnavailable):
+                error = AgentUnavailable(
+                    f"the exchange stream to the agent broke: {error}",
+                    code=grpc.StatusCode.UNAVAILABLE,
+                )
         except asyncio.CancelledError:
             self._fail(AgentUnavailable("the exchange stream was closed"))
             raise

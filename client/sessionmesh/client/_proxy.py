@@ -12,6 +12,7 @@ from collections.abc import AsyncIterable, Mapping
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import grpc
+from google.protobuf.struct_pb2 import Value
 
 from sessionmesh.client._codec import NotJsonLike, from_value, set_struct, set_value
 from sessionmesh.client._exchange import exchange_for
@@ -38,6 +39,8 @@ log = logging.getLogger("sessionmesh.proxy")
 
 Metadata = tuple[tuple[str, str], ...]
 _CREATE: Final[Metadata] = ((SESSION_CREATE_KEY, "1"),)
+#: Calls bigger than this (encoded) skip the shared Exchange stream: see _call_alone.
+EXCHANGE_MAX_BYTES = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -331,8 +334,16 @@ class Proxy:
             endpoint, md, creating = await self._route()
             message.session_id = b.session_id or "" if md is not None else ""
             message.create_session = creating
+        failure: RemoteError | None = None
         try:
-            answer = await exchange_for(endpoint).call(message, self._opts.timeout)
+            if message.ByteSize() > EXCHANGE_MAX_BYTES:
+                new_id, value, failure = await self._call_alone(endpoint, message)
+            else:
+                answer = await exchange_for(endpoint).call(message, self._opts.timeout)
+                new_id, value = answer.session_id, answer.result
+                if answer.HasField("error"):
+                    error = answer.error
+                    failure = map_status(status_code(error.code), error.message, error.details)
         except AgentUnavailable as unreachable:
             if creating:
                 b.established(endpoint, None)
@@ -345,13 +356,32 @@ class Proxy:
                 b.established(endpoint, None)
             raise
         if creating:
-            b.established(endpoint, answer.session_id)
-        if answer.HasField("error"):
-            error = answer.error
-            failure = map_status(status_code(error.code), error.message, error.details)
+            b.established(endpoint, new_id)
+        if failure is not None:
             self._check_lost(failure, md)
             raise failure
-        return from_value(answer.result)
+        return from_value(value)
+
+    async def _call_alone(
+        self, endpoint: Endpoint, message: pb.ExchangeRequest
+    ) -> tuple[str, Value, RemoteError | None]:
+        """A call too big to share the exchange stream goes as its own unary Call: a
+        refusal (say, over the agent's size limit) then fails this call only, and it does not
+        hold up the small calls behind it."""
+        md: Metadata | None = None
+        if message.session_id:
+            md = ((SESSION_ID_KEY, message.session_id),)
+        elif message.create_session:
+            md = _CREATE
+        call = endpoint.stub.Call(message.call, metadata=md, timeout=self._opts.timeout)
+        try:
+            response = await call
+        except grpc.aio.AioRpcError as exc:
+            failure = map_rpc_error(exc)
+            if isinstance(failure, AgentUnavailable):
+                raise failure from exc
+            return _session_id(exc.initial_metadata()) or "", Value(), failure
+        return _session_id(await call.initial_metadata()) or "", response.result, None
 
     # -- sessions -----------------------------------------------------------------------------
 
