@@ -407,7 +407,7 @@ def main() -> None:
         return
     import logging
 
-    logging.disable(logging.INFO)
+    logging.disable(logging.WARNING)  # the SIGKILL run warns about sessions it cannot close
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(

@@ -155,3 +155,18 @@ async def test_unary_call_of_a_streaming_tool_collects_its_chunks() -> None:
     async with running_agent(stream_count) as (_, client):
         async with client.proxy("stream_count", session_required=True) as p:
             assert [c["i"] for c in await p(n=3)] == [1, 2, 3]
+
+
+async def test_a_window_larger_than_the_tools_cap_does_not_stall() -> None:
+    @mesh.tool(buffer_size=8)
+    async def capped(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    async with running_agent(capped) as (_, client):
+        eager = client.proxy("capped", buffer_size=1000)  # the agent grants 8, and says so
+
+        async def read_all() -> list[int]:
+            return [c async for c in eager.stream(n=500)]
+
+        assert await asyncio.wait_for(read_all(), 10) == list(range(500))

@@ -16,7 +16,12 @@ from google.protobuf.struct_pb2 import Value
 
 from sessionmesh.client._codec import NotJsonLike, from_value, set_struct, set_value
 from sessionmesh.client._exchange import exchange_for
-from sessionmesh.client._wire import SESSION_CREATE_KEY, SESSION_ID_KEY, Reason
+from sessionmesh.client._wire import (
+    SESSION_CREATE_KEY,
+    SESSION_ID_KEY,
+    STREAM_WINDOW_KEY,
+    Reason,
+)
 from sessionmesh.client.errors import (
     AgentUnavailable,
     RemoteError,
@@ -515,8 +520,12 @@ class ChunkStream:
         self._call = call
         try:
             await call.write(start)
+            # The headers bring the window the agent grants and, for a new session, its id.
+            initial = await call.initial_metadata()
+            granted = initial.get(STREAM_WINDOW_KEY) if initial is not None else None
+            if granted:
+                self._window = min(self._window, int(granted))
             if creating:
-                initial = await call.initial_metadata()
                 proxy._binding.established(endpoint, _session_id(initial))
         except grpc.aio.AioRpcError as exc:
             if creating:

@@ -6,6 +6,9 @@ from typing import Final
 
 SESSION_ID_KEY: Final = "x-session-id"
 SESSION_CREATE_KEY: Final = "x-session-create"
+#: StreamCall response header: the window the agent grants (the asked one, capped by the
+#: tool's buffer_size); the client grants credit against it.
+STREAM_WINDOW_KEY: Final = "x-stream-window"
 ERROR_DOMAIN: Final = "sessionmesh"
 
 

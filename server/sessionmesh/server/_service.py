@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from sessionmesh.client._codec import NotJsonLike, from_struct, set_value
-from sessionmesh.client._wire import SESSION_CREATE_KEY, SESSION_ID_KEY, Reason
+from sessionmesh.client._wire import (
+    SESSION_CREATE_KEY,
+    SESSION_ID_KEY,
+    STREAM_WINDOW_KEY,
+    Reason,
+)
 from sessionmesh.server._errors import (
     Fail,
     invalid_arguments,
@@ -459,10 +464,15 @@ class Servicer(pb_grpc.SessionServiceServicer):
             start = first.start
             plan = self._plan(start.call, *_metadata(context))
             abandon = plan.abandon
-            if plan.new_id:
-                await context.send_initial_metadata(((SESSION_ID_KEY, plan.new_id),))
             bound = plan.bound
             flow = Flow(min(start.window, bound.spec.buffer_size) if start.window else 0)
+            headers = []
+            if plan.new_id:
+                headers.append((SESSION_ID_KEY, plan.new_id))
+            if flow.window:
+                headers.append((STREAM_WINDOW_KEY, str(flow.window)))
+            if headers:
+                await context.send_initial_metadata(tuple(headers))
             if bound.input_param:
                 flow.inputs = asyncio.Queue(maxsize=bound.spec.buffer_size)
                 plan.kwargs[bound.input_param] = drain(flow.inputs)
