@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +40,7 @@ def process(
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {})},
+        start_new_session=True,  # its own process group: cleanup reaches its children too
     )
     try:
         assert proc.stdout is not None
@@ -50,8 +52,8 @@ def process(
             )
         yield proc, json.loads(line)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:

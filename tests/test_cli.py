@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,19 @@ def test_the_demo_runs_and_shows_auto_sessions() -> None:
     assert out.returncode == 0, out.stderr
     assert "counts [1, 3, 6], in 1 session(s)" in out.stdout
     assert "mesh stopped" in out.stdout
+
+
+@pytest.mark.slow
+def test_agents_started_by_run_do_not_outlive_it() -> None:
+    port = free_port()
+    with process("run", str(ROOT / "examples/counter.py"), "--registry-port", str(port)) as (
+        run,
+        ready,
+    ):
+        agent = ready["agents"][0]["address"]
+        os.kill(run.pid, signal.SIGKILL)  # no chance to stop its children
+        run.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while not _stopped(agent):
+            assert time.monotonic() < deadline, "the agent outlived `sessionmesh run`"
+            time.sleep(0.05)

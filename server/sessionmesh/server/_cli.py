@@ -103,6 +103,10 @@ async def _serve(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"sessionmesh: {args.file}: {exc}") from None
     stop = _stop_on_signals()
+    if args.stop_with_parent:
+        # Started by `sessionmesh run`: its stdin pipe closes when `run` dies, however it
+        # dies, and the agent must not outlive it.
+        await asyncio.get_running_loop().connect_read_pipe(lambda: _ParentGone(stop), sys.stdin)
     address = await agent.start()
     tools = sorted({b.spec.name for b in agent.tools.values()})
     ready = {"agent": agent.name, "instance": agent.instance_id, "address": address, "tools": tools}
@@ -116,6 +120,14 @@ async def _serve(args: argparse.Namespace) -> int:
     _say(f"agent {agent.name} stopping")
     await agent.stop()
     return 0
+
+
+class _ParentGone(asyncio.Protocol):
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop.set()
 
 
 # -- registry and run -------------------------------------------------------------------------
@@ -138,17 +150,10 @@ async def _registry(args: argparse.Namespace) -> int:
 
 
 def _spawn(file: str, registry: str, extra: Sequence[str]) -> subprocess.Popen[str]:
+    serve = [sys.executable, "-m", "sessionmesh.server._cli", "serve", file]
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sessionmesh.server._cli",
-            "serve",
-            file,
-            "--registry",
-            registry,
-            *extra,
-        ],
+        [*serve, "--registry", registry, "--stop-with-parent", *extra],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -216,8 +221,9 @@ async def _stop_all(procs: Sequence[subprocess.Popen[str]]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
 
 
 # -- list, call, sessions ---------------------------------------------------------------------
@@ -391,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--debug", action="store_true", help="send tracebacks of failed tools to callers"
     )
+    serve.add_argument("--stop-with-parent", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(run=_serve)
 
     registry = commands.add_parser("registry", help="run a registry")
