@@ -37,6 +37,8 @@ Listener = Callable[["rpb.WatchResponse.Change.ValueType", rpb.Instance], None]
 
 #: How long an instance missing from a new registry's first snapshot is still believed in.
 REREGISTER_GRACE = 3.0
+#: How long the channel of an instance the registry dropped stays open for calls in flight.
+RETIRE_AFTER = 30.0
 #: After a connection failure an instance is tried last for this long.
 _SUSPECT_SECONDS = 2.0
 
@@ -216,8 +218,10 @@ class RegistryWatch:
 
 
 class EndpointPool:
-    """One channel per instance, shared by every proxy of a client; closed when the
-    registry says the instance is gone, so calls to it fail at once."""
+    """One channel per instance, shared by every proxy of a client. When the registry drops
+    an instance no new call gets its endpoint (its sessions raise SessionOwnerLost); the
+    channel itself closes a little later, after calls in flight on it have failed on their
+    own, since closing a channel under a call cancels the caller's task."""
 
     def __init__(
         self, watch: RegistryWatch, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -227,6 +231,7 @@ class EndpointPool:
         self._endpoints: dict[str, Endpoint] = {}
         self.failed_at: dict[str, float] = {}
         self.turns = itertools.count()  # round robin, shared by every proxy of the client
+        self._retired: list[Endpoint] = []
         watch.listeners.append(self._on_change)
 
     def get(self, instance: rpb.Instance) -> Endpoint:
@@ -246,11 +251,18 @@ class EndpointPool:
             endpoint = self._endpoints.pop(instance.instance_id, None)
             self.failed_at.pop(instance.instance_id, None)
             if endpoint is not None:
-                asyncio.get_running_loop().create_task(close_endpoint(endpoint))
+                self._retired.append(endpoint)
+                asyncio.get_running_loop().call_later(RETIRE_AFTER, self._close_retired, endpoint)
+
+    def _close_retired(self, endpoint: Endpoint) -> None:
+        if endpoint in self._retired:
+            self._retired.remove(endpoint)
+            asyncio.get_running_loop().create_task(close_endpoint(endpoint))
 
     async def aclose(self) -> None:
         endpoints, self._endpoints = self._endpoints, {}
-        for endpoint in endpoints.values():
+        retired, self._retired = self._retired, []
+        for endpoint in [*endpoints.values(), *retired]:
             await close_endpoint(endpoint)
 
 
