@@ -179,3 +179,18 @@ async def test_a_first_call_that_cannot_run_leaves_no_session() -> None:
             assert counter.session_id is None
             assert len(agent.sessions) == 0
             assert await counter(increment=2) == 2  # the next call opens one
+
+
+async def test_a_proxy_of_a_closed_client_refuses_calls() -> None:
+    async with running_agent(echo, increment) as (agent, client):
+        plain = client.proxy("echo")
+        counter = client.proxy("session_counter", session_required=True)
+        async with counter:
+            assert await counter(increment=1) == 1
+            await client.aclose()
+            with pytest.raises(UsageError, match="closed"):
+                await plain(value=1)
+            with pytest.raises(UsageError, match="closed"):
+                await counter(increment=1)
+        # Leaving the block could not close the session: the agent's TTL will.
+        assert len(agent.sessions) == 1

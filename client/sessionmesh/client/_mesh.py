@@ -232,6 +232,7 @@ class EndpointPool:
         self.failed_at: dict[str, float] = {}
         self.turns = itertools.count()  # round robin, shared by every proxy of the client
         self._retired: list[Endpoint] = []
+        self.closed = False
         watch.listeners.append(self._on_change)
 
     def get(self, instance: rpb.Instance) -> Endpoint:
@@ -260,6 +261,7 @@ class EndpointPool:
             asyncio.get_running_loop().create_task(close_endpoint(endpoint))
 
     async def aclose(self) -> None:
+        self.closed = True
         endpoints, self._endpoints = self._endpoints, {}
         retired, self._retired = self._retired, []
         for endpoint in [*endpoints.values(), *retired]:
@@ -304,6 +306,10 @@ class MeshTransport(Transport):
 
     def failed(self, endpoint: Endpoint) -> None:
         self.pool.failed_at[endpoint.instance_id] = time.monotonic()
+
+    @property
+    def closed(self) -> bool:  # type: ignore[override]
+        return self.pool.closed
 
     async def aclose(self) -> None:
         return None  # the pool's channels belong to the client that made the pool

@@ -238,6 +238,8 @@ class Proxy:
 
     async def _route(self) -> tuple[Endpoint, Metadata | None, bool]:
         """Endpoint and metadata for the next call, and whether it opens the auto session."""
+        if self._transport.closed:
+            raise UsageError(f"the client of proxy {self._tool!r} is closed; connect again")
         opts = self._opts
         b = self._binding
         if not opts.auto_session:
@@ -333,6 +335,8 @@ class Proxy:
         creating = False
         md: Metadata | None = None
         if session_id is not None:
+            if self._transport.closed:
+                raise UsageError(f"the client of proxy {self._tool!r} is closed; connect again")
             endpoint = self._transport.owner(session_id)
             message.session_id = session_id
         else:
@@ -395,8 +399,8 @@ class Proxy:
         b = self._binding
         session_id, lost = b.session_id, b.lost
         b.reset()
-        if session_id is None or isinstance(lost, SessionOwnerLost):
-            return
+        if session_id is None or isinstance(lost, SessionOwnerLost) or self._transport.closed:
+            return  # nothing to close, or no channel left to close it on (its TTL will)
         try:
             endpoint = self._transport.owner(session_id)
         except SessionLost:

@@ -51,6 +51,9 @@ class Endpoint:
 class Transport(abc.ABC):
     """Chooses endpoints for calls. Implementations own their channels."""
 
+    #: Set once the client that owns the channels closed them; proxies then refuse calls.
+    closed = False
+
     @abc.abstractmethod
     def pick(self) -> Endpoint:
         """An endpoint for a new session or a call without a session."""
@@ -89,6 +92,7 @@ class ChannelTransport(Transport):
         return self.endpoint
 
     async def aclose(self) -> None:
+        self.closed = True
         await close_endpoint(self.endpoint)
 
 
