@@ -242,7 +242,7 @@ async def measure(addresses: dict[str, str], quick: bool) -> dict[str, Any]:
         results["raw_64_in_flight_calls_s"] = statistics.median(raw_tputs)
         results["mesh_64_sessions_calls_s"] = statistics.median(mesh_tputs)
 
-    results.update(await streaming(addresses, quick, rounds))
+    results.update(await streaming(addresses, quick))
 
     # Injected proxy inside a consumer vs a direct proxy call (both timed per inner call).
     async with mesh.connect(addresses["consumer"]) as consumer:
@@ -252,11 +252,14 @@ async def measure(addresses: dict[str, str], quick: bool) -> dict[str, Any]:
     return results
 
 
-async def streaming(addresses: dict[str, str], quick: bool, rounds: int) -> dict[str, float]:
+async def streaming(addresses: dict[str, str], quick: bool) -> dict[str, float]:
     """Chunks/s through call_tool_auto vs a raw bidi server push of the same count. Each run
     gets a fresh connection and the order alternates, so neither side inherits a warm (or
-    busy) connection or always goes first."""
-    chunks = 20_000 if quick else 100_000
+    busy) connection or always goes first. Rates swing within a single stream on two shared
+    cores (9k to 30k msg/s for raw grpc itself), so the full run takes the median of more,
+    shorter rounds rather than a few long ones."""
+    chunks = 20_000
+    rounds = 3 if quick else 9
     start = pb.StreamCallRequest()
     start.start.call.tool = "push"
     start.start.call.arguments.update({"n": chunks})
@@ -291,6 +294,10 @@ async def streaming(addresses: dict[str, str], quick: bool, rounds: int) -> dict
     return {
         "raw_push_msg_s": statistics.median(raw_rates),
         "mesh_stream_chunks_s": statistics.median(mesh_rates),
+        # Each round's pair ran back to back: the median of their ratios is the steadier one.
+        "stream_ratio": statistics.median(
+            m / r for m, r in zip(mesh_rates, raw_rates, strict=True)
+        ),
     }
 
 
@@ -383,7 +390,7 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ),
         (
             "call_tool_auto chunks/s ÷ raw bidi push",
-            ratio(r["mesh_stream_chunks_s"], r["raw_push_msg_s"]),
+            f"{r['stream_ratio']:.2f}",
             "≥ 0.9",
             f"{r['mesh_stream_chunks_s']:.0f} vs {r['raw_push_msg_s']:.0f} msg/s",
         ),
