@@ -9,7 +9,13 @@ from typing import Any
 import pytest
 
 from sessionmesh import mesh
-from sessionmesh.client.errors import SessionLost, SessionNotFound, SessionRequired, TooManySessions
+from sessionmesh.client.errors import (
+    AgentUnavailable,
+    SessionLost,
+    SessionNotFound,
+    SessionRequired,
+    TooManySessions,
+)
 from sessionmesh.testing import eventually, running_agent
 from tests.tools import increment, peek
 
@@ -308,3 +314,15 @@ async def test_without_auto_session_management_sessions_are_manual() -> None:
         sid = await manual.create_session()
         assert await manual.call_with_session(session_id=sid, increment=2) == 2
         await manual.close_session(sid)
+
+
+async def test_a_draining_agent_serves_open_sessions_but_opens_none() -> None:
+    async with running_agent(increment) as (agent, client):
+        async with client.proxy("session_counter", session_required=True) as open_one:
+            assert await open_one(increment=1) == 1
+            await agent.drain(within=0)
+            assert await open_one(increment=1) == 2  # an open session goes on
+            with pytest.raises(AgentUnavailable) as info:
+                await client.proxy("session_counter", session_required=True)(increment=1)
+            assert info.value.reason == "SHUTTING_DOWN"
+            assert len(agent.sessions) == 1
