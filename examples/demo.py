@@ -72,7 +72,10 @@ def main() -> None:
         if not line:
             raise SystemExit("demo: the mesh did not start")
         registry = json.loads(line)["registry"]
-        print(f"\nmesh up; look around with: SESSIONMESH_REGISTRY={registry} sessionmesh list")
+        print(f"\nmesh up, registry {registry} (this demo stops it when done; to keep one up:")
+        print(
+            "  sessionmesh run examples/counter.py examples/consumer.py  # then sessionmesh list)"
+        )
         asyncio.run(tour(registry))
     finally:
         run.send_signal(signal.SIGINT)
