@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from types import TracebackType
 
 
+_DEFAULTS = ProxyOptions()
+
+
 class _State(enum.Enum):
     OPEN = "open"
     CLOSED = "closed"
@@ -43,10 +46,7 @@ class AgentClient:
         """A proxy for ``tool`` (function or capability name); options as in ProxyOptions."""
         if self._state is _State.CLOSED:
             raise UsageError("this client is closed; connect again")
-        try:
-            opts = ProxyOptions(**options)
-        except TypeError as exc:
-            raise UsageError(f"unknown proxy option: {exc}") from None
+        opts = _DEFAULTS.replace(**options)
         return Proxy(self._transport, tool, opts)
 
     async def list_tools(self) -> list[dict[str, Any]]:
@@ -119,10 +119,7 @@ class MeshClient:
         """A proxy for a capability (optionally narrowed by tags and a version constraint)."""
         if self._state is _State.CLOSED:
             raise UsageError("this client is closed; connect again")
-        try:
-            opts = ProxyOptions(**options)
-        except TypeError as exc:
-            raise UsageError(f"unknown proxy option: {exc}") from None
+        opts = _DEFAULTS.replace(**options)
         dependency = Dependency(capability, tuple(tags), version)
         return Proxy(MeshTransport(self._pool, dependency), capability, opts)
 

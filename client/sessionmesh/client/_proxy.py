@@ -78,6 +78,13 @@ class ProxyOptions:
     def auto_session(self) -> bool:
         return self.session_required and self.auto_session_management
 
+    def replace(self, **changes: Any) -> ProxyOptions:
+        """These options with ``changes``; an unknown name is a UsageError."""
+        try:
+            return dataclasses.replace(self, **changes)
+        except TypeError as exc:
+            raise UsageError(f"unknown proxy option: {exc}") from None
+
 
 class _Binding:
     """The auto session shared by a proxy and its ``.options()`` copies."""
@@ -203,11 +210,9 @@ class Proxy:
 
     def options(self, **changes: Any) -> Proxy:
         """A copy with other settings that shares this proxy's channel and auto session."""
-        try:
-            opts = dataclasses.replace(self._opts, **changes)
-        except TypeError as exc:
-            raise UsageError(f"unknown proxy option: {exc}") from None
-        return Proxy(self._transport, self._tool, opts, _binding=self._binding)
+        return Proxy(
+            self._transport, self._tool, self._opts.replace(**changes), _binding=self._binding
+        )
 
     # -- calls --------------------------------------------------------------------------------
 
