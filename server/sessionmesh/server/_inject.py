@@ -18,6 +18,9 @@ if typing.TYPE_CHECKING:
     from sessionmesh.server._tool import BoundTool, ToolSpec
 
 
+_NO_SCOPE: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()  # stateless
+
+
 class Resolver(Protocol):
     """Finds the live providers of a dependency: a transport over them, or None if none."""
 
@@ -98,7 +101,7 @@ class Injector:
         self, bound: BoundTool, session: Session | None, kwargs: dict[str, Any]
     ) -> contextlib.AbstractAsyncContextManager[None]:
         if not bound.dependencies:
-            return contextlib.nullcontext()
+            return _NO_SCOPE
         return self._scope(bound, session, kwargs)
 
     @contextlib.asynccontextmanager

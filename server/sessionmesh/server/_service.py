@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
     from types import TracebackType
 
+    from google.protobuf.struct_pb2 import Value
+
     from sessionmesh.server._inject import Injector
     from sessionmesh.server._tool import BoundTool
 
@@ -314,22 +316,17 @@ class Servicer(pb_grpc.SessionServiceServicer):
             session.last_used = time.monotonic()
             session.release()
 
-    async def _run(self, plan: _Plan) -> pb.CallResponse:
+    async def _run(self, plan: _Plan) -> Any:
         bound = plan.bound
         async with _Turn(self, plan):
             try:
                 async with asyncio.timeout(bound.spec.timeout):
-                    result = await bound.invoke(plan.kwargs)
+                    return await bound.invoke(plan.kwargs)
             except Exception as exc:
                 raise self._tool_failed(bound, exc) from None
-        response = pb.CallResponse()
-        try:
-            set_value(response.result, result)
-        except NotJsonLike as exc:
-            raise not_json(bound.spec.name, "returned", exc) from None
-        return response
 
-    async def _execute(self, plan: _Plan) -> pb.CallResponse:
+    async def _execute(self, plan: _Plan) -> Any:
+        """The tool's result (a Python value); each RPC writes it straight into its answer."""
         if plan.earlier is not None:
             return await asyncio.shield(plan.earlier)
         if not plan.call_id:
@@ -351,7 +348,9 @@ class Servicer(pb_grpc.SessionServiceServicer):
             try:
                 if plan.new_id:
                     await context.send_initial_metadata(((SESSION_ID_KEY, plan.new_id),))
-                return await self._execute(plan)
+                response = pb.CallResponse()
+                _fill(response.result, plan.bound, await self._execute(plan))
+                return response
             except BaseException:
                 plan.abandon()  # if it never got its turn
                 raise
@@ -432,15 +431,15 @@ class Servicer(pb_grpc.SessionServiceServicer):
             if message.HasField("timeout"):
                 try:
                     async with asyncio.timeout(message.timeout.ToNanoseconds() / 1e9):
-                        response = await self._execute(plan)
+                        result = await self._execute(plan)
                 except TimeoutError:
                     raise Fail(grpc.StatusCode.DEADLINE_EXCEEDED, "", "Deadline Exceeded") from None
             else:
-                response = await self._execute(plan)
+                result = await self._execute(plan)
+            _fill(answer.result, plan.bound, result)
         except Fail as fail:
-            await _send_failure(answer, fail, context, write)
+            await _send_failure(answer, fail, context, write)  # `error` replaces any result
             return
-        answer.result.CopyFrom(response.result)
         async with write:
             await context.write(answer)
 
@@ -587,6 +586,13 @@ async def _send_failure(
     error.details.extend(fail.details())
     async with write:
         await context.write(answer)
+
+
+def _fill(out: Value, bound: BoundTool, result: Any) -> None:
+    try:
+        set_value(out, result)
+    except NotJsonLike as exc:
+        raise not_json(bound.spec.name, "returned", exc) from None
 
 
 def _forget(running: dict[int, asyncio.Task[None]], call_id: int, _: object) -> None:

@@ -22,6 +22,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 TOOL_ATTR = "__sessionmesh_tool__"
 
 Role = Literal["arg", "session", "dependency", "input"]
+#: How a tool runs; decided once at declaration, not on every call.
+Kind = Literal["coroutine", "async_gen", "sync_gen", "plain"]
+
+
+def _kind(fn: Callable[..., Any]) -> Kind:
+    if inspect.isasyncgenfunction(fn):
+        return "async_gen"
+    if inspect.isgeneratorfunction(fn):
+        return "sync_gen"
+    return "coroutine" if inspect.iscoroutinefunction(fn) else "plain"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,17 +66,7 @@ class ToolSpec:
     buffer_size: int
     session_ttl: float | None
 
-    @property
-    def is_async_gen(self) -> bool:
-        return inspect.isasyncgenfunction(self.fn)
-
-    @property
-    def is_sync_gen(self) -> bool:
-        return inspect.isgeneratorfunction(self.fn)
-
-    @property
-    def is_coroutine(self) -> bool:
-        return inspect.iscoroutinefunction(self.fn)
+    kind: Kind
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -186,23 +186,23 @@ class BoundTool:
     async def invoke(self, kwargs: dict[str, Any]) -> Any:
         """Run the tool once; a streaming tool's chunks are collected into a list."""
         spec = self.spec
-        if spec.is_coroutine:
+        if spec.kind == "coroutine":
             return await spec.fn(**kwargs)
-        if spec.is_async_gen or spec.is_sync_gen:
+        if spec.kind != "plain":
             return [item async for item in self.iterate(kwargs)]
         # Plain functions may block: they run in a worker thread (context variables included).
         return await asyncio.to_thread(functools.partial(spec.fn, **kwargs))
 
     def iterate(self, kwargs: dict[str, Any]) -> AsyncGenerator[Any, None]:
         """The tool's chunks; a tool that does not stream gives one chunk, its result."""
-        if self.spec.is_async_gen:
+        if self.spec.kind == "async_gen":
             gen: AsyncGenerator[Any, None] = self.spec.fn(**kwargs)
             return gen  # as it is: no wrapper on the per-chunk path
         return self._iterate(kwargs)
 
     async def _iterate(self, kwargs: dict[str, Any]) -> AsyncGenerator[Any, None]:
         spec = self.spec
-        if spec.is_sync_gen:
+        if spec.kind == "sync_gen":
             gen = spec.fn(**kwargs)
             done = object()
             try:
@@ -311,7 +311,8 @@ def tool(
             )
 
     def decorate(fn: F) -> F:
-        gen = inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn)
+        kind = _kind(fn)
+        gen = kind in ("async_gen", "sync_gen")
         if streaming and not gen:
             raise TypeError(f"tool {fn.__name__!r}: streaming=True needs a generator function")
         spec = ToolSpec(
@@ -332,6 +333,7 @@ def tool(
             stream_timeout=stream_timeout,
             buffer_size=buffer_size,
             session_ttl=session_ttl,
+            kind=kind,
         )
         setattr(fn, TOOL_ATTR, spec)
         return fn
