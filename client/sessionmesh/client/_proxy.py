@@ -321,11 +321,12 @@ class Proxy:
             message.timeout.FromNanoseconds(int(opts.timeout * 1e9))
         if opts.retry_count:
             request.call_id = self._binding.next_call_id()
+        alone = message.ByteSize() > EXCHANGE_MAX_BYTES  # sized once, not per attempt
         attempt = 0
         moved = False
         while True:
             try:
-                return await self._attempt(message, session_id)
+                return await self._attempt(message, session_id, alone)
             except AgentUnavailable as error:
                 if message.create_session and error.reason == Reason.SHUTTING_DOWN and not moved:
                     moved = True
@@ -335,7 +336,9 @@ class Proxy:
                 attempt += 1
                 await asyncio.sleep(opts.retry_delay)
 
-    async def _attempt(self, message: pb.ExchangeRequest, session_id: str | None) -> Any:
+    async def _attempt(
+        self, message: pb.ExchangeRequest, session_id: str | None, alone: bool
+    ) -> Any:
         b = self._binding
         creating = False
         md: Metadata | None = None
@@ -350,7 +353,7 @@ class Proxy:
             message.create_session = creating
         failure: RemoteError | None = None
         try:
-            if message.ByteSize() > EXCHANGE_MAX_BYTES:
+            if alone:
                 new_id, value, failure = await self._call_alone(endpoint, message)
             else:
                 answer = await exchange_for(endpoint).call(message, self._opts.timeout)

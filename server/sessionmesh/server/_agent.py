@@ -122,7 +122,6 @@ class Agent:
         self._watch: RegistryWatch | None = None
         self._pool: EndpointPool | None = None
         self._registration: Registration | None = None
-        self._draining = False
         self._interceptors = tuple(interceptors)
         self._server: grpc.aio.Server | None = None
         self._store: SessionStore | None = None
@@ -212,7 +211,8 @@ class Agent:
         )
 
     def _state(self) -> rpb.InstanceState.ValueType:
-        return rpb.INSTANCE_STATE_DRAINING if self._draining else rpb.INSTANCE_STATE_SERVING
+        draining = self._servicer is not None and self._servicer.draining
+        return rpb.INSTANCE_STATE_DRAINING if draining else rpb.INSTANCE_STATE_SERVING
 
     def _heartbeat(self) -> rpb.Heartbeat:
         return rpb.Heartbeat(state=self._state(), open_sessions=len(self._store or ()))
@@ -227,7 +227,6 @@ class Agent:
         Calls in open sessions, and calls without one, are still served."""
         if self._servicer is None or self._store is None:
             return
-        self._draining = True
         self._servicer.draining = True
         if self._registration is not None:
             self._registration.nudge()
