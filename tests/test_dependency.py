@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from sessionmesh.client import Dependency
-from sessionmesh.client._mesh import version_matches
+from sessionmesh.client._dependency import version_matches
+from sessionmesh.client.errors import UsageError
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import session_service_pb2 as pb
 
@@ -22,6 +23,11 @@ from sessionmesh.v1 import session_service_pb2 as pb
         ("1.2", "1.2", True),
         ("1.3", "!=1.2", True),
         ("", ">=1", False),
+        # PEP 440, as packaging reads it: a pre-release is not >= its release ...
+        ("1.2.0rc1", ">=1.2", False),
+        # ... and ~= is compatible-release.
+        ("1.4.7", "~=1.4", True),
+        ("2.0", "~=1.4", False),
     ],
 )
 def test_version_constraints(version: str, constraint: str | None, ok: bool) -> None:
@@ -29,7 +35,7 @@ def test_version_constraints(version: str, constraint: str | None, ok: bool) -> 
 
 
 def test_a_bad_constraint_fails_when_declared() -> None:
-    with pytest.raises(ValueError, match="bad version constraint"):
+    with pytest.raises(UsageError, match="bad version constraint"):
         Dependency.parse({"capability": "x", "version": "about 1"})
 
 

@@ -19,6 +19,7 @@ from sessionmesh.client.errors import (
 )
 from sessionmesh.testing import running_agent
 from sessionmesh.v1 import session_service_pb2 as pb
+from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from tests.tools import add, echo, fail, increment, not_json, overrun, wait_forever
 
 pytestmark = pytest.mark.anyio
@@ -129,9 +130,9 @@ async def test_bad_proxy_options_are_usage_errors() -> None:
 
 
 async def test_raw_stream_protocol_errors() -> None:
-    async with running_agent(echo) as (agent, client):
+    async with running_agent(echo) as (agent, _):
         channel = grpc.aio.insecure_channel(agent.address)
-        stub = client._transport.pick().stub
+        stub = pb_grpc.SessionServiceStub(channel)
         call = stub.StreamCall()
         await call.write(pb.StreamCallRequest(credit=1))
         await call.done_writing()
@@ -143,17 +144,17 @@ async def test_raw_stream_protocol_errors() -> None:
 
 
 def test_bad_tool_declarations_fail_at_import_time() -> None:
-    with pytest.raises(TypeError, match="streaming=True needs a generator"):
+    with pytest.raises(UsageError, match="streaming=True needs a generator"):
 
         @mesh.tool(streaming=True)
         def not_a_stream() -> int:
             return 1
 
-    with pytest.raises(ValueError, match="buffer_size"):
+    with pytest.raises(UsageError, match="buffer_size"):
         mesh.tool(buffer_size=0)
-    with pytest.raises(TypeError, match="retry_count, auto_session_management configure"):
+    with pytest.raises(UsageError, match="retry_count, auto_session_management configure"):
         mesh.tool(retry_count=3, auto_session_management=False)
-    with pytest.raises(TypeError, match="dependency"):
+    with pytest.raises(UsageError, match="dependency"):
         mesh.tool(dependencies=[{"tags": ["x"]}])
 
 
@@ -162,7 +163,7 @@ def test_two_tools_with_one_name_are_refused() -> None:
     def other() -> None:
         return None
 
-    with pytest.raises(ValueError, match="two tools answer to 'echo'"):
+    with pytest.raises(UsageError, match="two tools answer to 'echo'"):
         mesh.Agent([echo, other])
 
 

@@ -4,20 +4,33 @@ from __future__ import annotations
 
 from sessionmesh.client import errors
 from sessionmesh.client._client import AgentClient, MeshClient, connect
-from sessionmesh.client._mesh import Dependency
-from sessionmesh.client._proxy import ChunkStream, McpAgent, Proxy, ProxyOptions
-from sessionmesh.client._transport import ChannelTransport, Endpoint, Transport
+from sessionmesh.client._dependency import Dependency
+from sessionmesh.client._grpc import GrpcEndpoint
+from sessionmesh.client._proxy import BaseProxy, McpAgent, Proxy, ProxyOptions, StreamingProxy
+from sessionmesh.client._stream import ChunkStream
+from sessionmesh.client._transport import (
+    Answer,
+    Endpoint,
+    EndpointTransport,
+    StreamCall,
+    Transport,
+)
 
 __all__ = [
     "AgentClient",
-    "ChannelTransport",
+    "Answer",
+    "BaseProxy",
     "ChunkStream",
     "Dependency",
     "Endpoint",
+    "EndpointTransport",
+    "GrpcEndpoint",
     "McpAgent",
     "MeshClient",
     "Proxy",
     "ProxyOptions",
+    "StreamCall",
+    "StreamingProxy",
     "Transport",
     "connect",
     "errors",

@@ -1,31 +1,39 @@
-"""``mesh.connect``: a handle on one agent over one reused channel."""
+"""``mesh.connect``: a handle on one agent, or on the whole mesh through its registry."""
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
-import grpc
-
-from sessionmesh.client._codec import from_struct
-from sessionmesh.client._mesh import Dependency, EndpointPool, MeshTransport, RegistryWatch
-from sessionmesh.client._proxy import Proxy, ProxyOptions
-from sessionmesh.client._transport import DEFAULT_MAX_MESSAGE_BYTES, ChannelTransport, Transport
-from sessionmesh.client.errors import UsageError, map_rpc_error
-from sessionmesh.v1 import registry_service_pb2 as rpb
-from sessionmesh.v1 import session_service_pb2 as pb
+from sessionmesh.client._dependency import Dependency
+from sessionmesh.client._grpc import GrpcEndpoint
+from sessionmesh.client._mesh import EndpointPool, MeshTransport, RegistryWatch
+from sessionmesh.client._proxy import Proxy, ProxyOptions, StreamingProxy, make_proxy
+from sessionmesh.client._transport import EndpointTransport, Transport
+from sessionmesh.client.errors import UsageError
+from sessionmesh.wire.codec import from_struct
+from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from sessionmesh.v1 import registry_service_pb2 as rpb
+    from sessionmesh.v1 import session_service_pb2 as pb
 
 _DEFAULTS = ProxyOptions()
+#: Deadline of the client's own housekeeping RPCs (list tools, list sessions).
+_ADMIN_TIMEOUT = 10.0
 
 
 class _State(enum.Enum):
     OPEN = "open"
     CLOSED = "closed"
+
+
+def _options(options: ProxyOptions | None, changes: dict[str, Any]) -> ProxyOptions:
+    base = options or _DEFAULTS
+    return base.replace(**changes) if changes else base
 
 
 class AgentClient:
@@ -42,21 +50,40 @@ class AgentClient:
         self._transport = transport
         self._state = _State.OPEN
 
-    def proxy(self, tool: str, **options: Any) -> Proxy:
-        """A proxy for ``tool`` (function or capability name); options as in ProxyOptions."""
+    def _check_open(self) -> None:
         if self._state is _State.CLOSED:
             raise UsageError("this client is closed; connect again")
-        opts = _DEFAULTS.replace(**options)
-        return Proxy(self._transport, tool, opts)
+
+    @overload
+    def proxy(
+        self,
+        tool: str,
+        options: ProxyOptions | None = ...,
+        *,
+        streaming: Literal[True],
+        **changes: Any,
+    ) -> StreamingProxy: ...
+    @overload
+    def proxy(
+        self,
+        tool: str,
+        options: ProxyOptions | None = ...,
+        *,
+        streaming: Literal[False] = ...,
+        **changes: Any,
+    ) -> Proxy: ...
+    def proxy(
+        self, tool: str, options: ProxyOptions | None = None, **changes: Any
+    ) -> Proxy | StreamingProxy:
+        """A proxy for ``tool`` (function or capability name): ``options`` (or keywords
+        changing them) as in :class:`ProxyOptions`."""
+        self._check_open()
+        return make_proxy(self._transport, tool, _options(options, changes))
 
     async def list_tools(self) -> list[dict[str, Any]]:
         """The agent's tools: name, capability, description, schema, streaming, sessions."""
-        try:
-            response = await self._transport.pick().stub.ListTools(
-                pb.ListToolsRequest(), timeout=10
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise map_rpc_error(exc) from exc
+        self._check_open()
+        response = await self._transport.pick().list_tools(_ADMIN_TIMEOUT)
         return [
             {
                 "name": t.name,
@@ -72,14 +99,18 @@ class AgentClient:
             for t in response.tools
         ]
 
+    async def list_sessions(self) -> pb.ListSessionsResponse:
+        """The agent's open sessions (ids shortened), busy or idle, and its instance id."""
+        self._check_open()
+        return await self._transport.pick().list_sessions(_ADMIN_TIMEOUT)
+
     async def aclose(self) -> None:
         if self._state is _State.OPEN:
             self._state = _State.CLOSED
             await self._transport.aclose()
 
     async def __aenter__(self) -> AgentClient:
-        if self._state is _State.CLOSED:
-            raise UsageError("this client is closed; connect again")
+        self._check_open()
         return self
 
     async def __aexit__(
@@ -106,26 +137,72 @@ class MeshClient:
         self.registry = registry
         self.watch = RegistryWatch(registry)
         self._pool = EndpointPool(self.watch, max_message_bytes)
+        self._transports: dict[Dependency, MeshTransport] = {}
         self._state = _State.OPEN
 
+    def _check_open(self) -> None:
+        if self._state is _State.CLOSED:
+            raise UsageError("this client is closed; connect again")
+
+    @overload
     def proxy(
         self,
-        capability: str,
+        capability: str | Dependency,
+        options: ProxyOptions | None = ...,
+        *,
+        tags: Sequence[str] = ...,
+        version: str | None = ...,
+        streaming: Literal[True],
+        **changes: Any,
+    ) -> StreamingProxy: ...
+    @overload
+    def proxy(
+        self,
+        capability: str | Dependency,
+        options: ProxyOptions | None = ...,
+        *,
+        tags: Sequence[str] = ...,
+        version: str | None = ...,
+        streaming: Literal[False] = ...,
+        **changes: Any,
+    ) -> Proxy: ...
+    def proxy(
+        self,
+        capability: str | Dependency,
+        options: ProxyOptions | None = None,
         *,
         tags: Sequence[str] = (),
         version: str | None = None,
-        **options: Any,
-    ) -> Proxy:
-        """A proxy for a capability (optionally narrowed by tags and a version constraint)."""
-        if self._state is _State.CLOSED:
-            raise UsageError("this client is closed; connect again")
-        opts = _DEFAULTS.replace(**options)
-        dependency = Dependency(capability, tuple(tags), version)
-        return Proxy(MeshTransport(self._pool, dependency), capability, opts)
+        **changes: Any,
+    ) -> Proxy | StreamingProxy:
+        """A proxy for a capability (optionally narrowed by tags and a version constraint),
+        or for a :class:`Dependency`."""
+        self._check_open()
+        if isinstance(capability, Dependency):
+            dependency = capability
+        else:
+            dependency = Dependency(capability, tuple(tags), version)
+        transport = self._transports.get(dependency)
+        if transport is None:
+            transport = self._transports[dependency] = MeshTransport(self._pool, dependency)
+        return make_proxy(transport, dependency.capability, _options(options, changes))
 
     def instances(self) -> list[rpb.Instance]:
         """The instances the registry lists now."""
         return list(self.watch.instances.values())
+
+    def instance(self, instance_id: str) -> rpb.Instance | None:
+        """The instance with this id, if the registry lists it."""
+        return self.watch.instances.get(instance_id)
+
+    def providers(self, dependency: Dependency) -> list[rpb.Instance]:
+        """The live, serving instances that provide ``dependency``."""
+        return self.watch.providers(dependency)
+
+    def agent(self, instance: rpb.Instance) -> AgentClient:
+        """A client of one listed instance (its own connection; close it when done)."""
+        self._check_open()
+        return AgentClient(EndpointTransport(GrpcEndpoint(instance.endpoint)))
 
     async def ready(self, within: float = 5.0) -> None:
         """Wait for the registry's first answer (raises AgentUnavailable if none comes)."""
@@ -134,12 +211,12 @@ class MeshClient:
     async def aclose(self) -> None:
         if self._state is _State.OPEN:
             self._state = _State.CLOSED
+            self._transports.clear()
             await self._pool.aclose()
             await self.watch.aclose()
 
     async def __aenter__(self) -> MeshClient:
-        if self._state is _State.CLOSED:
-            raise UsageError("this client is closed; connect again")
+        self._check_open()
         try:
             await self.ready()
         except BaseException:
@@ -170,4 +247,6 @@ def connect(
     if registry is not None:
         return MeshClient(registry, max_message_bytes=max_message_bytes)
     assert address is not None
-    return AgentClient(ChannelTransport(address, max_message_bytes=max_message_bytes))
+    return AgentClient(
+        EndpointTransport(GrpcEndpoint(address, max_message_bytes=max_message_bytes))
+    )

@@ -14,30 +14,21 @@ from typing import cast
 
 import grpc
 
-from sessionmesh.client._transport import Endpoint
-from sessionmesh.client.errors import AgentUnavailable, CallTimeout, RemoteError, map_rpc_error
+from sessionmesh.client._status import from_rpc_error
+from sessionmesh.client.errors import AgentUnavailable, CallTimeout, RemoteError
 from sessionmesh.v1 import session_service_pb2 as pb
+from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 
 #: Extra time the client waits past a call's own deadline (which the agent enforces).
 _DEADLINE_SLACK = 1.0
 
 
-def _copy(error: RemoteError) -> RemoteError:
-    return type(error)(
-        error.message,
-        code=error.code,
-        reason=error.reason,
-        metadata=error.metadata,
-        debug=error.debug,
-    )
-
-
 class Exchange:
     __slots__ = ("_call", "_ids", "_lock", "_pending", "_reader", "broken")
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, stub: pb_grpc.SessionServiceAsyncStub) -> None:
         self._call: grpc.aio.StreamStreamCall[pb.ExchangeRequest, pb.ExchangeResponse] = (
-            endpoint.stub.Exchange()
+            stub.Exchange()
         )
         self._pending: dict[int, asyncio.Future[pb.ExchangeResponse]] = {}
         self._ids = itertools.count(1)
@@ -51,7 +42,7 @@ class Exchange:
         """Send one call and wait for its answer. Transport failures raise; a failed call
         comes back as an answer with ``error`` set."""
         if self.broken is not None:
-            raise _copy(self.broken)
+            raise self.broken.copy()
         call_id = message.id = next(self._ids)
         future: asyncio.Future[pb.ExchangeResponse] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
@@ -67,21 +58,17 @@ class Exchange:
                 assert isinstance(error, RemoteError)
             else:
                 future.cancel()
-                error = AgentUnavailable(
-                    "the exchange stream to the agent broke", code=grpc.StatusCode.UNAVAILABLE
-                )
+                error = AgentUnavailable("the exchange stream to the agent broke")
                 if self.broken is None:
                     self.broken = error
-            raise _copy(error) from exc
+            raise error.copy() from exc
         try:
             if deadline is None:
                 return await future
             try:
                 return await asyncio.wait_for(future, deadline + _DEADLINE_SLACK)
             except TimeoutError:
-                raise CallTimeout(
-                    f"no answer within {deadline} s", code=grpc.StatusCode.DEADLINE_EXCEEDED
-                ) from None
+                raise CallTimeout(f"no answer within {deadline} s") from None
         except asyncio.CancelledError:
             if self._pending.pop(call_id, None) is not None:
                 asyncio.get_running_loop().create_task(self._cancel(call_id))
@@ -107,12 +94,9 @@ class Exchange:
         except grpc.aio.AioRpcError as exc:
             # The stream carries no call's own failure (those come in answers): whatever
             # ended it, the calls on it could not reach the agent.
-            error = map_rpc_error(exc)
+            error = from_rpc_error(exc)
             if not isinstance(error, AgentUnavailable):
-                error = AgentUnavailable(
-                    f"the exchange stream to the agent broke: {error}",
-                    code=grpc.StatusCode.UNAVAILABLE,
-                )
+                error = AgentUnavailable(f"the exchange stream to the agent broke: {error}")
         except asyncio.CancelledError:
             self._fail(AgentUnavailable("the exchange stream was closed"))
             raise
@@ -123,7 +107,7 @@ class Exchange:
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
-                future.set_exception(_copy(error))
+                future.set_exception(error.copy())
 
     async def aclose(self) -> None:
         """Half-close, let the agent answer what is in flight, then stop reading."""
@@ -136,11 +120,3 @@ class Exchange:
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
-
-
-def exchange_for(endpoint: Endpoint) -> Exchange:
-    """The endpoint's exchange stream, opened on first use and again after it broke."""
-    exchange = endpoint.exchange
-    if exchange is None or exchange.broken is not None:
-        exchange = endpoint.exchange = Exchange(endpoint)
-    return exchange

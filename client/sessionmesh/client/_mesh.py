@@ -10,26 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
-import re
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
-import grpc
-
-from sessionmesh.client._transport import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    Endpoint,
-    Transport,
-    channel_options,
-    close_endpoint,
-)
+from sessionmesh.client._dependency import Dependency
+from sessionmesh.client._grpc import GrpcEndpoint, RegistryChannel
+from sessionmesh.client._transport import Endpoint, Transport
 from sessionmesh.client.errors import AgentUnavailable, SessionOwnerLost
 from sessionmesh.v1 import registry_service_pb2 as rpb
-from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
+from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES
+from sessionmesh.wire.names import owner_of, short
 
 log = logging.getLogger("sessionmesh.mesh")
 
@@ -42,78 +34,6 @@ RETIRE_AFTER = 30.0
 #: After a connection failure an instance is tried last for this long.
 _SUSPECT_SECONDS = 2.0
 
-_VERSION_OP = re.compile(r"^\s*(>=|<=|==|!=|>|<|=)?\s*([0-9][0-9A-Za-z.+-]*)\s*$")
-
-
-def _version_key(version: str) -> tuple[int, ...]:
-    parts = []
-    for part in version.split("."):
-        digits = re.match(r"\d+", part)
-        parts.append(int(digits.group()) if digits else 0)
-    return tuple(parts)
-
-
-def version_matches(version: str, constraint: str | None) -> bool:
-    """Whether ``version`` ("1.2.3") meets ``constraint`` (">=1,<2", "==1.2", "1.2")."""
-    if not constraint:
-        return True
-    if not version:
-        return False
-    have = _version_key(version)
-    for clause in constraint.split(","):
-        match = _VERSION_OP.match(clause)
-        if match is None:
-            raise ValueError(f"bad version constraint {constraint!r}: use e.g. '>=1', '>=1,<2'")
-        op, want = match.group(1) or "==", _version_key(match.group(2))
-        width = max(len(have), len(want))
-        a, b = have + (0,) * (width - len(have)), want + (0,) * (width - len(want))
-        ok = {
-            ">=": a >= b,
-            "<=": a <= b,
-            ">": a > b,
-            "<": a < b,
-            "!=": a != b,
-            "==": a == b,
-            "=": a == b,
-        }[op]
-        if not ok:
-            return False
-    return True
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Dependency:
-    """A capability wanted, optionally narrowed by tags (all must be present) and a version
-    constraint (">=1", ">=1.2,<2")."""
-
-    capability: str
-    tags: tuple[str, ...] = ()
-    version: str | None = None
-
-    @classmethod
-    def parse(cls, raw: str | Mapping[str, Any]) -> Dependency:
-        if isinstance(raw, str):
-            return cls(raw)
-        unknown = set(raw) - {"capability", "tags", "version"}
-        if unknown or "capability" not in raw:
-            raise TypeError(
-                f"a dependency is a capability name or a dict with 'capability' and optional "
-                f"'tags', 'version'; got {dict(raw)!r}"
-            )
-        dependency = cls(str(raw["capability"]), tuple(raw.get("tags", ())), raw.get("version"))
-        version_matches("0", dependency.version)  # a bad constraint fails now, not per call
-        return dependency
-
-    def matches(self, instance: rpb.Instance) -> bool:
-        for tool in instance.tools:
-            if self.capability not in (tool.capability, tool.name):
-                continue
-            if not set(self.tags) <= set(tool.tags):
-                continue
-            if version_matches(tool.version, self.version):
-                return True
-        return False
-
 
 class RegistryWatch:
     """A live copy of the registry's instances."""
@@ -124,7 +44,7 @@ class RegistryWatch:
         self.listeners: list[Listener] = []
         self.connected = False
         self._ready = asyncio.Event()
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = RegistryChannel(address)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -139,8 +59,7 @@ class RegistryWatch:
         except TimeoutError:
             raise AgentUnavailable(
                 f"no answer from the registry at {self.address} within {within} s: is "
-                "`sessionmesh registry` (or `sessionmesh run`) running there?",
-                code=grpc.StatusCode.UNAVAILABLE,
+                "`sessionmesh registry` (or `sessionmesh run`) running there?"
             ) from None
 
     def providers(self, dependency: Dependency, *, serving: bool = True) -> list[rpb.Instance]:
@@ -155,12 +74,11 @@ class RegistryWatch:
             listener(change, instance)
 
     async def _run(self) -> None:
-        stub = rpb_grpc.RegistryServiceStub(self._channel)
         backoff = 0.05
         while True:
             fresh: dict[str, rpb.Instance] | None = {}
             try:
-                async for message in stub.Watch(rpb.WatchRequest()):
+                async for message in self._channel.watch():
                     if fresh is not None:  # the snapshot that starts every watch
                         if not message.snapshot_done:
                             fresh[message.instance.instance_id] = message.instance
@@ -177,13 +95,9 @@ class RegistryWatch:
                     else:
                         self.instances[instance.instance_id] = instance
                     self._tell(message.change, instance)
-            except grpc.aio.AioRpcError as exc:
+            except AgentUnavailable as exc:
                 if self.connected:
-                    log.info(
-                        "registry %s unreachable (%s); keeping what it said",
-                        self.address,
-                        exc.code().name,
-                    )
+                    log.info("%s; keeping what it said", exc.message)
             self.connected = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
@@ -214,7 +128,7 @@ class RegistryWatch:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self._channel.close()
+        await self._channel.aclose()
 
 
 class EndpointPool:
@@ -228,22 +142,26 @@ class EndpointPool:
     ) -> None:
         self.watch = watch
         self.max_message_bytes = max_message_bytes
-        self._endpoints: dict[str, Endpoint] = {}
+        self._endpoints: dict[str, GrpcEndpoint] = {}
         self.failed_at: dict[str, float] = {}
         self.turns = itertools.count()  # round robin, shared by every proxy of the client
-        self._retired: list[Endpoint] = []
+        self._retired: list[GrpcEndpoint] = []
         self.closed = False
         watch.listeners.append(self._on_change)
 
     def get(self, instance: rpb.Instance) -> Endpoint:
         endpoint = self._endpoints.get(instance.instance_id)
         if endpoint is None:
-            channel = grpc.aio.insecure_channel(
-                instance.endpoint, options=channel_options(self.max_message_bytes)
+            endpoint = GrpcEndpoint(
+                instance.endpoint,
+                instance_id=instance.instance_id,
+                max_message_bytes=self.max_message_bytes,
             )
-            endpoint = Endpoint(instance.endpoint, channel, instance.instance_id)
             self._endpoints[instance.instance_id] = endpoint
         return endpoint
+
+    def knows(self, endpoint: Endpoint) -> bool:
+        return self._endpoints.get(endpoint.instance_id) is endpoint
 
     def _on_change(
         self, change: rpb.WatchResponse.Change.ValueType, instance: rpb.Instance
@@ -255,17 +173,17 @@ class EndpointPool:
                 self._retired.append(endpoint)
                 asyncio.get_running_loop().call_later(RETIRE_AFTER, self._close_retired, endpoint)
 
-    def _close_retired(self, endpoint: Endpoint) -> None:
+    def _close_retired(self, endpoint: GrpcEndpoint) -> None:
         if endpoint in self._retired:
             self._retired.remove(endpoint)
-            asyncio.get_running_loop().create_task(close_endpoint(endpoint))
+            asyncio.get_running_loop().create_task(endpoint.aclose())
 
     async def aclose(self) -> None:
         self.closed = True
         endpoints, self._endpoints = self._endpoints, {}
         retired, self._retired = self._retired, []
         for endpoint in [*endpoints.values(), *retired]:
-            await close_endpoint(endpoint)
+            await endpoint.aclose()
 
 
 class MeshTransport(Transport):
@@ -280,8 +198,7 @@ class MeshTransport(Transport):
         if not candidates:
             raise AgentUnavailable(
                 f"no live provider of {self.dependency.capability!r} in the registry at "
-                f"{self.pool.watch.address}",
-                code=grpc.StatusCode.UNAVAILABLE,
+                f"{self.pool.watch.address}"
             )
         now = time.monotonic()
         healthy = [
@@ -293,19 +210,22 @@ class MeshTransport(Transport):
         return self.pool.get(choices[next(self.pool.turns) % len(choices)])
 
     def owner(self, session_id: str) -> Endpoint:
-        instance_id = session_id.partition(".")[0]
+        instance_id = owner_of(session_id)
         instance = self.pool.watch.instances.get(instance_id)
         if instance is None:
             raise SessionOwnerLost(
-                f"instance {instance_id}, which owned session {session_id[:14]}..., is gone "
+                f"instance {instance_id}, which owned session {short(session_id)}..., is gone "
                 "from the registry: the session's state went with it",
-                code=grpc.StatusCode.UNAVAILABLE,
+                code=AgentUnavailable.default_code,
                 metadata={"session_id": session_id, "instance_id": instance_id},
             )
         return self.pool.get(instance)
 
     def failed(self, endpoint: Endpoint) -> None:
         self.pool.failed_at[endpoint.instance_id] = time.monotonic()
+
+    def knows(self, endpoint: Endpoint) -> bool:
+        return self.pool.knows(endpoint)
 
     @property
     def closed(self) -> bool:  # type: ignore[override]

@@ -1,57 +1,107 @@
-"""Where calls go: the seam between proxies and gRPC channels.
+"""Where calls go: the seam between proxies and agents.
 
-A proxy asks its Transport for an endpoint for a new session or a call without one
-(``pick``), and for the endpoint that owns an existing session (``owner``). The one-address
-transport here is the whole story for ``mesh.connect``; the mesh resolves through a registry.
+An :class:`Endpoint` is one agent instance and the only way anything reaches it: the gRPC
+one (``_grpc.py``) is the client's single edge to gRPC, and ``sessionmesh.testing`` ships
+an in-memory one. A :class:`Transport` chooses endpoints: for a new session or a call
+without one (``pick``), and the instance that owns an existing session (``owner``). One
+address is the whole story for ``mesh.connect``; the mesh resolves through a registry.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any
-
-import grpc
-
-from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from google.protobuf.struct_pb2 import Value
 
-    from sessionmesh.client._exchange import Exchange
+    from sessionmesh.client.errors import RemoteError
+    from sessionmesh.v1 import session_service_pb2 as pb
 
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-
-
-def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        # Each connect() gets its own connection rather than one shared by every channel to
-        # the same address, so independent clients do not contend for one HTTP/2 connection.
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
+Metadata = tuple[tuple[str, str], ...]
 
 
-class Endpoint:
-    """One agent instance behind one reused channel."""
+class Answer(NamedTuple):
+    """How a call ended, when it reached the agent."""
 
-    __slots__ = ("address", "channel", "exchange", "instance_id", "stub")
+    #: The session the call opened (its id came back with the answer), or "".
+    session_id: str
+    value: Value
+    #: The call's own failure, or None. Transport failures raise instead.
+    error: RemoteError | None
 
-    def __init__(self, address: str, channel: grpc.aio.Channel, instance_id: str = "") -> None:
-        self.address = address
-        self.channel = channel
-        self.instance_id = instance_id
-        self.stub = pb_grpc.SessionServiceStub(channel)
-        self.exchange: Exchange | None = None  # opened on first call (_exchange.py)
+
+class StreamCall(abc.ABC):
+    """One StreamCall in flight. Errors arrive as sessionmesh errors."""
+
+    #: The session the call opened (from the response headers), once known.
+    session_id: str | None = None
+    #: The window the agent granted (None: it granted none).
+    window: int | None = None
+
+    @abc.abstractmethod
+    async def open(self, start: pb.StreamCallRequest) -> None:
+        """Send ``start`` and wait for the response headers; a refusal raises."""
+
+    @abc.abstractmethod
+    async def send(self, message: pb.StreamCallRequest) -> bool:
+        """Send one message; False if the call has ended (``receive`` tells how)."""
+
+    @abc.abstractmethod
+    async def done_writing(self) -> None:
+        """Half-close; a no-op once the call has ended."""
+
+    @abc.abstractmethod
+    async def receive(self) -> pb.StreamCallResponse | None:
+        """The next message, None once the call ended well; a failure raises."""
+
+    @abc.abstractmethod
+    def cancel(self) -> None:
+        """Cancel the call (the tool is cancelled on the agent); idempotent."""
+
+
+class Endpoint(abc.ABC):
+    """One agent instance. Every method maps failures to sessionmesh errors."""
+
+    address: str = ""
+    instance_id: str = ""
 
     def __repr__(self) -> str:
-        return f"<Endpoint {self.address}>"
+        return f"<{type(self).__name__} {self.address}>"
+
+    @abc.abstractmethod
+    async def call(
+        self, message: pb.ExchangeRequest, deadline: float | None, *, alone: bool = False
+    ) -> Answer:
+        """Run one call. ``alone``: too big to share a stream with other calls."""
+
+    @abc.abstractmethod
+    def stream(self, metadata: Metadata | None, deadline: float | None) -> StreamCall:
+        """A StreamCall, not yet opened."""
+
+    @abc.abstractmethod
+    async def create_session(self, tool: str, deadline: float | None) -> str:
+        """Open a session explicitly; its id."""
+
+    @abc.abstractmethod
+    async def close_session(self, session_id: str, deadline: float | None) -> bool:
+        """Close a session; False if it was not open."""
+
+    @abc.abstractmethod
+    async def list_tools(self, deadline: float | None) -> pb.ListToolsResponse: ...
+
+    @abc.abstractmethod
+    async def list_sessions(self, deadline: float | None) -> pb.ListSessionsResponse: ...
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Let calls in flight finish (briefly), then release the connection."""
 
 
 class Transport(abc.ABC):
-    """Chooses endpoints for calls. Implementations own their channels."""
+    """Chooses endpoints for calls. Implementations own their endpoints."""
 
-    #: Set once the client that owns the channels closed them; proxies then refuse calls.
+    #: Set once the client that owns the endpoints closed them; proxies then refuse calls.
     closed = False
 
     @abc.abstractmethod
@@ -65,25 +115,20 @@ class Transport(abc.ABC):
     def failed(self, endpoint: Endpoint) -> None:  # noqa: B027 - optional hook
         """A call could not reach ``endpoint``: try others first for a while."""
 
+    def knows(self, endpoint: Endpoint) -> bool:
+        """Whether ``endpoint``'s instance is still one this transport lists."""
+        return True
+
     @abc.abstractmethod
     async def aclose(self) -> None:
-        """Close the channels."""
+        """Close the endpoints."""
 
 
-class ChannelTransport(Transport):
-    """Everything goes to one address over one channel."""
+class EndpointTransport(Transport):
+    """Everything goes to one endpoint."""
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        channel = grpc.aio.insecure_channel(
-            address, options=[*channel_options(max_message_bytes), *options]
-        )
-        self.endpoint = Endpoint(address, channel)
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
 
     def pick(self) -> Endpoint:
         return self.endpoint
@@ -93,11 +138,4 @@ class ChannelTransport(Transport):
 
     async def aclose(self) -> None:
         self.closed = True
-        await close_endpoint(self.endpoint)
-
-
-async def close_endpoint(endpoint: Endpoint) -> None:
-    """Close the endpoint's exchange stream gracefully, then its channel."""
-    if endpoint.exchange is not None:
-        await endpoint.exchange.aclose()
-    await endpoint.channel.close()
+        await self.endpoint.aclose()

@@ -1,4 +1,4 @@
-"""The exceptions sessionmesh raises, and the one place gRPC errors become them.
+"""The exceptions sessionmesh raises. gRPC statuses become them in one place: ``_status.py``.
 
 MeshError                        everything below
 ├── UsageError                   a programming mistake: e.g. a closed client used again
@@ -27,13 +27,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
-
-from sessionmesh.client._wire import ERROR_DOMAIN, Reason
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Mapping
 
 __all__ = [
     "AgentUnavailable",
@@ -56,12 +52,7 @@ __all__ = [
     "ToolTimeout",
     "TransportError",
     "UsageError",
-    "map_rpc_error",
-    "map_status",
-    "status_code",
 ]
-
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class MeshError(Exception):
@@ -75,22 +66,35 @@ class UsageError(MeshError):
 class RemoteError(MeshError):
     """An agent answered with an error status."""
 
+    #: The status code an error of this class has when it was not given one.
+    default_code = grpc.StatusCode.UNKNOWN
+
     def __init__(
         self,
         message: str,
         *,
-        code: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
+        code: grpc.StatusCode | None = None,
         reason: str = "",
         metadata: Mapping[str, str] | None = None,
         debug: str = "",
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.code = code
+        self.code = code or self.default_code
         self.reason = reason
         self.metadata: dict[str, str] = dict(metadata or {})
         #: The remote traceback, when the agent runs with debug on.
         self.debug = debug
+
+    def copy(self) -> RemoteError:
+        """The same error as a new exception (one failure may fail several calls)."""
+        return type(self)(
+            self.message,
+            code=self.code,
+            reason=self.reason,
+            metadata=self.metadata,
+            debug=self.debug,
+        )
 
     def __str__(self) -> str:
         tag = self.reason or self.code.name
@@ -169,6 +173,8 @@ class TransportError(RemoteError):
 class CallTimeout(TransportError):
     """The call's deadline passed before an answer came."""
 
+    default_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
 
 class ToolTimeout(ToolFailed, CallTimeout):
     """The tool ran past the timeout its agent gives it."""
@@ -176,6 +182,8 @@ class ToolTimeout(ToolFailed, CallTimeout):
 
 class AgentUnavailable(TransportError):
     """The agent cannot be reached, or is shutting down."""
+
+    default_code = grpc.StatusCode.UNAVAILABLE
 
 
 class SessionOwnerUnavailable(SessionLost, AgentUnavailable):
@@ -187,63 +195,4 @@ class SessionOwnerUnavailable(SessionLost, AgentUnavailable):
 class CallCancelled(TransportError):
     """The call was cancelled."""
 
-
-_BY_REASON: dict[str, type[RemoteError]] = {
-    Reason.SESSION_NOT_FOUND: SessionNotFound,
-    Reason.SESSION_REQUIRED: SessionRequired,
-    Reason.TOOL_NOT_FOUND: ToolNotFound,
-    Reason.INVALID_ARGUMENTS: InvalidArguments,
-    Reason.TOOL_FAILED: ToolFailed,
-    Reason.TOOL_TIMEOUT: ToolTimeout,
-    Reason.TOO_MANY_SESSIONS: TooManySessions,
-    Reason.SHUTTING_DOWN: AgentUnavailable,
-    Reason.SESSION_ELSEWHERE: SessionElsewhere,
-}
-
-_BY_CODE: dict[grpc.StatusCode, type[RemoteError]] = {
-    grpc.StatusCode.DEADLINE_EXCEEDED: CallTimeout,
-    grpc.StatusCode.UNAVAILABLE: AgentUnavailable,
-    grpc.StatusCode.CANCELLED: CallCancelled,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.NOT_FOUND: ToolNotFound,
-}
-
-
-def map_rpc_error(exc: grpc.aio.AioRpcError) -> RemoteError:
-    """A failed RPC as a sessionmesh error (its status details carry the ErrorInfo)."""
-    details: Sequence[any_pb2.Any] = ()
-    for raw in exc.trailing_metadata().get_all(_STATUS_DETAILS_KEY):
-        if isinstance(raw, bytes):
-            details = status_pb2.Status.FromString(raw).details
-    code = exc.code()
-    return map_status(code, exc.details() or code.name, details)
-
-
-def map_status(code: grpc.StatusCode, message: str, details: Sequence[any_pb2.Any]) -> RemoteError:
-    """The one mapping from a status (code, message, ErrorInfo detail) to a sessionmesh error."""
-    reason = ""
-    metadata: dict[str, str] = {}
-    debug = ""
-    for detail in details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            if info.domain == ERROR_DOMAIN:
-                reason = info.reason
-                metadata = dict(info.metadata)
-        elif detail.Is(error_details_pb2.DebugInfo.DESCRIPTOR):
-            dbg = error_details_pb2.DebugInfo()
-            detail.Unpack(dbg)
-            debug = "".join(dbg.stack_entries)
-    cls = _BY_REASON.get(reason) or _BY_CODE.get(code, RemoteError)
-    if cls is ToolNotFound and not reason:
-        cls = RemoteError  # NOT_FOUND from something other than an agent (e.g. no such method)
-    return cls(message, code=code, reason=reason, metadata=metadata, debug=debug)
-
-
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
-
-
-def status_code(number: int) -> grpc.StatusCode:
-    """The StatusCode for a numeric code (UNKNOWN for one gRPC does not define)."""
-    return _CODES.get(number, grpc.StatusCode.UNKNOWN)
+    default_code = grpc.StatusCode.CANCELLED

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from sessionmesh.client._mesh import EndpointPool, RegistryWatch
-from sessionmesh.client._transport import DEFAULT_MAX_MESSAGE_BYTES, channel_options
-from sessionmesh.client.errors import MeshError
+from sessionmesh.client import MeshClient
+from sessionmesh.client.errors import MeshError, UsageError
+from sessionmesh.server._dispatch import Dispatcher
 from sessionmesh.server._inject import Injector, RegistryResolver, Resolver, StaticResolver
 from sessionmesh.server._registration import Registration
 from sessionmesh.server._service import Servicer
@@ -23,6 +23,7 @@ from sessionmesh.server._tool import BoundTool, ToolSpec, spec_of, tools_in
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
+from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -46,7 +47,7 @@ def agent(name: str | None = None, **settings: Any) -> Callable[[C], C]:
     """
     unknown = set(settings) - _AGENT_SETTINGS
     if unknown:
-        raise TypeError(f"unknown @mesh.agent setting(s): {', '.join(sorted(unknown))}")
+        raise UsageError(f"unknown @mesh.agent setting(s): {', '.join(sorted(unknown))}")
 
     def decorate(cls: C) -> C:
         setattr(cls, AGENT_ATTR, {"name": name or cls.__name__, **settings})
@@ -100,9 +101,9 @@ class Agent:
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         if session_ttl <= 0:
-            raise ValueError("session_ttl must be > 0 seconds")
+            raise UsageError("session_ttl must be > 0 seconds")
         if max_sessions < 1:
-            raise ValueError("max_sessions must be >= 1")
+            raise UsageError("max_sessions must be >= 1")
         self.name = name
         self.host = host
         self.port = port
@@ -117,14 +118,15 @@ class Agent:
         self.advertise = advertise
         self.drain_timeout = drain_timeout
         if peers and registry:
-            raise ValueError("give peers or a registry, not both")
+            raise UsageError("give peers or a registry, not both")
         self._resolver = resolver or (StaticResolver(peers) if peers else None)
-        self._watch: RegistryWatch | None = None
-        self._pool: EndpointPool | None = None
+        #: The agent's own client of the mesh (with a registry): dependencies, owners.
+        self.mesh: MeshClient | None = None
         self._registration: Registration | None = None
         self._interceptors = tuple(interceptors)
         self._server: grpc.aio.Server | None = None
         self._store: SessionStore | None = None
+        self._dispatcher: Dispatcher | None = None
         self._servicer: Servicer | None = None
         self._injector: Injector | None = None
         self._health: StandardServices | None = None
@@ -142,35 +144,33 @@ class Agent:
         settings.update({k: v for k, v in overrides.items() if v is not None})
         tools = tools_in(namespace)
         if not tools:
-            raise ValueError("no @mesh.tool functions found")
+            raise UsageError("no @mesh.tool functions found")
         return cls(tools, **settings)
 
     @property
     def address(self) -> str:
         if self._server is None:
-            raise RuntimeError("the agent is not started")
+            raise UsageError("the agent is not started")
         return f"{self.host}:{self.port}"
 
     @property
     def sessions(self) -> SessionStore:
         if self._store is None:
-            raise RuntimeError("the agent is not started")
+            raise UsageError("the agent is not started")
         return self._store
 
     async def start(self) -> str:
         """Bind and start serving; returns ``host:port``."""
         if self._server is not None:
-            raise RuntimeError("the agent is already started")
+            raise UsageError("the agent is already started")
         self._store = SessionStore(
             self.instance_id, default_ttl=self.session_ttl, max_sessions=self.max_sessions
         )
         if self.registry is not None:
-            self._watch = RegistryWatch(self.registry)
-            self._watch.start()
-            self._pool = EndpointPool(self._watch, self.max_message_bytes)
-            self._resolver = self._resolver or RegistryResolver(self._pool)
+            self.mesh = MeshClient(self.registry, max_message_bytes=self.max_message_bytes)
+            self._resolver = self._resolver or RegistryResolver(self.mesh)
         self._injector = Injector(self._resolver)
-        self._servicer = Servicer(
+        self._dispatcher = Dispatcher(
             agent_name=self.name,
             tools=self.tools,
             store=self._store,
@@ -178,8 +178,9 @@ class Agent:
             debug=self.debug,
             locate=self._locate,
         )
+        self._servicer = Servicer(self._dispatcher)
         server = grpc.aio.server(
-            options=channel_options(self.max_message_bytes), interceptors=self._interceptors
+            options=grpc_options(self.max_message_bytes), interceptors=self._interceptors
         )
         pb_grpc.add_SessionServiceServicer_to_server(self._servicer, server)
         self._health = StandardServices(server, SERVICE_NAME)
@@ -189,13 +190,13 @@ class Agent:
         self._store.start()
         await self._health.serving()
         if self.registry is not None:
-            assert self._watch is not None
+            assert self.mesh is not None
             self._registration = Registration(self.registry, self._describe, self._heartbeat)
             self._registration.start()
             # Dependencies resolve better with a first view of the mesh; a registry that
             # is down just means none yet (the watch keeps trying).
             with contextlib.suppress(MeshError):
-                await self._watch.ready(within=2.0)
+                await self.mesh.ready(within=2.0)
         log.info("agent %s (instance %s) serving on %s", self.name, self.instance_id, self.address)
         return self.address
 
@@ -211,23 +212,23 @@ class Agent:
         )
 
     def _state(self) -> rpb.InstanceState.ValueType:
-        draining = self._servicer is not None and self._servicer.draining
+        draining = self._dispatcher is not None and self._dispatcher.draining
         return rpb.INSTANCE_STATE_DRAINING if draining else rpb.INSTANCE_STATE_SERVING
 
     def _heartbeat(self) -> rpb.Heartbeat:
         return rpb.Heartbeat(state=self._state(), open_sessions=len(self._store or ()))
 
     def _locate(self, instance_id: str) -> str | None:
-        instance = self._watch.instances.get(instance_id) if self._watch else None
+        instance = self.mesh.instance(instance_id) if self.mesh else None
         return instance.endpoint if instance is not None else None
 
     async def drain(self, within: float | None = None) -> None:
         """Take no new sessions (the registry marks this instance draining, so callers go
         elsewhere) and wait up to ``within`` (``drain_timeout``) for open sessions to close.
         Calls in open sessions, and calls without one, are still served."""
-        if self._servicer is None or self._store is None:
+        if self._dispatcher is None or self._store is None:
             return
-        self._servicer.draining = True
+        self._dispatcher.draining = True
         if self._registration is not None:
             self._registration.nudge()
         if self._health is not None:
@@ -255,10 +256,8 @@ class Agent:
         await self._store.stop()
         if self._injector is not None:
             await self._injector.aclose()
-        if self._pool is not None:
-            await self._pool.aclose()
-        if self._watch is not None:
-            await self._watch.aclose()
+        if self.mesh is not None:
+            await self.mesh.aclose()
         self._server = None
         log.info("agent %s (instance %s) stopped", self.name, self.instance_id)
 
@@ -282,16 +281,16 @@ def _index(tools: Iterable[Callable[..., Any] | ToolSpec]) -> dict[str, BoundToo
     for item in tools:
         spec = item if isinstance(item, ToolSpec) else spec_of(item)
         if spec is None:
-            raise TypeError(f"{item!r} is not a tool: decorate it with @mesh.tool")
+            raise UsageError(f"{item!r} is not a tool: decorate it with @mesh.tool")
         bound = BoundTool(spec)
         for key in {spec.name, spec.capability}:
             other = index.get(key)
             if other is not None and other is not bound:
-                raise ValueError(
+                raise UsageError(
                     f"two tools answer to {key!r}: {other.spec.fn.__qualname__} and "
                     f"{spec.fn.__qualname__}; give one another name or capability"
                 )
             index[key] = bound
     if not index:
-        raise ValueError("an agent needs at least one tool")
+        raise UsageError("an agent needs at least one tool")
     return index

@@ -17,20 +17,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import grpc
-
-from sessionmesh.client import MeshClient, connect
+from sessionmesh.client import cli as client_commands
+from sessionmesh.client.cli import REGISTRY_ENV, registry_address, say
 from sessionmesh.client.errors import MeshError, UsageError
 from sessionmesh.server._agent import Agent
 from sessionmesh.server._registry import Registry
-from sessionmesh.v1 import registry_service_pb2 as rpb
-from sessionmesh.v1 import session_service_pb2 as pb
-from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sessionmesh.cli")
 
-REGISTRY_ENV = "SESSIONMESH_REGISTRY"
-DEFAULT_REGISTRY_PORT = 50050
+DEFAULT_REGISTRY_PORT = client_commands.DEFAULT_REGISTRY_PORT
 
 
 def load_file(path: str) -> ModuleType:
@@ -72,17 +67,6 @@ def _release_signals() -> None:
         loop.remove_signal_handler(sig)  # a second Ctrl-C ends at once
 
 
-def _say(message: str) -> None:
-    print(f"sessionmesh: {message}", file=sys.stderr, flush=True)
-
-
-def _registry_address(args: argparse.Namespace, *, required: bool) -> str | None:
-    address: str | None = getattr(args, "registry", None) or os.environ.get(REGISTRY_ENV)
-    if required and not address:
-        address = f"127.0.0.1:{DEFAULT_REGISTRY_PORT}"
-    return address
-
-
 # -- serve ------------------------------------------------------------------------------------
 
 
@@ -97,10 +81,10 @@ async def _serve(args: argparse.Namespace) -> int:
             debug=args.debug or None,
             session_ttl=args.session_ttl,
             peers=_peers(args.peer) or None,
-            registry=_registry_address(args, required=False),
+            registry=registry_address(args, required=False),
             drain_timeout=args.drain_timeout,
         )
-    except (TypeError, ValueError) as exc:
+    except UsageError as exc:
         raise SystemExit(f"sessionmesh: {args.file}: {exc}") from None
     stop = _stop_on_signals()
     if args.stop_with_parent:
@@ -111,13 +95,13 @@ async def _serve(args: argparse.Namespace) -> int:
     tools = sorted({b.spec.name for b in agent.tools.values()})
     ready = {"agent": agent.name, "instance": agent.instance_id, "address": address, "tools": tools}
     print(json.dumps(ready), flush=True)
-    _say(f"agent {agent.name} (instance {agent.instance_id}) serving on {address}")
+    say(f"agent {agent.name} (instance {agent.instance_id}) serving on {address}")
     await stop.wait()
     _release_signals()
     if agent.registry:
-        _say(f"agent {agent.name} draining (up to {agent.drain_timeout} s for open sessions)")
+        say(f"agent {agent.name} draining (up to {agent.drain_timeout} s for open sessions)")
         await agent.drain()
-    _say(f"agent {agent.name} stopping")
+    say(f"agent {agent.name} stopping")
     await agent.stop()
     return 0
 
@@ -143,7 +127,7 @@ async def _registry(args: argparse.Namespace) -> int:
             f"sessionmesh: cannot serve the registry on {args.host}:{args.port}: {exc}"
         ) from None
     print(json.dumps({"registry": address}), flush=True)
-    _say(f"registry serving on {address}")
+    say(f"registry serving on {address}")
     await stop.wait()
     await registry.stop()
     return 0
@@ -167,7 +151,7 @@ async def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f"sessionmesh: no such file: {', '.join(missing)}")
     stop = _stop_on_signals()
     registry: Registry | None = None
-    address = _registry_address(args, required=False)
+    address = registry_address(args, required=False)
     if address is None:
         registry = Registry(host="127.0.0.1", port=args.registry_port)
         try:
@@ -177,7 +161,7 @@ async def _run(args: argparse.Namespace) -> int:
                 f"sessionmesh: port {args.registry_port} is taken: is another `sessionmesh run` "
                 "or registry running? Use --registry-port, or --registry to join it."
             ) from None
-        _say(f"embedded registry on {address}")
+        say(f"embedded registry on {address}")
     procs: list[subprocess.Popen[str]] = []
     agents: list[dict[str, Any]] = []
     try:
@@ -192,7 +176,7 @@ async def _run(args: argparse.Namespace) -> int:
                 raise SystemExit(f"sessionmesh: an agent failed to start (exit {proc.wait()})")
             agents.append(json.loads(line))
         print(json.dumps({"registry": address, "agents": agents}), flush=True)
-        _say(f"{len(agents)} agent process(es) up; Ctrl-C stops everything")
+        say(f"{len(agents)} agent process(es) up; Ctrl-C stops everything")
         waiting = [asyncio.ensure_future(asyncio.to_thread(p.wait)) for p in procs]
         stopper = asyncio.ensure_future(stop.wait())
         while not stop.is_set():
@@ -200,7 +184,7 @@ async def _run(args: argparse.Namespace) -> int:
             for future in done:
                 if future in waiting:
                     waiting.remove(future)
-                    _say(f"an agent process exited with {future.result()}")
+                    say(f"an agent process exited with {future.result()}")
             if not waiting:
                 break
         _release_signals()
@@ -226,127 +210,6 @@ async def _stop_all(procs: Sequence[subprocess.Popen[str]]) -> None:
                 stream.close()
 
 
-# -- list, call, sessions ---------------------------------------------------------------------
-
-
-async def _mesh(args: argparse.Namespace) -> MeshClient:
-    address = _registry_address(args, required=True)
-    assert address is not None
-    client = connect(registry=address)
-    try:
-        await client.ready(within=args.wait)
-    except MeshError:
-        await client.aclose()
-        raise
-    return client
-
-
-def _state(instance: rpb.Instance) -> str:
-    return rpb.InstanceState.Name(instance.state).removeprefix("INSTANCE_STATE_").lower()
-
-
-async def _list(args: argparse.Namespace) -> int:
-    client = await _mesh(args)
-    try:
-        instances = sorted(client.instances(), key=lambda i: (i.agent_name, i.endpoint))
-    finally:
-        await client.aclose()
-    rows: list[dict[str, Any]] = [
-        {
-            "agent": i.agent_name,
-            "instance": i.instance_id,
-            "endpoint": i.endpoint,
-            "state": _state(i),
-            "open_sessions": i.open_sessions,
-            "capabilities": sorted({t.capability for t in i.tools}),
-        }
-        for i in instances
-    ]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print("no agents registered")
-        return 0
-    line = "{:<16} {:<9} {:<22} {:<9} {:>8}  {}"
-    print(line.format("AGENT", "INSTANCE", "ENDPOINT", "STATE", "SESSIONS", "CAPABILITIES"))
-    for r in rows:
-        caps = ", ".join(r["capabilities"])
-        print(
-            line.format(
-                r["agent"], r["instance"], r["endpoint"], r["state"], r["open_sessions"], caps
-            )
-        )
-    return 0
-
-
-async def _call(args: argparse.Namespace) -> int:
-    try:
-        arguments = json.loads(args.arguments) if args.arguments else {}
-    except json.JSONDecodeError as exc:
-        raise UsageError(
-            f"the arguments are not JSON ({exc}): pass an object like '{{\"n\": 1}}'"
-        ) from None
-    if not isinstance(arguments, dict):
-        raise UsageError("the arguments must be a JSON object, like '{\"n\": 1}'")
-    client = await _mesh(args)
-    try:
-        tools = [
-            t
-            for i in client.instances()
-            for t in i.tools
-            if args.capability in (t.capability, t.name)
-        ]
-        if not tools:
-            raise UsageError(f"no live provider of {args.capability!r}: see `sessionmesh list`")
-        tool = tools[0]
-        proxy = client.proxy(
-            args.capability, session_required=tool.session_required, timeout=args.timeout
-        )
-        async with proxy:
-            if tool.streaming:
-                async with proxy.call_tool_auto(args.capability, arguments) as chunks:
-                    async for chunk in chunks:
-                        print(json.dumps(chunk), flush=True)
-            else:
-                print(json.dumps(await proxy(args.capability, arguments), indent=2))
-    finally:
-        await client.aclose()
-    return 0
-
-
-async def _sessions(args: argparse.Namespace) -> int:
-    client = await _mesh(args)
-    try:
-        instances = [
-            i
-            for i in client.instances()
-            if not args.agent or args.agent in (i.agent_name, i.instance_id)
-        ]
-        if not instances:
-            print("no such agent registered" if args.agent else "no agents registered")
-            return 0 if not args.agent else 1
-        for instance in sorted(instances, key=lambda i: (i.agent_name, i.endpoint)):
-            where = f"{instance.agent_name} {instance.instance_id} at {instance.endpoint}"
-            async with grpc.aio.insecure_channel(instance.endpoint) as channel:
-                try:
-                    listing = await pb_grpc.SessionServiceStub(channel).ListSessions(
-                        pb.ListSessionsRequest(), timeout=5
-                    )
-                except grpc.aio.AioRpcError as exc:
-                    print(f"{where}: unreachable ({exc.code().name})")
-                    continue
-            print(f"{where}: {len(listing.sessions)} open session(s)")
-            for s in listing.sessions:
-                state = "busy" if s.active else f"idle {s.idle.ToTimedelta().total_seconds():.1f}s"
-                ttl = s.idle_timeout.ToTimedelta().total_seconds()
-                queued = f", {s.waiting} waiting" if s.waiting else ""
-                print(f"  {s.short_id}…  {state} (expires after {ttl:.0f}s idle){queued}")
-    finally:
-        await client.aclose()
-    return 0
-
-
 # -- the parser -------------------------------------------------------------------------------
 
 
@@ -356,14 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    def registry_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--registry",
-            default=None,
-            metavar="HOST:PORT",
-            help=f"the registry (default: ${REGISTRY_ENV}, else 127.0.0.1:{DEFAULT_REGISTRY_PORT})",
-        )
 
     serve = commands.add_parser("serve", help="serve the tools of one Python file")
     serve.add_argument("file", help="a Python file with @mesh.tool functions")
@@ -425,35 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(run=_run)
 
-    listing = commands.add_parser(
-        "list", help="agents, instances, capabilities, state, open sessions"
-    )
-    registry_option(listing)
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(run=_list)
-
-    call = commands.add_parser(
-        "call", help="call a capability; print the result (or chunks) as JSON"
-    )
-    registry_option(call)
-    call.add_argument("capability")
-    call.add_argument("arguments", nargs="?", default=None, help="a JSON object")
-    call.add_argument("--timeout", type=float, default=None, help="seconds")
-    call.set_defaults(run=_call)
-
-    sessions = commands.add_parser("sessions", help="open sessions per instance (ids shortened)")
-    registry_option(sessions)
-    sessions.add_argument("agent", nargs="?", default=None, help="an agent name or instance id")
-    sessions.set_defaults(run=_sessions)
-
-    for p in (listing, call, sessions):
-        p.add_argument("--wait", type=float, default=5.0, help=argparse.SUPPRESS)
+    client_commands.add(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet = args.command in ("list", "call", "sessions")
+    quiet = args.command in client_commands.COMMANDS
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -464,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except MeshError as exc:
-        _say(str(exc))
+        say(str(exc))
         return 1
 
 

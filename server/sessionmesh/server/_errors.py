@@ -5,16 +5,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
-from sessionmesh.client._wire import ERROR_DOMAIN, Reason
+from sessionmesh.wire import status
+from sessionmesh.wire.names import short
+from sessionmesh.wire.reasons import Reason
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-_MAX_TEXT = 2000
+    from google.protobuf import any_pb2
 
 
 class Fail(Exception):
@@ -31,39 +30,23 @@ class Fail(Exception):
         super().__init__(message)
         self.code = code
         self.reason = reason
-        self.message = message[:_MAX_TEXT]
-        self.metadata = {k: v[:_MAX_TEXT] for k, v in (metadata or {}).items()}
+        self.message = message[: status.MAX_TEXT]
+        self.metadata = dict(metadata or {})
         self.debug = debug
 
     def details(self) -> list[any_pb2.Any]:
-        info = any_pb2.Any()
-        info.Pack(
-            error_details_pb2.ErrorInfo(
-                reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
-            )
-        )
-        details = [info]
-        if self.debug:
-            dbg = any_pb2.Any()
-            dbg.Pack(
-                error_details_pb2.DebugInfo(stack_entries=self.debug.splitlines(keepends=True))
-            )
-            details.append(dbg)
-        return details
+        return status.encode(self.reason, self.metadata, self.debug)
 
     def status(self) -> grpc.Status:
         """For ``context.abort_with_status``: the code, message and details of a Call."""
-        status = status_pb2.Status(
-            code=self.code.value[0], message=self.message, details=self.details()
-        )
-        return rpc_status.to_status(status)
+        return status.to_grpc_status(self.code, self.message, self.details())
 
 
 def session_not_found(session_id: str) -> Fail:
     return Fail(
         grpc.StatusCode.NOT_FOUND,
         Reason.SESSION_NOT_FOUND,
-        f"session {session_id[:14]}... is not open on this agent: it was closed, expired, or "
+        f"session {short(session_id)}... is not open on this agent: it was closed, expired, or "
         "never existed. Open a new session; its state is gone.",
         {"session_id": session_id},
     )

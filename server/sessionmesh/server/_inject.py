@@ -7,24 +7,29 @@ import contextlib
 import typing
 from typing import Any, Protocol
 
-from sessionmesh.client import Proxy, ProxyOptions
-from sessionmesh.client._mesh import Dependency, EndpointPool, MeshTransport
-from sessionmesh.client._transport import ChannelTransport, Transport
+from sessionmesh.client import (
+    AgentClient,
+    BaseProxy,
+    Dependency,
+    MeshClient,
+    ProxyOptions,
+    connect,
+)
 
 if typing.TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
 
     from sessionmesh.server._session import Session
-    from sessionmesh.server._tool import BoundTool, ToolSpec
+    from sessionmesh.server._tool import BoundTool
 
 
 _NO_SCOPE: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()  # stateless
 
 
 class Resolver(Protocol):
-    """Finds the live providers of a dependency: a transport over them, or None if none."""
+    """Finds the live providers of a dependency: a proxy over them, or None if none."""
 
-    def transport_for(self, dependency: Dependency) -> Transport | None: ...
+    def proxy_for(self, dependency: Dependency, options: ProxyOptions) -> BaseProxy | None: ...
 
     async def aclose(self) -> None: ...
 
@@ -34,68 +39,48 @@ class StaticResolver:
 
     def __init__(self, peers: Mapping[str, str]) -> None:
         self.peers = dict(peers)
-        self._transports: dict[str, ChannelTransport] = {}
+        self._clients: dict[str, AgentClient] = {}
 
-    def transport_for(self, dependency: Dependency) -> Transport | None:
+    def proxy_for(self, dependency: Dependency, options: ProxyOptions) -> BaseProxy | None:
         address = self.peers.get(dependency.capability)
         if address is None:
             return None
-        transport = self._transports.get(address)
-        if transport is None:
-            transport = self._transports[address] = ChannelTransport(address)
-        return transport
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = connect(address)
+        return client.proxy(dependency.capability, options)
 
     async def aclose(self) -> None:
-        transports, self._transports = self._transports, {}
-        for transport in transports.values():
-            await transport.aclose()
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            await client.aclose()
 
 
 class RegistryResolver:
     """Providers as the registry lists them now: the next invocation sees a provider that
     came up, and gets None for one that went away."""
 
-    def __init__(self, pool: EndpointPool) -> None:
-        self.pool = pool
-        self._transports: dict[Dependency, MeshTransport] = {}
+    def __init__(self, client: MeshClient) -> None:
+        self.client = client
 
-    def transport_for(self, dependency: Dependency) -> Transport | None:
-        if not self.pool.watch.providers(dependency):
+    def proxy_for(self, dependency: Dependency, options: ProxyOptions) -> BaseProxy | None:
+        if not self.client.providers(dependency):
             return None
-        transport = self._transports.get(dependency)
-        if transport is None:
-            transport = self._transports[dependency] = MeshTransport(self.pool, dependency)
-        return transport
+        return self.client.proxy(dependency, options)
 
     async def aclose(self) -> None:
-        self._transports.clear()  # the pool's owner closes the channels
-
-
-def proxy_options(spec: ToolSpec) -> dict[str, Any]:
-    """The consumer tool's keywords that configure the proxies injected into it."""
-    return {
-        "session_required": spec.session_required,
-        "stateful": spec.stateful,
-        "auto_session_management": spec.auto_session_management,
-        "timeout": spec.timeout,
-        "retry_count": spec.retry_count,
-        "retry_delay": spec.retry_delay,
-        "streaming": spec.streaming,
-        "stream_timeout": spec.stream_timeout,
-        "buffer_size": spec.buffer_size,
-    }
+        return None  # the client belongs to the agent
 
 
 class Injector:
     def __init__(self, resolver: Resolver | None) -> None:
         self.resolver = resolver
-        self._by_session: dict[str, dict[str, Proxy]] = {}
+        self._by_session: dict[str, dict[str, BaseProxy]] = {}
 
-    def _proxy(self, bound: BoundTool, param: str, dependency: Dependency) -> Proxy | None:
-        transport = self.resolver.transport_for(dependency) if self.resolver else None
-        if transport is None:
+    def _proxy(self, bound: BoundTool, dependency: Dependency) -> BaseProxy | None:
+        if self.resolver is None:
             return None
-        return Proxy(transport, dependency.capability, ProxyOptions(**proxy_options(bound.spec)))
+        return self.resolver.proxy_for(dependency, bound.spec.options)
 
     def scope(
         self, bound: BoundTool, session: Session | None, kwargs: dict[str, Any]
@@ -110,21 +95,21 @@ class Injector:
     ) -> AsyncIterator[None]:
         # Auto sessions opened for one invocation close when it ends; when the consumer runs
         # inside a session itself, they live (and close) with that session instead.
-        per_call: list[Proxy] = []
+        per_call: list[BaseProxy] = []
         for param in bound.dependencies:
             assert param.dependency is not None
-            if session is not None and bound.spec.session_required:
+            if session is not None and bound.spec.options.session_required:
                 held = self._by_session.get(session.id)
                 if held is None:
                     held = self._by_session[session.id] = {}
                     session.on_close(self._closer(session.id))
                 proxy = held.get(param.name)
                 if proxy is None:
-                    proxy = self._proxy(bound, param.name, param.dependency)
+                    proxy = self._proxy(bound, param.dependency)
                     if proxy is not None:
                         held[param.name] = proxy
             else:
-                proxy = self._proxy(bound, param.name, param.dependency)
+                proxy = self._proxy(bound, param.dependency)
                 if proxy is not None:
                     per_call.append(proxy)
             kwargs[param.name] = proxy

@@ -20,6 +20,7 @@ import grpc
 from sessionmesh.server._standard import StandardServices
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
+from sessionmesh.wire.names import answers_to
 
 log = logging.getLogger("sessionmesh.registry")
 
@@ -32,7 +33,7 @@ Event = tuple["rpb.WatchResponse.Change.ValueType", rpb.Instance]
 
 
 def provides(instance: rpb.Instance, capability: str) -> bool:
-    return any(capability in (t.capability, t.name) for t in instance.tools)
+    return any(answers_to(t, capability) for t in instance.tools)
 
 
 class RegistryStore(abc.ABC):

@@ -1,140 +1,30 @@
-"""The SessionService servicer: sessions, dedup, ordering and tool invocation over gRPC."""
+"""The SessionService RPCs: thin adapters that move calls between gRPC and the dispatcher."""
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import time
-import traceback
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from sessionmesh.client._codec import NotJsonLike, from_struct, set_value
-from sessionmesh.client._wire import (
-    SESSION_CREATE_KEY,
-    SESSION_ID_KEY,
-    STREAM_WINDOW_KEY,
-    Reason,
-)
-from sessionmesh.server._errors import (
-    Fail,
-    invalid_arguments,
-    invalid_stream,
-    not_json,
-    session_not_found,
-    tool_not_found,
-)
-from sessionmesh.server._params import ArgumentError
-from sessionmesh.server._session import (
-    Session,
-    SessionNotFoundError,
-    SessionStore,
-    TooManySessionsError,
-    _current,
-    short,
-)
+from sessionmesh.server._dispatch import Dispatcher, Plan
+from sessionmesh.server._errors import Fail, invalid_stream, not_json
 from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, Flow, drain, pump
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
+from sessionmesh.wire.codec import NotJsonLike, set_value
+from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY, STREAM_WINDOW_KEY
+from sessionmesh.wire.names import short
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
-    from types import TracebackType
 
     from google.protobuf.struct_pb2 import Value
 
-    from sessionmesh.server._inject import Injector
     from sessionmesh.server._tool import BoundTool
-
-#: How many call ids of calls without a session (or that opened one) the agent remembers.
-RECENT_CALLS = 10_000
-
-Turn = asyncio.Future[None] | None
-
-
-class _Plan:
-    """A call ready to run: everything decided at arrival, before the first await, so that
-    calls of one session keep their arrival order."""
-
-    __slots__ = (
-        "bound",
-        "call_id",
-        "created",
-        "earlier",
-        "entered",
-        "kwargs",
-        "new_id",
-        "session",
-        "turn",
-    )
-
-    def __init__(
-        self,
-        bound: BoundTool,
-        session: Session | None,
-        earlier: asyncio.Future[Any] | None,
-        new_id: str,
-        call_id: str,
-    ) -> None:
-        self.bound = bound
-        self.session = session
-        self.earlier = earlier
-        self.new_id = new_id  # a session id to report to the caller: opened, or a replay's
-        self.created = session is not None and new_id == session.id
-        self.call_id = call_id
-        self.kwargs: dict[str, Any] = {}
-        self.turn: Turn = None
-        self.entered = False
-
-    def abandon(self) -> None:
-        """Give up the call's place in line without running (it failed or was cancelled
-        before its turn); a no-op once it has entered."""
-        session = self.session
-        if session is None or self.entered:
-            return
-        self.entered = True
-        turn = self.turn
-        if turn is None or (turn.done() and not turn.cancelled()):
-            session.release()  # the turn was this call's: pass it on
-        else:
-            turn.cancel()
-
-
-class _Turn:
-    """A call's turn in its session, with the session as the current one and the tool's
-    dependencies injected, for as long as the tool runs."""
-
-    __slots__ = ("plan", "scope", "servicer", "token")
-
-    def __init__(self, servicer: Servicer, plan: _Plan) -> None:
-        self.servicer = servicer
-        self.plan = plan
-
-    async def __aenter__(self) -> None:
-        plan = self.plan
-        await self.servicer._enter(plan)
-        self.token = _current.set(plan.session)
-        try:
-            self.scope = self.servicer.injector.scope(plan.bound, plan.session, plan.kwargs)
-            await self.scope.__aenter__()
-        except BaseException:
-            self._leave()
-            raise
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        try:
-            await self.scope.__aexit__(et, ev, tb)
-        finally:
-            self._leave()
-
-    def _leave(self) -> None:
-        _current.reset(self.token)
-        self.servicer._leave(self.plan.session)
 
 
 def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, bool]:
@@ -149,194 +39,23 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, bool]:
 
 
 class Servicer(pb_grpc.SessionServiceServicer):
-    def __init__(
-        self,
-        *,
-        agent_name: str,
-        tools: dict[str, BoundTool],
-        store: SessionStore,
-        injector: Injector,
-        debug: bool = False,
-        locate: Callable[[str], str | None] | None = None,
-    ) -> None:
-        self.agent_name = agent_name
-        self.tools = tools
-        self.store = store
-        self.injector = injector
-        self.debug = debug
-        self.locate = locate
-        self.draining = False
+    """The SessionService RPCs as thin adapters over one :class:`Dispatcher`."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+        self.store = dispatcher.store
         self._exchange_readers: set[asyncio.Task[None]] = set()
-        self._recent: collections.OrderedDict[str, tuple[str, asyncio.Future[Any]]] = (
-            collections.OrderedDict()
-        )
-        unique = {id(b): b for b in tools.values()}
+        unique = {id(b): b for b in dispatcher.tools.values()}
         self.tool_descriptions = [_describe(b) for b in unique.values()]
         self._list_tools = pb.ListToolsResponse(
-            agent_name=agent_name, instance_id=store.instance_id, tools=self.tool_descriptions
-        )
-        self._tool_names = sorted({b.spec.name for b in unique.values()})
-
-    # -- deciding, at arrival -----------------------------------------------------------------
-
-    def _tool(self, name: str) -> BoundTool:
-        bound = self.tools.get(name)
-        if bound is None:
-            raise tool_not_found(name, self._tool_names)
-        return bound
-
-    def _new_session(self, bound: BoundTool | None) -> Session:
-        if self.draining:
-            raise Fail(
-                grpc.StatusCode.UNAVAILABLE,
-                Reason.SHUTTING_DOWN,
-                f"agent {self.agent_name!r} is shutting down and takes no new sessions",
-            )
-        try:
-            return self.store.create(bound.spec.session_ttl if bound else None)
-        except TooManySessionsError as exc:
-            raise Fail(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_SESSIONS, str(exc)
-            ) from None
-
-    def _plan(self, request: pb.CallRequest, session_id: str, create: bool) -> _Plan:
-        """Find (or open) the call's session, find an earlier outcome of the same call id,
-        bind the arguments and take the call's place in its session's line. Never awaits."""
-        bound = self._tool(request.tool)
-        call_id = request.call_id
-        if session_id:
-            try:
-                session = self.store.get(session_id)
-            except SessionNotFoundError:
-                raise self._not_here(session_id) from None
-            plan = _Plan(
-                bound, session, session.remembered(call_id) if call_id else None, "", call_id
-            )
-        elif create:
-            if call_id and call_id in self._recent:
-                # A retry of a call that opened a session: the same session, the same outcome.
-                sid, outcome = self._recent[call_id]
-                return _Plan(bound, None, outcome, sid, call_id)
-            # Bind first: a call that cannot run must not leave a session nobody knows of.
-            kwargs = self._bind(bound, request, None)
-            session = self._new_session(bound)
-            plan = _Plan(bound, session, None, session.id, call_id)
-            plan.kwargs = kwargs
-            kwargs.update(dict.fromkeys(bound.session_params, session))
-            plan.turn = session.enqueue()
-            return plan
-        elif bound.requires_session:
-            raise Fail(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                Reason.SESSION_REQUIRED,
-                f"tool {bound.spec.name!r} needs a session: send '{SESSION_ID_KEY}: <id>' from "
-                f"CreateSession, or '{SESSION_CREATE_KEY}: 1' to open one with this call",
-            )
-        else:
-            earlier = self._recent[call_id][1] if call_id and call_id in self._recent else None
-            plan = _Plan(bound, None, earlier, "", call_id)
-        if plan.earlier is None:
-            plan.kwargs = self._bind(bound, request, plan.session)
-            if plan.session is not None:
-                plan.turn = plan.session.enqueue()
-        return plan
-
-    def _not_here(self, session_id: str) -> Fail:
-        """A session this instance does not have: elsewhere (name the owner) or nowhere."""
-        owner = session_id.partition(".")[0]
-        if owner != self.store.instance_id and self.locate is not None:
-            endpoint = self.locate(owner)
-            if endpoint is not None:
-                return Fail(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    Reason.SESSION_ELSEWHERE,
-                    f"session {session_id[:14]}... lives on instance {owner} at {endpoint}; "
-                    "send its calls there (a session never moves)",
-                    {"session_id": session_id, "owner_instance": owner, "owner_endpoint": endpoint},
-                )
-        return session_not_found(session_id)
-
-    def _bind(
-        self, bound: BoundTool, request: pb.CallRequest, session: Session | None
-    ) -> dict[str, Any]:
-        try:
-            return bound.bind(from_struct(request.arguments), session)
-        except ArgumentError as exc:
-            raise invalid_arguments(exc.field, str(exc)) from None
-
-    def _remember(self, plan: _Plan, outcome: asyncio.Future[Any]) -> None:
-        if plan.session is not None:
-            plan.session.remember(plan.call_id, outcome)
-        if plan.session is None or plan.created:
-            self._recent[plan.call_id] = (plan.new_id, outcome)
-            if len(self._recent) > RECENT_CALLS:
-                self._recent.popitem(last=False)
-
-    # -- running ------------------------------------------------------------------------------
-
-    def _tool_failed(self, bound: BoundTool, exc: BaseException) -> Fail:
-        if isinstance(exc, Fail):
-            return exc
-        if isinstance(exc, TimeoutError):
-            return Fail(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                Reason.TOOL_TIMEOUT,
-                f"tool {bound.spec.name!r} ran past its timeout",
-                {"type": "TimeoutError", "message": str(exc)},
-            )
-        kind = type(exc).__name__
-        return Fail(
-            grpc.StatusCode.UNKNOWN,
-            Reason.TOOL_FAILED,
-            f"tool {bound.spec.name!r} raised {kind}: {exc}",
-            {"type": kind, "message": str(exc)},
-            debug="".join(traceback.format_exception(exc)) if self.debug else "",
+            agent_name=dispatcher.agent_name,
+            instance_id=self.store.instance_id,
+            tools=self.tool_descriptions,
         )
 
-    async def _enter(self, plan: _Plan) -> None:
-        session = plan.session
-        if session is None:
-            return
-        try:
-            if plan.turn is not None:
-                await plan.turn
-        except BaseException:
-            plan.abandon()
-            raise
-        plan.entered = True
-        if session.closed:
-            session.release()
-            raise session_not_found(session.id)
-        session.active += 1
-
-    @staticmethod
-    def _leave(session: Session | None) -> None:
-        if session is not None:
-            session.active -= 1
-            session.last_used = time.monotonic()
-            session.release()
-
-    async def _run(self, plan: _Plan) -> Any:
-        bound = plan.bound
-        async with _Turn(self, plan):
-            try:
-                async with asyncio.timeout(bound.spec.timeout):
-                    return await bound.invoke(plan.kwargs)
-            except Exception as exc:
-                raise self._tool_failed(bound, exc) from None
-
-    async def _execute(self, plan: _Plan) -> Any:
-        """The tool's result (a Python value); each RPC writes it straight into its answer."""
-        if plan.earlier is not None:
-            return await asyncio.shield(plan.earlier)
-        if not plan.call_id:
-            return await self._run(plan)
-        # With a call id the tool must run once even if the caller goes away (its connection
-        # dropped): it runs in its own task and a retry awaits the same outcome.
-        task = asyncio.get_running_loop().create_task(self._run(plan))
-        task.add_done_callback(_consume)
-        self._remember(plan, task)
-        return await asyncio.shield(task)
+    @property
+    def draining(self) -> bool:
+        return self.dispatcher.draining
 
     # -- RPCs ---------------------------------------------------------------------------------
 
@@ -344,12 +63,12 @@ class Servicer(pb_grpc.SessionServiceServicer):
         self, request: pb.CallRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CallResponse:
         try:
-            plan = self._plan(request, *_metadata(context))
+            plan = self.dispatcher.plan(request, *_metadata(context))
             try:
                 if plan.new_id:
                     await context.send_initial_metadata(((SESSION_ID_KEY, plan.new_id),))
                 response = pb.CallResponse()
-                _fill(response.result, plan.bound, await self._execute(plan))
+                _fill(response.result, plan.bound, await self.dispatcher.execute(plan))
                 return response
             except BaseException:
                 plan.abandon()  # if it never got its turn
@@ -402,7 +121,9 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 continue
             answer = pb.ExchangeResponse(id=message.id)
             try:
-                plan = self._plan(message.call, message.session_id, message.create_session)
+                plan = self.dispatcher.plan(
+                    message.call, message.session_id, message.create_session
+                )
             except Fail as fail:
                 task = loop.create_task(_send_failure(answer, fail, context, write))
             else:
@@ -413,14 +134,14 @@ class Servicer(pb_grpc.SessionServiceServicer):
     def drain(self) -> None:
         """Take no new sessions or calls: Exchange streams stop reading and end once the
         calls they carry are answered (the client then sees the stream end)."""
-        self.draining = True
+        self.dispatcher.draining = True
         for reader in list(self._exchange_readers):
             reader.cancel()
 
     async def _exchange(
         self,
         message: pb.ExchangeRequest,
-        plan: _Plan,
+        plan: Plan,
         answer: pb.ExchangeResponse,
         context: grpc.aio.ServicerContext[Any, Any],
         write: asyncio.Lock,
@@ -431,11 +152,11 @@ class Servicer(pb_grpc.SessionServiceServicer):
             if message.HasField("timeout"):
                 try:
                     async with asyncio.timeout(message.timeout.ToNanoseconds() / 1e9):
-                        result = await self._execute(plan)
+                        result = await self.dispatcher.execute(plan)
                 except TimeoutError:
                     raise Fail(grpc.StatusCode.DEADLINE_EXCEEDED, "", "Deadline Exceeded") from None
             else:
-                result = await self._execute(plan)
+                result = await self.dispatcher.execute(plan)
             _fill(answer.result, plan.bound, result)
         except Fail as fail:
             await _send_failure(answer, fail, context, write)  # `error` replaces any result
@@ -461,10 +182,10 @@ class Servicer(pb_grpc.SessionServiceServicer):
             if first.WhichOneof("kind") != "start":
                 raise invalid_stream("the first message of a StreamCall must be 'start'")
             start = first.start
-            plan = self._plan(start.call, *_metadata(context))
+            plan = self.dispatcher.plan(start.call, *_metadata(context))
             abandon = plan.abandon
             bound = plan.bound
-            flow = Flow(min(start.window, bound.spec.buffer_size) if start.window else 0)
+            flow = Flow(min(start.window, bound.spec.options.buffer_size) if start.window else 0)
             headers = []
             if plan.new_id:
                 headers.append((SESSION_ID_KEY, plan.new_id))
@@ -473,7 +194,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
             if headers:
                 await context.send_initial_metadata(tuple(headers))
             if bound.input_param:
-                flow.inputs = asyncio.Queue(maxsize=bound.spec.buffer_size)
+                flow.inputs = asyncio.Queue(maxsize=bound.spec.options.buffer_size)
                 plan.kwargs[bound.input_param] = drain(flow.inputs)
             me = asyncio.current_task()
             assert me is not None
@@ -508,12 +229,12 @@ class Servicer(pb_grpc.SessionServiceServicer):
             await context.abort_with_status(failure.status())
 
     async def _stream(
-        self, plan: _Plan, flow: Flow, context: grpc.aio.ServicerContext[Any, Any]
+        self, plan: Plan, flow: Flow, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         bound = plan.bound
-        async with _Turn(self, plan):
+        async with self.dispatcher.running(plan):
             try:
-                async with asyncio.timeout(bound.spec.stream_timeout):
+                async with asyncio.timeout(bound.spec.options.stream_timeout):
                     write = context.write
                     chunks = bound.iterate(plan.kwargs)
                     try:
@@ -533,14 +254,14 @@ class Servicer(pb_grpc.SessionServiceServicer):
             except (asyncio.CancelledError, Fail):
                 raise
             except Exception as exc:
-                raise self._tool_failed(bound, exc) from None
+                raise self.dispatcher.tool_failed(bound, exc) from None
 
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateSessionResponse:
         try:
-            bound = self._tool(request.tool) if request.tool else None
-            session = self._new_session(bound)
+            bound = self.dispatcher.tool(request.tool) if request.tool else None
+            session = self.dispatcher.new_session(bound)
         except Fail as fail:
             await context.abort_with_status(fail.status())
             raise
@@ -599,12 +320,6 @@ def _forget(running: dict[int, asyncio.Task[None]], call_id: int, _: object) -> 
     running.pop(call_id, None)
 
 
-def _consume(task: asyncio.Future[Any]) -> None:
-    # Outcomes are kept for retries; mark failures as seen so asyncio does not log them.
-    if not task.cancelled():
-        task.exception()
-
-
 def _describe(bound: BoundTool) -> pb.Tool:
     spec = bound.spec
     tool = pb.Tool(
@@ -613,9 +328,9 @@ def _describe(bound: BoundTool) -> pb.Tool:
         description=spec.description,
         tags=spec.tags,
         version=spec.version or "",
-        streaming=spec.streaming,
+        streaming=spec.options.streaming,
         session_required=bound.requires_session,
-        stateful=spec.stateful,
+        stateful=spec.options.stateful,
     )
     tool.parameters_schema.update(bound.schema)
     return tool

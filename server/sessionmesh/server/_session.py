@@ -9,10 +9,14 @@ import contextvars
 import heapq
 import inspect
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from sessionmesh.wire.names import new_session_id, short
+
+if TYPE_CHECKING:
+    from types import TracebackType
 
 log = logging.getLogger("sessionmesh.session")
 
@@ -29,11 +33,6 @@ _current: contextvars.ContextVar[Session | None] = contextvars.ContextVar(
 def current_session() -> Session | None:
     """The session the running tool was called in, or None for a call without one."""
     return _current.get()
-
-
-def short(session_id: str) -> str:
-    """A session id shortened for logs: enough to tell sessions apart, useless to forge one."""
-    return session_id[:14]
 
 
 class Session:
@@ -90,11 +89,14 @@ class Session:
         self._callbacks.append(callback)
 
     # Calls of a session run one at a time in arrival order. A call takes its place in line
-    # (enqueue) the moment it arrives, before anything can yield to the event loop, and waits
-    # for its turn later: so order holds however many tasks a call goes through.
+    # (turn()) the moment it arrives, before anything can yield to the event loop, and waits
+    # for its turn later (`async with`): so order holds however many tasks a call goes through.
 
-    def enqueue(self) -> asyncio.Future[None] | None:
-        """Take a place in line: None means it is this call's turn now, else await the future."""
+    def turn(self) -> Turn:
+        """Take a place in line now; ``async with`` it to wait for the turn and hold it."""
+        return Turn(self)
+
+    def _enqueue(self) -> asyncio.Future[None] | None:
         if not self._busy:
             self._busy = True
             return None
@@ -104,18 +106,8 @@ class Session:
         self._line.append(turn)
         return turn
 
-    async def wait_turn(self, turn: asyncio.Future[None] | None) -> None:
-        if turn is None:
-            return
-        try:
-            await turn
-        except asyncio.CancelledError:
-            if turn.done() and not turn.cancelled():
-                self.release()  # the turn was handed over just as this call was cancelled
-            raise
-
-    def release(self) -> None:
-        """End this call's turn: hand it to the next in line."""
+    def _release(self) -> None:
+        """End the current turn: hand it to the next in line."""
         line = self._line
         while line:
             turn = line.popleft()
@@ -149,6 +141,53 @@ class Session:
             except Exception:
                 log.exception("session %s: close callback %r failed", short(self.id), cb)
         self._callbacks = None
+
+
+class Turn:
+    """A call's place in its session's line. ``async with`` waits for the turn and holds it
+    while the call runs; :meth:`abandon` gives the place up without running."""
+
+    __slots__ = ("_entered", "_future", "session")
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self._future = session._enqueue()
+        self._entered = False
+
+    async def __aenter__(self) -> Session:
+        if self._future is not None:
+            try:
+                await self._future
+            except BaseException:
+                self.abandon()  # cancelled, perhaps just as the turn was handed over
+                raise
+        self._entered = True
+        self.session.active += 1
+        return self.session
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.leave()
+
+    def leave(self) -> None:
+        """End the turn (what leaving ``async with`` does), from code that cannot await."""
+        session = self.session
+        session.active -= 1
+        session.last_used = time.monotonic()
+        session._release()
+
+    def abandon(self) -> None:
+        """Give up the place without running (the call failed or was cancelled before its
+        turn); a no-op once it has entered."""
+        if self._entered:
+            return
+        self._entered = True
+        future = self._future
+        if future is None or (future.done() and not future.cancelled()):
+            self.session._release()  # the turn was this call's: pass it on
+        else:
+            future.cancel()
 
 
 class SessionNotFoundError(LookupError):
@@ -190,11 +229,7 @@ class SessionStore:
                 f"this agent has {len(self._sessions)} open sessions, its limit "
                 f"(max_sessions={self.max_sessions}); close sessions or raise the limit"
             )
-        # The owner's instance id leads the id so any instance can tell who owns a session;
-        # 128 random bits after it make ids unguessable.
-        session = Session(
-            f"{self.instance_id}.{secrets.token_urlsafe(16)}", ttl or self.default_ttl
-        )
+        session = Session(new_session_id(self.instance_id), ttl or self.default_ttl)
         self._sessions[session.id] = session
         self.empty.clear()
         entry = (session.last_used + session.ttl, session.id)
@@ -222,11 +257,8 @@ class SessionStore:
         log.info("session %s %s", short(session_id), why)
         if session._callbacks:
             # Wait for the calls already in line so callbacks see the final state.
-            await session.wait_turn(session.enqueue())
-            try:
+            async with session.turn():
                 await session._run_callbacks()
-            finally:
-                session.release()
         return True
 
     async def close_all(self, *, why: str = "closed at shutdown") -> None:

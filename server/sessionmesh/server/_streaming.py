@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sessionmesh.client._codec import from_value
 from sessionmesh.server._errors import Fail, invalid_stream
 from sessionmesh.v1 import session_service_pb2 as pb
+from sessionmesh.wire.codec import from_value
 
 #: How long a finished flow-controlled stream waits for the client's half-close.
 HALF_CLOSE_WAIT = 5.0

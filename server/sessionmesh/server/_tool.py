@@ -12,8 +12,8 @@ import typing
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, overload
 
-from sessionmesh.client import McpAgent
-from sessionmesh.client._mesh import Dependency
+from sessionmesh.client import Dependency, McpAgent, ProxyOptions
+from sessionmesh.client.errors import UsageError
 from sessionmesh.server._params import ArgumentError, coerce, schema_for
 from sessionmesh.server._session import Session
 
@@ -46,7 +46,11 @@ class Param:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ToolSpec:
-    """Everything ``@mesh.tool`` declared about one function."""
+    """Everything ``@mesh.tool`` declared about one function.
+
+    ``options`` holds the keywords about sessions and calls, checked once: the agent
+    enforces them on this tool (session_required, timeout, stream_timeout, buffer_size) and
+    they configure the proxies injected for its dependencies."""
 
     fn: Callable[..., Any]
     name: str
@@ -55,17 +59,8 @@ class ToolSpec:
     tags: tuple[str, ...]
     version: str | None
     dependencies: tuple[Dependency, ...]
-    session_required: bool
-    stateful: bool
-    auto_session_management: bool
-    timeout: float | None
-    retry_count: int
-    retry_delay: float
-    streaming: bool
-    stream_timeout: float | None
-    buffer_size: int
+    options: ProxyOptions
     session_ttl: float | None
-
     kind: Kind
 
 
@@ -101,13 +96,13 @@ class BoundTool:
         try:
             hints = typing.get_type_hints(spec.fn)
         except Exception as exc:
-            raise TypeError(f"tool {spec.name!r}: cannot resolve its annotations: {exc}") from exc
+            raise UsageError(f"tool {spec.name!r}: cannot resolve its annotations: {exc}") from exc
         deps = {d.capability: d for d in spec.dependencies}
         positional_deps = [d for d in spec.dependencies if d.capability not in _param_names(spec)]
         params: list[Param] = []
         for p in inspect.signature(spec.fn).parameters.values():
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                raise TypeError(f"tool {spec.name!r}: *args/**kwargs parameters are not supported")
+                raise UsageError(f"tool {spec.name!r}: *args/**kwargs parameters are not supported")
             tp = hints.get(p.name, Any)
             bare = _strip_optional(tp)
             required = p.default is p.empty
@@ -117,7 +112,7 @@ class BoundTool:
             elif bare is McpAgent or p.name in deps:
                 dep = deps.get(p.name) or (positional_deps.pop(0) if positional_deps else None)
                 if dep is None:
-                    raise TypeError(
+                    raise UsageError(
                         f"tool {spec.name!r}: parameter {p.name!r} is an McpAgent but no "
                         f"dependency is left for it; add it to dependencies=[...]"
                     )
@@ -128,7 +123,7 @@ class BoundTool:
                 params.append(Param(p.name, "arg", tp, required, default))
         inputs = [p for p in params if p.role == "input"]
         if len(inputs) > 1:
-            raise TypeError(f"tool {spec.name!r}: at most one async-iterable input parameter")
+            raise UsageError(f"tool {spec.name!r}: at most one async-iterable input parameter")
         self.params = tuple(params)
         self.input_param = inputs[0].name if inputs else None
         self.dependencies = tuple(p for p in params if p.role == "dependency")
@@ -139,7 +134,7 @@ class BoundTool:
         # consumer runs with its caller's session or without one (docs/concepts.md).
         self.requires_session = any(
             p.role == "session" and _strip_optional(p.annotation) is p.annotation for p in params
-        ) or (spec.session_required and not self.dependencies)
+        ) or (spec.options.session_required and not self.dependencies)
         self._arg_names = frozenset(p.name for p in params if p.role == "arg")
         self.schema = self._schema()
 
@@ -278,19 +273,19 @@ def tool(
     if callable(capability):
         return tool()(capability)
 
-    if retry_count < 0:
-        raise ValueError("retry_count must be >= 0")
-    if retry_delay is not None and retry_delay < 0:
-        raise ValueError("retry_delay must be >= 0 seconds")
-    if buffer_size < 1:
-        raise ValueError("buffer_size must be >= 1 (chunks in flight)")
-    for label, value in (
-        ("timeout", timeout),
-        ("stream_timeout", stream_timeout),
-        ("session_ttl", session_ttl),
-    ):
-        if value is not None and value <= 0:
-            raise ValueError(f"{label} must be > 0 seconds, or None")
+    if session_ttl is not None and session_ttl <= 0:
+        raise UsageError("session_ttl must be > 0 seconds, or None")
+    options = ProxyOptions(
+        session_required=session_required,
+        stateful=stateful,
+        auto_session_management=auto_session_management,
+        timeout=timeout,
+        retry_count=retry_count,
+        retry_delay=0.5 if retry_delay is None else retry_delay,
+        streaming=bool(streaming),
+        stream_timeout=stream_timeout,
+        buffer_size=buffer_size,
+    )  # checks every value, once
     deps = tuple(Dependency.parse(d) for d in dependencies)
     if not deps:
         # These only configure the proxies injected for dependencies: accepted without
@@ -305,7 +300,7 @@ def tool(
             if given
         ]
         if idle:
-            raise TypeError(
+            raise UsageError(
                 f"{', '.join(idle)} configure the proxies injected for dependencies, and this "
                 "tool declares none: add dependencies=[...] or drop them"
             )
@@ -314,7 +309,7 @@ def tool(
         kind = _kind(fn)
         gen = kind in ("async_gen", "sync_gen")
         if streaming and not gen:
-            raise TypeError(f"tool {fn.__name__!r}: streaming=True needs a generator function")
+            raise UsageError(f"tool {fn.__name__!r}: streaming=True needs a generator function")
         spec = ToolSpec(
             fn=fn,
             name=name or fn.__name__,
@@ -323,15 +318,7 @@ def tool(
             tags=tuple(tags),
             version=version,
             dependencies=deps,
-            session_required=session_required,
-            stateful=stateful,
-            auto_session_management=auto_session_management,
-            timeout=timeout,
-            retry_count=retry_count,
-            retry_delay=0.5 if retry_delay is None else retry_delay,
-            streaming=gen if streaming is None else streaming,
-            stream_timeout=stream_timeout,
-            buffer_size=buffer_size,
+            options=options.replace(streaming=gen) if streaming is None else options,
             session_ttl=session_ttl,
             kind=kind,
         )

@@ -1,14 +1,9 @@
-"""Names fixed by the wire contract that are not in the .proto: metadata keys and reasons."""
+"""``google.rpc.ErrorInfo`` reasons (domain ``sessionmesh``) an agent answers with."""
 
 from __future__ import annotations
 
 from typing import Final
 
-SESSION_ID_KEY: Final = "x-session-id"
-SESSION_CREATE_KEY: Final = "x-session-create"
-#: StreamCall response header: the window the agent grants (the asked one, capped by the
-#: tool's buffer_size); the client grants credit against it.
-STREAM_WINDOW_KEY: Final = "x-stream-window"
 ERROR_DOMAIN: Final = "sessionmesh"
 
 

@@ -1,4 +1,4 @@
-"""JSON-like Python values <-> google.protobuf Struct/Value.
+"""JSON-like Python values <-> google.protobuf Struct/Value, as the contract encodes them.
 
 Numbers follow JSON: the wire has one number type (double), so an integral number in the
 safe-integer range decodes as ``int`` and anything else as ``float``.

@@ -1,0 +1,216 @@
+"""The client's one edge to gRPC: channels, stubs, and every RpcError mapped where it lands.
+
+Nothing else in the client touches a stub or catches ``AioRpcError``; ``_exchange.py`` is
+part of this edge (the shared Exchange stream behind :meth:`GrpcEndpoint.call`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.struct_pb2 import Value
+
+from sessionmesh.client._exchange import Exchange
+from sessionmesh.client._status import from_rpc_error, from_status
+from sessionmesh.client._transport import Answer, Endpoint, Metadata, StreamCall
+from sessionmesh.client.errors import AgentUnavailable
+from sessionmesh.v1 import registry_service_pb2 as rpb
+from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
+from sessionmesh.v1 import session_service_pb2 as pb
+from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
+from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY, STREAM_WINDOW_KEY
+from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+from sessionmesh.wire.status import status_code
+
+R = TypeVar("R")
+
+_CREATE: Metadata = ((SESSION_CREATE_KEY, "1"),)
+
+
+def channel(
+    address: str,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
+    """A channel to an agent or registry."""
+    return grpc.aio.insecure_channel(
+        address,
+        options=[
+            *grpc_options(max_message_bytes),
+            # Each client gets its own connection rather than one shared by every channel to
+            # the same address, so independent clients do not contend for one connection.
+            ("grpc.use_local_subchannel_pool", 1),
+            *options,
+        ],
+    )
+
+
+async def _unary(rpc: Callable[..., Awaitable[R]], request: Any, **kwargs: Any) -> R:
+    try:
+        return await rpc(request, **kwargs)
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from exc
+
+
+def _session_id(headers: grpc.aio.Metadata | None) -> str:
+    value = headers.get(SESSION_ID_KEY) if headers is not None else None
+    return str(value) if value else ""
+
+
+class GrpcEndpoint(Endpoint):
+    """One agent instance behind one reused channel. Small calls share one long-lived
+    Exchange stream (a message each way per call); big ones go as unary Calls."""
+
+    __slots__ = ("_exchange", "_stub", "address", "channel", "instance_id")
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        instance_id: str = "",
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.address = address
+        self.instance_id = instance_id
+        self.channel = channel(address, max_message_bytes, options)
+        self._stub = pb_grpc.SessionServiceStub(self.channel)
+        self._exchange: Exchange | None = None  # opened on first call, again after a break
+
+    async def call(
+        self, message: pb.ExchangeRequest, deadline: float | None, *, alone: bool = False
+    ) -> Answer:
+        if alone:
+            return await self._call_alone(message, deadline)
+        exchange = self._exchange
+        if exchange is None or exchange.broken is not None:
+            exchange = self._exchange = Exchange(self._stub)
+        answer = await exchange.call(message, deadline)
+        if answer.HasField("error"):
+            e = answer.error
+            failure = from_status(status_code(e.code), e.message, e.details)
+            return Answer(answer.session_id, answer.result, failure)
+        return Answer(answer.session_id, answer.result, None)
+
+    async def _call_alone(self, message: pb.ExchangeRequest, deadline: float | None) -> Answer:
+        """A unary Call: a refusal (say, over the agent's size limit) then fails this call
+        only, and it does not hold up the small calls behind it on the shared stream."""
+        md: Metadata | None = None
+        if message.session_id:
+            md = ((SESSION_ID_KEY, message.session_id),)
+        elif message.create_session:
+            md = _CREATE
+        call = self._stub.Call(message.call, metadata=md, timeout=deadline)
+        try:
+            response = await call
+        except grpc.aio.AioRpcError as exc:
+            failure = from_rpc_error(exc)
+            if isinstance(failure, AgentUnavailable):
+                raise failure from exc
+            return Answer(_session_id(exc.initial_metadata()), Value(), failure)
+        return Answer(_session_id(await call.initial_metadata()), response.result, None)
+
+    def stream(self, metadata: Metadata | None, deadline: float | None) -> StreamCall:
+        return GrpcStreamCall(self._stub.StreamCall(metadata=metadata, timeout=deadline))
+
+    async def create_session(self, tool: str, deadline: float | None) -> str:
+        response = await _unary(
+            self._stub.CreateSession, pb.CreateSessionRequest(tool=tool), timeout=deadline
+        )
+        return response.session.id
+
+    async def close_session(self, session_id: str, deadline: float | None) -> bool:
+        response = await _unary(
+            self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id), timeout=deadline
+        )
+        return response.closed
+
+    async def list_tools(self, deadline: float | None) -> pb.ListToolsResponse:
+        return await _unary(self._stub.ListTools, pb.ListToolsRequest(), timeout=deadline)
+
+    async def list_sessions(self, deadline: float | None) -> pb.ListSessionsResponse:
+        return await _unary(self._stub.ListSessions, pb.ListSessionsRequest(), timeout=deadline)
+
+    async def aclose(self) -> None:
+        """Close the exchange stream gracefully, then the channel."""
+        if self._exchange is not None:
+            await self._exchange.aclose()
+        await self.channel.close()
+
+
+class GrpcStreamCall(StreamCall):
+    __slots__ = ("_call", "_responses", "session_id", "window")
+
+    def __init__(
+        self, call: grpc.aio.StreamStreamCall[pb.StreamCallRequest, pb.StreamCallResponse]
+    ) -> None:
+        self._call = call
+        self._responses: AsyncIterator[pb.StreamCallResponse] | None = None
+
+    def _headers(self, headers: grpc.aio.Metadata | None) -> None:
+        self.session_id = _session_id(headers) or None
+        granted = headers.get(STREAM_WINDOW_KEY) if headers is not None else None
+        self.window = int(granted) if granted else None
+
+    async def open(self, start: pb.StreamCallRequest) -> None:
+        call = self._call
+        try:
+            await call.write(start)
+            # The headers bring the window the agent grants and, for a new session, its id.
+            headers = await call.initial_metadata()
+        except grpc.aio.AioRpcError as exc:
+            self._headers(exc.initial_metadata())
+            raise from_rpc_error(exc) from exc
+        self._headers(headers)
+        self._responses = aiter(call)  # grpc's own iterator: cheaper per message than read()
+
+    async def send(self, message: pb.StreamCallRequest) -> bool:
+        try:
+            await self._call.write(message)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return False  # the call ended; receive() says how
+        return True
+
+    async def done_writing(self) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await self._call.done_writing()
+
+    async def receive(self) -> pb.StreamCallResponse | None:
+        assert self._responses is not None, "open() first"
+        try:
+            return await anext(self._responses)
+        except StopAsyncIteration:
+            return None
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    def cancel(self) -> None:
+        if not self._call.done():
+            self._call.cancel()
+
+
+class RegistryChannel:
+    """The registry's Watch, as a client of the mesh reads it."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = channel(address)
+        self._stub = rpb_grpc.RegistryServiceStub(self._channel)
+
+    async def watch(self) -> AsyncIterator[rpb.WatchResponse]:
+        """The registry's snapshot, then its changes; a broken watch raises AgentUnavailable."""
+        try:
+            async for message in self._stub.Watch(rpb.WatchRequest()):
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            raise AgentUnavailable(
+                f"the registry at {self.address} is unreachable ({exc.code().name})",
+                code=exc.code(),
+            ) from exc
+
+    async def aclose(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,175 @@
+"""ChunkStream: one streamed tool call, with credit-based flow control and an input feed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable
+from typing import TYPE_CHECKING, Any
+
+from sessionmesh.client.errors import UsageError
+from sessionmesh.v1 import session_service_pb2 as pb
+from sessionmesh.wire.codec import NotJsonLike, from_value, set_struct, set_value
+from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from sessionmesh.client._proxy import BaseProxy
+    from sessionmesh.client._transport import Metadata, StreamCall
+
+_INPUT_END = pb.StreamCallRequest(input_end=pb.InputEnd())
+
+
+class ChunkStream:
+    """The chunks of one streamed tool call, read with ``async for``.
+
+    Leaving the loop early leaves the call running until ``aclose()`` or the end of an
+    ``async with`` block; both cancel it, and the session stays usable.
+    """
+
+    __slots__ = (
+        "_args",
+        "_call",
+        "_done",
+        "_feeder",
+        "_input",
+        "_proxy",
+        "_session_id",
+        "_tool",
+        "_unacked",
+        "_window",
+        "_write_lock",
+    )
+
+    def __init__(self, proxy: BaseProxy, tool: str, args: dict[str, Any]) -> None:
+        self._proxy = proxy
+        self._tool = tool
+        self._input: AsyncIterable[Any] | None = None
+        for key, value in list(args.items()):
+            if isinstance(value, AsyncIterable):
+                if self._input is not None:
+                    raise UsageError("a streamed call takes at most one async-iterable argument")
+                self._input = value
+                del args[key]
+        self._args = args
+        self._call: StreamCall | None = None
+        self._window = proxy.settings.buffer_size
+        self._unacked = 0
+        self._feeder: asyncio.Task[None] | None = None
+        self._write_lock = asyncio.Lock()
+        self._done = False
+        self._session_id = ""
+
+    def __aiter__(self) -> ChunkStream:
+        return self
+
+    async def __aenter__(self) -> ChunkStream:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _open(self) -> StreamCall:
+        proxy = self._proxy
+        endpoint, sid, creating = await proxy.route()
+        start = pb.StreamCallRequest()
+        start.start.window = self._window
+        start.start.call.tool = self._tool
+        try:
+            set_struct(start.start.call.arguments, self._args)
+        except NotJsonLike as exc:
+            if creating:
+                proxy.opened(endpoint, None)
+            raise UsageError(f"argument {exc}") from None
+        call = endpoint.stream(_metadata(sid, creating), proxy.settings.stream_timeout)
+        self._call = call
+        try:
+            await call.open(start)
+        except BaseException as exc:
+            if creating:
+                proxy.opened(endpoint, call.session_id)
+            elif sid:
+                proxy.failed(sid, exc)
+            raise
+        if creating:
+            proxy.opened(endpoint, call.session_id)
+        if call.window is not None:
+            self._window = min(self._window, call.window)
+        self._session_id = sid or call.session_id or ""
+        if self._input is not None:
+            self._feeder = asyncio.get_running_loop().create_task(self._feed(call, self._input))
+        else:
+            await self._end_input(call)
+        return call
+
+    async def _end_input(self, call: StreamCall) -> None:
+        # With a window the stream stays open for credit; otherwise half-close ends the input.
+        if self._window:
+            async with self._write_lock:
+                await call.send(_INPUT_END)
+        else:
+            await call.done_writing()
+
+    async def _feed(self, call: StreamCall, source: AsyncIterable[Any]) -> None:
+        async for item in source:
+            message = pb.StreamCallRequest()
+            set_value(message.input, item)
+            async with self._write_lock:
+                if not await call.send(message):
+                    return  # the call ended; __anext__ reports why
+        await self._end_input(call)
+
+    async def __anext__(self) -> Any:
+        if self._done:
+            raise StopAsyncIteration
+        call = self._call or await self._open()
+        try:
+            message = await call.receive()
+        except BaseException as exc:
+            self._finish()
+            if self._session_id:
+                self._proxy.failed(self._session_id, exc)
+            raise
+        if message is None:
+            self._finish()
+            raise StopAsyncIteration
+        if message.HasField("end"):
+            # The tool is done. Half-close (the agent waits for it, so no credit we send
+            # races the end), then read the status: EOF, or the error it ended with.
+            self._window = 0
+            async with self._write_lock:
+                if self._feeder is not None:
+                    self._feeder.cancel()
+                await call.done_writing()
+            return await self.__anext__()
+        if self._window:
+            self._unacked += 1
+            if self._unacked * 2 >= self._window:
+                credit, self._unacked = self._unacked, 0
+                async with self._write_lock:
+                    # The agent may have finished already; the next read tells how it ended.
+                    await call.send(pb.StreamCallRequest(credit=credit))
+        return from_value(message.chunk)
+
+    def _finish(self) -> None:
+        self._done = True
+        if self._feeder is not None:
+            self._feeder.cancel()
+
+    async def aclose(self) -> None:
+        """Stop the stream; the tool is cancelled on the agent."""
+        self._finish()
+        if self._call is not None:
+            self._call.cancel()
+
+    def __del__(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+
+
+def _metadata(session_id: str, create: bool) -> Metadata | None:
+    if session_id:
+        return ((SESSION_ID_KEY, session_id),)
+    return ((SESSION_CREATE_KEY, "1"),) if create else None

@@ -1,0 +1,183 @@
+"""The client side of the ``sessionmesh`` command: ``list``, ``call`` and ``sessions``.
+
+They only read the registry and call agents; serving, the registry and ``run`` live with
+the server, whose parser adds these commands (``add``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from sessionmesh.client._client import MeshClient, connect
+from sessionmesh.client.errors import MeshError, RemoteError, UsageError
+from sessionmesh.v1 import registry_service_pb2 as rpb
+from sessionmesh.wire.names import answers_to
+
+REGISTRY_ENV = "SESSIONMESH_REGISTRY"
+DEFAULT_REGISTRY_PORT = 50050
+COMMANDS = ("list", "call", "sessions")
+
+__all__ = ["COMMANDS", "DEFAULT_REGISTRY_PORT", "REGISTRY_ENV", "add", "registry_address", "say"]
+
+
+def say(message: str) -> None:
+    print(f"sessionmesh: {message}", file=sys.stderr, flush=True)
+
+
+def registry_address(args: argparse.Namespace, *, required: bool) -> str | None:
+    """--registry, else $SESSIONMESH_REGISTRY, else (if required) the default local one."""
+    address: str | None = getattr(args, "registry", None) or os.environ.get(REGISTRY_ENV)
+    if required and not address:
+        address = f"127.0.0.1:{DEFAULT_REGISTRY_PORT}"
+    return address
+
+
+async def _mesh(args: argparse.Namespace) -> MeshClient:
+    address = registry_address(args, required=True)
+    assert address is not None
+    client = connect(registry=address)
+    try:
+        await client.ready(within=args.wait)
+    except MeshError:
+        await client.aclose()
+        raise
+    return client
+
+
+def _state(instance: rpb.Instance) -> str:
+    return rpb.InstanceState.Name(instance.state).removeprefix("INSTANCE_STATE_").lower()
+
+
+async def _list(args: argparse.Namespace) -> int:
+    client = await _mesh(args)
+    try:
+        instances = sorted(client.instances(), key=lambda i: (i.agent_name, i.endpoint))
+    finally:
+        await client.aclose()
+    rows: list[dict[str, Any]] = [
+        {
+            "agent": i.agent_name,
+            "instance": i.instance_id,
+            "endpoint": i.endpoint,
+            "state": _state(i),
+            "open_sessions": i.open_sessions,
+            "capabilities": sorted({t.capability for t in i.tools}),
+        }
+        for i in instances
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no agents registered")
+        return 0
+    line = "{:<16} {:<9} {:<22} {:<9} {:>8}  {}"
+    print(line.format("AGENT", "INSTANCE", "ENDPOINT", "STATE", "SESSIONS", "CAPABILITIES"))
+    for r in rows:
+        caps = ", ".join(r["capabilities"])
+        print(
+            line.format(
+                r["agent"], r["instance"], r["endpoint"], r["state"], r["open_sessions"], caps
+            )
+        )
+    return 0
+
+
+async def _call(args: argparse.Namespace) -> int:
+    try:
+        arguments = json.loads(args.arguments) if args.arguments else {}
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"the arguments are not JSON ({exc}): pass an object like '{{\"n\": 1}}'"
+        ) from None
+    if not isinstance(arguments, dict):
+        raise UsageError("the arguments must be a JSON object, like '{\"n\": 1}'")
+    client = await _mesh(args)
+    try:
+        tools = [t for i in client.instances() for t in i.tools if answers_to(t, args.capability)]
+        if not tools:
+            raise UsageError(f"no live provider of {args.capability!r}: see `sessionmesh list`")
+        tool = tools[0]
+        proxy = client.proxy(
+            args.capability, session_required=tool.session_required, timeout=args.timeout
+        )
+        async with proxy:
+            if tool.streaming:
+                async with proxy.call_tool_auto(args.capability, arguments) as chunks:
+                    async for chunk in chunks:
+                        print(json.dumps(chunk), flush=True)
+            else:
+                print(json.dumps(await proxy(args.capability, arguments), indent=2))
+    finally:
+        await client.aclose()
+    return 0
+
+
+async def _sessions(args: argparse.Namespace) -> int:
+    client = await _mesh(args)
+    try:
+        instances = [
+            i
+            for i in client.instances()
+            if not args.agent or args.agent in (i.agent_name, i.instance_id)
+        ]
+        if not instances:
+            print("no such agent registered" if args.agent else "no agents registered")
+            return 0 if not args.agent else 1
+        for instance in sorted(instances, key=lambda i: (i.agent_name, i.endpoint)):
+            where = f"{instance.agent_name} {instance.instance_id} at {instance.endpoint}"
+            async with client.agent(instance) as agent:
+                try:
+                    listing = await agent.list_sessions()
+                except RemoteError as exc:
+                    print(f"{where}: unreachable ({exc.code.name})")
+                    continue
+            print(f"{where}: {len(listing.sessions)} open session(s)")
+            for s in listing.sessions:
+                state = "busy" if s.active else f"idle {s.idle.ToTimedelta().total_seconds():.1f}s"
+                ttl = s.idle_timeout.ToTimedelta().total_seconds()
+                queued = f", {s.waiting} waiting" if s.waiting else ""
+                print(f"  {s.short_id}…  {state} (expires after {ttl:.0f}s idle){queued}")
+    finally:
+        await client.aclose()
+    return 0
+
+
+def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``list``, ``call`` and ``sessions`` to the ``sessionmesh`` parser."""
+
+    def registry_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--registry",
+            default=None,
+            metavar="HOST:PORT",
+            help=f"the registry (default: ${REGISTRY_ENV}, else 127.0.0.1:{DEFAULT_REGISTRY_PORT})",
+        )
+
+    listing = commands.add_parser(
+        "list", help="agents, instances, capabilities, state, open sessions"
+    )
+    registry_option(listing)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=_list)
+
+    call = commands.add_parser(
+        "call", help="call a capability; print the result (or chunks) as JSON"
+    )
+    registry_option(call)
+    call.add_argument("capability")
+    call.add_argument("arguments", nargs="?", default=None, help="a JSON object")
+    call.add_argument("--timeout", type=float, default=None, help="seconds")
+    call.set_defaults(run=_call)
+
+    sessions = commands.add_parser("sessions", help="open sessions per instance (ids shortened)")
+    registry_option(sessions)
+    sessions.add_argument("agent", nargs="?", default=None, help="an agent name or instance id")
+    sessions.set_defaults(run=_sessions)
+
+    for p in (listing, call, sessions):
+        p.add_argument("--wait", type=float, default=5.0, help=argparse.SUPPRESS)

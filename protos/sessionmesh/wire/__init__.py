@@ -1,0 +1,4 @@
+"""The wire contract beside the generated code: what both sides must agree on that the
+``.proto`` files cannot say (metadata keys, error reasons, the Struct codec, the status
+encoding, session-id rules, channel limits). Client and server import it; it imports neither.
+"""

@@ -1,0 +1,37 @@
+"""Rules about names and ids that every side applies the same way."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Protocol
+
+
+class Named(Protocol):
+    """A tool as declared (ToolSpec) or as described on the wire (``pb.Tool``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def capability(self) -> str: ...
+
+
+def answers_to(tool: Named, name: str) -> bool:
+    """A tool answers to its function name and to its capability."""
+    return name == tool.name or name == tool.capability
+
+
+def new_session_id(instance_id: str) -> str:
+    """The owner's instance id leads, so any instance can tell who owns a session; 128
+    random bits after it make the id unguessable."""
+    return f"{instance_id}.{secrets.token_urlsafe(16)}"
+
+
+def owner_of(session_id: str) -> str:
+    """The instance id of the session's owner."""
+    return session_id.partition(".")[0]
+
+
+def short(session_id: str) -> str:
+    """A session id shortened for logs and messages: enough to tell sessions apart, useless
+    to forge one. Session ids are secrets; nothing else may print them."""
+    return session_id[:14]

@@ -1,0 +1,284 @@
+"""The transport-neutral heart of an agent: plan a call at arrival, run it in its session's
+turn, remember its outcome for retries. The RPC adapters (``_service.py``) and the in-memory
+endpoint of ``sessionmesh.testing`` both drive it; neither knows how the other moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import traceback
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from sessionmesh.server._errors import Fail, invalid_arguments, session_not_found, tool_not_found
+from sessionmesh.server._params import ArgumentError
+from sessionmesh.server._session import (
+    Session,
+    SessionNotFoundError,
+    SessionStore,
+    TooManySessionsError,
+    Turn,
+    _current,
+)
+from sessionmesh.v1 import session_service_pb2 as pb
+from sessionmesh.wire.codec import from_struct
+from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY
+from sessionmesh.wire.names import owner_of, short
+from sessionmesh.wire.reasons import Reason
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from contextlib import AbstractAsyncContextManager
+    from contextvars import Token
+    from types import TracebackType
+
+    from sessionmesh.server._inject import Injector
+    from sessionmesh.server._tool import BoundTool
+
+#: How many call ids of calls without a session (or that opened one) the agent remembers.
+RECENT_CALLS = 10_000
+
+
+class Plan:
+    """A call ready to run: everything decided at arrival, before the first await, so that
+    calls of one session keep their arrival order."""
+
+    __slots__ = ("bound", "call_id", "created", "earlier", "kwargs", "new_id", "session", "turn")
+
+    def __init__(
+        self,
+        bound: BoundTool,
+        session: Session | None,
+        earlier: asyncio.Future[Any] | None,
+        new_id: str,
+        call_id: str,
+    ) -> None:
+        self.bound = bound
+        self.session = session
+        self.earlier = earlier
+        self.new_id = new_id  # a session id to report to the caller: opened, or a replay's
+        self.created = session is not None and new_id == session.id
+        self.call_id = call_id
+        self.kwargs: dict[str, Any] = {}
+        self.turn: Turn | None = None
+
+    def abandon(self) -> None:
+        """Give up the call's place in line without running; a no-op once it has entered."""
+        if self.turn is not None:
+            self.turn.abandon()
+
+
+class _Running:
+    """A call in its turn, with its session as the current one and the tool's dependencies
+    injected, for as long as the tool runs."""
+
+    __slots__ = ("injector", "plan", "scope", "token")
+
+    def __init__(self, injector: Injector, plan: Plan) -> None:
+        self.injector = injector
+        self.plan = plan
+
+    async def __aenter__(self) -> None:
+        plan = self.plan
+        turn = plan.turn
+        if turn is not None:
+            session = await turn.__aenter__()
+            if session.closed:
+                turn.leave()
+                raise session_not_found(session.id)
+        self.token: Token[Session | None] = _current.set(plan.session)
+        try:
+            self.scope = self.injector.scope(plan.bound, plan.session, plan.kwargs)
+            await self.scope.__aenter__()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self.scope.__aexit__(et, ev, tb)
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        _current.reset(self.token)
+        if self.plan.turn is not None:
+            self.plan.turn.leave()
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        agent_name: str,
+        tools: dict[str, BoundTool],
+        store: SessionStore,
+        injector: Injector,
+        debug: bool = False,
+        locate: Callable[[str], str | None] | None = None,
+    ) -> None:
+        self.agent_name = agent_name
+        self.tools = tools
+        self.store = store
+        self.injector = injector
+        self.debug = debug
+        self.locate = locate
+        self.draining = False
+        self._recent: collections.OrderedDict[str, tuple[str, asyncio.Future[Any]]] = (
+            collections.OrderedDict()
+        )
+        self._tool_names = sorted({b.spec.name for b in tools.values()})
+
+    # -- deciding, at arrival -----------------------------------------------------------------
+
+    def tool(self, name: str) -> BoundTool:
+        bound = self.tools.get(name)
+        if bound is None:
+            raise tool_not_found(name, self._tool_names)
+        return bound
+
+    def new_session(self, bound: BoundTool | None) -> Session:
+        if self.draining:
+            raise Fail(
+                grpc.StatusCode.UNAVAILABLE,
+                Reason.SHUTTING_DOWN,
+                f"agent {self.agent_name!r} is shutting down and takes no new sessions",
+            )
+        try:
+            return self.store.create(bound.spec.session_ttl if bound else None)
+        except TooManySessionsError as exc:
+            raise Fail(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_SESSIONS, str(exc)
+            ) from None
+
+    def plan(self, request: pb.CallRequest, session_id: str, create: bool) -> Plan:
+        """Find (or open) the call's session, find an earlier outcome of the same call id,
+        bind the arguments and take the call's place in its session's line. Never awaits."""
+        bound = self.tool(request.tool)
+        call_id = request.call_id
+        if session_id:
+            try:
+                session = self.store.get(session_id)
+            except SessionNotFoundError:
+                raise self._not_here(session_id) from None
+            plan = Plan(
+                bound, session, session.remembered(call_id) if call_id else None, "", call_id
+            )
+        elif create:
+            if call_id and call_id in self._recent:
+                # A retry of a call that opened a session: the same session, the same outcome.
+                sid, outcome = self._recent[call_id]
+                return Plan(bound, None, outcome, sid, call_id)
+            # Bind first: a call that cannot run must not leave a session nobody knows of.
+            kwargs = self._bind(bound, request, None)
+            session = self.new_session(bound)
+            plan = Plan(bound, session, None, session.id, call_id)
+            plan.kwargs = kwargs
+            kwargs.update(dict.fromkeys(bound.session_params, session))
+            plan.turn = session.turn()
+            return plan
+        elif bound.requires_session:
+            raise Fail(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                Reason.SESSION_REQUIRED,
+                f"tool {bound.spec.name!r} needs a session: send '{SESSION_ID_KEY}: <id>' from "
+                f"CreateSession, or '{SESSION_CREATE_KEY}: 1' to open one with this call",
+            )
+        else:
+            earlier = self._recent[call_id][1] if call_id and call_id in self._recent else None
+            plan = Plan(bound, None, earlier, "", call_id)
+        if plan.earlier is None:
+            plan.kwargs = self._bind(bound, request, plan.session)
+            if plan.session is not None:
+                plan.turn = plan.session.turn()
+        return plan
+
+    def _not_here(self, session_id: str) -> Fail:
+        """A session this instance does not have: elsewhere (name the owner) or nowhere."""
+        owner = owner_of(session_id)
+        if owner != self.store.instance_id and self.locate is not None:
+            endpoint = self.locate(owner)
+            if endpoint is not None:
+                return Fail(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    Reason.SESSION_ELSEWHERE,
+                    f"session {short(session_id)}... lives on instance {owner} at {endpoint}; "
+                    "send its calls there (a session never moves)",
+                    {"session_id": session_id, "owner_instance": owner, "owner_endpoint": endpoint},
+                )
+        return session_not_found(session_id)
+
+    def _bind(
+        self, bound: BoundTool, request: pb.CallRequest, session: Session | None
+    ) -> dict[str, Any]:
+        try:
+            return bound.bind(from_struct(request.arguments), session)
+        except ArgumentError as exc:
+            raise invalid_arguments(exc.field, str(exc)) from None
+
+    def _remember(self, plan: Plan, outcome: asyncio.Future[Any]) -> None:
+        if plan.session is not None:
+            plan.session.remember(plan.call_id, outcome)
+        if plan.session is None or plan.created:
+            self._recent[plan.call_id] = (plan.new_id, outcome)
+            if len(self._recent) > RECENT_CALLS:
+                self._recent.popitem(last=False)
+
+    # -- running ------------------------------------------------------------------------------
+
+    def tool_failed(self, bound: BoundTool, exc: BaseException) -> Fail:
+        """How a tool's exception reaches the caller."""
+        if isinstance(exc, Fail):
+            return exc
+        if isinstance(exc, TimeoutError):
+            return Fail(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                Reason.TOOL_TIMEOUT,
+                f"tool {bound.spec.name!r} ran past its timeout",
+                {"type": "TimeoutError", "message": str(exc)},
+            )
+        kind = type(exc).__name__
+        return Fail(
+            grpc.StatusCode.UNKNOWN,
+            Reason.TOOL_FAILED,
+            f"tool {bound.spec.name!r} raised {kind}: {exc}",
+            {"type": kind, "message": str(exc)},
+            debug="".join(traceback.format_exception(exc)) if self.debug else "",
+        )
+
+    def running(self, plan: Plan) -> AbstractAsyncContextManager[None]:
+        """``async with`` it around running the tool: the call's turn, session, dependencies."""
+        return _Running(self.injector, plan)
+
+    async def _run(self, plan: Plan) -> Any:
+        bound = plan.bound
+        async with _Running(self.injector, plan):
+            try:
+                async with asyncio.timeout(bound.spec.options.timeout):
+                    return await bound.invoke(plan.kwargs)
+            except Exception as exc:
+                raise self.tool_failed(bound, exc) from None
+
+    async def execute(self, plan: Plan) -> Any:
+        """The tool's result (a Python value); each adapter writes it straight into its
+        answer. Failures raise :class:`Fail`."""
+        if plan.earlier is not None:
+            return await asyncio.shield(plan.earlier)
+        if not plan.call_id:
+            return await self._run(plan)
+        # With a call id the tool must run once even if the caller goes away (its connection
+        # dropped): it runs in its own task and a retry awaits the same outcome.
+        task = asyncio.get_running_loop().create_task(self._run(plan))
+        task.add_done_callback(_consume)
+        self._remember(plan, task)
+        return await asyncio.shield(task)
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    # Outcomes are kept for retries; mark failures as seen so asyncio does not log them.
+    if not task.cancelled():
+        task.exception()
