@@ -33,7 +33,7 @@ async def test_session_affinity(
             results.append({"round": round_num, "response": result})
     finally:
         await session_counter.close_session(session_id)
-    return {"session_id": session_id[:14], "test_rounds": test_rounds, "results": results}
+    return {"session_id": mesh.short_id(session_id), "test_rounds": test_rounds, "results": results}
 
 
 @mesh.tool(

@@ -24,12 +24,12 @@ def increment(session: mesh.Session, increment: int = 1) -> dict[str, int | str]
     if "count" not in session.state:
         session.on_close(
             lambda: log.info(
-                "session %s closed at count %s", session.id[:14], session.state["count"]
+                "session %s closed at count %s", session.short_id, session.state["count"]
             )
         )
         session.state["count"] = 0
     session.state["count"] += increment
-    return {"count": session.state["count"], "session": session.id[:14]}
+    return {"count": session.state["count"], "session": session.short_id}
 
 
 @mesh.tool(capability="stream_count", session_required=True, stateful=True)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import filecmp
+import importlib
+import inspect
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,23 +35,43 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     assert not stale, f"stale generated code, run scripts/gen_protos: {stale}"
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        "sessionmesh.mesh",
-        "sessionmesh.client",
-        "sessionmesh.server",
-        "sessionmesh.client.errors",
-        "sessionmesh.testing",
-    ],
-)
-def test_public_names_are_exported_and_exist(module: str) -> None:
-    mod = __import__(module, fromlist=["__all__"])
+PUBLIC_MODULES = [
+    "sessionmesh.mesh",
+    "sessionmesh.client",
+    "sessionmesh.client.errors",
+    "sessionmesh.client.cli",
+    "sessionmesh.server",
+    "sessionmesh.testing",
+]
+
+
+def _defined_in(value: object, module: str) -> bool:
+    """Defined by ``module`` or one of its private submodules (not an import from elsewhere)."""
+    if inspect.ismodule(value):
+        return False  # submodules appear as attributes once imported; checked the other way
+    home = str(getattr(value, "__module__", ""))
+    return home == module or home.startswith(module + "._")
+
+
+@pytest.mark.parametrize("module", PUBLIC_MODULES)
+def test_exported_names_are_exactly_the_public_ones(module: str) -> None:
+    mod = importlib.import_module(module)
     names = mod.__all__
     assert names == sorted(names), f"{module}.__all__ is not sorted"
     for name in names:
-        assert hasattr(mod, name), f"{module}.__all__ names {name!r}, which does not exist"
         assert not name.startswith("_")
+        assert hasattr(mod, name), f"{module}.__all__ names {name!r}, which does not exist"
+    public = {n for n, v in vars(mod).items() if not n.startswith("_") and _defined_in(v, module)}
+    unlisted = public - set(names)
+    assert not unlisted, f"{module} has public names missing from __all__: {sorted(unlisted)}"
+
+
+def test_errors_exports_only_the_hierarchy() -> None:
+    from sessionmesh.client import errors
+
+    for name in errors.__all__:
+        value = getattr(errors, name)
+        assert isinstance(value, type) and issubclass(value, errors.MeshError), name
 
 
 def test_mesh_namespace_is_the_design_notes_api() -> None:
@@ -58,12 +81,65 @@ def test_mesh_namespace_is_the_design_notes_api() -> None:
         assert name in mesh.__all__
 
 
+def _run(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
 def test_client_never_imports_server() -> None:
     code = (
-        "import sys, sessionmesh.client, sessionmesh.client.errors; "
+        "import sys, sessionmesh.client, sessionmesh.client.errors, sessionmesh.client.cli; "
         "print(any(m.startswith('sessionmesh.server') for m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    assert out.stdout.strip() == "False"
+    assert _run(code) == "False"
     for path in (ROOT / "client").rglob("*.py"):
         assert "sessionmesh.server" not in path.read_text(), path
+
+
+def test_a_caller_of_mesh_connect_does_not_load_the_agent_runtime() -> None:
+    code = """
+import asyncio, sys
+from sessionmesh import mesh
+
+async def main() -> None:
+    async with mesh.connect("127.0.0.1:9") as client:
+        client.proxy("anything", session_required=True)
+
+asyncio.run(main())
+# (grpc itself imports the top-level grpc_health and grpc_reflection packages, not these.)
+heavy = ("sessionmesh.server", "grpc_health.", "grpc_reflection.", "grpc_status")
+print(sorted(m for m in sys.modules if m.startswith(heavy)))
+mesh.tool  # the first use of a runtime name loads it
+print("sessionmesh.server" in sys.modules)
+"""
+    assert _run(code).splitlines() == ["[]", "True"]
+
+
+def test_server_uses_only_public_names_of_the_client() -> None:
+    offenders = [
+        f"{path.relative_to(ROOT)}: {line.strip()}"
+        for path in (ROOT / "server").rglob("*.py")
+        for line in path.read_text().splitlines()
+        if re.match(r"\s*(from|import) sessionmesh\.client(\.\w+)*\._", line)
+        or re.match(r"\s*from sessionmesh\.client(\.\w+)* import _", line)
+    ]
+    assert not offenders, offenders
+
+
+def test_the_contract_package_depends_on_neither_side() -> None:
+    for path in (PROTOS / "sessionmesh" / "wire").rglob("*.py"):
+        text = path.read_text()
+        assert "sessionmesh.client" not in text and "sessionmesh.server" not in text, path
+
+
+#: The client's edge to gRPC: the only modules that may hold a stub or see an RpcError.
+GRPC_EDGE = {"_grpc.py", "_exchange.py", "_status.py"}
+
+
+def test_only_the_edge_touches_grpc_stubs_and_errors() -> None:
+    for path in (ROOT / "client" / "sessionmesh" / "client").glob("*.py"):
+        if path.name in GRPC_EDGE:
+            continue
+        text = path.read_text()
+        for forbidden in ("AioRpcError", "RpcError", "_pb2_grpc", "Stub("):
+            assert forbidden not in text, f"{path.name} uses {forbidden}: go through Endpoint"

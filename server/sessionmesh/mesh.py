@@ -2,10 +2,14 @@
 
 Declare tools with ``@mesh.tool``, name the agent with ``@mesh.agent``, receive the session
 with a ``mesh.Session`` parameter, receive dependencies as ``mesh.McpAgent`` proxies, and call
-agents with ``mesh.connect``.
+agents with ``mesh.connect``. A process that only calls agents never loads the agent
+runtime: its names (``tool``, ``agent``, ``Agent``, ...) are imported on first use.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from sessionmesh.client import (
     AgentClient,
@@ -14,10 +18,15 @@ from sessionmesh.client import (
     McpAgent,
     MeshClient,
     Proxy,
+    ProxyOptions,
+    StreamingProxy,
     connect,
     errors,
 )
-from sessionmesh.server import Agent, Registry, Session, agent, current_session, tool
+from sessionmesh.wire.names import short as short_id
+
+if TYPE_CHECKING:
+    from sessionmesh.server import Agent, Registry, Session, agent, current_session, tool
 
 __all__ = [
     "Agent",
@@ -27,11 +36,28 @@ __all__ = [
     "McpAgent",
     "MeshClient",
     "Proxy",
+    "ProxyOptions",
     "Registry",
     "Session",
+    "StreamingProxy",
     "agent",
     "connect",
     "current_session",
     "errors",
+    "short_id",
     "tool",
 ]
+
+_SERVER_NAMES = frozenset({"Agent", "Registry", "Session", "agent", "current_session", "tool"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SERVER_NAMES:
+        value = getattr(importlib.import_module("sessionmesh.server"), name)
+        globals()[name] = value  # once loaded, a plain attribute
+        return value
+    raise AttributeError(f"module 'sessionmesh.mesh' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -77,6 +77,11 @@ class Session:
         return f"<Session {short(self.id)}{' closed' if self.closed else ''}>"
 
     @property
+    def short_id(self) -> str:
+        """The id shortened for logs and messages (the whole id is a secret)."""
+        return short(self.id)
+
+    @property
     def state(self) -> dict[str, Any]:
         if self._state is None:
             self._state = {}
