@@ -1,6 +1,6 @@
-"""Test helpers for code that uses sessionmesh: a real agent on 127.0.0.1, in-process.
+"""Test helpers for code that uses sessionmesh.
 
-Example::
+``running_agent`` serves tools on 127.0.0.1 over real gRPC, in this process::
 
     @pytest.mark.anyio
     async def test_counter() -> None:
@@ -8,6 +8,15 @@ Example::
             async with client.proxy("increment", session_required=True) as counter:
                 assert await counter(increment=2) == 2
             assert len(agent.sessions) == 0
+
+``MemoryEndpoint`` / ``MemoryTransport`` put the same agent logic behind the client's
+Endpoint seam with no sockets at all, for fast tests of code that calls through proxies,
+with faults switched on by the test (``endpoint.unreachable = True``,
+``transport.remove(endpoint)``)::
+
+    endpoint = testing.MemoryEndpoint([increment])
+    async with AgentClient(EndpointTransport(endpoint)) as client:
+        ...
 """
 
 from __future__ import annotations
@@ -19,10 +28,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from sessionmesh._memory import MemoryEndpoint, MemoryTransport
 from sessionmesh.client import AgentClient, connect
 from sessionmesh.server import Agent
 
-__all__ = ["eventually", "running_agent"]
+__all__ = ["MemoryEndpoint", "MemoryTransport", "eventually", "running_agent"]
 
 
 @contextlib.asynccontextmanager

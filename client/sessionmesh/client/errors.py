@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING
 import grpc
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
+
+    from google.protobuf import any_pb2
 
 __all__ = [
     "AgentUnavailable",
@@ -85,6 +87,16 @@ class RemoteError(MeshError):
         self.metadata: dict[str, str] = dict(metadata or {})
         #: The remote traceback, when the agent runs with debug on.
         self.debug = debug
+
+    @classmethod
+    def from_status(
+        cls, code: grpc.StatusCode, message: str, details: Sequence[any_pb2.Any] = ()
+    ) -> RemoteError:
+        """The error a status stands for (its details carry the ErrorInfo): the class is
+        chosen by the reason, else the code, whichever class this is called on."""
+        from sessionmesh.client._status import from_status  # the one mapping
+
+        return from_status(code, message, details)
 
     def copy(self) -> RemoteError:
         """The same error as a new exception (one failure may fail several calls)."""

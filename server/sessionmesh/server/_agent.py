@@ -113,7 +113,7 @@ class Agent:
         self.debug = debug
         self.max_message_bytes = max_message_bytes
         self.instance_id = secrets.token_hex(4)
-        self.tools = _index(tools)
+        self.tools = index_tools(tools)
         self.registry = registry
         self.advertise = advertise
         self.drain_timeout = drain_timeout
@@ -275,7 +275,7 @@ class Agent:
         await self.stop()
 
 
-def _index(tools: Iterable[Callable[..., Any] | ToolSpec]) -> dict[str, BoundTool]:
+def index_tools(tools: Iterable[Callable[..., Any] | ToolSpec]) -> dict[str, BoundTool]:
     """Tools by function name and by capability; a name may mean only one tool."""
     index: dict[str, BoundTool] = {}
     for item in tools:

@@ -1,0 +1,249 @@
+"""An agent in this process behind the client's Endpoint seam: no sockets, no gRPC.
+
+The real dispatcher runs the calls (sessions, ordering, call-id memory, argument binding),
+so a proxy's session logic can be tested against it in microseconds, with faults a test
+switches on: an unreachable instance, an instance gone from the mesh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+from google.protobuf.struct_pb2 import Value
+
+from sessionmesh.client import Answer, Endpoint, StreamCall, Transport
+from sessionmesh.client.errors import AgentUnavailable, RemoteError, SessionOwnerLost
+from sessionmesh.server._agent import index_tools
+from sessionmesh.server._dispatch import Dispatcher, Plan
+from sessionmesh.server._errors import Fail, not_json
+from sessionmesh.server._inject import Injector
+from sessionmesh.server._session import SessionStore
+from sessionmesh.server._tool import ToolSpec
+from sessionmesh.v1 import session_service_pb2 as pb
+from sessionmesh.wire.codec import NotJsonLike, from_value, set_value
+from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY
+from sessionmesh.wire.names import owner_of, short
+
+_END = object()
+
+
+def _error(fail: Fail) -> RemoteError:
+    return RemoteError.from_status(fail.code, fail.message, fail.details())
+
+
+def _value(plan: Plan, result: Any) -> Value:
+    value = Value()
+    try:
+        set_value(value, result)
+    except NotJsonLike as exc:
+        raise not_json(plan.bound.spec.name, "returned", exc) from None
+    return value
+
+
+class MemoryEndpoint(Endpoint):
+    """One in-process agent instance serving ``tools``.
+
+    Set ``unreachable = True`` and every call fails as a dead connection would
+    (AgentUnavailable), without reaching the agent. ``calls`` counts the calls that did.
+    """
+
+    def __init__(
+        self,
+        tools: Iterable[Callable[..., Any] | ToolSpec],
+        *,
+        instance_id: str = "mem0",
+        session_ttl: float = 300.0,
+        max_sessions: int = 100_000,
+    ) -> None:
+        self.address = f"memory:{instance_id}"
+        self.instance_id = instance_id
+        self.store = SessionStore(instance_id, default_ttl=session_ttl, max_sessions=max_sessions)
+        self.dispatcher = Dispatcher(
+            agent_name=instance_id,
+            tools=index_tools(tools),
+            store=self.store,
+            injector=Injector(None),
+        )
+        self.unreachable = False
+        self.calls = 0
+
+    def _reach(self) -> None:
+        if self.unreachable:
+            raise AgentUnavailable(f"{self.address} is unreachable (injected)")
+        self.calls += 1
+
+    async def call(
+        self, message: pb.ExchangeRequest, deadline: float | None, *, alone: bool = False
+    ) -> Answer:
+        self._reach()
+        try:
+            plan = self.dispatcher.plan(message.call, message.session_id, message.create_session)
+        except Fail as fail:
+            return Answer("", Value(), _error(fail))
+        try:
+            async with asyncio.timeout(deadline):
+                result = await self.dispatcher.execute(plan)
+            return Answer(plan.new_id, _value(plan, result), None)
+        except Fail as fail:
+            return Answer(plan.new_id, Value(), _error(fail))
+        except BaseException:
+            plan.abandon()
+            raise
+
+    def stream(
+        self, metadata: tuple[tuple[str, str], ...] | None, deadline: float | None
+    ) -> StreamCall:
+        headers = dict(metadata or ())
+        return MemoryStreamCall(self, headers, deadline)
+
+    async def create_session(self, tool: str, deadline: float | None) -> str:
+        self._reach()
+        try:
+            bound = self.dispatcher.tool(tool) if tool else None
+            return self.dispatcher.new_session(bound).id
+        except Fail as fail:
+            raise _error(fail) from None
+
+    async def close_session(self, session_id: str, deadline: float | None) -> bool:
+        self._reach()
+        return await self.store.close(session_id)
+
+    async def list_tools(self, deadline: float | None) -> pb.ListToolsResponse:
+        self._reach()
+        names = sorted({b.spec.name for b in self.dispatcher.tools.values()})
+        return pb.ListToolsResponse(
+            agent_name=self.instance_id,
+            instance_id=self.instance_id,
+            tools=[pb.Tool(name=n) for n in names],
+        )
+
+    async def list_sessions(self, deadline: float | None) -> pb.ListSessionsResponse:
+        self._reach()
+        response = pb.ListSessionsResponse(instance_id=self.instance_id)
+        for session in self.store.sessions():
+            response.sessions.add(short_id=short(session.id), active=session.active > 0)
+        return response
+
+    async def aclose(self) -> None:
+        await self.store.stop()
+
+
+class MemoryStreamCall(StreamCall):
+    def __init__(
+        self, endpoint: MemoryEndpoint, headers: dict[str, str], deadline: float | None
+    ) -> None:
+        self._endpoint = endpoint
+        self._headers = headers
+        self._deadline = deadline
+        self._out: asyncio.Queue[Any] = asyncio.Queue()
+        self._inputs: asyncio.Queue[Any] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def open(self, start: pb.StreamCallRequest) -> None:
+        endpoint = self._endpoint
+        endpoint._reach()
+        create = self._headers.get(SESSION_CREATE_KEY) == "1"
+        try:
+            plan = endpoint.dispatcher.plan(
+                start.start.call, self._headers.get(SESSION_ID_KEY, ""), create
+            )
+        except Fail as fail:
+            raise _error(fail) from None
+        self.session_id = plan.new_id or None
+        bound = plan.bound
+        if bound.input_param:
+            self._inputs = asyncio.Queue()
+            plan.kwargs[bound.input_param] = _drain(self._inputs)
+        self._task = asyncio.get_running_loop().create_task(self._run(plan))
+
+    async def _run(self, plan: Plan) -> None:
+        dispatcher = self._endpoint.dispatcher
+        bound = plan.bound
+        try:
+            async with asyncio.timeout(self._deadline), dispatcher.running(plan):
+                try:
+                    async for item in bound.iterate(plan.kwargs):
+                        await self._out.put(_value(plan, item))
+                except (Fail, asyncio.CancelledError):
+                    raise
+                except Exception as exc:
+                    raise dispatcher.tool_failed(bound, exc) from None
+        except Fail as fail:
+            await self._out.put(_error(fail))
+        except BaseException:
+            plan.abandon()
+            raise
+        else:
+            await self._out.put(_END)
+
+    async def send(self, message: pb.StreamCallRequest) -> bool:
+        if self._task is None or self._task.done():
+            return False
+        kind = message.WhichOneof("kind")
+        if self._inputs is not None and kind == "input":
+            await self._inputs.put(from_value(message.input))
+        elif self._inputs is not None and kind == "input_end":
+            await self._inputs.put(_END)
+        return True  # credit: this stream has no window to replenish
+
+    async def done_writing(self) -> None:
+        if self._inputs is not None:
+            await self._inputs.put(_END)
+
+    async def receive(self) -> pb.StreamCallResponse | None:
+        item = await self._out.get()
+        if item is _END:
+            return None
+        if isinstance(item, RemoteError):
+            raise item
+        response = pb.StreamCallResponse()
+        response.chunk.CopyFrom(item)
+        return response
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def _drain(inputs: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+    while (item := await inputs.get()) is not _END:
+        yield item
+
+
+class MemoryTransport(Transport):
+    """Instances of one agent, in this process: new sessions spread round-robin, each
+    session's calls go to its owner. ``remove()`` takes an instance out of the mesh (its
+    sessions then raise SessionOwnerLost, as with a registry that dropped it)."""
+
+    def __init__(self, *endpoints: MemoryEndpoint) -> None:
+        self.endpoints = {e.instance_id: e for e in endpoints}
+        self._turns = itertools.count()
+
+    def pick(self) -> Endpoint:
+        live = list(self.endpoints.values())
+        if not live:
+            raise AgentUnavailable("no instance left in the memory mesh")
+        return live[next(self._turns) % len(live)]
+
+    def owner(self, session_id: str) -> Endpoint:
+        endpoint = self.endpoints.get(owner_of(session_id))
+        if endpoint is None:
+            raise SessionOwnerLost(
+                f"instance {owner_of(session_id)} is gone from the memory mesh",
+                metadata={"session_id": session_id},
+            )
+        return endpoint
+
+    def knows(self, endpoint: Endpoint) -> bool:
+        return self.endpoints.get(endpoint.instance_id) is endpoint
+
+    def remove(self, endpoint: MemoryEndpoint) -> None:
+        self.endpoints.pop(endpoint.instance_id, None)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        for endpoint in self.endpoints.values():
+            await endpoint.aclose()
