@@ -1,82 +1,123 @@
-"""Starting and stopping real agent and registry processes in tests."""
+"""Starting and stopping real agent and registry processes in tests.
+
+Every wait is bounded; async tests never block the event loop on a pipe or a process.
+Each process gets its own process group, and leaving the block kills the whole group.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import selectors
 import signal
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from sessionmesh.v1 import session_service_pb2 as pb
-from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
+from sessionmesh import mesh
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "sessionmesh.server._cli"]
+#: How long a process may take to print its ready line.
+READY_WITHIN = 30.0
+
+Ready = dict[str, Any]
 
 
-def free_port() -> int:
-    """A port that was free a moment ago (for a registry that must come back on it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _failed(args: tuple[str, ...], stderr: Any) -> AssertionError:
+    stderr.seek(0)
+    return AssertionError(f"{args} did not start: {stderr.read().decode(errors='replace')}")
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+@contextlib.asynccontextmanager
+async def process(
+    *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, Ready]]:
+    """Run `sessionmesh ARGS...`, yield it and its JSON ready line; always stop it."""
+    with tempfile.TemporaryFile() as stderr:  # a file never fills up and blocks the child
+        proc = await asyncio.create_subprocess_exec(
+            *CLI,
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        try:
+            assert proc.stdout is not None
+            try:
+                line = await asyncio.wait_for(proc.stdout.readline(), READY_WITHIN)
+            except TimeoutError:
+                line = b""
+            if not line:
+                raise _failed(args, stderr)
+            yield proc, json.loads(line)
+        finally:
+            _kill_group(proc.pid)
+            await asyncio.wait_for(proc.wait(), 10)
 
 
 @contextlib.contextmanager
-def process(
-    *args: str, env: dict[str, str] | None = None
-) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
-    """Run `sessionmesh ARGS...`, yield it and its JSON ready line; always stop it."""
-    proc = subprocess.Popen(
-        [*CLI, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,  # its own process group: cleanup reaches its children too
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # the ready line; EOF if it died
-        if not line:
+def process_blocking(*args: str) -> Iterator[tuple[subprocess.Popen[str], Ready]]:
+    """`process` for tests without an event loop."""
+    with tempfile.TemporaryFile() as stderr:
+        proc = subprocess.Popen(
+            [*CLI, *args], stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True
+        )
+        try:
+            assert proc.stdout is not None
+            with selectors.DefaultSelector() as ready:
+                ready.register(proc.stdout, selectors.EVENT_READ)
+                line = proc.stdout.readline() if ready.select(READY_WITHIN) else ""
+            if not line:
+                raise _failed(args, stderr)
+            yield proc, json.loads(line)
+        finally:
+            _kill_group(proc.pid)
             proc.wait(timeout=10)
-            raise AssertionError(
-                f"{args} did not start: {proc.stderr.read() if proc.stderr else ''}"
-            )
-        yield proc, json.loads(line)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+            proc.stdout.close()  # type: ignore[union-attr]
 
 
 def serve(
     file: str, *args: str, env: dict[str, str] | None = None
-) -> contextlib.AbstractContextManager[tuple[subprocess.Popen[str], dict[str, Any]]]:
+) -> contextlib.AbstractAsyncContextManager[tuple[asyncio.subprocess.Process, Ready]]:
     """Run `sessionmesh serve FILE ARGS...`."""
     return process("serve", str(ROOT / file), *args, env=env)
 
 
-def registry(
-    port: int,
-) -> contextlib.AbstractContextManager[tuple[subprocess.Popen[str], dict[str, Any]]]:
-    return process("registry", "--port", str(port))
+@contextlib.asynccontextmanager
+async def registry(port: int = 0) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """Run `sessionmesh registry` (on a port the OS picks, unless one is given)."""
+    async with process("registry", "--port", str(port)) as (proc, ready):
+        yield proc, str(ready["registry"])
+
+
+async def exited(proc: asyncio.subprocess.Process, within: float = 10.0) -> int:
+    """Its exit code, once it has exited (bounded)."""
+    return await asyncio.wait_for(proc.wait(), within)
+
+
+def wait_until(check: Callable[[], bool], *, within: float, what: str) -> None:
+    """``testing.eventually`` for tests without an event loop: poll, bounded."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {within} s")
+        time.sleep(0.01)
 
 
 async def open_sessions(address: str) -> int:
     """How many sessions the agent at ``address`` has open (ListSessions)."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        listing = await pb_grpc.SessionServiceStub(channel).ListSessions(
-            pb.ListSessionsRequest(), timeout=5
-        )
-    return len(listing.sessions)
+    async with mesh.connect(address) as agent:
+        return len((await agent.list_sessions()).sessions)

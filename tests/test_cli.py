@@ -9,14 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from sessionmesh import mesh
 from sessionmesh.testing import eventually
-from tests.procs import CLI, ROOT, free_port, process, serve
+from tests.procs import CLI, ROOT, exited, process_blocking, serve, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -27,7 +26,7 @@ async def test_serve_then_sigterm_finishes_calls_and_closes_sessions(tmp_path: P
     log.touch()
     started.touch()
     env = {"CLOSE_LOG": str(log), "STARTED_LOG": str(started)}
-    with serve("tests/agents/closing.py", env=env) as (proc, ready):
+    async with serve("tests/agents/closing.py", env=env) as (proc, ready):
         assert ready["agent"] == "closing"
         assert ready["address"].startswith("127.0.0.1:")
         async with mesh.connect(ready["address"]) as client:
@@ -38,8 +37,7 @@ async def test_serve_then_sigterm_finishes_calls_and_closes_sessions(tmp_path: P
             await eventually(lambda: started.read_text() == "slow\n", what="the slow call runs")
             proc.send_signal(signal.SIGTERM)
             assert await in_flight == "finished"
-        await eventually(lambda: proc.poll() is not None, within=10, what="the agent exits")
-        assert proc.returncode == 0
+        assert await exited(proc) == 0
     assert log.read_text() == "a\n"  # the open session was closed, its callback ran once
 
 
@@ -78,13 +76,12 @@ def tuple_address(address: str) -> tuple[str, int]:
 
 @pytest.mark.slow
 def test_run_then_list_call_sessions_and_ctrl_c() -> None:
-    port = free_port()
     files = ("examples/counter.py", "examples/consumer.py")
-    with process(
-        "run", *(str(ROOT / f) for f in files), "--replicas", "2", "--registry-port", str(port)
+    with process_blocking(
+        "run", *(str(ROOT / f) for f in files), "--replicas", "2", "--registry-port", "0"
     ) as (run, ready):
         registry = ready["registry"]
-        assert registry == f"127.0.0.1:{port}"
+        assert registry.startswith("127.0.0.1:")
         assert sorted(a["agent"] for a in ready["agents"]) == [
             "consumer",
             "consumer",
@@ -134,8 +131,8 @@ def test_run_then_list_call_sessions_and_ctrl_c() -> None:
     assert _stopped(registry)
 
 
-def test_call_without_a_registry_says_what_to_do() -> None:
-    out = _cli("call", "x", "--wait", "0.5", registry=f"127.0.0.1:{free_port()}")
+def test_call_without_a_registry_says_what_to_do(free_tcp_port: int) -> None:
+    out = _cli("call", "x", "--wait", "0.5", registry=f"127.0.0.1:{free_tcp_port}")
     assert out.returncode == 1
     assert "no answer from the registry" in out.stderr
 
@@ -155,15 +152,11 @@ def test_the_demo_runs_and_shows_auto_sessions() -> None:
 
 @pytest.mark.slow
 def test_agents_started_by_run_do_not_outlive_it() -> None:
-    port = free_port()
-    with process("run", str(ROOT / "examples/counter.py"), "--registry-port", str(port)) as (
+    with process_blocking("run", str(ROOT / "examples/counter.py"), "--registry-port", "0") as (
         run,
         ready,
     ):
         agent = ready["agents"][0]["address"]
         os.kill(run.pid, signal.SIGKILL)  # no chance to stop its children
         run.wait(timeout=10)
-        deadline = time.monotonic() + 30
-        while not _stopped(agent):
-            assert time.monotonic() < deadline, "the agent outlived `sessionmesh run`"
-            time.sleep(0.05)
+        wait_until(lambda: _stopped(agent), within=30, what="the agent stops with `run`")

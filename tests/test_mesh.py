@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -21,7 +22,7 @@ from sessionmesh.client.errors import (
 from sessionmesh.testing import eventually
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
-from tests.procs import free_port, open_sessions, registry, serve
+from tests.procs import exited, open_sessions, registry, serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -39,11 +40,9 @@ async def instances_of(client: mesh.MeshClient, agent: str, n: int) -> list[str]
     return [i.instance_id for i in client.instances() if i.agent_name == agent]
 
 
-async def test_the_design_notes_examples_through_the_registry() -> None:
-    port = free_port()
-    reg = f"127.0.0.1:{port}"
-    with registry(port), serve("examples/counter.py", "--registry", reg) as (_, counter):
-        with serve("examples/consumer.py", "--registry", reg):
+async def test_the_design_notes_examples_through_the_registry(reg: str) -> None:
+    async with serve("examples/counter.py", "--registry", reg) as (_, counter):
+        async with serve("examples/consumer.py", "--registry", reg):
             async with mesh.connect(registry=reg) as client:
                 await instances_of(client, "consumer", 1)
                 auto = await client.proxy("auto_session_test")(test_rounds=3)
@@ -62,11 +61,8 @@ async def test_the_design_notes_examples_through_the_registry() -> None:
                 assert await open_sessions(counter["address"]) == 0  # every flow closed its own
 
 
-async def test_sessions_stay_on_their_replica_across_three() -> None:
-    port = free_port()
-    reg = f"127.0.0.1:{port}"
-    with (
-        registry(port),
+async def test_sessions_stay_on_their_replica_across_three(reg: str) -> None:
+    async with (
         serve("examples/counter.py", "--registry", reg),
         serve("examples/counter.py", "--registry", reg),
         serve("examples/counter.py", "--registry", reg),
@@ -86,11 +82,8 @@ async def test_sessions_stay_on_their_replica_across_three() -> None:
                 await p.cleanup_auto_session()
 
 
-async def test_sigkill_of_an_owner_loses_only_its_sessions() -> None:
-    port = free_port()
-    reg = f"127.0.0.1:{port}"
-    with (
-        registry(port),
+async def test_sigkill_of_an_owner_loses_only_its_sessions(reg: str) -> None:
+    async with (
         serve("examples/counter.py", "--registry", reg) as (a_proc, a),
         serve("examples/counter.py", "--registry", reg),
     ):
@@ -123,14 +116,11 @@ async def test_sigkill_of_an_owner_loses_only_its_sessions() -> None:
             print(f"consumer saw the SIGKILLed provider gone after {seen_gone * 1000:.0f} ms")
 
 
-async def test_sigkill_of_a_consumer_mid_session_is_reclaimed_by_ttl() -> None:
-    port = free_port()
-    reg = f"127.0.0.1:{port}"
-    with (
-        registry(port),
+async def test_sigkill_of_a_consumer_mid_session_is_reclaimed_by_ttl(reg: str) -> None:
+    async with (
         serve("examples/counter.py", "--registry", reg, "--session-ttl", "0.5") as (_, counter),
     ):
-        with serve("tests/agents/holder.py", "--registry", reg) as (holder_proc, _):
+        async with serve("tests/agents/holder.py", "--registry", reg) as (holder_proc, _):
             async with mesh.connect(registry=reg) as client:
                 await instances_of(client, "holder", 1)
                 await instances_of(client, "counter", 1)
@@ -157,19 +147,21 @@ async def _none_open(address: str) -> bool:
     return await open_sessions(address) == 0
 
 
-async def test_registry_restart_does_not_interrupt_open_sessions() -> None:
-    port = free_port()
+async def test_registry_restart_does_not_interrupt_open_sessions(
+    free_tcp_port_factory: Callable[[], int],
+) -> None:
+    port = free_tcp_port_factory()  # the registry must come back on the same port
     reg = f"127.0.0.1:{port}"
-    with serve("examples/counter.py", "--registry", reg) as (_, counter):
-        with registry(port) as (reg_proc, _):
+    async with serve("examples/counter.py", "--registry", reg) as (_, counter):
+        async with registry(port) as (reg_proc, _):
             async with mesh.connect(registry=reg) as client:
                 await instances_of(client, "counter", 1)
                 async with client.proxy("session_counter", session_required=True) as p:
                     assert (await p(increment=1))["count"] == 1
                     reg_proc.send_signal(signal.SIGKILL)
-                    reg_proc.wait(timeout=10)
+                    await exited(reg_proc)
                     assert (await p(increment=1))["count"] == 2  # the registry is down
-                    with registry(port):
+                    async with registry(port):
                         await eventually(
                             lambda: client.watch.connected, within=10, what="the watch reconnects"
                         )
@@ -178,11 +170,8 @@ async def test_registry_restart_does_not_interrupt_open_sessions() -> None:
         assert await open_sessions(counter["address"]) == 0
 
 
-async def test_draining_moves_no_session() -> None:
-    port = free_port()
-    reg = f"127.0.0.1:{port}"
-    with (
-        registry(port),
+async def test_draining_moves_no_session(reg: str) -> None:
+    async with (
         serve("examples/counter.py", "--registry", reg) as (a_proc, a),
         serve("examples/counter.py", "--registry", reg) as (_, b),
     ):
@@ -204,22 +193,14 @@ async def test_draining_moves_no_session() -> None:
                 assert owner(await p(increment=0)) == a["instance"]
             fresh = [client.proxy("session_counter", session_required=True) for _ in range(4)]
             assert {owner(await p(increment=1)) for p in fresh} == {b["instance"]}
-            assert a_proc.poll() is None  # still waiting for its sessions
+            assert a_proc.returncode is None  # still waiting for its sessions
             for p in proxies + fresh:
                 await p.cleanup_auto_session()
-            await eventually(
-                lambda: a_proc.poll() is not None,
-                within=10,
-                what="A exits once its sessions closed",
-            )
-            assert a_proc.returncode == 0
+            assert await exited(a_proc) == 0  # once its sessions closed
 
 
-async def test_a_call_at_the_wrong_instance_names_the_owner() -> None:
-    port = free_port()
-    reg = f"127.0.0.1:{port}"
-    with (
-        registry(port),
+async def test_a_call_at_the_wrong_instance_names_the_owner(reg: str) -> None:
+    async with (
         serve("examples/counter.py", "--registry", reg) as (_, a),
         serve("examples/counter.py", "--registry", reg) as (_, b),
     ):
@@ -259,15 +240,13 @@ async def _elsewhere(client: mesh.AgentClient, sid: str) -> bool:
     raise AssertionError("the call ran on the wrong instance")
 
 
-async def test_providers_that_appear_or_vanish_rewire_the_next_invocation() -> None:
-    port = free_port()
-    reg = f"127.0.0.1:{port}"
-    with registry(port), serve("tests/agents/holder.py", "--registry", reg):
+async def test_providers_that_appear_or_vanish_rewire_the_next_invocation(reg: str) -> None:
+    async with serve("tests/agents/holder.py", "--registry", reg):
         async with mesh.connect(registry=reg) as client:
             await instances_of(client, "holder", 1)
             count_twice = client.proxy("count_twice")
             assert await count_twice() is None  # no provider: injected as None
-            with serve("examples/counter.py", "--registry", reg):
+            async with serve("examples/counter.py", "--registry", reg):
                 await eventually(lambda: _counts(count_twice), what="the provider is injected")
             await eventually(lambda: _is_none(count_twice), what="the vanished provider is gone")
 
@@ -287,12 +266,9 @@ async def _is_none(proxy: mesh.Proxy) -> bool:
         return False
 
 
-async def test_stateful_proxies_pin_calls_without_a_session() -> None:
-    port = free_port()
-    reg = f"127.0.0.1:{port}"
+async def test_stateful_proxies_pin_calls_without_a_session(reg: str) -> None:
     agent = "tests/agents/replica.py"
-    with (
-        registry(port),
+    async with (
         serve(agent, "--registry", reg),
         serve(agent, "--registry", reg),
         serve(agent, "--registry", reg),

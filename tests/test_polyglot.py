@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.procs import ROOT, serve
+from tests.procs import ROOT, process_blocking
 
 SERVICE = "sessionmesh.v1.SessionService"
 
@@ -33,7 +33,7 @@ def _tool(name: str, path: Path | None = None) -> str:
 
 @pytest.fixture(scope="module")
 def counter() -> Iterator[str]:
-    with serve("examples/counter.py") as (_, ready):
+    with process_blocking("serve", str(ROOT / "examples/counter.py")) as (_, ready):
         yield str(ready["address"])
 
 

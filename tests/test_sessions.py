@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
+import grpc
 import pytest
 
 from sessionmesh import mesh
@@ -38,11 +40,33 @@ async def test_three_rounds_in_one_auto_session() -> None:
         assert len(agent.sessions) == 0
 
 
+class CountRpcs(grpc.aio.ServerInterceptor):
+    """Records the method of every RPC the agent receives."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self.methods.append(details.method.rpartition("/")[2])
+        return await continuation(details)
+
+
 async def test_first_call_opens_the_session_without_an_extra_rpc() -> None:
-    async with running_agent(increment) as (agent, client):
+    rpcs = CountRpcs()
+    async with running_agent(increment, interceptors=[rpcs]) as (agent, client):
         async with client.proxy("increment", session_required=True) as counter:
             await counter()
             assert agent.sessions.counters["created"] == 1
+            assert rpcs.methods == ["Exchange"]  # the call itself, on the shared stream
+            await counter()
+            assert rpcs.methods == ["Exchange"]  # and every later one
+        assert rpcs.methods == ["Exchange", "CloseSession"]
 
 
 async def test_new_scope_starts_a_fresh_session() -> None:

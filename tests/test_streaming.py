@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 
 import pytest
@@ -85,11 +86,15 @@ async def test_slow_reader_with_small_buffer_holds_the_tool_back() -> None:
             for _ in range(10):
                 await anext(chunks)
                 consumed += 1
-                # Give the agent every chance to run ahead, and check it never does by more
-                # than the window (plus the one chunk waiting for credit).
-                for _ in range(20):
-                    await asyncio.sleep(0.002)
-                    assert produced <= consumed + 4 + 1, (produced, consumed)
+                # Credit goes back every second chunk, so the agent may run up to the window
+                # past what was credited, plus the one chunk waiting for credit. Wait until it
+                # has, then check it went no further: a leaky window runs to 100,000.
+                credited = consumed - consumed % 2
+                limit = credited + 4 + 1
+                await eventually(
+                    functools.partial(lambda n: produced >= n, limit), what="the window fills"
+                )
+                assert produced == limit, (produced, consumed)
         # Without the window, HTTP/2 buffers alone would let thousands of chunks pile up.
         unbounded = client.proxy("firehose", buffer_size=1_000_000)
         produced = 0
