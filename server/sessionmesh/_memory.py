@@ -8,10 +8,14 @@ switches on: an unreachable instance, an instance gone from the mesh.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import AsyncIterator, Callable, Iterable
+import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import anyio
+from anyio.streams.memory import MemoryObjectSendStream
 from google.protobuf.struct_pb2 import Value
 
 from sessionmesh.client import Answer, Endpoint, StreamCall, Transport
@@ -139,7 +143,7 @@ class MemoryStreamCall(StreamCall):
         self._headers = headers
         self._deadline = deadline
         self._out: asyncio.Queue[Any] = asyncio.Queue()
-        self._inputs: asyncio.Queue[Any] | None = None
+        self._inputs: MemoryObjectSendStream[Any] | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def open(self, start: pb.StreamCallRequest) -> None:
@@ -155,8 +159,8 @@ class MemoryStreamCall(StreamCall):
         self.session_id = plan.new_id or None
         bound = plan.bound
         if bound.input_param:
-            self._inputs = asyncio.Queue()
-            plan.kwargs[bound.input_param] = _drain(self._inputs)
+            self._inputs, receive = anyio.create_memory_object_stream[Any](math.inf)
+            plan.kwargs[bound.input_param] = receive
         self._task = asyncio.get_running_loop().create_task(self._run(plan))
 
     async def _run(self, plan: Plan) -> None:
@@ -184,14 +188,15 @@ class MemoryStreamCall(StreamCall):
             return False
         kind = message.WhichOneof("kind")
         if self._inputs is not None and kind == "input":
-            await self._inputs.put(from_value(message.input))
+            with contextlib.suppress(anyio.ClosedResourceError):
+                self._inputs.send_nowait(from_value(message.input))
         elif self._inputs is not None and kind == "input_end":
-            await self._inputs.put(_END)
+            self._inputs.close()
         return True  # credit: this stream has no window to replenish
 
     async def done_writing(self) -> None:
         if self._inputs is not None:
-            await self._inputs.put(_END)
+            self._inputs.close()
 
     async def receive(self) -> pb.StreamCallResponse | None:
         item = await self._out.get()
@@ -206,11 +211,6 @@ class MemoryStreamCall(StreamCall):
     def cancel(self) -> None:
         if self._task is not None:
             self._task.cancel()
-
-
-async def _drain(inputs: asyncio.Queue[Any]) -> AsyncIterator[Any]:
-    while (item := await inputs.get()) is not _END:
-        yield item
 
 
 class MemoryTransport(Transport):

@@ -24,7 +24,7 @@ _DEADLINE_SLACK = 1.0
 
 
 class Exchange:
-    __slots__ = ("_call", "_ids", "_lock", "_pending", "_reader", "broken")
+    __slots__ = ("_call", "_cancels", "_ids", "_lock", "_pending", "_reader", "broken")
 
     def __init__(self, stub: pb_grpc.SessionServiceAsyncStub) -> None:
         self._call: grpc.aio.StreamStreamCall[pb.ExchangeRequest, pb.ExchangeResponse] = (
@@ -34,7 +34,9 @@ class Exchange:
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
         self.broken: RemoteError | None = None
+        # Both kinds of task belong to this exchange: aclose() ends them.
         self._reader = asyncio.get_running_loop().create_task(self._read())
+        self._cancels: set[asyncio.Task[None]] = set()
 
     async def call(
         self, message: pb.ExchangeRequest, deadline: float | None
@@ -71,7 +73,10 @@ class Exchange:
                 raise CallTimeout(f"no answer within {deadline} s") from None
         except asyncio.CancelledError:
             if self._pending.pop(call_id, None) is not None:
-                asyncio.get_running_loop().create_task(self._cancel(call_id))
+                # The caller is gone; tell the agent without making it wait for the write.
+                task = asyncio.get_running_loop().create_task(self._cancel(call_id))
+                self._cancels.add(task)
+                task.add_done_callback(self._cancels.discard)
             raise
 
     async def _cancel(self, call_id: int) -> None:
@@ -111,12 +116,15 @@ class Exchange:
 
     async def aclose(self) -> None:
         """Half-close, let the agent answer what is in flight, then stop reading."""
+        if self._cancels:  # cancellations are quick writes: let them go out first
+            await asyncio.wait(list(self._cancels), timeout=1.0)
         if self.broken is None:
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 async with self._lock:
                     await self._call.done_writing()
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        for task in (self._reader, *self._cancels):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -46,6 +46,7 @@ class RegistryWatch:
         self._ready = asyncio.Event()
         self._channel = RegistryChannel(address)
         self._task: asyncio.Task[None] | None = None
+        self._grace: list[asyncio.TimerHandle] = []  # see _replace
 
     def start(self) -> None:
         if self._task is None:
@@ -109,10 +110,11 @@ class RegistryWatch:
         old = self.instances
         self.instances = dict(fresh)
         loop = asyncio.get_running_loop()
+        self._grace = [h for h in self._grace if not h.cancelled() and h.when() > loop.time()]
         for iid, instance in old.items():
             if iid not in fresh:
                 self.instances[iid] = instance
-                loop.call_later(REREGISTER_GRACE, self._expire, iid, instance)
+                self._grace.append(loop.call_later(REREGISTER_GRACE, self._expire, iid, instance))
         for iid, instance in fresh.items():
             if iid not in old:
                 self._tell(rpb.WatchResponse.CHANGE_ADDED, instance)
@@ -123,6 +125,8 @@ class RegistryWatch:
             self._tell(rpb.WatchResponse.CHANGE_REMOVED, instance)
 
     async def aclose(self) -> None:
+        for handle in self._grace:
+            handle.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -145,7 +149,8 @@ class EndpointPool:
         self._endpoints: dict[str, GrpcEndpoint] = {}
         self.failed_at: dict[str, float] = {}
         self.turns = itertools.count()  # round robin, shared by every proxy of the client
-        self._retired: list[GrpcEndpoint] = []
+        #: Endpoints the registry dropped, each with the task that closes it later.
+        self._retiring: dict[GrpcEndpoint, asyncio.Task[None]] = {}
         self.closed = False
         watch.listeners.append(self._on_change)
 
@@ -170,19 +175,23 @@ class EndpointPool:
             endpoint = self._endpoints.pop(instance.instance_id, None)
             self.failed_at.pop(instance.instance_id, None)
             if endpoint is not None:
-                self._retired.append(endpoint)
-                asyncio.get_running_loop().call_later(RETIRE_AFTER, self._close_retired, endpoint)
+                task = asyncio.get_running_loop().create_task(self._retire(endpoint))
+                self._retiring[endpoint] = task
 
-    def _close_retired(self, endpoint: GrpcEndpoint) -> None:
-        if endpoint in self._retired:
-            self._retired.remove(endpoint)
-            asyncio.get_running_loop().create_task(endpoint.aclose())
+    async def _retire(self, endpoint: GrpcEndpoint) -> None:
+        await asyncio.sleep(RETIRE_AFTER)  # a policy delay: calls in flight fail on their own
+        del self._retiring[endpoint]
+        await endpoint.aclose()
 
     async def aclose(self) -> None:
         self.closed = True
         endpoints, self._endpoints = self._endpoints, {}
-        retired, self._retired = self._retired, []
-        for endpoint in [*endpoints.values(), *retired]:
+        retiring, self._retiring = self._retiring, {}
+        for task in retiring.values():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for endpoint in [*endpoints.values(), *retiring]:
             await endpoint.aclose()
 
 

@@ -12,7 +12,7 @@ import grpc
 
 from sessionmesh.server._dispatch import Dispatcher, Plan
 from sessionmesh.server._errors import Fail, invalid_stream, not_json
-from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, Flow, drain, pump
+from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, Flow, pump
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.codec import NotJsonLike, set_value
@@ -194,8 +194,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
             if headers:
                 await context.send_initial_metadata(tuple(headers))
             if bound.input_param:
-                flow.inputs = asyncio.Queue(maxsize=bound.spec.options.buffer_size)
-                plan.kwargs[bound.input_param] = drain(flow.inputs)
+                plan.kwargs[bound.input_param] = flow.open_inputs(bound.spec.options.buffer_size)
             me = asyncio.current_task()
             assert me is not None
             pumping = asyncio.get_running_loop().create_task(pump(requests, flow, me))
@@ -205,6 +204,8 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 if flow.error is None:
                     raise
                 raise flow.error from None
+            finally:
+                flow.discard_inputs()
         except Fail as fail:
             failure = fail
             if abandon is not None:
@@ -219,7 +220,6 @@ class Servicer(pb_grpc.SessionServiceServicer):
             # Tell the client it is over and wait (briefly) for its half-close, so no credit
             # it is still sending races the end of the call.
             flow.finished = True
-            flow.discard_inputs()
             with contextlib.suppress(Exception):
                 await context.write(END_MESSAGE)
                 await asyncio.wait_for(asyncio.shield(pumping), HALF_CLOSE_WAIT)
