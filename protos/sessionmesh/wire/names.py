@@ -15,9 +15,14 @@ class Named(Protocol):
     def capability(self) -> str: ...
 
 
+def names(tool: Named) -> tuple[str, str]:
+    """The names a tool answers to: its function name and its capability (often the same)."""
+    return tool.name, tool.capability
+
+
 def answers_to(tool: Named, name: str) -> bool:
-    """A tool answers to its function name and to its capability."""
-    return name == tool.name or name == tool.capability
+    """Whether ``name`` calls ``tool``."""
+    return name in names(tool)
 
 
 def new_session_id(instance_id: str) -> str:

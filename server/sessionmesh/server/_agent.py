@@ -24,6 +24,7 @@ from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+from sessionmesh.wire.names import names
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -283,7 +284,7 @@ def index_tools(tools: Iterable[Callable[..., Any] | ToolSpec]) -> dict[str, Bou
         if spec is None:
             raise UsageError(f"{item!r} is not a tool: decorate it with @mesh.tool")
         bound = BoundTool(spec)
-        for key in {spec.name, spec.capability}:
+        for key in names(spec):
             other = index.get(key)
             if other is not None and other is not bound:
                 raise UsageError(

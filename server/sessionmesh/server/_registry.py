@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from sessionmesh.client.errors import UsageError
 from sessionmesh.server._standard import StandardServices
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
@@ -202,7 +203,7 @@ class Registry:
     @property
     def address(self) -> str:
         if self._server is None:
-            raise RuntimeError("the registry is not started")
+            raise UsageError("the registry is not started")
         return f"{self.host}:{self.port}"
 
     async def start(self) -> str:
