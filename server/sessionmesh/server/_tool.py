@@ -131,7 +131,7 @@ class BoundTool:
         # Callers must bring a session to a tool that keeps state in one (a plain `Session`
         # parameter) or declares session_required with no dependencies. On a consumer with
         # dependencies, session_required configures the injected proxies instead, and the
-        # consumer runs with its caller's session or without one (docs/concepts.md).
+        # consumer runs with its caller's session or without one (README: Dependencies).
         self.requires_session = any(
             p.role == "session" and _strip_optional(p.annotation) is p.annotation for p in params
         ) or (spec.options.session_required and not self.dependencies)
