@@ -160,3 +160,34 @@ def test_agents_started_by_run_do_not_outlive_it() -> None:
         os.kill(run.pid, signal.SIGKILL)  # no chance to stop its children
         run.wait(timeout=10)
         wait_until(lambda: _stopped(agent), within=30, what="the agent stops with `run`")
+
+
+async def test_a_second_registry_on_a_taken_port_fails_loudly(reg: str) -> None:
+    port = reg.rpartition(":")[2]
+    for args in (["registry", "--port", port], ["run", "--registry-port", port, "x.py"]):
+        if args[0] == "run":
+            args[-1] = str(ROOT / "examples/counter.py")
+        proc = await asyncio.create_subprocess_exec(
+            *CLI, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+        finally:
+            if proc.returncode is None:  # it bound the port after all, and serves on
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode != 0, (args, out)
+        assert "taken" in err.decode(), err
+
+
+async def test_output_cut_short_by_the_reader_is_not_an_error(reg: str) -> None:
+    installed = Path(sys.executable).parent / "sessionmesh"  # the console script, not -m
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written: `| head -0`
+    proc = await asyncio.create_subprocess_exec(
+        str(installed), "list", "--registry", reg, stdout=write, stderr=asyncio.subprocess.PIPE
+    )
+    os.close(write)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err

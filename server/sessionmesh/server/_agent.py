@@ -23,7 +23,7 @@ from sessionmesh.server._tool import BoundTool, ToolSpec, spec_of, tools_in
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
-from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES, server_options
 from sessionmesh.wire.names import names
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ class Agent:
         )
         self._servicer = Servicer(self._dispatcher)
         server = grpc.aio.server(
-            options=grpc_options(self.max_message_bytes), interceptors=self._interceptors
+            options=server_options(self.max_message_bytes), interceptors=self._interceptors
         )
         pb_grpc.add_SessionServiceServicer_to_server(self._servicer, server)
         self._health = StandardServices(server, SERVICE_NAME)

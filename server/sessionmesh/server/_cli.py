@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.util
 import json
 import logging
@@ -124,7 +123,8 @@ async def _registry(args: argparse.Namespace) -> int:
         address = await registry.start()
     except RuntimeError as exc:
         raise SystemExit(
-            f"sessionmesh: cannot serve the registry on {args.host}:{args.port}: {exc}"
+            f"sessionmesh: cannot serve the registry on {args.host}:{args.port} ({exc}): is "
+            "the port taken, by another registry or `sessionmesh run`? Use --port."
         ) from None
     print(json.dumps({"registry": address}), flush=True)
     say(f"registry serving on {address}")
@@ -299,8 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MeshError as exc:
         say(str(exc))
         return 1
+    except BrokenPipeError:
+        # Whoever read our output stopped (`sessionmesh list | head -1`): nothing is wrong.
+        # Point stdout at /dev/null so the flush at exit does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(BrokenPipeError):
-        raise SystemExit(main())
+    raise SystemExit(main())

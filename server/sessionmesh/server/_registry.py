@@ -21,6 +21,7 @@ from sessionmesh.client.errors import UsageError
 from sessionmesh.server._standard import StandardServices
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
+from sessionmesh.wire.limits import server_options
 from sessionmesh.wire.names import answers_to
 
 log = logging.getLogger("sessionmesh.registry")
@@ -207,7 +208,7 @@ class Registry:
         return f"{self.host}:{self.port}"
 
     async def start(self) -> str:
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=server_options())
         rpb_grpc.add_RegistryServiceServicer_to_server(
             RegistryServicer(self.store, self.lease_ms), server
         )

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from sessionmesh.server._dispatch import Dispatcher, Plan
-from sessionmesh.server._errors import Fail, invalid_stream, not_json
+from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream, not_json
 from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, Flow, pump
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
@@ -28,12 +28,20 @@ if TYPE_CHECKING:
 
 
 def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, bool]:
+    """The call's session id and whether it asks to open a session (``x-session-create``
+    must say ``1`` or ``true``: anything else is refused, not read as yes)."""
     session_id = ""
     create = False
     for key, value in context.invocation_metadata() or ():
         if key == SESSION_ID_KEY:
             session_id = str(value)
         elif key == SESSION_CREATE_KEY:
+            if str(value).lower() not in ("1", "true"):
+                raise invalid_arguments(
+                    SESSION_CREATE_KEY,
+                    f"'{SESSION_CREATE_KEY}' opens a session when it is '1' or 'true'; leave "
+                    f"it out for a call without a new session (got {str(value)[:20]!r})",
+                )
             create = True
     return session_id, create
 
