@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
+from sessionmesh import mesh
 from sessionmesh.client.errors import InvalidArguments
 from sessionmesh.testing import running_agent
 from sessionmesh.v1 import session_service_pb2 as pb
@@ -61,3 +64,34 @@ async def test_a_streamed_call_with_bad_arguments_raises_invalid_arguments() -> 
                 async for _ in chunks:
                     pass
         assert len(agent.sessions) == 0
+
+
+async def test_a_duplicate_exchange_id_in_flight_is_refused_on_that_id() -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    @mesh.tool
+    async def hold() -> str:
+        started.set()
+        await release.wait()
+        return "held"
+
+    async with running_agent(hold, increment) as (agent, _):
+        async with grpc.aio.insecure_channel(agent.address) as channel:
+            stream = pb_grpc.SessionServiceStub(channel).Exchange()
+            await stream.write(pb.ExchangeRequest(id=7, call=pb.CallRequest(tool="hold")))
+            await asyncio.wait_for(started.wait(), 5)
+            await stream.write(pb.ExchangeRequest(id=7, call=pb.CallRequest(tool="hold")))
+            refused = await asyncio.wait_for(stream.read(), 5)
+            assert isinstance(refused, pb.ExchangeResponse)
+            assert (
+                refused.id == 7 and refused.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            )
+            assert decode(refused.error.details).reason == "INVALID_STREAM"
+            assert "already in flight" in refused.error.message
+            release.set()
+            first = await asyncio.wait_for(stream.read(), 5)
+            assert isinstance(first, pb.ExchangeResponse)
+            assert first.id == 7 and first.result.string_value == "held"  # the first still answers
+            await stream.done_writing()
+            assert await asyncio.wait_for(stream.code(), 5) == grpc.StatusCode.OK

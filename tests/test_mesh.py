@@ -116,6 +116,24 @@ async def test_sigkill_of_an_owner_loses_only_its_sessions(reg: str) -> None:
             print(f"consumer saw the SIGKILLed provider gone after {seen_gone * 1000:.0f} ms")
 
 
+async def test_a_stream_whose_owner_is_killed_raises_session_lost(reg: str) -> None:
+    async with serve("examples/counter.py", "--registry", reg) as (proc, _):
+        async with mesh.connect(registry=reg) as client:
+            await instances_of(client, "counter", 1)
+            async with client.proxy("session_counter", session_required=True) as counter:
+                await counter(increment=1)
+                chunks = counter.options(buffer_size=2).call_tool_auto(
+                    "stream_count", {"n": 1_000_000}
+                )
+                assert (await anext(chunks))["i"] == 1
+                os.kill(proc.pid, signal.SIGKILL)
+                with pytest.raises(SessionLost):  # as a unary call in the session would
+                    async for _ in chunks:
+                        pass
+                with pytest.raises(SessionLost):
+                    await counter(increment=1)
+
+
 async def test_sigkill_of_a_consumer_mid_session_is_reclaimed_by_ttl(reg: str) -> None:
     async with (
         serve("examples/counter.py", "--registry", reg, "--session-ttl", "0.5") as (_, counter),

@@ -195,10 +195,16 @@ class BaseProxy:
         """The call that opened the auto session ended (session_id None: it failed)."""
         self._auto.opened(endpoint, session_id)
 
-    def failed(self, session_id: str, error: BaseException) -> None:
-        """A call in ``session_id`` failed with ``error``."""
+    def failed(self, session_id: str, error: BaseException) -> BaseException:
+        """A call in ``session_id`` failed with ``error``: what it means for the session, to
+        raise instead. An unreachable owner is SessionOwnerUnavailable (SessionOwnerLost
+        once it left the mesh), for unary calls and streams alike; a SessionLost marks the
+        auto session lost."""
+        if isinstance(error, AgentUnavailable) and not isinstance(error, SessionLost):
+            error = self._owner_unreachable(session_id, error)
         if isinstance(error, SessionLost):
             self._auto.failed(session_id, error)
+        return error
 
     def _owner_unreachable(self, session_id: str, error: AgentUnavailable) -> SessionLost:
         """A session's owner did not answer: lost for good if the registry has dropped it,
@@ -266,9 +272,7 @@ class BaseProxy:
             self._transport.failed(endpoint)
             self._auto.unpin(endpoint)
             if sid:
-                lost = self._owner_unreachable(sid, unreachable)
-                self.failed(sid, lost)
-                raise lost from None
+                raise self.failed(sid, unreachable) from None
             raise
         except BaseException:
             if creating:
@@ -277,9 +281,7 @@ class BaseProxy:
         if creating:
             self.opened(endpoint, answer.session_id)
         if answer.error is not None:
-            if sid:
-                self.failed(sid, answer.error)
-            raise answer.error
+            raise self.failed(sid, answer.error) if sid else answer.error
         return from_value(answer.value)
 
     # -- sessions -----------------------------------------------------------------------------

@@ -91,7 +91,7 @@ class ChunkStream:
             if creating:
                 proxy.opened(endpoint, call.session_id)
             elif sid:
-                proxy.failed(sid, exc)
+                raise proxy.failed(sid, exc) from exc.__cause__
             raise
         if creating:
             proxy.opened(endpoint, call.session_id)
@@ -130,7 +130,7 @@ class ChunkStream:
         except BaseException as exc:
             self._finish()
             if self._session_id:
-                self._proxy.failed(self._session_id, exc)
+                raise self._proxy.failed(self._session_id, exc) from exc.__cause__
             raise
         if message is None:
             self._finish()

@@ -128,6 +128,14 @@ class Servicer(pb_grpc.SessionServiceServicer):
                     loop.call_soon(task.cancel)
                 continue
             answer = pb.ExchangeResponse(id=message.id)
+            if message.id in running:
+                # Its answer would be taken for the first one's: refuse it, run nothing.
+                duplicate = invalid_stream(
+                    f"call id {message.id} is already in flight on this Exchange stream; "
+                    "ids must be unique among the calls not yet answered"
+                )
+                await _send_failure(answer, duplicate, context, write)
+                continue
             try:
                 plan = self.dispatcher.plan(
                     message.call, message.session_id, message.create_session
