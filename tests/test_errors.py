@@ -193,5 +193,5 @@ async def test_a_proxy_of_a_closed_client_refuses_calls() -> None:
                 await plain(value=1)
             with pytest.raises(UsageError, match="closed"):
                 await counter(increment=1)
-        # Leaving the block could not close the session: the agent's TTL will.
-        assert len(agent.sessions) == 1
+        # Closing the client closed the session its proxy had open.
+        assert len(agent.sessions) == 0

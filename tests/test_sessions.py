@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -350,3 +352,32 @@ async def test_a_draining_agent_serves_open_sessions_but_opens_none() -> None:
                 await client.proxy("session_counter", session_required=True)(increment=1)
             assert info.value.reason == "SHUTTING_DOWN"
             assert len(agent.sessions) == 1
+
+
+async def test_closing_the_client_closes_the_auto_sessions_of_its_proxies() -> None:
+    async with running_agent(increment) as (agent, _):
+        async with mesh.connect(agent.address) as client:
+            first = client.proxy("session_counter", session_required=True)
+            second = first.options(timeout=5)  # shares the first one's session
+            other = client.proxy("session_counter", session_required=True)
+            await first(increment=1)
+            await second(increment=1)
+            await other(increment=1)
+            assert len(agent.sessions) == 2
+        assert len(agent.sessions) == 0  # no `async with proxy`, and still no leak
+        assert first.session_id is None and other.session_id is None
+
+
+async def test_a_proxy_dropped_with_its_session_open_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running_agent(increment) as (agent, client):
+        counter = client.proxy("session_counter", session_required=True)
+        await counter(increment=1)
+        short = str(counter.session_id)[:14]
+        with caplog.at_level(logging.WARNING, logger="sessionmesh.proxy"):
+            del counter
+            gc.collect()
+        dropped = [r.getMessage() for r in caplog.records if "dropped while open" in r.getMessage()]
+        assert len(dropped) == 1 and short in dropped[0]
+        assert str(agent.sessions.sessions()[0].id) not in dropped[0]  # never the whole id

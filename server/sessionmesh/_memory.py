@@ -219,6 +219,7 @@ class MemoryTransport(Transport):
     sessions then raise SessionOwnerLost, as with a registry that dropped it)."""
 
     def __init__(self, *endpoints: MemoryEndpoint) -> None:
+        super().__init__()
         self.endpoints = {e.instance_id: e for e in endpoints}
         self._turns = itertools.count()
 
@@ -244,6 +245,7 @@ class MemoryTransport(Transport):
         self.endpoints.pop(endpoint.instance_id, None)
 
     async def aclose(self) -> None:
+        await self.close_sessions()
         self.closed = True
         for endpoint in self.endpoints.values():
             await endpoint.aclose()

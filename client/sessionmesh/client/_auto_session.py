@@ -13,20 +13,28 @@ a lost session is never silently replaced by a new, empty one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
 import secrets
 from typing import TYPE_CHECKING, NamedTuple
 
-from sessionmesh.client.errors import SessionLost, SessionOwnerUnavailable
+from sessionmesh.client.errors import (
+    RemoteError,
+    SessionLost,
+    SessionOwnerLost,
+    SessionOwnerUnavailable,
+)
 from sessionmesh.wire.names import short
 
 if TYPE_CHECKING:
     from sessionmesh.client._transport import Endpoint, Transport
-    from sessionmesh.client.errors import RemoteError
 
 log = logging.getLogger("sessionmesh.proxy")
+
+#: How long closing a session may take before the agent's TTL is left to do it.
+CLOSE_DEADLINE = 5.0
 
 
 class State(enum.Enum):
@@ -46,6 +54,7 @@ class Route(NamedTuple):
 
 class AutoSession:
     __slots__ = (
+        "__weakref__",
         "_ids",
         "_opened",
         "_prefix",
@@ -100,9 +109,11 @@ class AutoSession:
                     metadata=lost.metadata,
                 )
             if state is State.IDLE:
+                endpoint = transport.pick()
                 self.state = State.OPENING
                 self._opened = asyncio.Event()
-                return Route(transport.pick(), "", True)
+                transport.track(self)  # so that closing the client closes this session
+                return Route(endpoint, "", True)
             assert self._opened is not None
             await self._opened.wait()  # another call is opening the session: wait for its id
 
@@ -144,6 +155,34 @@ class AutoSession:
         if event is not None:
             event.set()  # calls waiting for an id route afresh
         return session_id, lost
+
+    async def close(self, transport: Transport) -> None:
+        """Close the session on its owner (if it is open) and forget it."""
+        session_id, lost = self.reset()
+        if session_id is None or isinstance(lost, SessionOwnerLost) or transport.closed:
+            return  # nothing to close, or no channel left to close it on (its TTL will)
+        try:
+            endpoint = transport.owner(session_id)
+        except SessionLost:
+            return  # its owner is gone, and the session with it
+        try:
+            await endpoint.close_session(session_id, CLOSE_DEADLINE)
+            log.info("auto session %s closed", short(session_id))
+        except RemoteError as exc:
+            # The agent is gone or going; its TTL reaps the session. Cleanup must not mask
+            # the error that may have brought us here.
+            log.warning("auto session %s not closed: %s", short(session_id), exc)
+
+    def __del__(self) -> None:
+        if self.state is State.OPEN and self.session_id:
+            # At interpreter exit logging may be half torn down: a warning is not worth a crash.
+            with contextlib.suppress(Exception):
+                log.warning(
+                    "auto session %s was dropped while open: leave the proxy's `async with` "
+                    "block, call cleanup_auto_session() or close the client; the agent "
+                    "reclaims it only after its idle TTL",
+                    short(self.session_id),
+                )
 
     def pin(self, transport: Transport) -> Endpoint:
         """The instance a stateful proxy's session-less calls stay on, re-chosen once the

@@ -211,7 +211,9 @@ class MeshClient:
     async def aclose(self) -> None:
         if self._state is _State.OPEN:
             self._state = _State.CLOSED
-            self._transports.clear()
+            transports, self._transports = self._transports, {}
+            for transport in transports.values():
+                await transport.close_sessions()
             await self._pool.aclose()
             await self.watch.aclose()
 

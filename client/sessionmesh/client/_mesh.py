@@ -199,6 +199,7 @@ class MeshTransport(Transport):
     """The instances providing one dependency, as the registry lists them."""
 
     def __init__(self, pool: EndpointPool, dependency: Dependency) -> None:
+        super().__init__()
         self.pool = pool
         self.dependency = dependency
 

@@ -12,7 +12,6 @@ from sessionmesh.client._auto_session import AutoSession, Route
 from sessionmesh.client._stream import ChunkStream
 from sessionmesh.client.errors import (
     AgentUnavailable,
-    RemoteError,
     SessionLost,
     SessionOwnerLost,
     SessionOwnerUnavailable,
@@ -288,20 +287,7 @@ class BaseProxy:
 
     async def cleanup_auto_session(self) -> None:
         """Close the auto session (if one is open) and forget it; the next call opens anew."""
-        session_id, lost = self._auto.reset()
-        if session_id is None or isinstance(lost, SessionOwnerLost) or self._transport.closed:
-            return  # nothing to close, or no channel left to close it on (its TTL will)
-        try:
-            endpoint = self._transport.owner(session_id)
-        except SessionLost:
-            return  # its owner is gone, and the session with it
-        try:
-            await endpoint.close_session(session_id, 5.0)
-            log.info("auto session %s closed", short(session_id))
-        except RemoteError as exc:
-            # The agent is gone or going; its TTL reaps the session. Cleanup must not mask
-            # the error that may have brought us here.
-            log.warning("auto session %s not closed: %s", short(session_id), exc)
+        await self._auto.close(self._transport)
 
     async def __aenter__(self) -> BaseProxy:
         return self

@@ -10,11 +10,13 @@ address is the whole story for ``mesh.connect``; the mesh resolves through a reg
 from __future__ import annotations
 
 import abc
+import weakref
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from google.protobuf.struct_pb2 import Value
 
+    from sessionmesh.client._auto_session import AutoSession
     from sessionmesh.client.errors import RemoteError
     from sessionmesh.v1 import session_service_pb2 as pb
 
@@ -99,10 +101,23 @@ class Endpoint(abc.ABC):
 
 
 class Transport(abc.ABC):
-    """Chooses endpoints for calls. Implementations own their endpoints."""
+    """Chooses endpoints for calls. Implementations own their endpoints, and close the
+    auto sessions opened through them (``close_sessions``) before closing those."""
 
     #: Set once the client that owns the endpoints closed them; proxies then refuse calls.
     closed = False
+
+    def __init__(self) -> None:
+        self._sessions: weakref.WeakSet[AutoSession] = weakref.WeakSet()
+
+    def track(self, session: AutoSession) -> None:
+        """An auto session is being opened through this transport."""
+        self._sessions.add(session)
+
+    async def close_sessions(self) -> None:
+        """Close every auto session still open through this transport."""
+        for session in list(self._sessions):
+            await session.close(self)
 
     @abc.abstractmethod
     def pick(self) -> Endpoint:
@@ -128,6 +143,7 @@ class EndpointTransport(Transport):
     """Everything goes to one endpoint."""
 
     def __init__(self, endpoint: Endpoint) -> None:
+        super().__init__()
         self.endpoint = endpoint
 
     def pick(self) -> Endpoint:
@@ -137,5 +153,6 @@ class EndpointTransport(Transport):
         return self.endpoint
 
     async def aclose(self) -> None:
+        await self.close_sessions()
         self.closed = True
         await self.endpoint.aclose()
