@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from sessionmesh import mesh
-from sessionmesh.client.errors import CallTimeout, ToolFailed, ToolTimeout
+from sessionmesh.client.errors import CallTimeout, SessionNotFound, ToolFailed, ToolTimeout
 from sessionmesh.testing import eventually, running_agent
 from tests.tools import increment, running_total, stream_count
 
@@ -175,3 +175,36 @@ async def test_a_window_larger_than_the_tools_cap_does_not_stall() -> None:
             return [c async for c in eager.stream(n=500)]
 
         assert await asyncio.wait_for(read_all(), 10) == list(range(500))
+
+
+async def test_closing_a_session_cancels_its_stream_and_queued_calls() -> None:
+    closed: list[str] = []
+
+    @mesh.tool(session_required=True)
+    async def endless(session: mesh.Session) -> AsyncIterator[int]:
+        if not session.state:
+            session.state["open"] = True
+            session.on_close(lambda: closed.append(session.short_id))
+        n = 0
+        while True:
+            n += 1
+            yield n
+
+    async with running_agent(endless, increment) as (agent, client):
+        proxy = client.proxy("endless", session_required=True)
+        chunks = proxy.options(buffer_size=2).stream()
+        assert await anext(chunks) == 1  # the stream holds the session's turn
+        sid = proxy.session_id
+        assert sid is not None
+        queued = asyncio.create_task(proxy("session_counter", {"increment": 1}))
+        await eventually(lambda: agent.sessions.get(sid).waiting == 1, what="a call queues")
+        # An endless stream used to hold CloseSession forever.
+        assert await asyncio.wait_for(client.proxy("endless").close_session(sid), 10) is True
+        with pytest.raises(SessionNotFound, match="closed while this call ran"):
+            async for _ in chunks:
+                pass
+        with pytest.raises(SessionNotFound):
+            await queued
+        assert closed == [sid[:14]]  # the callback ran, once
+        assert len(agent.sessions) == 0
+        await proxy.cleanup_auto_session()

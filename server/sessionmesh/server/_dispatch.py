@@ -12,9 +12,16 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from sessionmesh.server._errors import Fail, invalid_arguments, session_not_found, tool_not_found
+from sessionmesh.server._errors import (
+    Fail,
+    invalid_arguments,
+    session_closed,
+    session_not_found,
+    tool_not_found,
+)
 from sessionmesh.server._params import ArgumentError
 from sessionmesh.server._session import (
+    CLOSED_UNDER_CALL,
     Session,
     SessionNotFoundError,
     SessionStore,
@@ -103,6 +110,14 @@ class _Running:
             await self.scope.__aexit__(et, ev, tb)
         finally:
             self._leave()
+        if isinstance(ev, asyncio.CancelledError) and ev.args == (CLOSED_UNDER_CALL,):
+            # Not the caller going away: the session closed under the call. Say so.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            session = self.plan.session
+            assert session is not None
+            raise session_closed(session.id) from None
 
     def _leave(self) -> None:
         _current.reset(self.token)

@@ -52,6 +52,16 @@ def session_not_found(session_id: str) -> Fail:
     )
 
 
+def session_closed(session_id: str) -> Fail:
+    return Fail(
+        grpc.StatusCode.CANCELLED,
+        Reason.SESSION_NOT_FOUND,
+        f"session {short(session_id)}... was closed while this call ran in it; the call was "
+        "cancelled. Open a new session; its state is gone.",
+        {"session_id": session_id},
+    )
+
+
 def tool_not_found(name: str, known: list[str]) -> Fail:
     return Fail(
         grpc.StatusCode.NOT_FOUND,

@@ -22,6 +22,9 @@ log = logging.getLogger("sessionmesh.session")
 
 CloseCallback = Callable[[], Awaitable[None] | None]
 
+#: The message of the cancellation that closing a session sends the call running in it.
+CLOSED_UNDER_CALL = "sessionmesh: the session was closed while this call ran in it"
+
 #: How many call ids a session remembers for retries (oldest forgotten first).
 CALL_MEMORY = 1024
 
@@ -52,6 +55,7 @@ class Session:
         "_busy",
         "_callbacks",
         "_calls",
+        "_holder",
         "_line",
         "_state",
         "active",
@@ -68,6 +72,7 @@ class Session:
         self.closed = False
         self.active = 0
         self._busy = False
+        self._holder: asyncio.Task[Any] | None = None  # the task whose turn it is
         self._line: collections.deque[asyncio.Future[None]] | None = None
         self._state: dict[str, Any] | None = None
         self._callbacks: list[CloseCallback] | None = None
@@ -167,8 +172,10 @@ class Turn:
                 self.abandon()  # cancelled, perhaps just as the turn was handed over
                 raise
         self._entered = True
-        self.session.active += 1
-        return self.session
+        session = self.session
+        session.active += 1
+        session._holder = asyncio.current_task()
+        return session
 
     async def __aexit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
@@ -179,6 +186,7 @@ class Turn:
         """End the turn (what leaving ``async with`` does), from code that cannot await."""
         session = self.session
         session.active -= 1
+        session._holder = None
         session.last_used = time.monotonic()
         session._release()
 
@@ -260,8 +268,14 @@ class SessionStore:
             self.empty.set()
         self.counters["expired" if why == "expired" else "closed"] += 1
         log.info("session %s %s", short(session_id), why)
+        # What runs in the session is cancelled (its caller is told the session closed
+        # under it), and what waits in line fails on its turn: closing never waits for a
+        # stream to end by itself.
+        holder = session._holder
+        if holder is not None and holder is not asyncio.current_task():
+            holder.cancel(CLOSED_UNDER_CALL)
         if session._callbacks:
-            # Wait for the calls already in line so callbacks see the final state.
+            # After the calls already in line (they end at once): callbacks see the final state.
             async with session.turn():
                 await session._run_callbacks()
         return True
