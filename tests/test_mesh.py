@@ -134,6 +134,20 @@ async def test_a_stream_whose_owner_is_killed_raises_session_lost(reg: str) -> N
                     await counter(increment=1)
 
 
+async def test_a_call_to_a_frozen_agent_fails_instead_of_waiting_forever() -> None:
+    async with serve("examples/counter.py") as (proc, ready):
+        async with mesh.connect(ready["address"]) as client:
+            async with client.proxy("session_counter", session_required=True) as counter:
+                assert (await counter(increment=1))["count"] == 1
+                os.kill(proc.pid, signal.SIGSTOP)  # alive, connected, and silent
+                try:
+                    # No timeout of its own: keepalive (5 s pings, 5 s to answer) ends it.
+                    with pytest.raises(AgentUnavailable):
+                        await asyncio.wait_for(counter(increment=1), 60)
+                finally:
+                    os.kill(proc.pid, signal.SIGCONT)
+
+
 async def test_sigkill_of_a_consumer_mid_session_is_reclaimed_by_ttl(reg: str) -> None:
     async with (
         serve("examples/counter.py", "--registry", reg, "--session-ttl", "0.5") as (_, counter),

@@ -23,7 +23,7 @@ from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY, STREAM_WINDOW_KEY
-from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from sessionmesh.wire.status import status_code
 
 R = TypeVar("R")
@@ -40,7 +40,7 @@ def channel(
     return grpc.aio.insecure_channel(
         address,
         options=[
-            *grpc_options(max_message_bytes),
+            *channel_options(max_message_bytes),
             # Each client gets its own connection rather than one shared by every channel to
             # the same address, so independent clients do not contend for one connection.
             ("grpc.use_local_subchannel_pool", 1),

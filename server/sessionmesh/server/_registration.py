@@ -11,6 +11,7 @@ import grpc
 
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
+from sessionmesh.wire.limits import channel_options
 
 log = logging.getLogger("sessionmesh.registration")
 
@@ -28,7 +29,7 @@ class Registration:
         self.registry = registry
         self._instance = instance
         self._heartbeat = heartbeat
-        self._channel = grpc.aio.insecure_channel(registry)
+        self._channel = grpc.aio.insecure_channel(registry, options=channel_options())
         self._nudged = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._call: grpc.aio.StreamStreamCall[rpb.RegisterRequest, rpb.RegisterResponse] | None = (
