@@ -97,9 +97,11 @@ def serve(
 
 
 @contextlib.asynccontextmanager
-async def registry(port: int = 0) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+async def registry(
+    port: int = 0, *args: str
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """Run `sessionmesh registry` (on a port the OS picks, unless one is given)."""
-    async with process("registry", "--port", str(port)) as (proc, ready):
+    async with process("registry", "--port", str(port), *args) as (proc, ready):
         yield proc, str(ready["registry"])
 
 

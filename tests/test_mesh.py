@@ -18,13 +18,18 @@ from sessionmesh.client.errors import (
     SessionElsewhere,
     SessionLost,
     SessionNotFound,
+    SessionOwnerLost,
 )
 from sessionmesh.testing import eventually
+from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from tests.procs import exited, open_sessions, registry, serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+SERVING = rpb.INSTANCE_STATE_SERVING
+UNREACHABLE = rpb.INSTANCE_STATE_UNREACHABLE
 
 
 def owner(reply: dict[str, Any]) -> str:
@@ -146,6 +151,65 @@ async def test_a_call_to_a_frozen_agent_fails_instead_of_waiting_forever() -> No
                         await asyncio.wait_for(counter(increment=1), 60)
                 finally:
                     os.kill(proc.pid, signal.SIGCONT)
+
+
+def _state_of(client: mesh.MeshClient, instance_id: str) -> int | None:
+    instance = client.instance(instance_id)
+    return None if instance is None else instance.state
+
+
+async def test_a_paused_owner_keeps_its_sessions(reg: str) -> None:
+    async with serve("examples/counter.py", "--registry", reg) as (proc, ready):
+        async with mesh.connect(registry=reg) as client:
+            await instances_of(client, "counter", 1)
+            async with client.proxy(
+                "session_counter", session_required=True, retry_count=3
+            ) as counter:
+                assert (await counter(increment=1))["count"] == 1
+                os.kill(proc.pid, signal.SIGSTOP)  # a GC pause, a VM steal
+                try:
+                    await eventually(
+                        lambda: _state_of(client, ready["instance"]) == UNREACHABLE,
+                        what="the registry marks the silent owner unreachable",
+                    )
+                    in_the_gap = asyncio.create_task(counter(increment=1))
+                finally:
+                    os.kill(proc.pid, signal.SIGCONT)
+                assert (await in_the_gap)["count"] == 2  # it waited; nothing was lost
+                await eventually(
+                    lambda: _state_of(client, ready["instance"]) == SERVING,
+                    what="the owner serves again",
+                )
+                assert (await counter(increment=1))["count"] == 3
+
+
+async def test_an_owner_silent_past_the_bound_is_lost_and_drops_its_sessions() -> None:
+    async with (
+        registry(0, "--lost-after", "1.5") as (_, reg),
+        serve("examples/counter.py", "--registry", reg) as (proc, ready),
+        mesh.connect(registry=reg) as client,
+    ):
+        await instances_of(client, "counter", 1)
+        counter = client.proxy("session_counter", session_required=True)
+        assert (await counter(increment=1))["count"] == 1
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            await eventually(
+                lambda: client.instance(ready["instance"]) is None,
+                what="the registry removes the owner after --lost-after",
+            )
+            with pytest.raises(SessionOwnerLost):
+                await counter(increment=1)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        # Back, it learns it was declared lost: it drops the sessions its callers were told
+        # are gone (no orphans) and registers again under the same instance id.
+        await eventually(lambda: _none_open(ready["address"]), what="no orphaned session")
+        await eventually(
+            lambda: _state_of(client, ready["instance"]) == SERVING, what="it registers again"
+        )
+        with pytest.raises(SessionLost):  # and the lost session stays lost
+            await counter(increment=1)
 
 
 async def test_sigkill_of_a_consumer_mid_session_is_reclaimed_by_ttl(reg: str) -> None:

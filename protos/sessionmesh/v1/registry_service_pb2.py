@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from sessionmesh.v1 import session_service_pb2 as sessionmesh_dot_v1_dot_session__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%sessionmesh/v1/registry_service.proto\x12\x0esessionmesh.v1\x1a$sessionmesh/v1/session_service.proto\"\xaf\x01\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x12\n\nagent_name\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12#\n\x05tools\x18\x04 \x03(\x0b\x32\x14.sessionmesh.v1.Tool\x12,\n\x05state\x18\x05 \x01(\x0e\x32\x1d.sessionmesh.v1.InstanceState\x12\x15\n\ropen_sessions\x18\x06 \x01(\r\"w\n\x0fRegisterRequest\x12,\n\x08instance\x18\x01 \x01(\x0b\x32\x18.sessionmesh.v1.InstanceH\x00\x12.\n\theartbeat\x18\x02 \x01(\x0b\x32\x19.sessionmesh.v1.HeartbeatH\x00\x42\x06\n\x04kind\"P\n\tHeartbeat\x12,\n\x05state\x18\x01 \x01(\x0e\x32\x1d.sessionmesh.v1.InstanceState\x12\x15\n\ropen_sessions\x18\x02 \x01(\r\"$\n\x10RegisterResponse\x12\x10\n\x08lease_ms\x18\x01 \x01(\r\"*\n\x14ListInstancesRequest\x12\x12\n\ncapability\x18\x01 \x01(\t\"D\n\x15ListInstancesResponse\x12+\n\tinstances\x18\x01 \x03(\x0b\x32\x18.sessionmesh.v1.Instance\"\x0e\n\x0cWatchRequest\"\xe4\x01\n\rWatchResponse\x12\x34\n\x06\x63hange\x18\x01 \x01(\x0e\x32$.sessionmesh.v1.WatchResponse.Change\x12*\n\x08instance\x18\x02 \x01(\x0b\x32\x18.sessionmesh.v1.Instance\x12\x15\n\rsnapshot_done\x18\x03 \x01(\x08\"Z\n\x06\x43hange\x12\x16\n\x12\x43HANGE_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43HANGE_ADDED\x10\x01\x12\x12\n\x0e\x43HANGE_UPDATED\x10\x02\x12\x12\n\x0e\x43HANGE_REMOVED\x10\x03*h\n\rInstanceState\x12\x1e\n\x1aINSTANCE_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16INSTANCE_STATE_SERVING\x10\x01\x12\x1b\n\x17INSTANCE_STATE_DRAINING\x10\x02\x32\x8a\x02\n\x0fRegistryService\x12Q\n\x08Register\x12\x1f.sessionmesh.v1.RegisterRequest\x1a .sessionmesh.v1.RegisterResponse(\x01\x30\x01\x12\\\n\rListInstances\x12$.sessionmesh.v1.ListInstancesRequest\x1a%.sessionmesh.v1.ListInstancesResponse\x12\x46\n\x05Watch\x12\x1c.sessionmesh.v1.WatchRequest\x1a\x1d.sessionmesh.v1.WatchResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%sessionmesh/v1/registry_service.proto\x12\x0esessionmesh.v1\x1a$sessionmesh/v1/session_service.proto\"\xaf\x01\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x12\n\nagent_name\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12#\n\x05tools\x18\x04 \x03(\x0b\x32\x14.sessionmesh.v1.Tool\x12,\n\x05state\x18\x05 \x01(\x0e\x32\x1d.sessionmesh.v1.InstanceState\x12\x15\n\ropen_sessions\x18\x06 \x01(\r\"w\n\x0fRegisterRequest\x12,\n\x08instance\x18\x01 \x01(\x0b\x32\x18.sessionmesh.v1.InstanceH\x00\x12.\n\theartbeat\x18\x02 \x01(\x0b\x32\x19.sessionmesh.v1.HeartbeatH\x00\x42\x06\n\x04kind\"P\n\tHeartbeat\x12,\n\x05state\x18\x01 \x01(\x0e\x32\x1d.sessionmesh.v1.InstanceState\x12\x15\n\ropen_sessions\x18\x02 \x01(\r\";\n\x10RegisterResponse\x12\x10\n\x08lease_ms\x18\x01 \x01(\r\x12\x15\n\rdeclared_lost\x18\x02 \x01(\x08\"*\n\x14ListInstancesRequest\x12\x12\n\ncapability\x18\x01 \x01(\t\"D\n\x15ListInstancesResponse\x12+\n\tinstances\x18\x01 \x03(\x0b\x32\x18.sessionmesh.v1.Instance\"\x0e\n\x0cWatchRequest\"\xe4\x01\n\rWatchResponse\x12\x34\n\x06\x63hange\x18\x01 \x01(\x0e\x32$.sessionmesh.v1.WatchResponse.Change\x12*\n\x08instance\x18\x02 \x01(\x0b\x32\x18.sessionmesh.v1.Instance\x12\x15\n\rsnapshot_done\x18\x03 \x01(\x08\"Z\n\x06\x43hange\x12\x16\n\x12\x43HANGE_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43HANGE_ADDED\x10\x01\x12\x12\n\x0e\x43HANGE_UPDATED\x10\x02\x12\x12\n\x0e\x43HANGE_REMOVED\x10\x03*\x88\x01\n\rInstanceState\x12\x1e\n\x1aINSTANCE_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16INSTANCE_STATE_SERVING\x10\x01\x12\x1b\n\x17INSTANCE_STATE_DRAINING\x10\x02\x12\x1e\n\x1aINSTANCE_STATE_UNREACHABLE\x10\x03\x32\x8a\x02\n\x0fRegistryService\x12Q\n\x08Register\x12\x1f.sessionmesh.v1.RegisterRequest\x1a .sessionmesh.v1.RegisterResponse(\x01\x30\x01\x12\\\n\rListInstances\x12$.sessionmesh.v1.ListInstancesRequest\x1a%.sessionmesh.v1.ListInstancesResponse\x12\x46\n\x05Watch\x12\x1c.sessionmesh.v1.WatchRequest\x1a\x1d.sessionmesh.v1.WatchResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sessionmesh.v1.registry_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INSTANCESTATE']._serialized_start=875
-  _globals['_INSTANCESTATE']._serialized_end=979
+  _globals['_INSTANCESTATE']._serialized_start=899
+  _globals['_INSTANCESTATE']._serialized_end=1035
   _globals['_INSTANCE']._serialized_start=96
   _globals['_INSTANCE']._serialized_end=271
   _globals['_REGISTERREQUEST']._serialized_start=273
@@ -41,17 +41,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEAT']._serialized_start=394
   _globals['_HEARTBEAT']._serialized_end=474
   _globals['_REGISTERRESPONSE']._serialized_start=476
-  _globals['_REGISTERRESPONSE']._serialized_end=512
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=514
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=556
-  _globals['_LISTINSTANCESRESPONSE']._serialized_start=558
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=626
-  _globals['_WATCHREQUEST']._serialized_start=628
-  _globals['_WATCHREQUEST']._serialized_end=642
-  _globals['_WATCHRESPONSE']._serialized_start=645
-  _globals['_WATCHRESPONSE']._serialized_end=873
-  _globals['_WATCHRESPONSE_CHANGE']._serialized_start=783
-  _globals['_WATCHRESPONSE_CHANGE']._serialized_end=873
-  _globals['_REGISTRYSERVICE']._serialized_start=982
-  _globals['_REGISTRYSERVICE']._serialized_end=1248
+  _globals['_REGISTERRESPONSE']._serialized_end=535
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=537
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=579
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=581
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=649
+  _globals['_WATCHREQUEST']._serialized_start=651
+  _globals['_WATCHREQUEST']._serialized_end=665
+  _globals['_WATCHRESPONSE']._serialized_start=668
+  _globals['_WATCHRESPONSE']._serialized_end=896
+  _globals['_WATCHRESPONSE_CHANGE']._serialized_start=806
+  _globals['_WATCHRESPONSE_CHANGE']._serialized_end=896
+  _globals['_REGISTRYSERVICE']._serialized_start=1038
+  _globals['_REGISTRYSERVICE']._serialized_end=1304
 # @@protoc_insertion_point(module_scope)

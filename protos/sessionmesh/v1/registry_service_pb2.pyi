@@ -31,6 +31,10 @@ class _InstanceStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Instanc
     """Takes new sessions and calls."""
     INSTANCE_STATE_DRAINING: _InstanceState.ValueType  # 2
     """Shutting down: serves its open sessions, takes no new ones."""
+    INSTANCE_STATE_UNREACHABLE: _InstanceState.ValueType  # 3
+    """Missed its lease with its stream still open: takes no new sessions; calls of its
+    sessions still go to it (they wait, or time out) until it answers again or is removed.
+    """
 
 class InstanceState(_InstanceState, metaclass=_InstanceStateEnumTypeWrapper):
     """InstanceState is what callers may send an instance."""
@@ -40,6 +44,10 @@ INSTANCE_STATE_SERVING: InstanceState.ValueType  # 1
 """Takes new sessions and calls."""
 INSTANCE_STATE_DRAINING: InstanceState.ValueType  # 2
 """Shutting down: serves its open sessions, takes no new ones."""
+INSTANCE_STATE_UNREACHABLE: InstanceState.ValueType  # 3
+"""Missed its lease with its stream still open: takes no new sessions; calls of its
+sessions still go to it (they wait, or time out) until it answers again or is removed.
+"""
 Global___InstanceState: _TypeAlias = InstanceState  # noqa: Y015
 
 @_typing.final
@@ -139,16 +147,22 @@ class RegisterResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LEASE_MS_FIELD_NUMBER: _builtins.int
+    DECLARED_LOST_FIELD_NUMBER: _builtins.int
     lease_ms: _builtins.int
     """Send a heartbeat at least this often (milliseconds)."""
+    declared_lost: _builtins.bool
+    """This instance id was removed earlier as unreachable, and callers were told its
+    sessions are lost: the agent must close the sessions it still holds.
+    """
     def __init__(
         self,
         *,
         lease_ms: _builtins.int = ...,
+        declared_lost: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_ms", b"lease_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_lost", b"declared_lost", "lease_ms", b"lease_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -225,7 +239,7 @@ class WatchResponse(_message.Message):
         CHANGE_UPDATED: WatchResponse._Change.ValueType  # 2
         """Its state or session count changed."""
         CHANGE_REMOVED: WatchResponse._Change.ValueType  # 3
-        """Deregistered, or its stream broke or its lease ran out."""
+        """Deregistered, its stream broke, or it stayed unreachable past the lost-after bound."""
 
     class Change(_Change, metaclass=_ChangeEnumTypeWrapper):
         """What happened to the instance."""
@@ -236,7 +250,7 @@ class WatchResponse(_message.Message):
     CHANGE_UPDATED: WatchResponse.Change.ValueType  # 2
     """Its state or session count changed."""
     CHANGE_REMOVED: WatchResponse.Change.ValueType  # 3
-    """Deregistered, or its stream broke or its lease ran out."""
+    """Deregistered, its stream broke, or it stayed unreachable past the lost-after bound."""
 
     CHANGE_FIELD_NUMBER: _builtins.int
     INSTANCE_FIELD_NUMBER: _builtins.int

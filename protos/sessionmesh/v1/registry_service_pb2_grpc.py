@@ -29,9 +29,12 @@ class RegistryServiceStub:
     """RegistryService tells agents where their dependencies are.
 
     An agent instance registers by opening Register and keeping it open: it stays
-    registered exactly as long as the stream lives and it sends a heartbeat at least
-    every lease (RegisterResponse.lease_ms). A killed agent's stream breaks at once on
-    the same host and its lease runs out elsewhere; a clean shutdown ends the stream.
+    registered as long as the stream lives. A killed agent's stream breaks at once on the
+    same host; a clean shutdown ends the stream. An instance that misses its lease
+    (RegisterResponse.lease_ms) while its stream lives is only UNREACHABLE (a pause, a
+    slow network): it is removed when it stays silent past the registry's lost-after bound,
+    and then its Register stream ends with FAILED_PRECONDITION, reason INSTANCE_LOST; when
+    it registers again, RegisterResponse.declared_lost tells it so.
     """
 
     def __init__(self, channel):
@@ -61,9 +64,12 @@ class RegistryServiceServicer:
     """RegistryService tells agents where their dependencies are.
 
     An agent instance registers by opening Register and keeping it open: it stays
-    registered exactly as long as the stream lives and it sends a heartbeat at least
-    every lease (RegisterResponse.lease_ms). A killed agent's stream breaks at once on
-    the same host and its lease runs out elsewhere; a clean shutdown ends the stream.
+    registered as long as the stream lives. A killed agent's stream breaks at once on the
+    same host; a clean shutdown ends the stream. An instance that misses its lease
+    (RegisterResponse.lease_ms) while its stream lives is only UNREACHABLE (a pause, a
+    slow network): it is removed when it stays silent past the registry's lost-after bound,
+    and then its Register stream ends with FAILED_PRECONDITION, reason INSTANCE_LOST; when
+    it registers again, RegisterResponse.declared_lost tells it so.
     """
 
     def Register(self, request_iterator, context):
@@ -118,9 +124,12 @@ class RegistryService:
     """RegistryService tells agents where their dependencies are.
 
     An agent instance registers by opening Register and keeping it open: it stays
-    registered exactly as long as the stream lives and it sends a heartbeat at least
-    every lease (RegisterResponse.lease_ms). A killed agent's stream breaks at once on
-    the same host and its lease runs out elsewhere; a clean shutdown ends the stream.
+    registered as long as the stream lives. A killed agent's stream breaks at once on the
+    same host; a clean shutdown ends the stream. An instance that misses its lease
+    (RegisterResponse.lease_ms) while its stream lives is only UNREACHABLE (a pause, a
+    slow network): it is removed when it stays silent past the registry's lost-after bound,
+    and then its Register stream ends with FAILED_PRECONDITION, reason INSTANCE_LOST; when
+    it registers again, RegisterResponse.declared_lost tells it so.
     """
 
     @staticmethod

@@ -20,3 +20,6 @@ class Reason:
     INVALID_STREAM: Final = "INVALID_STREAM"
     SHUTTING_DOWN: Final = "SHUTTING_DOWN"
     SESSION_ELSEWHERE: Final = "SESSION_ELSEWHERE"
+    #: Registry -> agent, ending its Register stream: it stayed unreachable past the
+    #: lost-after bound and was removed; callers were told its sessions are lost.
+    INSTANCE_LOST: Final = "INSTANCE_LOST"

@@ -192,7 +192,9 @@ class Agent:
         await self._health.serving()
         if self.registry is not None:
             assert self.mesh is not None
-            self._registration = Registration(self.registry, self._describe, self._heartbeat)
+            self._registration = Registration(
+                self.registry, self._describe, self._heartbeat, self._declared_lost
+            )
             self._registration.start()
             # Dependencies resolve better with a first view of the mesh; a registry that
             # is down just means none yet (the watch keeps trying).
@@ -218,6 +220,10 @@ class Agent:
 
     def _heartbeat(self) -> rpb.Heartbeat:
         return rpb.Heartbeat(state=self._state(), open_sessions=len(self._store or ()))
+
+    async def _declared_lost(self) -> None:
+        if self._store is not None:
+            await self._store.close_all(why="closed: the registry declared this instance lost")
 
     def _locate(self, instance_id: str) -> str | None:
         instance = self.mesh.instance(instance_id) if self.mesh else None

@@ -20,7 +20,7 @@ from sessionmesh.client import cli as client_commands
 from sessionmesh.client.cli import REGISTRY_ENV, registry_address, say
 from sessionmesh.client.errors import MeshError, UsageError
 from sessionmesh.server._agent import Agent
-from sessionmesh.server._registry import Registry
+from sessionmesh.server._registry import LOST_AFTER, Registry
 
 log = logging.getLogger("sessionmesh.cli")
 
@@ -117,7 +117,7 @@ class _ParentGone(asyncio.Protocol):
 
 
 async def _registry(args: argparse.Namespace) -> int:
-    registry = Registry(host=args.host, port=args.port)
+    registry = Registry(host=args.host, port=args.port, lost_after=args.lost_after or LOST_AFTER)
     stop = _stop_on_signals()
     try:
         address = await registry.start()
@@ -152,8 +152,15 @@ async def _run(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     registry: Registry | None = None
     address = registry_address(args, required=False)
+    if address is not None and args.lost_after is not None:
+        raise SystemExit(
+            f"sessionmesh: --lost-after configures the embedded registry; the one at {address} "
+            "has its own (sessionmesh registry --lost-after)"
+        )
     if address is None:
-        registry = Registry(host="127.0.0.1", port=args.registry_port)
+        registry = Registry(
+            host="127.0.0.1", port=args.registry_port, lost_after=args.lost_after or LOST_AFTER
+        )
         try:
             address = await registry.start()
         except RuntimeError:
@@ -213,6 +220,17 @@ async def _stop_all(procs: Sequence[subprocess.Popen[str]]) -> None:
 # -- the parser -------------------------------------------------------------------------------
 
 
+def lost_after_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lost-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="an agent that stops answering (its connection open) is unreachable after its "
+        f"1 s lease and removed, its sessions lost, after this long (default {LOST_AFTER:g})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sessionmesh", description="A gRPC session mesh for Python services."
@@ -258,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry = commands.add_parser("registry", help="run a registry")
     registry.add_argument("--host", default="127.0.0.1")
     registry.add_argument("--port", type=int, default=DEFAULT_REGISTRY_PORT)
+    lost_after_option(registry)
     registry.set_defaults(run=_registry)
 
     run = commands.add_parser("run", help="run agents (and a registry), each in its own process")
@@ -275,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_REGISTRY_PORT,
         help="port of the embedded registry",
     )
+    lost_after_option(run)
     run.add_argument(
         "--debug", action="store_true", help="send tracebacks of failed tools to callers"
     )

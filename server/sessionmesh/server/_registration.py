@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -25,10 +25,12 @@ class Registration:
         registry: str,
         instance: Callable[[], rpb.Instance],
         heartbeat: Callable[[], rpb.Heartbeat],
+        declared_lost: Callable[[], Awaitable[None]],
     ) -> None:
         self.registry = registry
         self._instance = instance
         self._heartbeat = heartbeat
+        self._declared_lost = declared_lost
         self._channel = grpc.aio.insecure_channel(registry, options=channel_options())
         self._nudged = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -36,6 +38,7 @@ class Registration:
             None
         )
         self.registered = asyncio.Event()
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -56,6 +59,15 @@ class Registration:
                 if first is grpc.aio.EOF:
                     raise ConnectionError("the registry ended the registration")
                 assert isinstance(first, rpb.RegisterResponse)
+                if first.declared_lost:
+                    # Removed while it could not answer (paused, cut off): its callers were
+                    # told its sessions are lost, so they must not live on here as orphans.
+                    log.warning(
+                        "the registry at %s had declared this instance lost; closing the "
+                        "sessions its callers were told are gone",
+                        self.registry,
+                    )
+                    await self._declared_lost()
                 interval = max(first.lease_ms, 30) / 3000
                 log.info(
                     "%s with the registry at %s",
@@ -65,11 +77,19 @@ class Registration:
                 was_registered = True
                 self.registered.set()
                 backoff = 0.05
-                while True:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._nudged.wait(), interval)
-                    self._nudged.clear()
-                    await call.write(rpb.RegisterRequest(heartbeat=self._heartbeat()))
+                # The registry sends nothing more: reading shows at once when it ends the
+                # registration (or the stream breaks), while a task sends the heartbeats.
+                beats = asyncio.get_running_loop().create_task(self._beat(call, interval))
+                try:
+                    await call.read()
+                finally:
+                    beats.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                        with contextlib.suppress(asyncio.InvalidStateError):
+                            await beats
+                if self._stopping:
+                    return  # the goodbye of stop(): the registry ended it as asked
+                raise ConnectionError("the registry ended the registration")
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError, ConnectionError) as exc:
                 if self.registered.is_set():
                     log.info("lost the registry at %s (%s); registering again", self.registry, exc)
@@ -79,8 +99,20 @@ class Registration:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
+    async def _beat(
+        self,
+        call: grpc.aio.StreamStreamCall[rpb.RegisterRequest, rpb.RegisterResponse],
+        interval: float,
+    ) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._nudged.wait(), interval)
+            self._nudged.clear()
+            await call.write(rpb.RegisterRequest(heartbeat=self._heartbeat()))
+
     async def stop(self) -> None:
         """Deregister at once (a half-close tells the registry this is a clean goodbye)."""
+        self._stopping = True
         if self._task is not None:
             call = self._call
             if call is not None and self.registered.is_set():

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import logging
+import time
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
@@ -21,14 +23,21 @@ from sessionmesh.client.errors import UsageError
 from sessionmesh.server._standard import StandardServices
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
+from sessionmesh.wire import status
 from sessionmesh.wire.limits import server_options
 from sessionmesh.wire.names import answers_to
+from sessionmesh.wire.reasons import Reason
 
 log = logging.getLogger("sessionmesh.registry")
 
 SERVICE_NAME = rpb.DESCRIPTOR.services_by_name["RegistryService"].full_name
-#: An instance that sends nothing for this long is dropped (it heartbeats every third).
+#: An instance that sends nothing for this long is unreachable (it heartbeats every third).
 LEASE_MS = 1000
+#: An unreachable instance (stream open, heartbeats missing) is removed after this long,
+#: and its sessions are then lost; a pause shorter than this costs nothing.
+LOST_AFTER = 5.0
+#: How many instance ids declared lost the registry remembers, to tell them if they return.
+REMEMBER_LOST = 10_000
 
 Change = rpb.WatchResponse.Change
 Event = tuple["rpb.WatchResponse.Change.ValueType", rpb.Instance]
@@ -94,19 +103,41 @@ class MemoryStore(RegistryStore):
 
 
 class RegistryServicer(rpb_grpc.RegistryServiceServicer):
-    def __init__(self, store: RegistryStore, lease_ms: int = LEASE_MS) -> None:
+    def __init__(
+        self, store: RegistryStore, lease_ms: int = LEASE_MS, lost_after: float = LOST_AFTER
+    ) -> None:
         self.store = store
         self.lease_ms = lease_ms
+        self.lost_after = lost_after
+        #: Instance ids removed as unreachable, oldest first: told so if they come back.
+        self._declared_lost: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     async def Register(  # type: ignore[override]  # writes with context.write
         self,
         request_iterator: AsyncIterator[rpb.RegisterRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        requests = aiter(request_iterator)
+        lease = self.lease_ms / 1000
+        messages: asyncio.Queue[rpb.RegisterRequest | None] = asyncio.Queue()
+        # One task reads the stream (None: it ended); waiting for a message with a timeout
+        # then never cancels a read half-way.
+        reader = asyncio.get_running_loop().create_task(_read(request_iterator, messages))
         try:
-            first = await asyncio.wait_for(anext(requests), self.lease_ms / 1000)
-        except (StopAsyncIteration, TimeoutError):
+            await self._register(messages, lease, context)
+        finally:
+            reader.cancel()
+
+    async def _register(
+        self,
+        messages: asyncio.Queue[rpb.RegisterRequest | None],
+        lease: float,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        try:
+            first = await asyncio.wait_for(messages.get(), lease)
+        except TimeoutError:
+            return
+        if first is None:
             return
         if first.WhichOneof("kind") != "instance" or not first.instance.instance_id:
             await context.abort(
@@ -117,32 +148,47 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
         if instance.state == rpb.INSTANCE_STATE_UNSPECIFIED:
             instance.state = rpb.INSTANCE_STATE_SERVING
         self.store.put(instance)
+        name = f"instance {instance.instance_id} ({instance.agent_name})"
         log.info(
-            "instance %s (%s) registered at %s: %s",
-            instance.instance_id,
-            instance.agent_name,
+            "%s registered at %s: %s",
+            name,
             instance.endpoint,
             ", ".join(sorted({t.capability for t in instance.tools})),
         )
         why = "deregistered"
+        silent_since: float | None = None  # when it last missed its lease, while it does
+        lost = False
+        declared = instance.instance_id in self._declared_lost
+        self._declared_lost.pop(instance.instance_id, None)
         try:
-            await context.write(rpb.RegisterResponse(lease_ms=self.lease_ms))
+            await context.write(
+                rpb.RegisterResponse(lease_ms=self.lease_ms, declared_lost=declared)
+            )
             while True:
                 try:
-                    message = await asyncio.wait_for(anext(requests), self.lease_ms / 1000)
-                except StopAsyncIteration:
-                    break
+                    message = await asyncio.wait_for(messages.get(), lease)
                 except TimeoutError:
-                    why = "lease ran out"
+                    now = time.monotonic()
+                    if silent_since is None:
+                        # Its stream lives: a pause or a slow link, not (yet) a death.
+                        silent_since = now - lease
+                        instance = _with_state(instance, rpb.INSTANCE_STATE_UNREACHABLE)
+                        self.store.put(instance)
+                        log.info("%s missed its lease: unreachable", name)
+                    elif now - silent_since >= self.lost_after:
+                        why, lost = f"unreachable for {self.lost_after:g} s: lost", True
+                        break
+                    continue
+                if message is None:
                     break
                 beat = message.heartbeat
-                if beat.state != instance.state or beat.open_sessions != instance.open_sessions:
-                    updated = rpb.Instance()
-                    updated.CopyFrom(instance)
-                    if beat.state != rpb.INSTANCE_STATE_UNSPECIFIED:
-                        updated.state = beat.state
-                    updated.open_sessions = beat.open_sessions
-                    instance = updated
+                state = beat.state or instance.state
+                if silent_since is not None:
+                    silent_since = None
+                    state = beat.state or rpb.INSTANCE_STATE_SERVING
+                    log.info("%s answers again", name)
+                if state != instance.state or beat.open_sessions != instance.open_sessions:
+                    instance = _with_state(instance, state, beat.open_sessions)
                     self.store.put(instance)
         except asyncio.CancelledError:
             why = "gone (stream broken)"
@@ -151,7 +197,20 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
             current = {i.instance_id: i for i in self.store.instances()}.get(instance.instance_id)
             if current is instance:  # not replaced by a newer registration of the same id
                 self.store.remove(instance.instance_id)
-                log.info("instance %s (%s) %s", instance.instance_id, instance.agent_name, why)
+                log.info("%s %s", name, why)
+        if lost:
+            self._declared_lost[instance.instance_id] = None
+            if len(self._declared_lost) > REMEMBER_LOST:
+                self._declared_lost.popitem(last=False)
+            # Why it was removed, should it read it; it is told again if it registers anew.
+            await context.abort_with_status(
+                status.to_grpc_status(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{name} stayed unreachable for {self.lost_after:g} s and was removed; "
+                    "its sessions were reported lost to their callers",
+                    status.encode(Reason.INSTANCE_LOST, {"instance_id": instance.instance_id}),
+                )
+            )
 
     async def ListInstances(
         self, request: rpb.ListInstancesRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -178,6 +237,28 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
             self.store.unsubscribe(queue)
 
 
+async def _read(
+    requests: AsyncIterator[rpb.RegisterRequest], into: asyncio.Queue[rpb.RegisterRequest | None]
+) -> None:
+    try:
+        async for message in requests:
+            into.put_nowait(message)
+    finally:
+        into.put_nowait(None)
+
+
+def _with_state(
+    instance: rpb.Instance, state: rpb.InstanceState.ValueType, open_sessions: int | None = None
+) -> rpb.Instance:
+    """A copy (instances in the store are never changed in place)."""
+    updated = rpb.Instance()
+    updated.CopyFrom(instance)
+    updated.state = state
+    if open_sessions is not None:
+        updated.open_sessions = open_sessions
+    return updated
+
+
 class Registry:
     """The registry server (``sessionmesh registry``), on 127.0.0.1 by default.
 
@@ -194,11 +275,15 @@ class Registry:
         port: int = 0,
         store: RegistryStore | None = None,
         lease_ms: int = LEASE_MS,
+        lost_after: float = LOST_AFTER,
     ) -> None:
+        if lost_after * 1000 < lease_ms:
+            raise UsageError("lost_after must be at least one lease")
         self.host = host
         self.port = port
         self.store = store or MemoryStore()
         self.lease_ms = lease_ms
+        self.lost_after = lost_after
         self._server: grpc.aio.Server | None = None
 
     @property
@@ -210,7 +295,7 @@ class Registry:
     async def start(self) -> str:
         server = grpc.aio.server(options=server_options())
         rpb_grpc.add_RegistryServiceServicer_to_server(
-            RegistryServicer(self.store, self.lease_ms), server
+            RegistryServicer(self.store, self.lease_ms, self.lost_after), server
         )
         standard = StandardServices(server, SERVICE_NAME)
         self.port = server.add_insecure_port(f"{self.host}:{self.port}")
