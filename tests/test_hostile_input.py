@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 import pytest
 
 from sessionmesh import mesh
-from sessionmesh.client.errors import InvalidArguments
+from sessionmesh.client.errors import InvalidArguments, ToolFailed
 from sessionmesh.testing import running_agent
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
+from sessionmesh.wire.codec import MAX_DEPTH
 from sessionmesh.wire.status import decode, details_in
-from tests.tools import increment, running_total, stream_count
+from tests.tools import echo, increment, running_total, stream_count
 
 pytestmark = pytest.mark.anyio
 
@@ -95,3 +97,103 @@ async def test_a_duplicate_exchange_id_in_flight_is_refused_on_that_id() -> None
             assert first.id == 7 and first.result.string_value == "held"  # the first still answers
             await stream.done_writing()
             assert await asyncio.wait_for(stream.code(), 5) == grpc.StatusCode.OK
+
+
+def _nested(levels: int) -> Any:
+    """A value of ``levels`` nested objects and arrays."""
+    value: Any = "leaf"
+    for i in range(levels):
+        value = {"k": value} if i % 2 else [value]
+    return value
+
+
+async def test_arguments_nested_past_the_limit_are_refused_before_sending() -> None:
+    async with running_agent(echo, increment, stream_count) as (_, client):
+        echo_proxy = client.proxy("echo")
+        in_flight = asyncio.create_task(echo_proxy(value=1))  # shares the connection
+        deepest = _nested(MAX_DEPTH - 1)  # with the arguments object: exactly the limit
+        assert await echo_proxy(value=deepest) == deepest
+        with pytest.raises(InvalidArguments, match=f"deeper than {MAX_DEPTH}") as info:
+            await echo_proxy(value=_nested(MAX_DEPTH))
+        assert info.value.field.startswith("value")
+        big = {"pad": "x" * 100_000, "deep": _nested(MAX_DEPTH)}  # the unary path, too
+        with pytest.raises(InvalidArguments):
+            await echo_proxy(value=big)
+        with pytest.raises(InvalidArguments):
+            async for _ in client.proxy("echo").call_tool_auto("echo", {"value": big}):
+                pass
+        assert await in_flight == 1
+        assert await echo_proxy(value=2) == 2  # the shared stream is fine
+
+
+async def test_a_result_nested_past_the_limit_fails_that_call_only() -> None:
+    @mesh.tool
+    async def deep() -> Any:
+        return _nested(MAX_DEPTH + 5)
+
+    async with running_agent(deep, echo) as (_, client):
+        with pytest.raises(ToolFailed, match="deeper than"):
+            await client.proxy("deep")()
+        assert await client.proxy("echo")(value=3) == 3
+
+
+def _deep_call() -> pb.CallRequest:
+    request = pb.CallRequest(tool="echo")
+    request.arguments.update({"value": _nested(60)})  # fine to encode, not to decode
+    return request
+
+
+async def test_an_undecodable_call_gets_invalid_argument_with_a_reason() -> None:
+    async with running_agent(echo) as (agent, _):
+        async with grpc.aio.insecure_channel(agent.address) as channel:
+            stub = pb_grpc.SessionServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Call(_deep_call())
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            detail = decode(details_in(info.value.trailing_metadata()))
+            assert detail.reason == "INVALID_ARGUMENTS" and detail.metadata["field"] == "request"
+            garbage = channel.unary_unary(
+                "/sessionmesh.v1.SessionService/Call",
+                request_serializer=bytes,
+                response_deserializer=pb.CallResponse.FromString,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await garbage(b"\xff\xff\xff")
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _deep_exchange_request(call_id: int) -> bytes:
+    """ExchangeRequest{id, call: a CallRequest nested too deep}, framed by hand: protobuf
+    itself would refuse to build it."""
+    call = _deep_call().SerializeToString()
+    return pb.ExchangeRequest(id=call_id).SerializeToString() + b"\x12" + _varint(len(call)) + call
+
+
+async def test_an_exchange_stream_always_ends_with_a_status_after_a_bad_message() -> None:
+    async with running_agent(echo) as (agent, _):
+        async with grpc.aio.insecure_channel(agent.address) as channel:
+            exchange = channel.stream_stream(
+                "/sessionmesh.v1.SessionService/Exchange",
+                request_serializer=bytes,
+                response_deserializer=pb.ExchangeResponse.FromString,
+            )
+            good = pb.ExchangeRequest(id=1, call=pb.CallRequest(tool="echo"))
+            good.call.arguments.update({"value": "ok"})
+            for bad in [_deep_exchange_request(2), b"\xff\xff\xff"] * 10:
+                stream = exchange()  # it used to hang, no status, about one time in five
+                await stream.write(good.SerializeToString())
+                await stream.write(bad)
+                answer = await asyncio.wait_for(stream.read(), 10)
+                assert isinstance(answer, pb.ExchangeResponse)
+                assert answer.id == 1 and answer.result.string_value == "ok"
+                assert await asyncio.wait_for(stream.code(), 10) == grpc.StatusCode.INVALID_ARGUMENT
+                assert "could not be decoded" in (await stream.details() or "")

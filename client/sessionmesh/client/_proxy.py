@@ -9,6 +9,7 @@ from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from sessionmesh.client._auto_session import AutoSession, Route
+from sessionmesh.client._encode import encode_arguments
 from sessionmesh.client._stream import ChunkStream
 from sessionmesh.client.errors import (
     AgentUnavailable,
@@ -18,7 +19,7 @@ from sessionmesh.client.errors import (
     UsageError,
 )
 from sessionmesh.v1 import session_service_pb2 as pb
-from sessionmesh.wire.codec import NotJsonLike, from_value, set_struct
+from sessionmesh.wire.codec import from_value
 from sessionmesh.wire.names import short
 from sessionmesh.wire.reasons import Reason
 
@@ -227,10 +228,7 @@ class BaseProxy:
         request = message.call
         request.tool = tool
         if args:
-            try:
-                set_struct(request.arguments, args)
-            except NotJsonLike as exc:
-                raise UsageError(f"argument {exc}") from None
+            encode_arguments(request.arguments, args)
         opts = self._opts
         if opts.timeout is not None:
             message.timeout.FromNanoseconds(int(opts.timeout * 1e9))

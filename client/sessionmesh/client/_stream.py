@@ -6,9 +6,10 @@ import asyncio
 from collections.abc import AsyncIterable
 from typing import TYPE_CHECKING, Any
 
-from sessionmesh.client.errors import UsageError
+from sessionmesh.client._encode import encode_arguments, encode_input
+from sessionmesh.client.errors import MeshError, UsageError
 from sessionmesh.v1 import session_service_pb2 as pb
-from sessionmesh.wire.codec import NotJsonLike, from_value, set_struct, set_value
+from sessionmesh.wire.codec import from_value
 from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ class ChunkStream:
         "_args",
         "_call",
         "_done",
+        "_failure",
         "_feeder",
         "_input",
         "_proxy",
@@ -58,6 +60,7 @@ class ChunkStream:
         self._feeder: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
         self._done = False
+        self._failure: MeshError | None = None  # an input item refused before sending
         self._session_id = ""
 
     def __aiter__(self) -> ChunkStream:
@@ -78,11 +81,11 @@ class ChunkStream:
         start.start.window = self._window
         start.start.call.tool = self._tool
         try:
-            set_struct(start.start.call.arguments, self._args)
-        except NotJsonLike as exc:
+            encode_arguments(start.start.call.arguments, self._args)
+        except BaseException:
             if creating:
                 proxy.opened(endpoint, None)
-            raise UsageError(f"argument {exc}") from None
+            raise
         call = endpoint.stream(_metadata(sid, creating), proxy.settings.stream_timeout)
         self._call = call
         try:
@@ -115,7 +118,12 @@ class ChunkStream:
     async def _feed(self, call: StreamCall, source: AsyncIterable[Any]) -> None:
         async for item in source:
             message = pb.StreamCallRequest()
-            set_value(message.input, item)
+            try:
+                encode_input(message.input, item)
+            except MeshError as refused:
+                self._failure = refused  # __anext__ raises it: the call cannot go on
+                call.cancel()
+                return
             async with self._write_lock:
                 if not await call.send(message):
                     return  # the call ended; __anext__ reports why
@@ -129,6 +137,8 @@ class ChunkStream:
             message = await call.receive()
         except BaseException as exc:
             self._finish()
+            if self._failure is not None:
+                raise self._failure from None
             if self._session_id:
                 raise self._proxy.failed(self._session_id, exc) from exc.__cause__
             raise

@@ -12,6 +12,13 @@ from typing import Any
 from google.protobuf.struct_pb2 import NULL_VALUE, Struct, Value
 
 _SAFE_INT = 2**53
+#: Objects and arrays nest at most this deep: in a call's arguments (the arguments object is
+#: the first level), a result, a chunk, an input item. Deeper, a protobuf parser (upb's
+#: limit of 100 message levels; each JSON level costs two or three) would refuse the whole
+#: message, and on a shared stream that would fail every call riding it.
+MAX_DEPTH = 32
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 class NotJsonLike(TypeError):
@@ -20,6 +27,31 @@ class NotJsonLike(TypeError):
     def __init__(self, path: str, value: object) -> None:
         self.path = path
         super().__init__(f"{path} is a {type(value).__name__}, which has no JSON form")
+
+
+class TooDeep(NotJsonLike):
+    """A value whose objects and arrays nest deeper than MAX_DEPTH; ``path`` says where."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        TypeError.__init__(
+            self, f"{path} nests objects and arrays deeper than {MAX_DEPTH} levels, the limit"
+        )
+
+
+def _within(obj: object, levels: int, path: str) -> None:
+    """Raise TooDeep if container ``obj`` (at a level with ``levels`` still allowed) nests
+    deeper. Scalars cost one set lookup: the common flat call stays cheap."""
+    if levels <= 0:
+        raise TooDeep(path)
+    if isinstance(obj, Mapping):
+        for key, item in obj.items():
+            if item.__class__ not in _SCALARS and isinstance(item, Mapping | list | tuple):
+                _within(item, levels - 1, f"{path}.{key}")
+    elif isinstance(obj, list | tuple):
+        for i, item in enumerate(obj):
+            if item.__class__ not in _SCALARS and isinstance(item, Mapping | list | tuple):
+                _within(item, levels - 1, f"{path}[{i}]")
 
 
 def _check(obj: object, path: str) -> None:
@@ -42,7 +74,10 @@ def _check(obj: object, path: str) -> None:
 
 
 def set_value(out: Value, obj: object) -> None:
-    """Write ``obj`` into ``out``; raises :class:`NotJsonLike` naming the offending path."""
+    """Write ``obj`` into ``out``; raises :class:`NotJsonLike` naming the offending path
+    (:class:`TooDeep` when it nests past MAX_DEPTH)."""
+    if obj.__class__ not in _SCALARS and isinstance(obj, Mapping | list | tuple):
+        _within(obj, MAX_DEPTH, "$")
     try:
         if obj is None:
             out.null_value = NULL_VALUE
@@ -68,7 +103,11 @@ def set_value(out: Value, obj: object) -> None:
 
 
 def set_struct(out: Struct, obj: Mapping[str, Any]) -> None:
-    """Write keyword arguments into ``out``; raises :class:`NotJsonLike` naming the argument."""
+    """Write keyword arguments into ``out``; raises :class:`NotJsonLike` naming the argument
+    (:class:`TooDeep` when one nests past MAX_DEPTH, the arguments object counting as one)."""
+    for key, item in obj.items():
+        if item.__class__ not in _SCALARS and isinstance(item, Mapping | list | tuple):
+            _within(item, MAX_DEPTH - 1, key)
     try:
         out.update(obj)
     except (ValueError, TypeError) as exc:

@@ -14,6 +14,7 @@ import grpc
 from sessionmesh.client import MeshClient
 from sessionmesh.client.errors import MeshError, UsageError
 from sessionmesh.server._dispatch import Dispatcher
+from sessionmesh.server._handlers import add_to_server
 from sessionmesh.server._inject import Injector, RegistryResolver, Resolver, StaticResolver
 from sessionmesh.server._registration import Registration
 from sessionmesh.server._service import Servicer
@@ -22,7 +23,6 @@ from sessionmesh.server._standard import StandardServices
 from sessionmesh.server._tool import BoundTool, ToolSpec, spec_of, tools_in
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import session_service_pb2 as pb
-from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES, server_options
 from sessionmesh.wire.names import names
 
@@ -183,7 +183,7 @@ class Agent:
         server = grpc.aio.server(
             options=server_options(self.max_message_bytes), interceptors=self._interceptors
         )
-        pb_grpc.add_SessionServiceServicer_to_server(self._servicer, server)
+        add_to_server(self._servicer, server)
         self._health = StandardServices(server, SERVICE_NAME)
         self.port = server.add_insecure_port(f"{self.host}:{self.port}")
         await server.start()

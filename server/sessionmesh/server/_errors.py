@@ -82,9 +82,10 @@ def invalid_stream(message: str) -> Fail:
 
 
 def not_json(tool: str, verb: str, exc: Exception) -> Fail:
+    """A result, chunk or input item the wire cannot carry: no JSON form, or too deep."""
     return Fail(
         grpc.StatusCode.INTERNAL,
         Reason.TOOL_FAILED,
-        f"tool {tool!r} {verb} a value with no JSON form: {exc}",
-        {"type": "NotJsonLike", "message": str(exc)},
+        f"tool {tool!r} {verb} a value the wire cannot carry: {exc}",
+        {"type": type(exc).__name__, "message": str(exc)},
     )

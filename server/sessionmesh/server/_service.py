@@ -12,6 +12,7 @@ import grpc
 
 from sessionmesh.server._dispatch import Dispatcher, Plan
 from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream, not_json
+from sessionmesh.server._handlers import decoded
 from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, Flow, pump
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
@@ -94,8 +95,9 @@ class Servicer(pb_grpc.SessionServiceServicer):
         loop = asyncio.get_running_loop()
         # Reading runs in its own task so that draining can stop it (the stream is long-lived)
         # and still let the calls it started finish and answer.
-        reader = loop.create_task(self._read_exchange(request_iterator, context, running))
+        reader = loop.create_task(self._read_exchange(decoded(request_iterator), context, running))
         self._exchange_readers.add(reader)
+        failure: Fail | None = None
         try:
             try:
                 await reader
@@ -103,8 +105,12 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 me = asyncio.current_task()
                 if me is not None and me.cancelling():
                     raise  # the RPC itself is cancelled: the client is gone
-            if running:  # half-closed, or draining: finish what was sent
+            except Fail as fail:
+                failure = fail  # an undecodable message: the stream cannot go on
+            if running:  # half-closed, draining or failed: finish what was sent, answered
                 await asyncio.wait(list(running.values()))
+            if failure is not None:  # and only then end the stream, always with a status
+                await context.abort_with_status(failure.status())
         finally:
             self._exchange_readers.discard(reader)
             reader.cancel()
@@ -185,7 +191,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
         request_iterator: AsyncIterator[pb.StreamCallRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        requests = aiter(request_iterator)
+        requests = aiter(decoded(request_iterator))
         pumping: asyncio.Task[None] | None = None
         flow: Flow | None = None
         failure: Fail | None = None

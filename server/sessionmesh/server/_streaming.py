@@ -68,7 +68,7 @@ async def pump(
     send = flow._send
     ended = False
     try:
-        async for message in requests:
+        async for message in _failing_into(requests, flow, main):
             if flow.finished:
                 continue  # the tool is done: read on to the half-close, ignoring the rest
             kind = message.WhichOneof("kind")
@@ -95,3 +95,15 @@ async def pump(
     finally:
         if send is not None:
             send.close()  # a half-close ends the input too
+
+
+async def _failing_into(
+    requests: AsyncIterator[pb.StreamCallRequest], flow: Flow, main: asyncio.Task[Any]
+) -> AsyncIterator[pb.StreamCallRequest]:
+    """The requests; one that cannot be decoded stops the call with its error."""
+    try:
+        async for message in requests:
+            yield message
+    except Fail as fail:
+        flow.error = fail
+        main.cancel()
