@@ -162,3 +162,33 @@ async def test_a_unary_call_retried_by_another_client_is_answered_from_memory() 
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert (await stub.Call(request)).result.number_value == 1
             assert runs == 1
+
+
+async def test_the_call_id_memory_is_bounded_in_bytes_and_keeps_the_recent_calls() -> None:
+    runs = 0
+
+    @mesh.tool
+    def megabyte(n: int) -> str:
+        nonlocal runs
+        runs += 1
+        return str(n) * (1 << 20)
+
+    limit = 8 << 20
+    async with running_agent(megabyte, remembered_bytes=limit) as (agent, _):
+        async with grpc.aio.insecure_channel(agent.address) as channel:
+            stub = pb_grpc.SessionServiceStub(channel)
+
+            def call(n: int) -> Any:
+                request = pb.CallRequest(tool="megabyte", call_id=f"mb-{n}")
+                request.arguments.update({"n": n % 10})
+                return stub.Call(request)
+
+            for n in range(20):  # 20 MiB of results with call ids
+                await call(n)
+            assert runs == 20
+            recall = agent._dispatcher.recall  # type: ignore[union-attr]
+            assert recall.bytes <= limit < 20 << 20  # bounded, not all 20 MiB kept
+            await call(19)  # the latest: answered from memory, not run again
+            assert runs == 20
+            await call(0)  # the oldest was forgotten to stay in bounds: it runs again
+            assert runs == 21

@@ -13,6 +13,7 @@ import grpc
 
 from sessionmesh.client import MeshClient
 from sessionmesh.client.errors import MeshError, UsageError
+from sessionmesh.server import _recall as recall
 from sessionmesh.server._dispatch import Dispatcher
 from sessionmesh.server._handlers import add_to_server
 from sessionmesh.server._inject import Injector, RegistryResolver, Resolver, StaticResolver
@@ -39,7 +40,9 @@ C = TypeVar("C", bound=type)
 
 def agent(name: str | None = None, **settings: Any) -> Callable[[C], C]:
     """Name the agent a file defines and set how it serves (``host``, ``port``,
-    ``session_ttl``, ``max_sessions``, ``grace``, ``debug``, ``max_message_bytes``, ``peers``).
+    ``session_ttl``, ``max_sessions``, ``grace``, ``debug``, ``max_message_bytes``, ``peers``,
+    ``registry``, ``advertise``, ``drain_timeout``, ``remembered_calls``,
+    ``remembered_bytes``).
 
     Example::
 
@@ -59,6 +62,8 @@ def agent(name: str | None = None, **settings: Any) -> Callable[[C], C]:
 
 _AGENT_SETTINGS = {
     "registry",
+    "remembered_calls",
+    "remembered_bytes",
     "advertise",
     "drain_timeout",
     "host",
@@ -98,6 +103,8 @@ class Agent:
         registry: str | None = None,
         advertise: str | None = None,
         drain_timeout: float = 30.0,
+        remembered_calls: int = recall.MAX_CALLS,
+        remembered_bytes: int = recall.MAX_BYTES,
         resolver: Resolver | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
@@ -105,6 +112,8 @@ class Agent:
             raise UsageError("session_ttl must be > 0 seconds")
         if max_sessions < 1:
             raise UsageError("max_sessions must be >= 1")
+        if remembered_calls < 0 or remembered_bytes < 0:
+            raise UsageError("remembered_calls and remembered_bytes must be >= 0")
         self.name = name
         self.host = host
         self.port = port
@@ -118,6 +127,8 @@ class Agent:
         self.registry = registry
         self.advertise = advertise
         self.drain_timeout = drain_timeout
+        self.remembered_calls = remembered_calls
+        self.remembered_bytes = remembered_bytes
         if peers and registry:
             raise UsageError("give peers or a registry, not both")
         self._resolver = resolver or (StaticResolver(peers) if peers else None)
@@ -178,6 +189,7 @@ class Agent:
             injector=self._injector,
             debug=self.debug,
             locate=self._locate,
+            recall=recall.Recall(self.remembered_calls, self.remembered_bytes),
         )
         self._servicer = Servicer(self._dispatcher)
         server = grpc.aio.server(

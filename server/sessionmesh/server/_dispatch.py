@@ -6,7 +6,6 @@ endpoint of ``sessionmesh.testing`` both drive it; neither knows how the other m
 from __future__ import annotations
 
 import asyncio
-import collections
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ from sessionmesh.server._errors import (
     tool_not_found,
 )
 from sessionmesh.server._params import ArgumentError
+from sessionmesh.server._recall import Recall, Remembered
 from sessionmesh.server._session import (
     CLOSED_UNDER_CALL,
     Session,
@@ -43,9 +43,6 @@ if TYPE_CHECKING:
 
     from sessionmesh.server._inject import Injector
     from sessionmesh.server._tool import BoundTool
-
-#: How many call ids of calls without a session (or that opened one) the agent remembers.
-RECENT_CALLS = 10_000
 
 
 class Plan:
@@ -135,6 +132,7 @@ class Dispatcher:
         injector: Injector,
         debug: bool = False,
         locate: Callable[[str], str | None] | None = None,
+        recall: Recall | None = None,
     ) -> None:
         self.agent_name = agent_name
         self.tools = tools
@@ -143,9 +141,7 @@ class Dispatcher:
         self.debug = debug
         self.locate = locate
         self.draining = False
-        self._recent: collections.OrderedDict[str, tuple[str, asyncio.Future[Any]]] = (
-            collections.OrderedDict()
-        )
+        self.recall = recall if recall is not None else Recall()
         self._tool_names = sorted({b.spec.name for b in tools.values()})
 
     # -- deciding, at arrival -----------------------------------------------------------------
@@ -180,14 +176,13 @@ class Dispatcher:
                 session = self.store.get(session_id)
             except SessionNotFoundError:
                 raise self._not_here(session_id) from None
-            plan = Plan(
-                bound, session, session.remembered(call_id) if call_id else None, "", call_id
-            )
+            earlier = self.recall.get(session_id, call_id) if call_id else None
+            plan = Plan(bound, session, earlier and earlier.outcome, "", call_id)
         elif create:
-            if call_id and call_id in self._recent:
+            opened = self.recall.get("", call_id) if call_id else None
+            if opened is not None:
                 # A retry of a call that opened a session: the same session, the same outcome.
-                sid, outcome = self._recent[call_id]
-                return Plan(bound, None, outcome, sid, call_id)
+                return Plan(bound, None, opened.outcome, opened.session_id, call_id)
             # Bind first: a call that cannot run must not leave a session nobody knows of.
             kwargs = self._bind(bound, request, None)
             session = self.new_session(bound)
@@ -204,8 +199,8 @@ class Dispatcher:
                 f"CreateSession, or '{SESSION_CREATE_KEY}: 1' to open one with this call",
             )
         else:
-            earlier = self._recent[call_id][1] if call_id and call_id in self._recent else None
-            plan = Plan(bound, None, earlier, "", call_id)
+            earlier = self.recall.get("", call_id) if call_id else None
+            plan = Plan(bound, None, earlier and earlier.outcome, "", call_id)
         if plan.earlier is None:
             plan.kwargs = self._bind(bound, request, plan.session)
             if plan.session is not None:
@@ -236,12 +231,10 @@ class Dispatcher:
             raise invalid_arguments(exc.field, str(exc)) from None
 
     def _remember(self, plan: Plan, outcome: asyncio.Future[Any]) -> None:
-        if plan.session is not None:
-            plan.session.remember(plan.call_id, outcome)
-        if plan.session is None or plan.created:
-            self._recent[plan.call_id] = (plan.new_id, outcome)
-            if len(self._recent) > RECENT_CALLS:
-                self._recent.popitem(last=False)
+        # A retry of a call that opened its session comes again without a session id.
+        in_session = plan.session is not None and not plan.created
+        key = plan.session.id if in_session and plan.session is not None else ""
+        self.recall.put(key, plan.call_id, Remembered(plan.new_id, outcome))
 
     # -- running ------------------------------------------------------------------------------
 

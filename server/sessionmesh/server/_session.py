@@ -25,9 +25,6 @@ CloseCallback = Callable[[], Awaitable[None] | None]
 #: The message of the cancellation that closing a session sends the call running in it.
 CLOSED_UNDER_CALL = "sessionmesh: the session was closed while this call ran in it"
 
-#: How many call ids a session remembers for retries (oldest forgotten first).
-CALL_MEMORY = 1024
-
 _current: contextvars.ContextVar[Session | None] = contextvars.ContextVar(
     "sessionmesh_session", default=None
 )
@@ -54,7 +51,6 @@ class Session:
     __slots__ = (
         "_busy",
         "_callbacks",
-        "_calls",
         "_holder",
         "_line",
         "_state",
@@ -76,7 +72,6 @@ class Session:
         self._line: collections.deque[asyncio.Future[None]] | None = None
         self._state: dict[str, Any] | None = None
         self._callbacks: list[CloseCallback] | None = None
-        self._calls: dict[str, asyncio.Future[Any]] | None = None
 
     def __repr__(self) -> str:
         return f"<Session {short(self.id)}{' closed' if self.closed else ''}>"
@@ -130,17 +125,6 @@ class Session:
     def waiting(self) -> int:
         """Calls waiting for their turn."""
         return sum(1 for t in self._line if not t.done()) if self._line else 0
-
-    def remembered(self, call_id: str) -> asyncio.Future[Any] | None:
-        return self._calls.get(call_id) if self._calls else None
-
-    def remember(self, call_id: str, outcome: asyncio.Future[Any]) -> None:
-        if self._calls is None:
-            self._calls = {}
-        calls = self._calls
-        calls[call_id] = outcome
-        if len(calls) > CALL_MEMORY:
-            del calls[next(iter(calls))]
 
     async def _run_callbacks(self) -> None:
         for cb in self._callbacks or ():
