@@ -191,3 +191,44 @@ async def test_output_cut_short_by_the_reader_is_not_an_error(reg: str) -> None:
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err
+
+
+async def test_a_second_ctrl_c_stops_run_at_once_and_still_closes_sessions(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "run.log"
+    with log.open("wb") as stderr:
+        run = await asyncio.create_subprocess_exec(
+            *CLI,
+            "run",
+            str(ROOT / "examples/counter.py"),
+            "--registry-port",
+            "0",
+            "--drain-timeout",
+            "300",  # without the second Ctrl-C this would wait five minutes
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+            start_new_session=True,
+        )
+        try:
+            assert run.stdout is not None
+            ready = json.loads(await asyncio.wait_for(run.stdout.readline(), 30))
+            async with mesh.connect(registry=ready["registry"]) as client:
+                await client.ready()
+                counter = client.proxy("session_counter", session_required=True)
+                assert (await counter(increment=4))["count"] == 4  # left open, idle
+                run.send_signal(signal.SIGINT)
+                await eventually(
+                    lambda: all(i.state == 2 for i in client.instances()),
+                    what="the agent drains",
+                )
+                run.send_signal(signal.SIGINT)
+                assert await exited(run, within=30) == 0
+        finally:
+            if run.returncode is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                await run.wait()
+    text = log.read_text()
+    assert "closed at count 4" in text  # the open session was closed, its callback ran
+    assert "Traceback" not in text and "Event loop is closed" not in text, text
+    assert all(_stopped(a["address"]) for a in ready["agents"])

@@ -18,6 +18,7 @@ from sessionmesh.client._status import from_rpc_error
 from sessionmesh.client.errors import AgentUnavailable, CallTimeout, RemoteError
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
+from sessionmesh.wire.tasks import cancel_and_wait
 
 #: Extra time the client waits past a call's own deadline (which the agent enforces).
 _DEADLINE_SLACK = 1.0
@@ -124,7 +125,4 @@ class Exchange:
                     await self._call.done_writing()
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
-        for task in (self._reader, *self._cancels):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._reader, *self._cancels)

@@ -9,7 +9,6 @@ instances of one capability and sends every call of a session to the instance th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -22,6 +21,7 @@ from sessionmesh.client.errors import AgentUnavailable, SessionOwnerLost
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES
 from sessionmesh.wire.names import owner_of, short
+from sessionmesh.wire.tasks import cancel_and_wait
 
 log = logging.getLogger("sessionmesh.mesh")
 
@@ -128,9 +128,7 @@ class RegistryWatch:
         for handle in self._grace:
             handle.cancel()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         await self._channel.aclose()
 
@@ -187,10 +185,7 @@ class EndpointPool:
         self.closed = True
         endpoints, self._endpoints = self._endpoints, {}
         retiring, self._retiring = self._retiring, {}
-        for task in retiring.values():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*retiring.values())
         for endpoint in [*endpoints.values(), *retiring]:
             await endpoint.aclose()
 

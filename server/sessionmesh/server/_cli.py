@@ -9,9 +9,8 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -21,6 +20,7 @@ from sessionmesh.client.cli import REGISTRY_ENV, registry_address, say
 from sessionmesh.client.errors import MeshError, UsageError
 from sessionmesh.server._agent import Agent
 from sessionmesh.server._registry import LOST_AFTER, Registry
+from sessionmesh.wire.tasks import cancel_and_wait
 
 log = logging.getLogger("sessionmesh.cli")
 
@@ -52,18 +52,33 @@ def _peers(items: Sequence[str]) -> dict[str, str]:
     return peers
 
 
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
+class _Signals:
+    """SIGINT and SIGTERM: the first asks for a graceful stop, a second one to hurry. The
+    handlers stay installed, so a second Ctrl-C never tears the event loop down mid-way."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.received)
+
+    def received(self) -> None:
+        if self.stop.is_set():
+            self.hurry.set()
+        self.stop.set()
 
 
-def _release_signals() -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.remove_signal_handler(sig)  # a second Ctrl-C ends at once
+async def _unless(hurry: asyncio.Event, work: Awaitable[None]) -> bool:
+    """Run ``work`` unless (or until) ``hurry`` is set; True if it ran to the end."""
+    task = asyncio.ensure_future(work)
+    hurried = asyncio.ensure_future(hurry.wait())
+    await asyncio.wait([task, hurried], return_when=asyncio.FIRST_COMPLETED)
+    finished = task.done() and not task.cancelled()
+    await cancel_and_wait(task, hurried)
+    if finished:
+        task.result()  # what the work raised, if anything
+    return not hurry.is_set()
 
 
 # -- serve ------------------------------------------------------------------------------------
@@ -85,32 +100,37 @@ async def _serve(args: argparse.Namespace) -> int:
         )
     except UsageError as exc:
         raise SystemExit(f"sessionmesh: {args.file}: {exc}") from None
-    stop = _stop_on_signals()
+    signals = _Signals()
     if args.stop_with_parent:
         # Started by `sessionmesh run`: its stdin pipe closes when `run` dies, however it
         # dies, and the agent must not outlive it.
-        await asyncio.get_running_loop().connect_read_pipe(lambda: _ParentGone(stop), sys.stdin)
+        await asyncio.get_running_loop().connect_read_pipe(lambda: _ParentGone(signals), sys.stdin)
     address = await agent.start()
     tools = sorted({b.spec.name for b in agent.tools.values()})
     ready = {"agent": agent.name, "instance": agent.instance_id, "address": address, "tools": tools}
     print(json.dumps(ready), flush=True)
     say(f"agent {agent.name} (instance {agent.instance_id}) serving on {address}")
-    await stop.wait()
-    _release_signals()
-    if agent.registry:
-        say(f"agent {agent.name} draining (up to {agent.drain_timeout} s for open sessions)")
-        await agent.drain()
+    await signals.stop.wait()
+    if agent.registry and not signals.hurry.is_set():
+        say(
+            f"agent {agent.name} draining (up to {agent.drain_timeout:g} s for open sessions; "
+            "again to stop now)"
+        )
+        await _unless(signals.hurry, agent.drain())
     say(f"agent {agent.name} stopping")
-    await agent.stop()
+    # Hurried: no grace for calls in flight; open sessions are closed and their close
+    # callbacks run either way.
+    await agent.stop(grace=0 if signals.hurry.is_set() else None)
     return 0
 
 
 class _ParentGone(asyncio.Protocol):
-    def __init__(self, stop: asyncio.Event) -> None:
-        self.stop = stop
+    def __init__(self, signals: _Signals) -> None:
+        self.signals = signals
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.stop.set()
+        self.signals.hurry.set()  # nobody is left to wait for a drain
+        self.signals.stop.set()
 
 
 # -- registry and run -------------------------------------------------------------------------
@@ -118,7 +138,7 @@ class _ParentGone(asyncio.Protocol):
 
 async def _registry(args: argparse.Namespace) -> int:
     registry = Registry(host=args.host, port=args.port, lost_after=args.lost_after or LOST_AFTER)
-    stop = _stop_on_signals()
+    signals = _Signals()
     try:
         address = await registry.start()
     except RuntimeError as exc:
@@ -128,18 +148,20 @@ async def _registry(args: argparse.Namespace) -> int:
         ) from None
     print(json.dumps({"registry": address}), flush=True)
     say(f"registry serving on {address}")
-    await stop.wait()
+    await signals.stop.wait()
     await registry.stop()
     return 0
 
 
-def _spawn(file: str, registry: str, extra: Sequence[str]) -> subprocess.Popen[str]:
-    serve = [sys.executable, "-m", "sessionmesh.server._cli", "serve", file]
-    return subprocess.Popen(
-        [*serve, "--registry", registry, "--stop-with-parent", *extra],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
+async def _spawn(file: str, registry: str, extra: Sequence[str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "sessionmesh.server._cli", "serve", file],
+        *["--registry", registry, "--stop-with-parent", *extra],
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        # Its own session: a Ctrl-C in the terminal reaches `run` alone, which then stops
+        # the agents in order (a second Ctrl-C: at once).
+        start_new_session=True,
     )
 
 
@@ -149,7 +171,7 @@ async def _run(args: argparse.Namespace) -> int:
     missing = [file for file in args.files if not os.path.isfile(file)]  # noqa: ASYNC240
     if missing:
         raise SystemExit(f"sessionmesh: no such file: {', '.join(missing)}")
-    stop = _stop_on_signals()
+    signals = _Signals()
     registry: Registry | None = None
     address = registry_address(args, required=False)
     if address is not None and args.lost_after is not None:
@@ -169,52 +191,65 @@ async def _run(args: argparse.Namespace) -> int:
                 "or registry running? Use --registry-port, or --registry to join it."
             ) from None
         say(f"embedded registry on {address}")
-    procs: list[subprocess.Popen[str]] = []
+    procs: list[asyncio.subprocess.Process] = []
     agents: list[dict[str, Any]] = []
     try:
         extra = ["--debug"] if args.debug else []
+        if args.drain_timeout is not None:
+            extra += ["--drain-timeout", str(args.drain_timeout)]
         for file in args.files:
             for _ in range(args.replicas):
-                procs.append(_spawn(file, address, extra))
+                procs.append(await _spawn(file, address, extra))
         for proc in procs:
             assert proc.stdout is not None
-            line = await asyncio.to_thread(proc.stdout.readline)
+            line = await proc.stdout.readline()
             if not line:
-                raise SystemExit(f"sessionmesh: an agent failed to start (exit {proc.wait()})")
+                raise SystemExit(
+                    f"sessionmesh: an agent failed to start (exit {await proc.wait()})"
+                )
             agents.append(json.loads(line))
         print(json.dumps({"registry": address, "agents": agents}), flush=True)
         say(f"{len(agents)} agent process(es) up; Ctrl-C stops everything")
-        waiting = [asyncio.ensure_future(asyncio.to_thread(p.wait)) for p in procs]
-        stopper = asyncio.ensure_future(stop.wait())
-        while not stop.is_set():
-            done, _ = await asyncio.wait([stopper, *waiting], return_when=asyncio.FIRST_COMPLETED)
+        exits = {asyncio.ensure_future(p.wait()): p for p in procs}
+        stopping = asyncio.ensure_future(signals.stop.wait())
+        while exits and not signals.stop.is_set():
+            done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
             for future in done:
-                if future in waiting:
-                    waiting.remove(future)
+                if future in exits:
+                    del exits[future]
                     say(f"an agent process exited with {future.result()}")
-            if not waiting:
-                break
-        _release_signals()
+        stopping.cancel()
     finally:
-        await _stop_all(procs)
+        await _stop_all(procs, signals)
         if registry is not None:
             await registry.stop()
     return 0
 
 
-async def _stop_all(procs: Sequence[subprocess.Popen[str]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
+async def _stop_all(procs: Sequence[asyncio.subprocess.Process], signals: _Signals) -> None:
+    """SIGTERM: each agent drains, then stops. A second Ctrl-C (or SIGTERM) is passed on:
+    the agents stop at once, still closing their sessions."""
+    live = [p for p in procs if p.returncode is None]
+    for proc in live:
+        proc.send_signal(signal.SIGTERM)
+    if live and not await _unless(signals.hurry, _all_exit(live)):
+        say("stopping the agents now")
+        for proc in live:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+    for proc in live:
         try:
-            await asyncio.to_thread(proc.wait, 60)
-        except subprocess.TimeoutExpired:
+            await asyncio.wait_for(proc.wait(), 60)
+        except TimeoutError:
             proc.kill()
-            proc.wait()
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                stream.close()
+            await proc.wait()
+    for proc in procs:
+        if proc.stdin is not None:
+            proc.stdin.close()
+
+
+async def _all_exit(procs: Sequence[asyncio.subprocess.Process]) -> None:
+    await asyncio.gather(*(p.wait() for p in procs))
 
 
 # -- the parser -------------------------------------------------------------------------------
@@ -295,6 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="port of the embedded registry",
     )
     lost_after_option(run)
+    run.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="on Ctrl-C, how long agents wait for open sessions (default 30; Ctrl-C again "
+        "stops at once)",
+    )
     run.add_argument(
         "--debug", action="store_true", help="send tracebacks of failed tools to callers"
     )

@@ -12,6 +12,7 @@ import grpc
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
 from sessionmesh.wire.limits import channel_options
+from sessionmesh.wire.tasks import cancel_and_wait
 
 log = logging.getLogger("sessionmesh.registration")
 
@@ -83,10 +84,7 @@ class Registration:
                 try:
                     await call.read()
                 finally:
-                    beats.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                        with contextlib.suppress(asyncio.InvalidStateError):
-                            await beats
+                    await cancel_and_wait(beats)  # a failed write: the read told us why
                 if self._stopping:
                     return  # the goodbye of stop(): the registry ended it as asked
                 raise ConnectionError("the registry ended the registration")
@@ -122,8 +120,6 @@ class Registration:
                 ):
                     await asyncio.wait_for(call.done_writing(), 1.0)
                     await asyncio.wait_for(call.code(), 1.0)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         await self._channel.close()

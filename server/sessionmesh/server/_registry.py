@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -27,6 +27,7 @@ from sessionmesh.wire import status
 from sessionmesh.wire.limits import server_options
 from sessionmesh.wire.names import answers_to
 from sessionmesh.wire.reasons import Reason
+from sessionmesh.wire.tasks import cancel_and_wait
 
 log = logging.getLogger("sessionmesh.registry")
 
@@ -41,6 +42,7 @@ REMEMBER_LOST = 10_000
 
 Change = rpb.WatchResponse.Change
 Event = tuple["rpb.WatchResponse.Change.ValueType", rpb.Instance]
+T = TypeVar("T")
 
 
 def provides(instance: rpb.Instance, capability: str) -> bool:
@@ -111,6 +113,8 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
         self.lost_after = lost_after
         #: Instance ids removed as unreachable, oldest first: told so if they come back.
         self._declared_lost: collections.OrderedDict[str, None] = collections.OrderedDict()
+        #: Set when the registry stops: open streams end normally instead of being cut.
+        self.stopping = asyncio.Event()
 
     async def Register(  # type: ignore[override]  # writes with context.write
         self,
@@ -133,11 +137,8 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
         lease: float,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        try:
-            first = await asyncio.wait_for(messages.get(), lease)
-        except TimeoutError:
-            return
-        if first is None:
+        first = await _next(messages, self.stopping, lease)
+        if first is None or isinstance(first, _Silence):
             return
         if first.WhichOneof("kind") != "instance" or not first.instance.instance_id:
             await context.abort(
@@ -165,9 +166,8 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
                 rpb.RegisterResponse(lease_ms=self.lease_ms, declared_lost=declared)
             )
             while True:
-                try:
-                    message = await asyncio.wait_for(messages.get(), lease)
-                except TimeoutError:
+                message = await _next(messages, self.stopping, lease)
+                if isinstance(message, _Silence):
                     now = time.monotonic()
                     if silent_since is None:
                         # Its stream lives: a pause or a slow link, not (yet) a death.
@@ -180,6 +180,8 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
                         break
                     continue
                 if message is None:
+                    if self.stopping.is_set():
+                        why = "let go: the registry is stopping"
                     break
                 beat = message.heartbeat
                 state = beat.state or instance.state
@@ -230,11 +232,38 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
                     rpb.WatchResponse(change=Change.CHANGE_ADDED, instance=instance)
                 )
             await context.write(rpb.WatchResponse(snapshot_done=True))
-            while True:
-                change, instance = await queue.get()
+            while isinstance(event := await _next(queue, self.stopping), tuple):
+                change, instance = event
                 await context.write(rpb.WatchResponse(change=change, instance=instance))
         finally:
             self.store.unsubscribe(queue)
+
+
+class _Silence:
+    """_next found nothing within its timeout."""
+
+
+SILENCE = _Silence()
+
+
+async def _next(
+    queue: asyncio.Queue[T], stopping: asyncio.Event, within: float | None = None
+) -> T | _Silence | None:
+    """The next item; SILENCE if none came ``within`` seconds; None once the registry is
+    stopping. Never loses an item: it is not cancelled from outside while it holds one."""
+    if stopping.is_set():
+        return None
+    get = asyncio.ensure_future(queue.get())
+    stopped = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait([get, stopped], timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await cancel_and_wait(stopped)
+        if not get.done():
+            await cancel_and_wait(get)  # a Queue.get cancelled while waiting takes nothing
+    if get.cancelled():
+        return None if stopping.is_set() else SILENCE
+    return get.result()
 
 
 async def _read(
@@ -285,6 +314,7 @@ class Registry:
         self.lease_ms = lease_ms
         self.lost_after = lost_after
         self._server: grpc.aio.Server | None = None
+        self._servicer: RegistryServicer | None = None
 
     @property
     def address(self) -> str:
@@ -294,9 +324,8 @@ class Registry:
 
     async def start(self) -> str:
         server = grpc.aio.server(options=server_options())
-        rpb_grpc.add_RegistryServiceServicer_to_server(
-            RegistryServicer(self.store, self.lease_ms, self.lost_after), server
-        )
+        self._servicer = RegistryServicer(self.store, self.lease_ms, self.lost_after)
+        rpb_grpc.add_RegistryServiceServicer_to_server(self._servicer, server)
         standard = StandardServices(server, SERVICE_NAME)
         self.port = server.add_insecure_port(f"{self.host}:{self.port}")
         await server.start()
@@ -307,6 +336,8 @@ class Registry:
 
     async def stop(self, grace: float = 1.0) -> None:
         if self._server is not None:
+            if self._servicer is not None:
+                self._servicer.stopping.set()  # Watch and Register streams end, not cut
             await self._server.stop(grace)
             self._server = None
 

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from sessionmesh.wire.names import new_session_id, short
+from sessionmesh.wire.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -270,9 +271,7 @@ class SessionStore:
 
     async def stop(self) -> None:
         if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+            await cancel_and_wait(self._reaper)
             self._reaper = None
         await self.close_all()
 
