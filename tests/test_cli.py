@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -11,10 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
 from sessionmesh import mesh
 from sessionmesh.testing import eventually
+from sessionmesh.v1 import session_service_pb2 as pb
+from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from tests.procs import CLI, ROOT, exited, process_blocking, serve, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -232,3 +236,60 @@ async def test_a_second_ctrl_c_stops_run_at_once_and_still_closes_sessions(
     assert "closed at count 4" in text  # the open session was closed, its callback ran
     assert "Traceback" not in text and "Event loop is closed" not in text, text
     assert all(_stopped(a["address"]) for a in ready["agents"])
+
+
+async def test_no_log_line_of_an_agent_carries_a_whole_session_id(tmp_path: Path) -> None:
+    log = tmp_path / "agent.log"
+    with log.open("wb") as stderr:
+        agent = await asyncio.create_subprocess_exec(
+            *CLI,
+            "serve",
+            str(ROOT / "examples/counter.py"),
+            "--session-ttl",
+            "0.2",
+            "--debug",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+        )
+        try:
+            assert agent.stdout is not None
+            address = json.loads(await asyncio.wait_for(agent.stdout.readline(), 30))["address"]
+            ids: list[str] = []
+            async with mesh.connect(address) as client:
+                counter = client.proxy("session_counter", session_required=True)
+                await counter(increment=1)  # created, reused, closed
+                await counter(increment=1)
+                ids.append(str(counter.session_id))
+                await counter.cleanup_auto_session()
+                expiring = client.proxy("session_counter", session_required=True)
+                await expiring(increment=1)  # expires (TTL 0.2 s), then lost
+                ids.append(str(expiring.session_id))
+                await eventually(lambda: _none_open(client), what="the session expires")
+                with pytest.raises(mesh.errors.SessionLost):
+                    await expiring(increment=1)
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = pb_grpc.SessionServiceStub(channel)
+                sid = ids[0]
+                for metadata in (
+                    (("x-session-id", sid),),
+                    (("x-session-id", " " + sid),),
+                    (("x-session-id", sid * 300),),
+                    (("x-session-id", sid), ("x-session-id", sid + "x")),
+                    (("x-session-id", sid + "\n"),),  # refused by the client library
+                ):
+                    with contextlib.suppress(grpc.RpcError, Exception):
+                        await stub.Call(
+                            pb.CallRequest(tool="session_counter"), metadata=metadata, timeout=5
+                        )
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            await exited(agent)
+    text = log.read_text(errors="replace")
+    assert "session" in text and "expired" in text  # the lifecycle is logged ...
+    for whole in ids:
+        assert whole not in text, f"a whole session id in the agent's log:\n{text}"
+        assert whole[:14] in text  # ... with ids shortened
+
+
+async def _none_open(client: mesh.AgentClient) -> bool:
+    return not (await client.list_sessions()).sessions

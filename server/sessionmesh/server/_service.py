@@ -35,6 +35,10 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, bool]:
     create = False
     for key, value in context.invocation_metadata() or ():
         if key == SESSION_ID_KEY:
+            if session_id:
+                raise invalid_arguments(
+                    SESSION_ID_KEY, f"'{SESSION_ID_KEY}' appears twice: send it once"
+                )
             session_id = str(value)
         elif key == SESSION_CREATE_KEY:
             if str(value).lower() not in ("1", "true"):
