@@ -87,6 +87,7 @@ class MemoryEndpoint(Endpoint):
             plan = self.dispatcher.plan(message.call, message.session_id, message.create_session)
         except Fail as fail:
             return Answer("", Value(), _error(fail))
+        plan.expires_in(deadline)
         try:
             async with asyncio.timeout(deadline):
                 result = await self.dispatcher.execute(plan)
@@ -157,6 +158,7 @@ class MemoryStreamCall(StreamCall):
         except Fail as fail:
             raise _error(fail) from None
         self.session_id = plan.new_id or None
+        plan.expires_in(self._deadline)
         bound = plan.bound
         if bound.input_param:
             self._inputs, receive = anyio.create_memory_object_stream[Any](math.inf)
@@ -167,7 +169,8 @@ class MemoryStreamCall(StreamCall):
         dispatcher = self._endpoint.dispatcher
         bound = plan.bound
         try:
-            async with asyncio.timeout(self._deadline), dispatcher.running(plan):
+            limit = bound.spec.options.stream_timeout
+            async with asyncio.timeout(self._deadline), dispatcher.running(plan, limit):
                 try:
                     async for item in bound.iterate(plan.kwargs):
                         await self._out.put(_value(plan, item))

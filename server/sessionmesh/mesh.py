@@ -23,6 +23,7 @@ from sessionmesh.client import (
     connect,
     errors,
 )
+from sessionmesh.wire.deadline import time_remaining
 from sessionmesh.wire.names import short as short_id
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ __all__ = [
     "current_session",
     "errors",
     "short_id",
+    "time_remaining",
     "tool",
 ]
 

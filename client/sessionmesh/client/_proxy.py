@@ -13,6 +13,7 @@ from sessionmesh.client._encode import encode_arguments
 from sessionmesh.client._stream import ChunkStream
 from sessionmesh.client.errors import (
     AgentUnavailable,
+    CallTimeout,
     SessionLost,
     SessionOwnerLost,
     SessionOwnerUnavailable,
@@ -20,6 +21,7 @@ from sessionmesh.client.errors import (
 )
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value
+from sessionmesh.wire.deadline import bounded
 from sessionmesh.wire.names import short
 from sessionmesh.wire.reasons import Reason
 
@@ -230,8 +232,15 @@ class BaseProxy:
         if args:
             encode_arguments(request.arguments, args)
         opts = self._opts
-        if opts.timeout is not None:
-            message.timeout.FromNanoseconds(int(opts.timeout * 1e9))
+        # Inside a tool, the call it serves may have a deadline: this call gets no more.
+        timeout = bounded(opts.timeout)
+        if timeout is not None:
+            if timeout <= 0:
+                raise CallTimeout(
+                    f"no time left for a call to {tool!r}: the deadline of the call this tool "
+                    "serves has passed"
+                )
+            message.timeout.FromNanoseconds(int(timeout * 1e9))
         if opts.retry_count:
             request.call_id = self._auto.next_call_id()
         alone = message.ByteSize() > EXCHANGE_MAX_BYTES  # sized once, not per attempt
@@ -239,7 +248,7 @@ class BaseProxy:
         moved = False
         while True:
             try:
-                return await self._attempt(message, session_id, alone)
+                return await self._attempt(message, session_id, alone, timeout)
             except AgentUnavailable as error:
                 if message.create_session and error.reason == Reason.SHUTTING_DOWN and not moved:
                     moved = True
@@ -250,7 +259,11 @@ class BaseProxy:
                 await asyncio.sleep(opts.retry_delay)
 
     async def _attempt(
-        self, message: pb.ExchangeRequest, session_id: str | None, alone: bool
+        self,
+        message: pb.ExchangeRequest,
+        session_id: str | None,
+        alone: bool,
+        deadline: float | None,
     ) -> Any:
         if session_id is not None:  # an explicit session (the manual way)
             if self._transport.closed:
@@ -262,7 +275,7 @@ class BaseProxy:
         message.session_id = sid
         message.create_session = creating
         try:
-            answer = await endpoint.call(message, self._opts.timeout, alone=alone)
+            answer = await endpoint.call(message, deadline, alone=alone)
         except AgentUnavailable as unreachable:
             if creating:
                 self.opened(endpoint, None)

@@ -10,6 +10,7 @@ from sessionmesh.client._encode import encode_arguments, encode_input
 from sessionmesh.client.errors import MeshError, UsageError
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value
+from sessionmesh.wire.deadline import bounded
 from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY
 
 if TYPE_CHECKING:
@@ -86,7 +87,8 @@ class ChunkStream:
             if creating:
                 proxy.opened(endpoint, None)
             raise
-        call = endpoint.stream(_metadata(sid, creating), proxy.settings.stream_timeout)
+        # Inside a tool, the stream gets no more than what remains of the call it serves.
+        call = endpoint.stream(_metadata(sid, creating), bounded(proxy.settings.stream_timeout))
         self._call = call
         try:
             await call.open(start)

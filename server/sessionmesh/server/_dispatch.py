@@ -31,6 +31,7 @@ from sessionmesh.server._session import (
 )
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_struct
+from sessionmesh.wire.deadline import DEADLINE, tightened
 from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY
 from sessionmesh.wire.names import owner_of, short
 from sessionmesh.wire.reasons import Reason
@@ -49,7 +50,17 @@ class Plan:
     """A call ready to run: everything decided at arrival, before the first await, so that
     calls of one session keep their arrival order."""
 
-    __slots__ = ("bound", "call_id", "created", "earlier", "kwargs", "new_id", "session", "turn")
+    __slots__ = (
+        "bound",
+        "call_id",
+        "created",
+        "deadline",
+        "earlier",
+        "kwargs",
+        "new_id",
+        "session",
+        "turn",
+    )
 
     def __init__(
         self,
@@ -67,6 +78,14 @@ class Plan:
         self.call_id = call_id
         self.kwargs: dict[str, Any] = {}
         self.turn: Turn | None = None
+        #: The caller's deadline (event loop time), if it sent one: calls the tool makes
+        #: through its proxies get no more time than remains of it.
+        self.deadline: float | None = None
+
+    def expires_in(self, seconds: float | None) -> None:
+        """The caller gives the call ``seconds`` (None: no deadline)."""
+        if seconds is not None:
+            self.deadline = asyncio.get_running_loop().time() + seconds
 
     def abandon(self) -> None:
         """Give up the call's place in line without running; a no-op once it has entered."""
@@ -78,11 +97,12 @@ class _Running:
     """A call in its turn, with its session as the current one and the tool's dependencies
     injected, for as long as the tool runs."""
 
-    __slots__ = ("injector", "plan", "scope", "token")
+    __slots__ = ("deadline_token", "injector", "limit", "plan", "scope", "token")
 
-    def __init__(self, injector: Injector, plan: Plan) -> None:
+    def __init__(self, injector: Injector, plan: Plan, limit: float | None) -> None:
         self.injector = injector
         self.plan = plan
+        self.limit = limit  # the tool's own timeout or stream_timeout
 
     async def __aenter__(self) -> None:
         plan = self.plan
@@ -93,6 +113,8 @@ class _Running:
                 turn.leave()
                 raise session_not_found(session.id)
         self.token: Token[Session | None] = _current.set(plan.session)
+        deadline = tightened(plan.deadline, self.limit)
+        self.deadline_token = DEADLINE.set(deadline) if deadline is not None else None
         try:
             self.scope = self.injector.scope(plan.bound, plan.session, plan.kwargs)
             await self.scope.__aenter__()
@@ -118,6 +140,8 @@ class _Running:
 
     def _leave(self) -> None:
         _current.reset(self.token)
+        if self.deadline_token is not None:
+            DEADLINE.reset(self.deadline_token)
         if self.plan.turn is not None:
             self.plan.turn.leave()
 
@@ -258,13 +282,14 @@ class Dispatcher:
             debug="".join(traceback.format_exception(exc)) if self.debug else "",
         )
 
-    def running(self, plan: Plan) -> AbstractAsyncContextManager[None]:
-        """``async with`` it around running the tool: the call's turn, session, dependencies."""
-        return _Running(self.injector, plan)
+    def running(self, plan: Plan, limit: float | None = None) -> AbstractAsyncContextManager[None]:
+        """``async with`` it around running the tool: the call's turn, session, dependencies
+        and deadline (the caller's, or ``limit`` seconds from now if that is sooner)."""
+        return _Running(self.injector, plan, limit)
 
     async def _run(self, plan: Plan) -> Any:
         bound = plan.bound
-        async with _Running(self.injector, plan):
+        async with _Running(self.injector, plan, bound.spec.options.timeout):
             try:
                 async with asyncio.timeout(bound.spec.options.timeout):
                     return await bound.invoke(plan.kwargs)
@@ -277,7 +302,14 @@ class Dispatcher:
         if plan.earlier is not None:
             return await asyncio.shield(plan.earlier)
         if not plan.call_id:
-            return await self._run(plan)
+            try:
+                return await self._run(plan)
+            except asyncio.CancelledError:
+                if plan.created and plan.session is not None:
+                    # Its id travels with the answer, which will never be sent: nobody
+                    # can ever use or close this session, so it goes now, not at its TTL.
+                    self.store.close_soon(plan.session.id, "its opening call was cancelled")
+                raise
         # With a call id the tool must run once even if the caller goes away (its connection
         # dropped): it runs in its own task and a retry awaits the same outcome.
         task = asyncio.get_running_loop().create_task(self._run(plan))

@@ -77,6 +77,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
     ) -> pb.CallResponse:
         try:
             plan = self.dispatcher.plan(request, *_metadata(context))
+            plan.expires_in(context.time_remaining())
             try:
                 if plan.new_id:
                     await context.send_initial_metadata(((SESSION_ID_KEY, plan.new_id),))
@@ -176,8 +177,10 @@ class Servicer(pb_grpc.SessionServiceServicer):
             answer.session_id = plan.new_id
         try:
             if message.HasField("timeout"):
+                seconds = message.timeout.ToNanoseconds() / 1e9
+                plan.expires_in(seconds)
                 try:
-                    async with asyncio.timeout(message.timeout.ToNanoseconds() / 1e9):
+                    async with asyncio.timeout(seconds):
                         result = await self.dispatcher.execute(plan)
                 except TimeoutError:
                     raise Fail(grpc.StatusCode.DEADLINE_EXCEEDED, "", "Deadline Exceeded") from None
@@ -209,6 +212,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 raise invalid_stream("the first message of a StreamCall must be 'start'")
             start = first.start
             plan = self.dispatcher.plan(start.call, *_metadata(context))
+            plan.expires_in(context.time_remaining())
             abandon = plan.abandon
             bound = plan.bound
             flow = Flow(min(start.window, bound.spec.options.buffer_size) if start.window else 0)
@@ -258,9 +262,10 @@ class Servicer(pb_grpc.SessionServiceServicer):
         self, plan: Plan, flow: Flow, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         bound = plan.bound
-        async with self.dispatcher.running(plan):
+        stream_timeout = bound.spec.options.stream_timeout
+        async with self.dispatcher.running(plan, stream_timeout):
             try:
-                async with asyncio.timeout(bound.spec.options.stream_timeout):
+                async with asyncio.timeout(stream_timeout):
                     write = context.write
                     chunks = bound.iterate(plan.kwargs)
                     try:

@@ -209,6 +209,7 @@ class SessionStore:
         self.empty = asyncio.Event()  # set while no session is open
         self.empty.set()
         self._reaper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[bool]] = set()
         self.counters = {"created": 0, "closed": 0, "expired": 0}
 
     def __len__(self) -> int:
@@ -265,6 +266,12 @@ class SessionStore:
                 await session._run_callbacks()
         return True
 
+    def close_soon(self, session_id: str, why: str) -> None:
+        """Close a session from code that cannot wait for it (say, a cancelled call)."""
+        task = asyncio.get_running_loop().create_task(self.close(session_id, why=f"closed: {why}"))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def close_all(self, *, why: str = "closed at shutdown") -> None:
         for sid in list(self._sessions):
             await self.close(sid, why=why)
@@ -273,6 +280,8 @@ class SessionStore:
         if self._reaper is not None:
             await cancel_and_wait(self._reaper)
             self._reaper = None
+        if self._closing:
+            await asyncio.wait(list(self._closing))
         await self.close_all()
 
     async def _reap(self) -> None:
