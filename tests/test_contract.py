@@ -143,3 +143,12 @@ def test_only_the_edge_touches_grpc_stubs_and_errors() -> None:
         text = path.read_text()
         for forbidden in ("AioRpcError", "RpcError", "_pb2_grpc", "Stub("):
             assert forbidden not in text, f"{path.name} uses {forbidden}: go through Endpoint"
+
+
+def test_every_guarantee_names_a_test_that_exists() -> None:
+    doc = (ROOT / "docs" / "guarantees.md").read_text()
+    named = re.findall(r"`(test_\w+\.py)::(test_\w+)`", doc)
+    assert len(named) >= 20, "docs/guarantees.md names too few tests"
+    for module, test in named:
+        source = (ROOT / "tests" / module).read_text()
+        assert re.search(rf"^(async )?def {test}\(", source, re.M), f"{module}::{test} is gone"
