@@ -152,3 +152,14 @@ def test_every_guarantee_names_a_test_that_exists() -> None:
     for module, test in named:
         source = (ROOT / "tests" / module).read_text()
         assert re.search(rf"^(async )?def {test}\(", source, re.M), f"{module}::{test} is gone"
+
+
+def test_every_grpc_option_we_set_is_one_grpc_knows() -> None:
+    # gRPC ignores an unknown option key without a word: a misspelt keepalive setting once
+    # made our own servers answer our clients' pings with GOAWAY 'too_many_pings'.
+    from sessionmesh.wire.limits import channel_options, server_options
+
+    cygrpc = importlib.import_module("grpc._cython.cygrpc")  # the compiled core
+    known = Path(str(cygrpc.__file__)).read_bytes()
+    for key, _ in [*channel_options(), *server_options()]:
+        assert key.encode() + b"\0" in known, f"gRPC does not know the option {key!r}"
