@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -201,15 +201,13 @@ class MemoryStreamCall(StreamCall):
         if self._inputs is not None:
             self._inputs.close()
 
-    async def receive(self) -> pb.StreamCallResponse | None:
-        item = await self._out.get()
-        if item is _END:
-            return None
-        if isinstance(item, RemoteError):
-            raise item
-        response = pb.StreamCallResponse()
-        response.chunk.CopyFrom(item)
-        return response
+    async def messages(self) -> AsyncIterator[pb.StreamCallResponse]:
+        while (item := await self._out.get()) is not _END:
+            if isinstance(item, RemoteError):
+                raise item
+            response = pb.StreamCallResponse()
+            response.chunk.CopyFrom(item)
+            yield response
 
     def cancel(self) -> None:
         if self._task is not None:

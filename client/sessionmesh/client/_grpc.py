@@ -179,14 +179,12 @@ class GrpcStreamCall(StreamCall):
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             await self._call.done_writing()
 
-    async def receive(self) -> pb.StreamCallResponse | None:
+    def messages(self) -> AsyncIterator[pb.StreamCallResponse]:
         assert self._responses is not None, "open() first"
-        try:
-            return await anext(self._responses)
-        except StopAsyncIteration:
-            return None
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
+        return self._responses
+
+    def failure(self, exc: BaseException) -> BaseException:
+        return from_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
 
     def cancel(self) -> None:
         if not self._call.done():

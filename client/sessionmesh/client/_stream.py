@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from sessionmesh.client._encode import encode_arguments, encode_input
@@ -36,6 +36,7 @@ class ChunkStream:
         "_failure",
         "_feeder",
         "_input",
+        "_messages",
         "_proxy",
         "_session_id",
         "_tool",
@@ -56,6 +57,7 @@ class ChunkStream:
                 del args[key]
         self._args = args
         self._call: StreamCall | None = None
+        self._messages: AsyncIterator[pb.StreamCallResponse] | None = None
         self._window = proxy.settings.buffer_size
         self._unacked = 0
         self._feeder: asyncio.Task[None] | None = None
@@ -100,6 +102,7 @@ class ChunkStream:
             raise
         if creating:
             proxy.opened(endpoint, call.session_id)
+        self._messages = call.messages()
         if call.window is not None:
             self._window = min(self._window, call.window)
         self._session_id = sid or call.session_id or ""
@@ -135,18 +138,22 @@ class ChunkStream:
         if self._done:
             raise StopAsyncIteration
         call = self._call or await self._open()
+        assert self._messages is not None
         try:
-            message = await call.receive()
+            message = await anext(self._messages)
+        except StopAsyncIteration:
+            self._finish()
+            raise
         except BaseException as exc:
             self._finish()
             if self._failure is not None:
                 raise self._failure from None
+            error = call.failure(exc)
             if self._session_id:
-                raise self._proxy.failed(self._session_id, exc) from exc.__cause__
-            raise
-        if message is None:
-            self._finish()
-            raise StopAsyncIteration
+                raise self._proxy.failed(self._session_id, error) from exc
+            if error is exc:
+                raise
+            raise error from exc
         if message.HasField("end"):
             # The tool is done. Half-close (the agent waits for it, so no credit we send
             # races the end), then read the status: EOF, or the error it ended with.

@@ -14,6 +14,8 @@ import weakref
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from google.protobuf.struct_pb2 import Value
 
     from sessionmesh.client._auto_session import AutoSession
@@ -54,8 +56,14 @@ class StreamCall(abc.ABC):
         """Half-close; a no-op once the call has ended."""
 
     @abc.abstractmethod
-    async def receive(self) -> pb.StreamCallResponse | None:
-        """The next message, None once the call ended well; a failure raises."""
+    def messages(self) -> AsyncIterator[pb.StreamCallResponse]:
+        """The call's messages (after ``open``), read as they come: nothing stands between
+        the reader and the transport on this per-chunk path. A failure raises something
+        that :meth:`failure` turns into a sessionmesh error."""
+
+    def failure(self, exc: BaseException) -> BaseException:
+        """What a failure raised by ``messages()`` means, as a sessionmesh error."""
+        return exc
 
     @abc.abstractmethod
     def cancel(self) -> None:
