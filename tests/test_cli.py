@@ -128,6 +128,11 @@ def test_run_then_list_call_sessions_and_ctrl_c() -> None:
         sessions = _cli("sessions", "counter", registry=registry)
         assert sessions.returncode == 0
         assert sessions.stdout.count("0 open session(s)") == 2
+        as_json = json.loads(_cli("sessions", "--json", registry=registry).stdout)
+        assert sorted(r["agent"] for r in as_json) == ["consumer", "consumer", "counter", "counter"]
+        assert all(r["sessions"] == [] for r in as_json)
+        version = _cli("--version", registry=registry)
+        assert version.returncode == 0 and version.stdout.startswith("sessionmesh ")
 
         run.send_signal(signal.SIGINT)
         assert run.wait(timeout=60) == 0

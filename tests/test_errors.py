@@ -111,7 +111,7 @@ async def test_oversize_message_gets_resource_exhausted() -> None:
 
 async def test_tool_timeout_and_call_deadline() -> None:
     async with running_agent(overrun, wait_forever) as (_, client):
-        with pytest.raises(ToolTimeout, match="ran past its timeout"):
+        with pytest.raises(ToolTimeout, match=r"ran past its timeout of 0.2 s"):
             await client.proxy("overrun")()
         with pytest.raises(CallTimeout):
             await client.proxy("wait_forever", timeout=0.2)()
@@ -195,3 +195,34 @@ async def test_a_proxy_of_a_closed_client_refuses_calls() -> None:
                 await counter(increment=1)
         # Closing the client closed the session its proxy had open.
         assert len(agent.sessions) == 0
+
+
+@pytest.mark.parametrize("scheme", ["", "http://", "grpc://"])
+async def test_connect_takes_the_design_notes_http_urls(scheme: str) -> None:
+    async with running_agent(echo) as (agent, _):
+        async with mesh.connect(f"{scheme}{agent.address}") as client:
+            assert await client.proxy("echo")(value=1) == 1
+
+
+@pytest.mark.parametrize(
+    ("address", "says"),
+    [
+        ("https://127.0.0.1:1", "TLS is not supported yet"),
+        ("ftp://127.0.0.1:1", "use host:port"),
+        ("http://127.0.0.1", "give a host and a port"),
+    ],
+)
+def test_connect_refuses_what_it_cannot_use(address: str, says: str) -> None:
+    with pytest.raises(UsageError, match=says):
+        mesh.connect(address)
+
+
+def test_retries_back_off_exponentially_with_jitter_and_a_cap() -> None:
+    from sessionmesh.client._proxy import MAX_RETRY_DELAY, backoff
+
+    for attempt in range(1, 12):
+        ceiling = min(MAX_RETRY_DELAY, 0.5 * 2 ** (attempt - 1))
+        waits = [backoff(0.5, attempt) for _ in range(50)]
+        assert all(0 <= w <= ceiling for w in waits)
+        assert len(set(waits)) > 1  # jitter: callers failing together do not retry in step
+    assert max(backoff(0.5, 30) for _ in range(200)) > MAX_RETRY_DELAY / 2  # capped, not 0

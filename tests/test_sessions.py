@@ -124,8 +124,12 @@ async def test_manual_sessions_are_real_rpcs() -> None:
 
 async def test_session_required_tool_refuses_a_call_without_session() -> None:
     async with running_agent(increment) as (agent, client):
-        with pytest.raises(SessionRequired, match="x-session-create"):
+        # What to write in Python, not the metadata grpcurl users need (the agent's text).
+        with pytest.raises(SessionRequired, match=r"session_required=True"):
             await client.proxy("session_counter")(increment=1)
+        with pytest.raises(SessionRequired, match=r"session_required=True"):
+            async for _ in client.proxy("session_counter").stream(increment=1):
+                pass
         assert len(agent.sessions) == 0
 
 

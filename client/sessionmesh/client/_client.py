@@ -247,8 +247,27 @@ def connect(
     if (address is None) == (registry is None):
         raise UsageError("connect() takes an agent address or registry=, one of the two")
     if registry is not None:
-        return MeshClient(registry, max_message_bytes=max_message_bytes)
+        return MeshClient(host_port(registry), max_message_bytes=max_message_bytes)
     assert address is not None
     return AgentClient(
-        EndpointTransport(GrpcEndpoint(address, max_message_bytes=max_message_bytes))
+        EndpointTransport(GrpcEndpoint(host_port(address), max_message_bytes=max_message_bytes))
     )
+
+
+def host_port(address: str) -> str:
+    """``host:port`` from ``host:port``, ``http://host:port`` or ``grpc://host:port`` (the
+    design note writes ``http://session-service:8080``)."""
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        return address
+    if scheme in ("https", "grpcs"):
+        raise UsageError(
+            f"{address!r}: TLS is not supported yet; use an address without a scheme, or "
+            "http:// or grpc://"
+        )
+    if scheme not in ("http", "grpc"):
+        raise UsageError(f"{address!r}: use host:port, http://host:port or grpc://host:port")
+    host = rest.rstrip("/")
+    if "/" in host or ":" not in host:
+        raise UsageError(f"{address!r}: give a host and a port, e.g. http://127.0.0.1:50051")
+    return host

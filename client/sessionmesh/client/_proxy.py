@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
 from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from sessionmesh.client._auto_session import AutoSession, Route
 from sessionmesh.client._encode import encode_arguments
+from sessionmesh.client._status import in_python_terms
 from sessionmesh.client._stream import ChunkStream
 from sessionmesh.client.errors import (
     AgentUnavailable,
@@ -88,6 +90,17 @@ def _split_call(
     return call[0], args
 
 
+#: The longest wait between two retries of a call.
+MAX_RETRY_DELAY = 10.0
+
+
+def backoff(base: float, attempt: int) -> float:
+    """The wait before retry ``attempt`` (1, 2, ...): ``base`` doubling each time, capped at
+    MAX_RETRY_DELAY, with full jitter so that callers failing together do not retry in
+    step."""
+    return random.uniform(0, min(MAX_RETRY_DELAY, base * 2 ** (attempt - 1)))
+
+
 def make_proxy(
     transport: Transport, tool: str, opts: ProxyOptions, auto: AutoSession | None = None
 ) -> Proxy | StreamingProxy:
@@ -112,11 +125,12 @@ class BaseProxy:
                 assert [await counter(increment=n) for n in (1, 2, 3)] == [1, 3, 6]
 
     Options: ``timeout`` is each call's deadline; ``retry_count``/``retry_delay`` retry a call
-    that could not reach the agent (each call carries an id, so a retry never runs a tool
-    twice); ``stream_timeout`` bounds a whole stream; ``buffer_size`` is how many chunks a
-    stream may have in flight before a slow reader holds the tool back; ``stateful`` pins
-    every call to one instance even without a session; ``streaming`` makes ``proxy(...)``
-    return a chunk stream instead of a result.
+    that could not reach the agent, backing off exponentially from ``retry_delay`` with
+    jitter (each call carries an id, so a retry never runs a tool twice); ``stream_timeout``
+    bounds a whole stream; ``buffer_size`` is how many chunks a stream may have in flight
+    before a slow reader holds the tool back; ``stateful`` pins every call to one instance
+    even without a session; ``streaming`` makes ``proxy(...)`` return a chunk stream
+    instead of a result.
     """
 
     __slots__ = ("_auto", "_opts", "_tool", "_transport")
@@ -256,7 +270,7 @@ class BaseProxy:
                 if attempt >= opts.retry_count:
                     raise
                 attempt += 1
-                await asyncio.sleep(opts.retry_delay)
+                await asyncio.sleep(backoff(opts.retry_delay, attempt))
 
     async def _attempt(
         self,
@@ -291,7 +305,7 @@ class BaseProxy:
         if creating:
             self.opened(endpoint, answer.session_id)
         if answer.error is not None:
-            raise self.failed(sid, answer.error) if sid else answer.error
+            raise self.failed(sid, answer.error) if sid else in_python_terms(answer.error)
         return from_value(answer.value)
 
     # -- sessions -----------------------------------------------------------------------------

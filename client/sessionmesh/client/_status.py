@@ -65,3 +65,17 @@ def from_status(code: grpc.StatusCode, message: str, details: Sequence[any_pb2.A
     return cls(
         message, code=code, reason=detail.reason, metadata=detail.metadata, debug=detail.debug
     )
+
+
+def in_python_terms(error: RemoteError) -> RemoteError:
+    """The agent's message speaks to every client (metadata keys); say what to write here."""
+    if isinstance(error, SessionRequired):
+        return SessionRequired(
+            f"{error.message.partition(':')[0]}: make the proxy with session_required=True "
+            "(it opens the session with the first call and closes it when you are done), "
+            "or use call_with_session(session_id=...) with an id from create_session()",
+            code=error.code,
+            reason=error.reason,
+            metadata=error.metadata,
+        )
+    return error

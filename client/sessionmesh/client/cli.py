@@ -126,22 +126,48 @@ async def _sessions(args: argparse.Namespace) -> int:
             if not args.agent or args.agent in (i.agent_name, i.instance_id)
         ]
         if not instances:
-            print("no such agent registered" if args.agent else "no agents registered")
+            if args.json:
+                print("[]")
+            else:
+                print("no such agent registered" if args.agent else "no agents registered")
             return 0 if not args.agent else 1
+        rows: list[dict[str, Any]] = []
         for instance in sorted(instances, key=lambda i: (i.agent_name, i.endpoint)):
             where = f"{instance.agent_name} {instance.instance_id} at {instance.endpoint}"
+            row: dict[str, Any] = {
+                "agent": instance.agent_name,
+                "instance": instance.instance_id,
+                "endpoint": instance.endpoint,
+            }
+            rows.append(row)
             async with client.agent(instance) as agent:
                 try:
                     listing = await agent.list_sessions()
                 except RemoteError as exc:
-                    print(f"{where}: unreachable ({exc.code.name})")
+                    row["unreachable"] = exc.code.name
+                    if not args.json:
+                        print(f"{where}: unreachable ({exc.code.name})")
                     continue
+            row["sessions"] = [
+                {
+                    "short_id": s.short_id,
+                    "busy": s.active,
+                    "idle_s": round(s.idle.ToTimedelta().total_seconds(), 3),
+                    "expires_after_idle_s": s.idle_timeout.ToTimedelta().total_seconds(),
+                    "waiting": s.waiting,
+                }
+                for s in listing.sessions
+            ]
+            if args.json:
+                continue
             print(f"{where}: {len(listing.sessions)} open session(s)")
             for s in listing.sessions:
                 state = "busy" if s.active else f"idle {s.idle.ToTimedelta().total_seconds():.1f}s"
                 ttl = s.idle_timeout.ToTimedelta().total_seconds()
                 queued = f", {s.waiting} waiting" if s.waiting else ""
                 print(f"  {s.short_id}…  {state} (expires after {ttl:.0f}s idle){queued}")
+        if args.json:
+            print(json.dumps(rows, indent=2))
     finally:
         await client.aclose()
     return 0
@@ -177,6 +203,7 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sessions = commands.add_parser("sessions", help="open sessions per instance (ids shortened)")
     registry_option(sessions)
     sessions.add_argument("agent", nargs="?", default=None, help="an agent name or instance id")
+    sessions.add_argument("--json", action="store_true")
     sessions.set_defaults(run=_sessions)
 
     for p in (listing, call, sessions):

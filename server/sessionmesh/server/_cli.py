@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -271,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sessionmesh", description="A gRPC session mesh for Python services."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {importlib.metadata.version('sessionmesh')}",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the tools of one Python file")

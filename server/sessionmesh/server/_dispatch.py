@@ -267,10 +267,21 @@ class Dispatcher:
         if isinstance(exc, Fail):
             return exc
         if isinstance(exc, TimeoutError):
+            options = bound.spec.options
+            name, limit = (
+                ("stream_timeout", options.stream_timeout)
+                if options.streaming
+                else ("timeout", options.timeout)
+            )
+            what = (
+                f"ran past its {name} of {limit:g} s (@mesh.tool({name}=...))"
+                if limit is not None
+                else "raised TimeoutError"
+            )
             return Fail(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 Reason.TOOL_TIMEOUT,
-                f"tool {bound.spec.name!r} ran past its timeout",
+                f"tool {bound.spec.name!r} {what}",
                 {"type": "TimeoutError", "message": str(exc)},
             )
         kind = type(exc).__name__
