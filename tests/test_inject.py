@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import pytest
 
 from sessionmesh import mesh
 from sessionmesh.client.errors import CallTimeout, ToolFailed
-from sessionmesh.testing import running_agent
+from sessionmesh.testing import eventually, running_agent
 from tests.tools import increment, stream_count
 
 pytestmark = pytest.mark.anyio
@@ -150,3 +151,26 @@ async def test_streaming_with_sessions_as_in_the_note() -> None:
             chunks = [c async for c in client.proxy("streaming_session_service").stream()]
             assert [c["i"] for c in chunks] == [1, 2, 3]
             assert len(provider.sessions) == 0
+
+
+async def test_short_lived_clients_spread_their_sessions_over_replicas() -> None:
+    async with mesh.Registry() as registry:
+        replicas = [mesh.Agent([increment], registry=registry.address) for _ in range(3)]
+        for agent in replicas:
+            await agent.start()
+        try:
+            owners = set()
+            for _ in range(12):  # a fresh client each time, as `sessionmesh call` makes
+                async with mesh.connect(registry=registry.address) as client:
+                    await eventually(functools.partial(_sees, client, 3), what="3 replicas")
+                    async with client.proxy("session_counter", session_required=True) as p:
+                        await p(increment=1)
+                        owners.add(str(p.session_id).partition(".")[0])
+            assert len(owners) > 1  # all twelve on one replica: (1/3)^11 by chance
+        finally:
+            for agent in replicas:
+                await agent.stop()
+
+
+def _sees(client: mesh.MeshClient, n: int) -> bool:
+    return len(client.instances()) == n

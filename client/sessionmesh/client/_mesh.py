@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import time
 from collections.abc import Callable
 
@@ -146,7 +147,9 @@ class EndpointPool:
         self.max_message_bytes = max_message_bytes
         self._endpoints: dict[str, GrpcEndpoint] = {}
         self.failed_at: dict[str, float] = {}
-        self.turns = itertools.count()  # round robin, shared by every proxy of the client
+        # Round robin, shared by every proxy of the client, from a random start: short-lived
+        # clients (a CLI call each) would otherwise all open their session on the first one.
+        self.turns = itertools.count(random.randrange(1 << 16))
         #: Endpoints the registry dropped, each with the task that closes it later.
         self._retiring: dict[GrpcEndpoint, asyncio.Task[None]] = {}
         self.closed = False
