@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -385,3 +386,31 @@ async def test_a_proxy_dropped_with_its_session_open_says_so(
         dropped = [r.getMessage() for r in caplog.records if "dropped while open" in r.getMessage()]
         assert len(dropped) == 1 and short in dropped[0]
         assert str(agent.sessions.sessions()[0].id) not in dropped[0]  # never the whole id
+
+
+async def test_plain_tools_run_on_the_agents_own_threads_as_many_as_it_says() -> None:
+    release = threading.Event()
+    lock = threading.Lock()
+    running = 0
+    most = 0
+    names: set[str] = set()
+
+    @mesh.tool
+    def blocking() -> int:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+            names.add(threading.current_thread().name)
+        release.wait(10)
+        with lock:
+            running -= 1
+        return 1
+
+    async with running_agent(blocking, name="pool", threads=2) as (_, client):
+        calls = [asyncio.create_task(client.proxy("blocking")()) for _ in range(4)]
+        await eventually(lambda: running == 2, what="two calls block their threads")
+        release.set()
+        assert await asyncio.gather(*calls) == [1, 1, 1, 1]
+    assert most == 2  # the other two waited for a thread
+    assert names and all(n.startswith("sessionmesh-pool") for n in names)

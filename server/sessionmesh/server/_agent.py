@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import secrets
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("sessionmesh.agent")
 
 AGENT_ATTR = "__sessionmesh_agent__"
+#: Threads for plain (``def``) tools, per agent: how many can block at once.
+DEFAULT_THREADS = 32
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionService"].full_name
 
 C = TypeVar("C", bound=type)
@@ -41,7 +44,7 @@ C = TypeVar("C", bound=type)
 def agent(name: str | None = None, **settings: Any) -> Callable[[C], C]:
     """Name the agent a file defines and set how it serves (``host``, ``port``,
     ``session_ttl``, ``max_sessions``, ``grace``, ``debug``, ``max_message_bytes``, ``peers``,
-    ``registry``, ``advertise``, ``drain_timeout``, ``remembered_calls``,
+    ``registry``, ``advertise``, ``drain_timeout``, ``threads``, ``remembered_calls``,
     ``remembered_bytes``).
 
     Example::
@@ -62,6 +65,7 @@ def agent(name: str | None = None, **settings: Any) -> Callable[[C], C]:
 
 _AGENT_SETTINGS = {
     "registry",
+    "threads",
     "remembered_calls",
     "remembered_bytes",
     "advertise",
@@ -103,6 +107,7 @@ class Agent:
         registry: str | None = None,
         advertise: str | None = None,
         drain_timeout: float = 30.0,
+        threads: int = DEFAULT_THREADS,
         remembered_calls: int = recall.MAX_CALLS,
         remembered_bytes: int = recall.MAX_BYTES,
         resolver: Resolver | None = None,
@@ -112,6 +117,8 @@ class Agent:
             raise UsageError("session_ttl must be > 0 seconds")
         if max_sessions < 1:
             raise UsageError("max_sessions must be >= 1")
+        if threads < 1:
+            raise UsageError("threads must be >= 1 (plain def tools run in them)")
         if remembered_calls < 0 or remembered_bytes < 0:
             raise UsageError("remembered_calls and remembered_bytes must be >= 0")
         self.name = name
@@ -127,6 +134,8 @@ class Agent:
         self.registry = registry
         self.advertise = advertise
         self.drain_timeout = drain_timeout
+        self.threads = threads
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.remembered_calls = remembered_calls
         self.remembered_bytes = remembered_bytes
         if peers and registry:
@@ -178,6 +187,11 @@ class Agent:
         self._store = SessionStore(
             self.instance_id, default_ttl=self.session_ttl, max_sessions=self.max_sessions
         )
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            self.threads, thread_name_prefix=f"sessionmesh-{self.name}"
+        )
+        for bound in self.tools.values():
+            bound.executor = self._executor
         if self.registry is not None:
             self.mesh = MeshClient(self.registry, max_message_bytes=self.max_message_bytes)
             self._resolver = self._resolver or RegistryResolver(self.mesh)
@@ -277,6 +291,10 @@ class Agent:
             await self._injector.aclose()
         if self.mesh is not None:
             await self.mesh.aclose()
+        if self._executor is not None:
+            # Tools still running in a thread cannot be stopped; do not wait for them.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
         self._server = None
         log.info("agent %s (instance %s) stopped", self.name, self.instance_id)
 

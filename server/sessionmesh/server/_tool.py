@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections.abc as cabc
+import concurrent.futures
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -18,6 +20,7 @@ from sessionmesh.server._params import ArgumentError, coerce, schema_for
 from sessionmesh.server._session import Session
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 TOOL_ATTR = "__sessionmesh_tool__"
 
@@ -83,6 +86,7 @@ class BoundTool:
     __slots__ = (
         "_arg_names",
         "dependencies",
+        "executor",
         "input_param",
         "params",
         "requires_session",
@@ -136,6 +140,8 @@ class BoundTool:
             p.role == "session" and _strip_optional(p.annotation) is p.annotation for p in params
         ) or (spec.options.session_required and not self.dependencies)
         self._arg_names = frozenset(p.name for p in params if p.role == "arg")
+        #: Where a plain (``def``) tool runs: the agent's thread pool once it serves.
+        self.executor: concurrent.futures.Executor | None = None
         self.schema = self._schema()
 
     def _schema(self) -> dict[str, Any]:
@@ -186,7 +192,12 @@ class BoundTool:
         if spec.kind != "plain":
             return [item async for item in self.iterate(kwargs)]
         # Plain functions may block: they run in a worker thread (context variables included).
-        return await asyncio.to_thread(functools.partial(spec.fn, **kwargs))
+        return await self._in_thread(functools.partial(spec.fn, **kwargs))
+
+    def _in_thread(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """``asyncio.to_thread``, on the agent's own pool."""
+        context = contextvars.copy_context()
+        return asyncio.get_running_loop().run_in_executor(self.executor, context.run, fn)
 
     def iterate(self, kwargs: dict[str, Any]) -> AsyncGenerator[Any, None]:
         """The tool's chunks; a tool that does not stream gives one chunk, its result."""
@@ -200,8 +211,9 @@ class BoundTool:
         if spec.kind == "sync_gen":
             gen = spec.fn(**kwargs)
             done = object()
+            step = functools.partial(next, gen, done)
             try:
-                while (item := await asyncio.to_thread(next, gen, done)) is not done:
+                while (item := await self._in_thread(step)) is not done:
                     yield item
             finally:
                 gen.close()
