@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from typing import Any
 
 import pytest
 
 from sessionmesh import mesh
-from sessionmesh.client.errors import CallTimeout, ToolFailed
+from sessionmesh.client.errors import CallTimeout, ToolFailed, UsageError
 from sessionmesh.testing import eventually, running_agent
 from tests.tools import increment, stream_count
 
@@ -174,3 +175,28 @@ async def test_short_lived_clients_spread_their_sessions_over_replicas() -> None
 
 def _sees(client: mesh.MeshClient, n: int) -> bool:
     return len(client.instances()) == n
+
+
+async def test_a_dependency_nobody_provides_is_named_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @mesh.tool(dependencies=["nowhere"])
+    async def lonely(nowhere: mesh.McpAgent | None = None) -> bool:
+        return nowhere is None
+
+    with caplog.at_level(logging.WARNING, logger="sessionmesh.agent"):
+        async with mesh.Registry() as registry:
+            async with running_agent(lonely, registry=registry.address) as (_, client):
+                assert await client.proxy("lonely")() is True
+    warned = [r.getMessage() for r in caplog.records if "depends on 'nowhere'" in r.getMessage()]
+    assert len(warned) == 1 and "gets None" in warned[0], warned
+
+
+def test_a_tool_inside_the_agent_class_is_explained() -> None:
+    with pytest.raises(UsageError, match="tools are module-level functions"):
+
+        @mesh.agent(name="cart")
+        class Cart:
+            @mesh.tool
+            def add(self, item: str) -> str:
+                return item

@@ -57,6 +57,13 @@ def agent(name: str | None = None, **settings: Any) -> Callable[[C], C]:
         raise UsageError(f"unknown @mesh.agent setting(s): {', '.join(sorted(unknown))}")
 
     def decorate(cls: C) -> C:
+        methods = [attr for attr, value in vars(cls).items() if spec_of(value) is not None]
+        if methods:
+            raise UsageError(
+                f"@mesh.tool {', '.join(methods)} is inside the @mesh.agent class "
+                f"{cls.__name__}: tools are module-level functions (the class only names the "
+                "agent and holds its settings); move them out of the class"
+            )
         setattr(cls, AGENT_ATTR, {"name": name or cls.__name__, **settings})
         return cls
 
@@ -140,6 +147,8 @@ class Agent:
         self.remembered_bytes = remembered_bytes
         if peers and registry:
             raise UsageError("give peers or a registry, not both")
+        self.peers = dict(peers) if peers else None
+        self._custom_resolver = resolver is not None
         self._resolver = resolver or (StaticResolver(peers) if peers else None)
         #: The agent's own client of the mesh (with a registry): dependencies, owners.
         self.mesh: MeshClient | None = None
@@ -226,8 +235,33 @@ class Agent:
             # is down just means none yet (the watch keeps trying).
             with contextlib.suppress(MeshError):
                 await self.mesh.ready(within=2.0)
+        self._say_what_is_missing()
         log.info("agent %s (instance %s) serving on %s", self.name, self.instance_id, self.address)
         return self.address
+
+    def _say_what_is_missing(self) -> None:
+        """Log each dependency no provider answers for yet: its parameter gets None."""
+        unique = {id(b): b for b in self.tools.values()}.values()
+        for bound in unique:
+            for dependency in bound.spec.dependencies:
+                if self.mesh is not None:
+                    if self.mesh.providers(dependency):
+                        continue
+                    where = f"no agent in the registry at {self.registry} provides it yet"
+                elif self.peers is not None:
+                    if dependency.capability in self.peers:
+                        continue
+                    where = "no --peer (peers=) names it"
+                elif not self._custom_resolver:
+                    where = "the agent has no registry and no peers to find it"
+                else:
+                    continue  # a resolver of the caller's own: it knows
+                log.warning(
+                    "tool %s depends on %r: %s; it gets None until one does",
+                    bound.spec.name,
+                    dependency.capability,
+                    where,
+                )
 
     def _describe(self) -> rpb.Instance:
         assert self._servicer is not None
