@@ -8,7 +8,7 @@ UNKNOWN, and on a stream it ends the reading abruptly. Here such a message arriv
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -45,14 +45,6 @@ def _parser(cls: type[Message]) -> Callable[[bytes], Message | Undecodable]:
             return Undecodable(cls.DESCRIPTOR.name, str(exc).rpartition(": ")[2] or str(exc))
 
     return parse
-
-
-async def decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """A stream's requests; an undecodable one raises its Fail."""
-    async for message in requests:
-        if isinstance(message, Undecodable):
-            raise message.fail()
-        yield message
 
 
 def _unary(method: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:

@@ -12,7 +12,7 @@ import grpc
 
 from sessionmesh.server._dispatch import Dispatcher, Plan
 from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream, not_json
-from sessionmesh.server._handlers import decoded
+from sessionmesh.server._handlers import Undecodable
 from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, Flow, pump
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
@@ -100,7 +100,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
         loop = asyncio.get_running_loop()
         # Reading runs in its own task so that draining can stop it (the stream is long-lived)
         # and still let the calls it started finish and answer.
-        reader = loop.create_task(self._read_exchange(decoded(request_iterator), context, running))
+        reader = loop.create_task(self._read_exchange(request_iterator, context, running))
         self._exchange_readers.add(reader)
         failure: Fail | None = None
         try:
@@ -131,6 +131,8 @@ class Servicer(pb_grpc.SessionServiceServicer):
         write = asyncio.Lock()  # one write at a time on the stream
         loop = asyncio.get_running_loop()
         async for message in request_iterator:
+            if isinstance(message, Undecodable):
+                raise message.fail()  # the stream cannot go on: Exchange ends it with this
             if message.cancel:
                 task = running.get(message.id)
                 if task is not None:
@@ -198,7 +200,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
         request_iterator: AsyncIterator[pb.StreamCallRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        requests = aiter(decoded(request_iterator))
+        requests = aiter(request_iterator)
         pumping: asyncio.Task[None] | None = None
         flow: Flow | None = None
         failure: Fail | None = None
@@ -208,6 +210,8 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 first = await anext(requests)
             except StopAsyncIteration:
                 raise invalid_stream("the stream ended before its first message (start)") from None
+            if isinstance(first, Undecodable):
+                raise first.fail()
             if first.WhichOneof("kind") != "start":
                 raise invalid_stream("the first message of a StreamCall must be 'start'")
             start = first.start

@@ -11,6 +11,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from sessionmesh.server._errors import Fail, invalid_stream
+from sessionmesh.server._handlers import Undecodable
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value
 
@@ -68,7 +69,11 @@ async def pump(
     send = flow._send
     ended = False
     try:
-        async for message in _failing_into(requests, flow, main):
+        async for message in requests:
+            if isinstance(message, Undecodable):
+                flow.error = message.fail()
+                main.cancel()
+                return
             if flow.finished:
                 continue  # the tool is done: read on to the half-close, ignoring the rest
             kind = message.WhichOneof("kind")
@@ -95,15 +100,3 @@ async def pump(
     finally:
         if send is not None:
             send.close()  # a half-close ends the input too
-
-
-async def _failing_into(
-    requests: AsyncIterator[pb.StreamCallRequest], flow: Flow, main: asyncio.Task[Any]
-) -> AsyncIterator[pb.StreamCallRequest]:
-    """The requests; one that cannot be decoded stops the call with its error."""
-    try:
-        async for message in requests:
-            yield message
-    except Fail as fail:
-        flow.error = fail
-        main.cancel()
