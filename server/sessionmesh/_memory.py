@@ -28,7 +28,6 @@ from sessionmesh.server._session import SessionStore
 from sessionmesh.server._tool import ToolSpec
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import NotJsonLike, from_value, set_value
-from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY
 from sessionmesh.wire.names import owner_of, short
 
 _END = object()
@@ -98,11 +97,8 @@ class MemoryEndpoint(Endpoint):
             plan.abandon()
             raise
 
-    def stream(
-        self, metadata: tuple[tuple[str, str], ...] | None, deadline: float | None
-    ) -> StreamCall:
-        headers = dict(metadata or ())
-        return MemoryStreamCall(self, headers, deadline)
+    def stream(self, session_id: str, create: bool, deadline: float | None) -> StreamCall:
+        return MemoryStreamCall(self, session_id, create, deadline)
 
     async def create_session(self, tool: str, deadline: float | None) -> str:
         self._reach()
@@ -138,10 +134,11 @@ class MemoryEndpoint(Endpoint):
 
 class MemoryStreamCall(StreamCall):
     def __init__(
-        self, endpoint: MemoryEndpoint, headers: dict[str, str], deadline: float | None
+        self, endpoint: MemoryEndpoint, session_id: str, create: bool, deadline: float | None
     ) -> None:
         self._endpoint = endpoint
-        self._headers = headers
+        self._session = session_id
+        self._create = create
         self._deadline = deadline
         self._out: asyncio.Queue[Any] = asyncio.Queue()
         self._inputs: MemoryObjectSendStream[Any] | None = None
@@ -150,11 +147,8 @@ class MemoryStreamCall(StreamCall):
     async def open(self, start: pb.StreamCallRequest) -> None:
         endpoint = self._endpoint
         endpoint._reach()
-        create = self._headers.get(SESSION_CREATE_KEY) == "1"
         try:
-            plan = endpoint.dispatcher.plan(
-                start.start.call, self._headers.get(SESSION_ID_KEY, ""), create
-            )
+            plan = endpoint.dispatcher.plan(start.start.call, self._session, self._create)
         except Fail as fail:
             raise _error(fail) from None
         self.session_id = plan.new_id or None

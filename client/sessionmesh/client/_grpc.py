@@ -16,7 +16,7 @@ from google.protobuf.struct_pb2 import Value
 
 from sessionmesh.client._exchange import Exchange
 from sessionmesh.client._status import from_rpc_error, from_status
-from sessionmesh.client._transport import Answer, Endpoint, Metadata, StreamCall
+from sessionmesh.client._transport import Answer, Endpoint, StreamCall
 from sessionmesh.client.errors import AgentUnavailable
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
@@ -28,7 +28,15 @@ from sessionmesh.wire.status import status_code
 
 R = TypeVar("R")
 
+Metadata = tuple[tuple[str, str], ...]
 _CREATE: Metadata = ((SESSION_CREATE_KEY, "1"),)
+
+
+def _session_headers(session_id: str, create: bool) -> Metadata | None:
+    """The request headers that put a call in its session, or open one with it."""
+    if session_id:
+        return ((SESSION_ID_KEY, session_id),)
+    return _CREATE if create else None
 
 
 def channel(
@@ -99,11 +107,7 @@ class GrpcEndpoint(Endpoint):
     async def _call_alone(self, message: pb.ExchangeRequest, deadline: float | None) -> Answer:
         """A unary Call: a refusal (say, over the agent's size limit) then fails this call
         only, and it does not hold up the small calls behind it on the shared stream."""
-        md: Metadata | None = None
-        if message.session_id:
-            md = ((SESSION_ID_KEY, message.session_id),)
-        elif message.create_session:
-            md = _CREATE
+        md = _session_headers(message.session_id, message.create_session)
         call = self._stub.Call(message.call, metadata=md, timeout=deadline)
         try:
             response = await call
@@ -114,8 +118,9 @@ class GrpcEndpoint(Endpoint):
             return Answer(_session_id(exc.initial_metadata()), Value(), failure)
         return Answer(_session_id(await call.initial_metadata()), response.result, None)
 
-    def stream(self, metadata: Metadata | None, deadline: float | None) -> StreamCall:
-        return GrpcStreamCall(self._stub.StreamCall(metadata=metadata, timeout=deadline))
+    def stream(self, session_id: str, create: bool, deadline: float | None) -> StreamCall:
+        md = _session_headers(session_id, create)
+        return GrpcStreamCall(self._stub.StreamCall(metadata=md, timeout=deadline))
 
     async def create_session(self, tool: str, deadline: float | None) -> str:
         response = await _unary(

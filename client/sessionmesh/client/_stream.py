@@ -12,13 +12,12 @@ from sessionmesh.client.errors import MeshError, RemoteError, UsageError
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value
 from sessionmesh.wire.deadline import bounded
-from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from sessionmesh.client._proxy import BaseProxy
-    from sessionmesh.client._transport import Metadata, StreamCall
+    from sessionmesh.client._transport import StreamCall
 
 _INPUT_END = pb.StreamCallRequest(input_end=pb.InputEnd())
 
@@ -91,7 +90,7 @@ class ChunkStream:
                 proxy.opened(endpoint, None)
             raise
         # Inside a tool, the stream gets no more than what remains of the call it serves.
-        call = endpoint.stream(_metadata(sid, creating), bounded(proxy.settings.stream_timeout))
+        call = endpoint.stream(sid, creating, bounded(proxy.settings.stream_timeout))
         self._call = call
         try:
             await call.open(start)
@@ -191,9 +190,3 @@ class ChunkStream:
     def __del__(self) -> None:
         if self._call is not None:
             self._call.cancel()
-
-
-def _metadata(session_id: str, create: bool) -> Metadata | None:
-    if session_id:
-        return ((SESSION_ID_KEY, session_id),)
-    return ((SESSION_CREATE_KEY, "1"),) if create else None

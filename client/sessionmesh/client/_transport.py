@@ -22,8 +22,6 @@ if TYPE_CHECKING:
     from sessionmesh.client.errors import RemoteError
     from sessionmesh.v1 import session_service_pb2 as pb
 
-Metadata = tuple[tuple[str, str], ...]
-
 
 class Answer(NamedTuple):
     """How a call ended, when it reached the agent."""
@@ -86,8 +84,8 @@ class Endpoint(abc.ABC):
         """Run one call. ``alone``: too big to share a stream with other calls."""
 
     @abc.abstractmethod
-    def stream(self, metadata: Metadata | None, deadline: float | None) -> StreamCall:
-        """A StreamCall, not yet opened."""
+    def stream(self, session_id: str, create: bool, deadline: float | None) -> StreamCall:
+        """A StreamCall in ``session_id`` (or opening a session, or neither), not yet opened."""
 
     @abc.abstractmethod
     async def create_session(self, tool: str, deadline: float | None) -> str:
