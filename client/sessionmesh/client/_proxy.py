@@ -16,6 +16,7 @@ from sessionmesh.client._stream import ChunkStream
 from sessionmesh.client.errors import (
     AgentUnavailable,
     CallTimeout,
+    RemoteError,
     SessionLost,
     SessionOwnerLost,
     SessionOwnerUnavailable,
@@ -195,11 +196,14 @@ class BaseProxy:
         """Stream this proxy's tool: ``async for chunk in proxy.stream(x=1)``."""
         return ChunkStream(self, self._tool, kwargs)
 
-    async def route(self) -> Route:
-        """Where the next call goes: its endpoint, session and whether it opens one."""
+    async def route(self, session_id: str | None = None) -> Route:
+        """Where the next call goes: its endpoint, session and whether it opens one. With
+        ``session_id`` (a manual session) its owner; else the auto session decides."""
         transport = self._transport
         if transport.closed:
             raise UsageError(f"the client of proxy {self._tool!r} is closed; connect again")
+        if session_id is not None:
+            return Route(transport.owner(session_id), session_id, False)
         opts = self._opts
         if opts.auto_session:
             return await self._auto.route(transport)
@@ -212,15 +216,16 @@ class BaseProxy:
         self._auto.opened(endpoint, session_id)
 
     def failed(self, session_id: str, error: BaseException) -> BaseException:
-        """A call in ``session_id`` failed with ``error``: what it means for the session, to
-        raise instead. An unreachable owner is SessionOwnerUnavailable (SessionOwnerLost
-        once it left the mesh), for unary calls and streams alike; a SessionLost marks the
-        auto session lost."""
-        if isinstance(error, AgentUnavailable) and not isinstance(error, SessionLost):
-            error = self._owner_unreachable(session_id, error)
-        if isinstance(error, SessionLost):
-            self._auto.failed(session_id, error)
-        return error
+        """A call (in ``session_id``, or "" for none) failed with ``error``: what to raise,
+        for unary calls and streams alike. An unreachable owner is SessionOwnerUnavailable
+        (SessionOwnerLost once it left the mesh); a SessionLost marks the auto session
+        lost; the agent's wording is put in Python terms."""
+        if session_id:
+            if isinstance(error, AgentUnavailable) and not isinstance(error, SessionLost):
+                error = self._owner_unreachable(session_id, error)
+            if isinstance(error, SessionLost):
+                self._auto.failed(session_id, error)
+        return in_python_terms(error) if isinstance(error, RemoteError) else error
 
     def _owner_unreachable(self, session_id: str, error: AgentUnavailable) -> SessionLost:
         """A session's owner did not answer: lost for good if the registry has dropped it,
@@ -279,13 +284,7 @@ class BaseProxy:
         alone: bool,
         deadline: float | None,
     ) -> Any:
-        if session_id is not None:  # an explicit session (the manual way)
-            if self._transport.closed:
-                raise UsageError(f"the client of proxy {self._tool!r} is closed; connect again")
-            route = Route(self._transport.owner(session_id), session_id, False)
-        else:
-            route = await self.route()
-        endpoint, sid, creating = route
+        endpoint, sid, creating = await self.route(session_id)
         message.session_id = sid
         message.create_session = creating
         try:
@@ -305,7 +304,7 @@ class BaseProxy:
         if creating:
             self.opened(endpoint, answer.session_id)
         if answer.error is not None:
-            raise self.failed(sid, answer.error) if sid else in_python_terms(answer.error)
+            raise self.failed(sid, answer.error)
         return from_value(answer.value)
 
     # -- sessions -----------------------------------------------------------------------------

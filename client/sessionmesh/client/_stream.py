@@ -7,8 +7,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from sessionmesh.client._encode import encode_arguments, encode_input
-from sessionmesh.client._status import in_python_terms
-from sessionmesh.client.errors import MeshError, RemoteError, UsageError
+from sessionmesh.client.errors import MeshError, UsageError
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value
 from sessionmesh.wire.deadline import bounded
@@ -97,11 +96,7 @@ class ChunkStream:
         except BaseException as exc:
             if creating:
                 proxy.opened(endpoint, call.session_id)
-            elif sid:
-                raise proxy.failed(sid, exc) from exc.__cause__
-            if isinstance(exc, RemoteError):
-                raise in_python_terms(exc) from exc.__cause__
-            raise
+            raise proxy.failed(sid, exc) from exc.__cause__
         if creating:
             proxy.opened(endpoint, call.session_id)
         self._messages = call.messages()
@@ -150,11 +145,7 @@ class ChunkStream:
             self._finish()
             if self._failure is not None:
                 raise self._failure from None
-            error = call.failure(exc)
-            if self._session_id:
-                raise self._proxy.failed(self._session_id, error) from exc
-            if isinstance(error, RemoteError):
-                error = in_python_terms(error)
+            error = self._proxy.failed(self._session_id, call.failure(exc))
             if error is exc:
                 raise
             raise error from exc
