@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.struct_pb2 import Struct, Value
@@ -12,32 +12,30 @@ from sessionmesh.client.errors import InvalidArguments, UsageError
 from sessionmesh.wire.codec import NotJsonLike, TooDeep, set_struct, set_value
 from sessionmesh.wire.reasons import Reason
 
+M = TypeVar("M")
+V = TypeVar("V")
 
-def _too_deep(exc: TooDeep, what: str) -> InvalidArguments:
-    return InvalidArguments(
-        f"{what} {exc}: the agent could not decode it, so it is not sent",
-        code=grpc.StatusCode.INVALID_ARGUMENT,
-        reason=Reason.INVALID_ARGUMENTS,
-        metadata={"field": exc.path},
-    )
+
+def _encode(what: str, setter: Callable[[M, V], None], out: M, value: V) -> None:
+    try:
+        setter(out, value)
+    except TooDeep as exc:
+        raise InvalidArguments(
+            f"{what} {exc}: the agent could not decode it, so it is not sent",
+            code=grpc.StatusCode.INVALID_ARGUMENT,
+            reason=Reason.INVALID_ARGUMENTS,
+            metadata={"field": exc.path},
+        ) from None
+    except NotJsonLike as exc:
+        raise UsageError(f"{what} {exc}") from None
 
 
 def encode_arguments(out: Struct, args: Mapping[str, Any]) -> None:
     """A call's arguments into ``out``: one nested past the limit is InvalidArguments, one
     with no JSON form a UsageError (a programming mistake)."""
-    try:
-        set_struct(out, args)
-    except TooDeep as exc:
-        raise _too_deep(exc, "argument") from None
-    except NotJsonLike as exc:
-        raise UsageError(f"argument {exc}") from None
+    _encode("argument", set_struct, out, args)
 
 
 def encode_input(out: Value, item: object) -> None:
     """One item of a streamed call's input, refused as its arguments would be."""
-    try:
-        set_value(out, item)
-    except TooDeep as exc:
-        raise _too_deep(exc, "input item") from None
-    except NotJsonLike as exc:
-        raise UsageError(f"input item {exc}") from None
+    _encode("input item", set_value, out, item)
