@@ -21,13 +21,13 @@ from google.protobuf.struct_pb2 import Value
 from sessionmesh.client import Answer, Endpoint, StreamCall, Transport
 from sessionmesh.client.errors import AgentUnavailable, RemoteError, SessionOwnerLost
 from sessionmesh.server._agent import index_tools
-from sessionmesh.server._dispatch import Dispatcher, Plan
-from sessionmesh.server._errors import Fail, not_json
+from sessionmesh.server._dispatch import Dispatcher, Plan, fill
+from sessionmesh.server._errors import Fail
 from sessionmesh.server._inject import Injector
 from sessionmesh.server._session import SessionStore
 from sessionmesh.server._tool import ToolSpec
 from sessionmesh.v1 import session_service_pb2 as pb
-from sessionmesh.wire.codec import NotJsonLike, from_value, set_value
+from sessionmesh.wire.codec import from_value
 from sessionmesh.wire.names import owner_of, short
 
 _END = object()
@@ -37,12 +37,9 @@ def _error(fail: Fail) -> RemoteError:
     return RemoteError.from_status(fail.code, fail.message, fail.details())
 
 
-def _value(plan: Plan, result: Any) -> Value:
+def _value(plan: Plan, result: Any, verb: str = "returned") -> Value:
     value = Value()
-    try:
-        set_value(value, result)
-    except NotJsonLike as exc:
-        raise not_json(plan.bound.spec.name, "returned", exc) from None
+    fill(value, plan.bound, result, verb)
     return value
 
 
@@ -167,7 +164,7 @@ class MemoryStreamCall(StreamCall):
             async with asyncio.timeout(self._deadline), dispatcher.running(plan, limit):
                 try:
                     async for item in bound.iterate(plan.kwargs):
-                        await self._out.put(_value(plan, item))
+                        await self._out.put(_value(plan, item, "yielded"))
                 except (Fail, asyncio.CancelledError):
                     raise
                 except Exception as exc:

@@ -14,6 +14,7 @@ import grpc
 from sessionmesh.server._errors import (
     Fail,
     invalid_arguments,
+    not_json,
     session_closed,
     session_not_found,
     tool_not_found,
@@ -30,7 +31,7 @@ from sessionmesh.server._session import (
     _current,
 )
 from sessionmesh.v1 import session_service_pb2 as pb
-from sessionmesh.wire.codec import from_struct
+from sessionmesh.wire.codec import NotJsonLike, from_struct, set_value
 from sessionmesh.wire.deadline import DEADLINE, tightened
 from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY
 from sessionmesh.wire.names import owner_of, short
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
     from contextvars import Token
     from types import TracebackType
+
+    from google.protobuf.struct_pb2 import Value
 
     from sessionmesh.server._inject import Injector
     from sessionmesh.server._tool import BoundTool
@@ -327,6 +330,15 @@ class Dispatcher:
         task.add_done_callback(_consume)
         self._remember(plan, task)
         return await asyncio.shield(task)
+
+
+def fill(out: Value, bound: BoundTool, result: Any, verb: str = "returned") -> None:
+    """Write a tool's result (or chunk) into ``out``; one the wire cannot carry is the
+    call's failure (TOOL_FAILED), never a broken answer."""
+    try:
+        set_value(out, result)
+    except NotJsonLike as exc:
+        raise not_json(bound.spec.name, verb, exc) from None
 
 
 def _consume(task: asyncio.Future[Any]) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from sessionmesh.server._dispatch import Dispatcher, Plan
+from sessionmesh.server._dispatch import Dispatcher, Plan, fill
 from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream, not_json
 from sessionmesh.server._handlers import Undecodable
 from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, Flow, pump
@@ -22,8 +22,6 @@ from sessionmesh.wire.names import short
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
-
-    from google.protobuf.struct_pb2 import Value
 
     from sessionmesh.server._tool import BoundTool
 
@@ -82,7 +80,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 if plan.new_id:
                     await context.send_initial_metadata(((SESSION_ID_KEY, plan.new_id),))
                 response = pb.CallResponse()
-                _fill(response.result, plan.bound, await self.dispatcher.execute(plan))
+                fill(response.result, plan.bound, await self.dispatcher.execute(plan))
                 return response
             except BaseException:
                 plan.abandon()  # if it never got its turn
@@ -188,7 +186,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
                     raise Fail(grpc.StatusCode.DEADLINE_EXCEEDED, "", "Deadline Exceeded") from None
             else:
                 result = await self.dispatcher.execute(plan)
-            _fill(answer.result, plan.bound, result)
+            fill(answer.result, plan.bound, result)
         except Fail as fail:
             await _send_failure(answer, fail, context, write)  # `error` replaces any result
             return
@@ -342,13 +340,6 @@ async def _send_failure(
     error.details.extend(fail.details())
     async with write:
         await context.write(answer)
-
-
-def _fill(out: Value, bound: BoundTool, result: Any) -> None:
-    try:
-        set_value(out, result)
-    except NotJsonLike as exc:
-        raise not_json(bound.spec.name, "returned", exc) from None
 
 
 def _forget(running: dict[int, asyncio.Task[None]], call_id: int, _: object) -> None:
