@@ -111,7 +111,7 @@ class MemoryEndpoint(Endpoint):
 
     async def list_tools(self, deadline: float | None) -> pb.ListToolsResponse:
         self._reach()
-        names = sorted({b.spec.name for b in self.dispatcher.tools.values()})
+        names = self.dispatcher.tool_names
         return pb.ListToolsResponse(
             agent_name=self.instance_id,
             instance_id=self.instance_id,

@@ -22,7 +22,7 @@ from sessionmesh.server._registration import Registration
 from sessionmesh.server._service import Servicer
 from sessionmesh.server._session import SessionStore
 from sessionmesh.server._standard import StandardServices
-from sessionmesh.server._tool import BoundTool, ToolSpec, spec_of, tools_in
+from sessionmesh.server._tool import BoundTool, ToolSpec, each_once, spec_of, tools_in
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES, server_options
@@ -241,8 +241,7 @@ class Agent:
 
     def _say_what_is_missing(self) -> None:
         """Log each dependency no provider answers for yet: its parameter gets None."""
-        unique = {id(b): b for b in self.tools.values()}.values()
-        for bound in unique:
+        for bound in each_once(self.tools):
             for dependency in bound.spec.dependencies:
                 if self.mesh is not None:
                     if self.mesh.providers(dependency):

@@ -21,6 +21,7 @@ from sessionmesh.client.cli import REGISTRY_ENV, registry_address, say
 from sessionmesh.client.errors import MeshError, UsageError
 from sessionmesh.server._agent import Agent
 from sessionmesh.server._registry import LOST_AFTER, Registry
+from sessionmesh.server._tool import each_once
 from sessionmesh.wire.tasks import cancel_and_wait
 
 log = logging.getLogger("sessionmesh.cli")
@@ -107,7 +108,7 @@ async def _serve(args: argparse.Namespace) -> int:
         # dies, and the agent must not outlive it.
         await asyncio.get_running_loop().connect_read_pipe(lambda: _ParentGone(signals), sys.stdin)
     address = await agent.start()
-    tools = sorted({b.spec.name for b in agent.tools.values()})
+    tools = sorted(b.spec.name for b in each_once(agent.tools))
     ready = {"agent": agent.name, "instance": agent.instance_id, "address": address, "tools": tools}
     print(json.dumps(ready), flush=True)
     say(f"agent {agent.name} (instance {agent.instance_id}) serving on {address}")

@@ -30,6 +30,7 @@ from sessionmesh.server._session import (
     Turn,
     _current,
 )
+from sessionmesh.server._tool import each_once
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import NotJsonLike, from_struct, set_value
 from sessionmesh.wire.deadline import DEADLINE, tightened
@@ -169,14 +170,16 @@ class Dispatcher:
         self.locate = locate
         self.draining = False
         self.recall = recall if recall is not None else Recall()
-        self._tool_names = sorted({b.spec.name for b in tools.values()})
+        #: Each tool once, and their names: what ListTools and error messages show.
+        self.bound_tools = each_once(tools)
+        self.tool_names = sorted(b.spec.name for b in self.bound_tools)
 
     # -- deciding, at arrival -----------------------------------------------------------------
 
     def tool(self, name: str) -> BoundTool:
         bound = self.tools.get(name)
         if bound is None:
-            raise tool_not_found(name, self._tool_names)
+            raise tool_not_found(name, self.tool_names)
         return bound
 
     def new_session(self, bound: BoundTool | None) -> Session:

@@ -56,8 +56,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
         self.dispatcher = dispatcher
         self.store = dispatcher.store
         self._exchange_readers: set[asyncio.Task[None]] = set()
-        unique = {id(b): b for b in dispatcher.tools.values()}
-        self.tool_descriptions = [_describe(b) for b in unique.values()]
+        self.tool_descriptions = [_describe(b) for b in dispatcher.bound_tools]
         self._list_tools = pb.ListToolsResponse(
             agent_name=dispatcher.agent_name,
             instance_id=self.store.instance_id,

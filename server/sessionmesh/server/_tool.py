@@ -340,6 +340,11 @@ def tool(
     return decorate
 
 
+def each_once(index: Mapping[str, BoundTool]) -> list[BoundTool]:
+    """The tools of an index (which holds each under its name and its capability), once."""
+    return list({id(b): b for b in index.values()}.values())
+
+
 def spec_of(obj: object) -> ToolSpec | None:
     spec = getattr(obj, TOOL_ATTR, None)
     return spec if isinstance(spec, ToolSpec) else None
