@@ -67,11 +67,18 @@ class Recall:
 
 
 def _size(done: asyncio.Future[Any]) -> int:
+    """About what the outcome weighs. Scalars and strings are sized without encoding them
+    (the adapter encodes the result anyway); only containers are encoded to be measured."""
     if done.cancelled() or done.exception() is not None:
         return _SMALL
+    result = done.result()
+    if result is None or isinstance(result, bool | int | float):
+        return _SMALL
+    if isinstance(result, str):
+        return len(result) + _SMALL  # characters: within 4x of the UTF-8 bytes, usually 1x
     value = Value()
     try:
-        set_value(value, done.result())
+        set_value(value, result)
     except NotJsonLike:
         return _SMALL
     return value.ByteSize() + _SMALL
