@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -192,3 +193,27 @@ async def test_the_call_id_memory_is_bounded_in_bytes_and_keeps_the_recent_calls
             assert runs == 20
             await call(0)  # the oldest was forgotten to stay in bounds: it runs again
             assert runs == 21
+
+
+async def test_stopping_the_agent_ends_calls_whose_callers_went_away() -> None:
+    started = asyncio.Event()
+    ended: list[str] = []
+
+    @mesh.tool
+    async def linger() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+
+    async with running_agent(linger) as (agent, _):
+        async with grpc.aio.insecure_channel(agent.address) as channel:
+            stub = pb_grpc.SessionServiceStub(channel)
+            call = stub.Call(pb.CallRequest(tool="linger", call_id="gone-caller-1"))
+            await asyncio.wait_for(started.wait(), 10)
+            call.cancel()  # the caller goes away: a call with an id runs on, for a retry
+        assert ended == []
+        await agent.stop(grace=0)
+        assert ended == ["cancelled"]  # stop() does not leave it running on the loop

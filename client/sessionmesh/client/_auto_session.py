@@ -171,7 +171,7 @@ class AutoSession:
         except RemoteError as exc:
             # The agent is gone or going; its TTL reaps the session. Cleanup must not mask
             # the error that may have brought us here.
-            log.warning("auto session %s not closed: %s", short(session_id), exc)
+            log.warning("auto session %s not closed: %s", short(session_id), exc.message)
 
     def __del__(self) -> None:
         if self.state is State.OPEN and self.session_id:

@@ -319,6 +319,8 @@ class Agent:
         if self._registration is not None:
             await self._registration.stop()
         await server.stop(self.grace if grace is None else grace)
+        assert self._dispatcher is not None
+        await self._dispatcher.stop()
         await self._store.stop()
         if self._injector is not None:
             await self._injector.aclose()

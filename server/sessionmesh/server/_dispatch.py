@@ -37,6 +37,7 @@ from sessionmesh.wire.deadline import DEADLINE, tightened
 from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY
 from sessionmesh.wire.names import owner_of, short
 from sessionmesh.wire.reasons import Reason
+from sessionmesh.wire.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -173,6 +174,8 @@ class Dispatcher:
         #: Each tool once, and their names: what ListTools and error messages show.
         self.bound_tools = each_once(tools)
         self.tool_names = sorted(b.spec.name for b in self.bound_tools)
+        #: Calls with a call id run in tasks of their own, outliving their RPC: stop() ends them.
+        self._detached: set[asyncio.Task[Any]] = set()
 
     # -- deciding, at arrival -----------------------------------------------------------------
 
@@ -313,6 +316,11 @@ class Dispatcher:
             except Exception as exc:
                 raise self.tool_failed(bound, exc) from None
 
+    async def stop(self) -> None:
+        """Cancel the calls still running in tasks of their own (their callers are gone,
+        or the agent's grace period is over) and wait until they have ended."""
+        await cancel_and_wait(*self._detached)
+
     async def execute(self, plan: Plan) -> Any:
         """The tool's result (a Python value); each adapter writes it straight into its
         answer. Failures raise :class:`Fail`."""
@@ -331,6 +339,8 @@ class Dispatcher:
         # dropped): it runs in its own task and a retry awaits the same outcome.
         task = asyncio.get_running_loop().create_task(self._run(plan))
         task.add_done_callback(_consume)
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
         self._remember(plan, task)
         return await asyncio.shield(task)
 

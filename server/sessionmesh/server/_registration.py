@@ -90,7 +90,11 @@ class Registration:
                 raise ConnectionError("the registry ended the registration")
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError, ConnectionError) as exc:
                 if self.registered.is_set():
-                    log.info("lost the registry at %s (%s); registering again", self.registry, exc)
+                    log.info(
+                        "lost the registry at %s (%s); registering again",
+                        self.registry,
+                        exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc),
+                    )
                 self.registered.clear()
             finally:
                 call.cancel()
