@@ -12,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from sessionmesh.client import (
+    TLS,
     AgentClient,
     ChunkStream,
     Dependency,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from sessionmesh.server import Agent, Registry, Session, agent, current_session, tool
 
 __all__ = [
+    "TLS",
     "Agent",
     "AgentClient",
     "ChunkStream",

@@ -7,6 +7,7 @@ from sessionmesh.client._client import AgentClient, MeshClient, connect
 from sessionmesh.client._dependency import Dependency
 from sessionmesh.client._grpc import GrpcEndpoint
 from sessionmesh.client._proxy import BaseProxy, McpAgent, Proxy, ProxyOptions, StreamingProxy
+from sessionmesh.client._security import TLS, Credentials
 from sessionmesh.client._stream import ChunkStream
 from sessionmesh.client._transport import (
     Answer,
@@ -17,10 +18,12 @@ from sessionmesh.client._transport import (
 )
 
 __all__ = [
+    "TLS",
     "AgentClient",
     "Answer",
     "BaseProxy",
     "ChunkStream",
+    "Credentials",
     "Dependency",
     "Endpoint",
     "EndpointTransport",

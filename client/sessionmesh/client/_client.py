@@ -10,6 +10,7 @@ from sessionmesh.client._dependency import Dependency
 from sessionmesh.client._grpc import GrpcEndpoint
 from sessionmesh.client._mesh import EndpointPool, MeshTransport, RegistryWatch
 from sessionmesh.client._proxy import Proxy, ProxyOptions, StreamingProxy, make_proxy
+from sessionmesh.client._security import TLS, Credentials
 from sessionmesh.client._transport import EndpointTransport, Transport
 from sessionmesh.client.errors import UsageError
 from sessionmesh.wire.codec import from_struct
@@ -132,10 +133,16 @@ class MeshClient:
     """
 
     def __init__(
-        self, registry: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+        self,
+        registry: str,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: TLS | None = None,
+        token: str | None = None,
     ) -> None:
         self.registry = registry
-        self.watch = RegistryWatch(registry)
+        self.credentials = Credentials(tls, token)
+        self.watch = RegistryWatch(registry, self.credentials)
         self._pool = EndpointPool(self.watch, max_message_bytes)
         self._transports: dict[Dependency, MeshTransport] = {}
         self._state = _State.OPEN
@@ -202,7 +209,9 @@ class MeshClient:
     def agent(self, instance: rpb.Instance) -> AgentClient:
         """A client of one listed instance (its own connection; close it when done)."""
         self._check_open()
-        return AgentClient(EndpointTransport(GrpcEndpoint(instance.endpoint)))
+        return AgentClient(
+            EndpointTransport(GrpcEndpoint(instance.endpoint, credentials=self.credentials))
+        )
 
     async def ready(self, within: float = 5.0) -> None:
         """Wait for the registry's first answer (raises AgentUnavailable if none comes)."""
@@ -233,41 +242,77 @@ class MeshClient:
 
 
 @overload
-def connect(address: str, *, max_message_bytes: int = ...) -> AgentClient: ...
+def connect(
+    address: str,
+    *,
+    max_message_bytes: int = ...,
+    tls: TLS | None = ...,
+    token: str | None = ...,
+) -> AgentClient: ...
 @overload
-def connect(*, registry: str, max_message_bytes: int = ...) -> MeshClient: ...
+def connect(
+    *,
+    registry: str,
+    max_message_bytes: int = ...,
+    tls: TLS | None = ...,
+    token: str | None = ...,
+) -> MeshClient: ...
 def connect(
     address: str | None = None,
     *,
     registry: str | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    tls: TLS | None = None,
+    token: str | None = None,
 ) -> AgentClient | MeshClient:
     """Connect to one agent (``connect("host:port")``) or to the mesh through its registry
-    (``connect(registry="host:port")``). Call from async code; use ``async with``."""
+    (``connect(registry="host:port")``). Call from async code; use ``async with``.
+
+    ``tls`` dials over TLS (verifying servers against ``tls.ca``; with ``tls.cert`` and
+    ``tls.key`` it also presents a client certificate); ``token`` is sent as
+    ``authorization: Bearer <token>`` with every call, and only over TLS."""
     if (address is None) == (registry is None):
         raise UsageError("connect() takes an agent address or registry=, one of the two")
     if registry is not None:
-        return MeshClient(host_port(registry), max_message_bytes=max_message_bytes)
+        where, tls = _dial(registry, tls)
+        return MeshClient(where, max_message_bytes=max_message_bytes, tls=tls, token=token)
     assert address is not None
-    return AgentClient(
-        EndpointTransport(GrpcEndpoint(host_port(address), max_message_bytes=max_message_bytes))
+    where, tls = _dial(address, tls)
+    endpoint = GrpcEndpoint(
+        where, max_message_bytes=max_message_bytes, credentials=Credentials(tls, token)
     )
+    return AgentClient(EndpointTransport(endpoint))
 
 
 def host_port(address: str) -> str:
-    """``host:port`` from ``host:port``, ``http://host:port`` or ``grpc://host:port`` (the
-    design note writes ``http://session-service:8080``)."""
+    """``host:port`` from ``host:port`` or a URL: ``http://``/``grpc://`` (the design note
+    writes ``http://session-service:8080``) or ``https://``/``grpcs://``."""
+    return _parse(address)[0]
+
+
+def _parse(address: str) -> tuple[str, bool]:
+    """The address and whether its scheme asks for TLS."""
     scheme, sep, rest = address.partition("://")
     if not sep:
-        return address
-    if scheme in ("https", "grpcs"):
+        return address, False
+    if scheme not in ("http", "grpc", "https", "grpcs"):
         raise UsageError(
-            f"{address!r}: TLS is not supported yet; use an address without a scheme, or "
-            "http:// or grpc://"
+            f"{address!r}: use host:port or a http://, grpc://, https:// or grpcs:// URL"
         )
-    if scheme not in ("http", "grpc"):
-        raise UsageError(f"{address!r}: use host:port, http://host:port or grpc://host:port")
     host = rest.rstrip("/")
     if "/" in host or ":" not in host:
         raise UsageError(f"{address!r}: give a host and a port, e.g. http://127.0.0.1:50051")
-    return host
+    return host, scheme in ("https", "grpcs")
+
+
+def _dial(address: str, tls: TLS | None) -> tuple[str, TLS | None]:
+    """The address to dial and the TLS to dial it with: an https:// URL without tls= means
+    TLS verified against the system's roots; a plaintext URL with tls= is a contradiction."""
+    host, secure = _parse(address)
+    if secure and tls is None:
+        return host, TLS()
+    if "://" in address and not secure and tls is not None:
+        raise UsageError(
+            f"{address!r} is a plaintext URL but tls= is given: write https://{host} or host:port"
+        )
+    return host, tls

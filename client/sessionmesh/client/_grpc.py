@@ -15,6 +15,7 @@ import grpc
 from google.protobuf.struct_pb2 import Value
 
 from sessionmesh.client._exchange import Exchange
+from sessionmesh.client._security import PLAINTEXT, Credentials
 from sessionmesh.client._status import from_rpc_error, from_status
 from sessionmesh.client._transport import Answer, Endpoint, StreamCall
 from sessionmesh.client.errors import AgentUnavailable
@@ -43,11 +44,12 @@ def channel(
     address: str,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     options: Sequence[tuple[str, Any]] = (),
+    credentials: Credentials = PLAINTEXT,
 ) -> grpc.aio.Channel:
     """A channel to an agent or registry."""
-    return grpc.aio.insecure_channel(
+    return credentials.channel(
         address,
-        options=[
+        [
             *channel_options(max_message_bytes),
             # Each client gets its own connection rather than one shared by every channel to
             # the same address, so independent clients do not contend for one connection.
@@ -82,10 +84,11 @@ class GrpcEndpoint(Endpoint):
         instance_id: str = "",
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
+        credentials: Credentials = PLAINTEXT,
     ) -> None:
         self.address = address
         self.instance_id = instance_id
-        self.channel = channel(address, max_message_bytes, options)
+        self.channel = channel(address, max_message_bytes, options, credentials)
         self._stub = pb_grpc.SessionServiceStub(self.channel)
         self._exchange: Exchange | None = None  # opened on first call, again after a break
 
@@ -199,9 +202,9 @@ class GrpcStreamCall(StreamCall):
 class RegistryChannel:
     """The registry's Watch, as a client of the mesh reads it."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: Credentials = PLAINTEXT) -> None:
         self.address = address
-        self._channel = channel(address)
+        self._channel = channel(address, credentials=credentials)
         self._stub = rpb_grpc.RegistryServiceStub(self._channel)
 
     async def watch(self) -> AsyncIterator[rpb.WatchResponse]:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from sessionmesh.client._dependency import Dependency
 from sessionmesh.client._grpc import GrpcEndpoint, RegistryChannel
+from sessionmesh.client._security import PLAINTEXT, Credentials
 from sessionmesh.client._transport import Endpoint, Transport
 from sessionmesh.client.errors import AgentUnavailable, SessionOwnerLost
 from sessionmesh.v1 import registry_service_pb2 as rpb
@@ -39,13 +40,14 @@ _SUSPECT_SECONDS = 2.0
 class RegistryWatch:
     """A live copy of the registry's instances."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: Credentials = PLAINTEXT) -> None:
         self.address = address
+        self.credentials = credentials
         self.instances: dict[str, rpb.Instance] = {}
         self.listeners: list[Listener] = []
         self.connected = False
         self._ready = asyncio.Event()
-        self._channel = RegistryChannel(address)
+        self._channel = RegistryChannel(address, credentials)
         self._task: asyncio.Task[None] | None = None
         self._grace: list[asyncio.TimerHandle] = []  # see _replace
 
@@ -162,6 +164,7 @@ class EndpointPool:
                 instance.endpoint,
                 instance_id=instance.instance_id,
                 max_message_bytes=self.max_message_bytes,
+                credentials=self.watch.credentials,
             )
             self._endpoints[instance.instance_id] = endpoint
         return endpoint

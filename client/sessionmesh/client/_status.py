@@ -11,6 +11,7 @@ from sessionmesh.client.errors import (
     CallCancelled,
     CallTimeout,
     InvalidArguments,
+    PermissionDenied,
     RemoteError,
     ResourceExhausted,
     SessionElsewhere,
@@ -20,6 +21,7 @@ from sessionmesh.client.errors import (
     ToolNotFound,
     ToolTimeout,
     TooManySessions,
+    Unauthenticated,
 )
 from sessionmesh.wire import status
 from sessionmesh.wire.reasons import Reason
@@ -39,6 +41,8 @@ _BY_REASON: dict[str, type[RemoteError]] = {
     Reason.TOO_MANY_SESSIONS: TooManySessions,
     Reason.SHUTTING_DOWN: AgentUnavailable,
     Reason.SESSION_ELSEWHERE: SessionElsewhere,
+    Reason.UNAUTHENTICATED: Unauthenticated,
+    Reason.PERMISSION_DENIED: PermissionDenied,
 }
 
 _BY_CODE: dict[grpc.StatusCode, type[RemoteError]] = {
@@ -47,6 +51,8 @@ _BY_CODE: dict[grpc.StatusCode, type[RemoteError]] = {
     grpc.StatusCode.CANCELLED: CallCancelled,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.NOT_FOUND: ToolNotFound,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 

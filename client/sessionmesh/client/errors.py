@@ -16,6 +16,8 @@ MeshError                        everything below
     │   └── ToolTimeout          TOOL_TIMEOUT: it overran its own timeout (a CallTimeout too)
     ├── TooManySessions          TOO_MANY_SESSIONS
     ├── ResourceExhausted        e.g. a message over the size limit
+    ├── Unauthenticated          UNAUTHENTICATED: no credentials, or ones the server does not know
+    ├── PermissionDenied         PERMISSION_DENIED: known caller, not allowed this
     └── TransportError           no usable answer from the agent
         ├── CallTimeout          the call's deadline passed
         ├── AgentUnavailable     cannot be reached, or shutting down (SHUTTING_DOWN)
@@ -39,6 +41,7 @@ __all__ = [
     "CallTimeout",
     "InvalidArguments",
     "MeshError",
+    "PermissionDenied",
     "RemoteError",
     "ResourceExhausted",
     "SessionElsewhere",
@@ -53,6 +56,7 @@ __all__ = [
     "ToolNotFound",
     "ToolTimeout",
     "TransportError",
+    "Unauthenticated",
     "UsageError",
 ]
 
@@ -176,6 +180,19 @@ class TooManySessions(RemoteError):
 
 class ResourceExhausted(RemoteError):
     """The agent refused for lack of a resource, e.g. a message over the size limit."""
+
+
+class Unauthenticated(RemoteError):
+    """The server does not know who is calling: no client certificate or bearer token, or
+    one it does not accept."""
+
+    default_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(RemoteError):
+    """The server knows the caller and does not allow it this call."""
+
+    default_code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class TransportError(RemoteError):

@@ -20,6 +20,11 @@ class Reason:
     INVALID_STREAM: Final = "INVALID_STREAM"
     SHUTTING_DOWN: Final = "SHUTTING_DOWN"
     SESSION_ELSEWHERE: Final = "SESSION_ELSEWHERE"
+    #: No credentials, or ones the server does not accept (UNAUTHENTICATED).
+    UNAUTHENTICATED: Final = "UNAUTHENTICATED"
+    #: A known caller that may not do this (PERMISSION_DENIED): a tool's allow-list, the
+    #: registry's names, the verifier's refusal.
+    PERMISSION_DENIED: Final = "PERMISSION_DENIED"
     #: Registry -> agent, ending its Register stream: it stayed unreachable past the
     #: lost-after bound and was removed; callers were told its sessions are lost.
     INSTANCE_LOST: Final = "INSTANCE_LOST"

@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from sessionmesh.client import MeshClient
+from sessionmesh.client import TLS, Credentials, MeshClient
 from sessionmesh.client.errors import MeshError, UsageError
 from sessionmesh.server import _recall as recall
 from sessionmesh.server._dispatch import Dispatcher
 from sessionmesh.server._handlers import add_to_server
 from sessionmesh.server._inject import Injector, RegistryResolver, Resolver, StaticResolver
 from sessionmesh.server._registration import Registration
+from sessionmesh.server._security import Authenticator, Verifier, bind, read_tokens
 from sessionmesh.server._service import Servicer
 from sessionmesh.server._session import SessionStore
 from sessionmesh.server._standard import StandardServices
@@ -45,7 +46,8 @@ def agent(name: str | None = None, **settings: Any) -> Callable[[C], C]:
     """Name the agent a file defines and set how it serves (``host``, ``port``,
     ``session_ttl``, ``max_sessions``, ``grace``, ``debug``, ``max_message_bytes``, ``peers``,
     ``registry``, ``advertise``, ``drain_timeout``, ``threads``, ``remembered_calls``,
-    ``remembered_bytes``).
+    ``remembered_bytes``, and the security ones: ``tls``, ``insecure``, ``token``,
+    ``auth_tokens``, ``authenticate``, ``admins``, ``max_sessions_per_principal``).
 
     Example::
 
@@ -85,6 +87,13 @@ _AGENT_SETTINGS = {
     "debug",
     "max_message_bytes",
     "peers",
+    "tls",
+    "insecure",
+    "token",
+    "auth_tokens",
+    "authenticate",
+    "admins",
+    "max_sessions_per_principal",
 }
 
 
@@ -119,6 +128,13 @@ class Agent:
         remembered_bytes: int = recall.MAX_BYTES,
         resolver: Resolver | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        tls: TLS | None = None,
+        insecure: bool = False,
+        token: str | None = None,
+        auth_tokens: str | Mapping[str, str] | None = None,
+        authenticate: Verifier | None = None,
+        admins: Iterable[str] = (),
+        max_sessions_per_principal: int | None = None,
     ) -> None:
         if session_ttl <= 0:
             raise UsageError("session_ttl must be > 0 seconds")
@@ -128,6 +144,25 @@ class Agent:
             raise UsageError("threads must be >= 1 (plain def tools run in them)")
         if remembered_calls < 0 or remembered_bytes < 0:
             raise UsageError("remembered_calls and remembered_bytes must be >= 0")
+        if max_sessions_per_principal is not None and max_sessions_per_principal < 1:
+            raise UsageError("max_sessions_per_principal must be >= 1, or None")
+        #: What this agent dials its registry and its dependencies with.
+        self.credentials = Credentials(tls, token)
+        self.tls = tls
+        self.insecure = insecure
+        tokens = read_tokens(auth_tokens) if auth_tokens is not None else None
+        if tokens and not (tls is not None and tls.serves):
+            raise UsageError(
+                "auth_tokens (--auth-tokens) need TLS: a bearer token sent in plaintext can be "
+                "read off the wire; give --tls-cert and --tls-key"
+            )
+        self.auth = Authenticator(
+            tokens=tokens,
+            verify=authenticate,
+            certificates=tls is not None and tls.client_ca is not None,
+            admins=admins,
+        )
+        self.max_sessions_per_principal = max_sessions_per_principal
         self.name = name
         self.host = host
         self.port = port
@@ -138,6 +173,13 @@ class Agent:
         self.max_message_bytes = max_message_bytes
         self.instance_id = secrets.token_hex(4)
         self.tools = index_tools(tools)
+        guarded = sorted({b.spec.name for b in self.tools.values() if b.spec.allow is not None})
+        if guarded and not self.auth.on:
+            raise UsageError(
+                f"tool(s) {', '.join(guarded)} have allow= lists, but this agent does not know "
+                "who calls it: give it --tls-client-ca (client certificates), --auth-tokens "
+                "or authenticate="
+            )
         self.registry = registry
         self.advertise = advertise
         self.drain_timeout = drain_timeout
@@ -194,7 +236,10 @@ class Agent:
         if self._server is not None:
             raise UsageError("the agent is already started")
         self._store = SessionStore(
-            self.instance_id, default_ttl=self.session_ttl, max_sessions=self.max_sessions
+            self.instance_id,
+            default_ttl=self.session_ttl,
+            max_sessions=self.max_sessions,
+            max_per_principal=self.max_sessions_per_principal,
         )
         self._executor = concurrent.futures.ThreadPoolExecutor(
             self.threads, thread_name_prefix=f"sessionmesh-{self.name}"
@@ -202,7 +247,12 @@ class Agent:
         for bound in self.tools.values():
             bound.executor = self._executor
         if self.registry is not None:
-            self.mesh = MeshClient(self.registry, max_message_bytes=self.max_message_bytes)
+            self.mesh = MeshClient(
+                self.registry,
+                max_message_bytes=self.max_message_bytes,
+                tls=self.credentials.tls,
+                token=self.credentials.token,
+            )
             self._resolver = self._resolver or RegistryResolver(self.mesh)
         self._injector = Injector(self._resolver)
         self._dispatcher = Dispatcher(
@@ -214,13 +264,13 @@ class Agent:
             locate=self._locate,
             recall=recall.Recall(self.remembered_calls, self.remembered_bytes),
         )
-        self._servicer = Servicer(self._dispatcher)
+        self._servicer = Servicer(self._dispatcher, self.auth)
         server = grpc.aio.server(
             options=server_options(self.max_message_bytes), interceptors=self._interceptors
         )
         add_to_server(self._servicer, server)
         self._health = StandardServices(server, SERVICE_NAME)
-        self.port = server.add_insecure_port(f"{self.host}:{self.port}")
+        self.port = bind(server, self.host, self.port, self.tls, insecure=self.insecure)
         await server.start()
         self._server = server
         self._store.start()
@@ -228,7 +278,11 @@ class Agent:
         if self.registry is not None:
             assert self.mesh is not None
             self._registration = Registration(
-                self.registry, self._describe, self._heartbeat, self._declared_lost
+                self.registry,
+                self._describe,
+                self._heartbeat,
+                self._declared_lost,
+                self.credentials,
             )
             self._registration.start()
             # Dependencies resolve better with a first view of the mesh; a registry that

@@ -21,6 +21,7 @@ from sessionmesh.server._errors import (
 )
 from sessionmesh.server._params import ArgumentError
 from sessionmesh.server._recall import Recall, Remembered
+from sessionmesh.server._security import denied
 from sessionmesh.server._session import (
     CLOSED_UNDER_CALL,
     Session,
@@ -185,7 +186,7 @@ class Dispatcher:
             raise tool_not_found(name, self.tool_names)
         return bound
 
-    def new_session(self, bound: BoundTool | None) -> Session:
+    def new_session(self, bound: BoundTool | None, principal: str = "") -> Session:
         if self.draining:
             raise Fail(
                 grpc.StatusCode.UNAVAILABLE,
@@ -193,20 +194,29 @@ class Dispatcher:
                 f"agent {self.agent_name!r} is shutting down and takes no new sessions",
             )
         try:
-            return self.store.create(bound.spec.session_ttl if bound else None)
+            return self.store.create(bound.spec.session_ttl if bound else None, principal)
         except TooManySessionsError as exc:
             raise Fail(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_SESSIONS, str(exc)
             ) from None
 
-    def plan(self, request: pb.CallRequest, session_id: str, create: bool) -> Plan:
+    def plan(
+        self, request: pb.CallRequest, session_id: str, create: bool, principal: str = ""
+    ) -> Plan:
         """Find (or open) the call's session, find an earlier outcome of the same call id,
-        bind the arguments and take the call's place in its session's line. Never awaits."""
+        bind the arguments and take the call's place in its session's line. Never awaits.
+        ``principal`` is the caller: it may use only sessions it opened, and tools that
+        allow it."""
         bound = self.tool(request.tool)
+        allow = bound.spec.allow
+        if allow is not None and principal not in allow:
+            raise denied(f"{principal or 'an anonymous caller'} may not call {bound.spec.name!r}")
         call_id = request.call_id
+        if call_id and principal:
+            call_id = f"{principal}\x00{call_id}"  # one caller's ids never answer another's
         if session_id:
             try:
-                session = self.store.get(session_id)
+                session = self.store.get(session_id, principal)
             except SessionNotFoundError:
                 raise self._not_here(session_id) from None
             earlier = self.recall.get(session_id, call_id) if call_id else None
@@ -218,7 +228,7 @@ class Dispatcher:
                 return Plan(bound, None, opened.outcome, opened.session_id, call_id)
             # Bind first: a call that cannot run must not leave a session nobody knows of.
             kwargs = self._bind(bound, request, None)
-            session = self.new_session(bound)
+            session = self.new_session(bound, principal)
             plan = Plan(bound, session, None, session.id, call_id)
             plan.kwargs = kwargs
             kwargs.update(dict.fromkeys(bound.session_params, session))

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from sessionmesh.client import Credentials
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
 from sessionmesh.wire.limits import channel_options
@@ -27,12 +28,13 @@ class Registration:
         instance: Callable[[], rpb.Instance],
         heartbeat: Callable[[], rpb.Heartbeat],
         declared_lost: Callable[[], Awaitable[None]],
+        credentials: Credentials | None = None,
     ) -> None:
         self.registry = registry
         self._instance = instance
         self._heartbeat = heartbeat
         self._declared_lost = declared_lost
-        self._channel = grpc.aio.insecure_channel(registry, options=channel_options())
+        self._channel = (credentials or Credentials()).channel(registry, channel_options())
         self._nudged = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._call: grpc.aio.StreamStreamCall[rpb.RegisterRequest, rpb.RegisterResponse] | None = (

@@ -13,6 +13,8 @@ import grpc
 from sessionmesh.server._dispatch import Dispatcher, Plan, fill
 from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream, not_json
 from sessionmesh.server._handlers import Undecodable
+from sessionmesh.server._security import Authenticator
+from sessionmesh.server._session import SessionNotFoundError
 from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, Flow, pump
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
@@ -52,8 +54,9 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, bool]:
 class Servicer(pb_grpc.SessionServiceServicer):
     """The SessionService RPCs as thin adapters over one :class:`Dispatcher`."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, auth: Authenticator | None = None) -> None:
         self.dispatcher = dispatcher
+        self.auth = auth if auth is not None else Authenticator()
         self.store = dispatcher.store
         self._exchange_readers: set[asyncio.Task[None]] = set()
         self.tool_descriptions = [_describe(b) for b in dispatcher.bound_tools]
@@ -73,7 +76,8 @@ class Servicer(pb_grpc.SessionServiceServicer):
         self, request: pb.CallRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CallResponse:
         try:
-            plan = self.dispatcher.plan(request, *_metadata(context))
+            principal = await self.auth.principal(context) if self.auth.on else ""
+            plan = self.dispatcher.plan(request, *_metadata(context), principal)
             plan.expires_in(context.time_remaining())
             try:
                 if plan.new_id:
@@ -95,9 +99,12 @@ class Servicer(pb_grpc.SessionServiceServicer):
     ) -> None:
         running: dict[int, asyncio.Task[None]] = {}
         loop = asyncio.get_running_loop()
+        principal = await self._principal(context) if self.auth.on else ""
         # Reading runs in its own task so that draining can stop it (the stream is long-lived)
         # and still let the calls it started finish and answer.
-        reader = loop.create_task(self._read_exchange(request_iterator, context, running))
+        reader = loop.create_task(
+            self._read_exchange(request_iterator, context, running, principal)
+        )
         self._exchange_readers.add(reader)
         failure: Fail | None = None
         try:
@@ -124,6 +131,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
         request_iterator: AsyncIterator[pb.ExchangeRequest],
         context: grpc.aio.ServicerContext[Any, Any],
         running: dict[int, asyncio.Task[None]],
+        principal: str,
     ) -> None:
         write = asyncio.Lock()  # one write at a time on the stream
         loop = asyncio.get_running_loop()
@@ -148,7 +156,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 continue
             try:
                 plan = self.dispatcher.plan(
-                    message.call, message.session_id, message.create_session
+                    message.call, message.session_id, message.create_session, principal
                 )
             except Fail as fail:
                 task = loop.create_task(_send_failure(answer, fail, context, write))
@@ -212,7 +220,8 @@ class Servicer(pb_grpc.SessionServiceServicer):
             if first.WhichOneof("kind") != "start":
                 raise invalid_stream("the first message of a StreamCall must be 'start'")
             start = first.start
-            plan = self.dispatcher.plan(start.call, *_metadata(context))
+            principal = await self.auth.principal(context) if self.auth.on else ""
+            plan = self.dispatcher.plan(start.call, *_metadata(context), principal)
             plan.expires_in(context.time_remaining())
             abandon = plan.abandon
             bound = plan.bound
@@ -292,8 +301,9 @@ class Servicer(pb_grpc.SessionServiceServicer):
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateSessionResponse:
         try:
+            principal = await self.auth.principal(context) if self.auth.on else ""
             bound = self.dispatcher.tool(request.tool) if request.tool else None
-            session = self.dispatcher.new_session(bound)
+            session = self.dispatcher.new_session(bound, principal)
         except Fail as fail:
             await context.abort_with_status(fail.status())
             raise
@@ -306,14 +316,27 @@ class Servicer(pb_grpc.SessionServiceServicer):
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CloseSessionResponse:
+        if self.auth.on:
+            principal = await self._principal(context)
+            try:
+                self.store.get(request.session_id, principal)
+            except SessionNotFoundError:
+                return pb.CloseSessionResponse(closed=False)  # as for an id nobody has
         return pb.CloseSessionResponse(closed=await self.store.close(request.session_id))
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListSessionsResponse:
+        mine: str | None = None  # whose sessions to list (None: everyone's)
+        if self.auth.on:
+            mine = await self._principal(context)
+            if mine in self.auth.admins:
+                mine = None
         response = pb.ListSessionsResponse(instance_id=self.store.instance_id)
         now = time.monotonic()
         for session in self.store.sessions():
+            if mine is not None and session.principal != mine:
+                continue
             info = response.sessions.add(
                 short_id=short(session.id), active=session.active > 0, waiting=session.waiting
             )
@@ -324,7 +347,16 @@ class Servicer(pb_grpc.SessionServiceServicer):
     async def ListTools(
         self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListToolsResponse:
+        if self.auth.on:
+            await self._principal(context)
         return self._list_tools
+
+    async def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        try:
+            return await self.auth.principal(context)
+        except Fail as fail:
+            await context.abort_with_status(fail.status())
+            raise
 
 
 async def _send_failure(

@@ -59,12 +59,15 @@ class Session:
         "closed",
         "id",
         "last_used",
+        "principal",
         "ttl",
     )
 
-    def __init__(self, session_id: str, ttl: float) -> None:
+    def __init__(self, session_id: str, ttl: float, principal: str = "") -> None:
         self.id = session_id
         self.ttl = ttl
+        #: Who opened it ("" without authentication): only they can use, see or close it.
+        self.principal = principal
         self.last_used = time.monotonic()
         self.closed = False
         self.active = 0
@@ -199,10 +202,19 @@ class TooManySessionsError(RuntimeError):
 class SessionStore:
     """The open sessions of one agent instance, with a reaper for idle ones."""
 
-    def __init__(self, instance_id: str, *, default_ttl: float, max_sessions: int) -> None:
+    def __init__(
+        self,
+        instance_id: str,
+        *,
+        default_ttl: float,
+        max_sessions: int,
+        max_per_principal: int | None = None,
+    ) -> None:
         self.instance_id = instance_id
         self.default_ttl = default_ttl
         self.max_sessions = max_sessions
+        self.max_per_principal = max_per_principal
+        self._per_principal: collections.Counter[str] = collections.Counter()
         self._sessions: dict[str, Session] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._wakeup = asyncio.Event()
@@ -222,14 +234,22 @@ class SessionStore:
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
 
-    def create(self, ttl: float | None = None) -> Session:
+    def create(self, ttl: float | None = None, principal: str = "") -> Session:
         if len(self._sessions) >= self.max_sessions:
             raise TooManySessionsError(
                 f"this agent has {len(self._sessions)} open sessions, its limit "
                 f"(max_sessions={self.max_sessions}); close sessions or raise the limit"
             )
-        session = Session(new_session_id(self.instance_id), ttl or self.default_ttl)
+        cap = self.max_per_principal
+        if principal and cap is not None and self._per_principal[principal] >= cap:
+            raise TooManySessionsError(
+                f"{principal} has {cap} open sessions on this agent, the limit per caller "
+                "(max_sessions_per_principal); close some first"
+            )
+        session = Session(new_session_id(self.instance_id), ttl or self.default_ttl, principal)
         self._sessions[session.id] = session
+        if principal:
+            self._per_principal[principal] += 1
         self.empty.clear()
         entry = (session.last_used + session.ttl, session.id)
         heapq.heappush(self._deadlines, entry)
@@ -239,9 +259,11 @@ class SessionStore:
         log.info("session %s created", short(session.id))
         return session
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, principal: str | None = None) -> Session:
+        """The open session with this id; with ``principal``, only if that caller opened it
+        (anyone else is told exactly what a forged id is told)."""
         session = self._sessions.get(session_id)
-        if session is None:
+        if session is None or (principal is not None and session.principal != principal):
             raise SessionNotFoundError(session_id)
         return session
 
@@ -250,6 +272,12 @@ class SessionStore:
         if session is None:
             return False
         session.closed = True
+        if session.principal:
+            left = self._per_principal[session.principal] - 1
+            if left:
+                self._per_principal[session.principal] = left
+            else:
+                del self._per_principal[session.principal]
         if not self._sessions:
             self.empty.set()
         self.counters["expired" if why == "expired" else "closed"] += 1

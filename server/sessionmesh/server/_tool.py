@@ -65,6 +65,8 @@ class ToolSpec:
     options: ProxyOptions
     session_ttl: float | None
     kind: Kind
+    #: The principals that may call it (None: whoever the agent lets in).
+    allow: frozenset[str] | None = None
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -246,6 +248,7 @@ def tool(
     stream_timeout: float | None = None,
     buffer_size: int = 64,
     session_ttl: float | None = None,
+    allow: Sequence[str] | None = None,
 ) -> Callable[[F], F]: ...
 def tool(
     capability: str | F | None = None,
@@ -265,6 +268,7 @@ def tool(
     stream_timeout: float | None = None,
     buffer_size: int = 64,
     session_ttl: float | None = None,
+    allow: Sequence[str] | None = None,
 ) -> F | Callable[[F], F]:
     """Declare a function as a tool of this agent.
 
@@ -273,7 +277,8 @@ def tool(
     ``timeout``, ``stream_timeout``, ``buffer_size``, ``session_ttl``) and they configure the
     proxies injected for ``dependencies`` (``session_required``, ``stateful``,
     ``auto_session_management``, ``timeout``, ``retry_count``, ``retry_delay``,
-    ``stream_timeout``, ``buffer_size``).
+    ``stream_timeout``, ``buffer_size``). ``allow`` lists the principals that may call it
+    (the agent must authenticate its callers: client certificates or tokens).
 
     Example::
 
@@ -287,6 +292,8 @@ def tool(
 
     if session_ttl is not None and session_ttl <= 0:
         raise UsageError("session_ttl must be > 0 seconds, or None")
+    if isinstance(allow, str):
+        raise UsageError("allow= takes a list of principals, e.g. allow=['spiffe://a/b']")
     options = ProxyOptions(
         session_required=session_required,
         stateful=stateful,
@@ -333,6 +340,7 @@ def tool(
             options=options.replace(streaming=gen) if streaming is None else options,
             session_ttl=session_ttl,
             kind=kind,
+            allow=None if allow is None else frozenset(allow),
         )
         setattr(fn, TOOL_ATTR, spec)
         return fn
