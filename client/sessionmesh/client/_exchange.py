@@ -15,7 +15,13 @@ from typing import cast
 import grpc
 
 from sessionmesh.client._status import from_rpc_error
-from sessionmesh.client.errors import AgentUnavailable, CallTimeout, RemoteError
+from sessionmesh.client.errors import (
+    AgentUnavailable,
+    CallTimeout,
+    PermissionDenied,
+    RemoteError,
+    Unauthenticated,
+)
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.tasks import cancel_and_wait
@@ -99,9 +105,10 @@ class Exchange:
                     future.set_result(answer)
         except grpc.aio.AioRpcError as exc:
             # The stream carries no call's own failure (those come in answers): whatever
-            # ended it, the calls on it could not reach the agent.
+            # ended it, the calls on it could not reach the agent, unless the agent refused
+            # the caller itself (it says so to every call).
             error = from_rpc_error(exc)
-            if not isinstance(error, AgentUnavailable):
+            if not isinstance(error, AgentUnavailable | Unauthenticated | PermissionDenied):
                 error = AgentUnavailable(f"the exchange stream to the agent broke: {error}")
         except asyncio.CancelledError:
             self._fail(AgentUnavailable("the exchange stream was closed"))

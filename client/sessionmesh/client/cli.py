@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from sessionmesh.client._client import MeshClient, connect
+from sessionmesh.client._security import TLS, TLS_ENV, TOKEN_ENV
 from sessionmesh.client.errors import MeshError, RemoteError, UsageError
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire.names import answers_to
@@ -21,7 +22,19 @@ REGISTRY_ENV = "SESSIONMESH_REGISTRY"
 DEFAULT_REGISTRY_PORT = 50050
 COMMANDS = ("list", "call", "sessions")
 
-__all__ = ["COMMANDS", "DEFAULT_REGISTRY_PORT", "REGISTRY_ENV", "add", "registry_address", "say"]
+__all__ = [
+    "COMMANDS",
+    "DEFAULT_REGISTRY_PORT",
+    "REGISTRY_ENV",
+    "TLS_ENV",
+    "TOKEN_ENV",
+    "add",
+    "registry_address",
+    "say",
+    "security_options",
+    "tls_from",
+    "token_from",
+]
 
 
 def say(message: str) -> None:
@@ -36,10 +49,56 @@ def registry_address(args: argparse.Namespace, *, required: bool) -> str | None:
     return address
 
 
+def security_options(p: argparse.ArgumentParser, *, serves: bool) -> None:
+    """The TLS flags (each defaults to its SESSIONMESH_TLS_* variable) and --token."""
+    group = p.add_argument_group("security")
+    group.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help=f"this process's certificate chain, PEM: {'served, and ' if serves else ''}"
+        f"presented as a client certificate (${TLS_ENV['cert']})",
+    )
+    group.add_argument(
+        "--tls-key", metavar="FILE", help=f"the key of --tls-cert, PEM (${TLS_ENV['key']})"
+    )
+    group.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help=f"verify the servers we dial against this CA, PEM (${TLS_ENV['ca']}); with "
+        "neither it nor --tls-cert, we dial plaintext",
+    )
+    if serves:
+        group.add_argument(
+            "--tls-client-ca",
+            metavar="FILE",
+            help="require client certificates from this CA: mutual TLS, and callers known "
+            f"by their certificate (${TLS_ENV['client_ca']})",
+        )
+    group.add_argument(
+        "--token",
+        default=None,
+        help=f"a bearer token to send with every call, over TLS only (${TOKEN_ENV})",
+    )
+
+
+def tls_from(args: argparse.Namespace) -> TLS | None:
+    """The TLS the flags describe, each flag falling back to its environment variable."""
+    values = {
+        field: getattr(args, f"tls_{field}", None) or os.environ.get(name) or None
+        for field, name in TLS_ENV.items()
+    }
+    return TLS(**values) if any(values.values()) else None
+
+
+def token_from(args: argparse.Namespace) -> str | None:
+    token: str | None = getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None
+    return token
+
+
 async def _mesh(args: argparse.Namespace) -> MeshClient:
     address = registry_address(args, required=True)
     assert address is not None
-    client = connect(registry=address)
+    client = connect(registry=address, tls=tls_from(args), token=token_from(args))
     try:
         await client.ready(within=args.wait)
     except MeshError:
@@ -208,3 +267,4 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     for p in (listing, call, sessions):
         p.add_argument("--wait", type=float, default=5.0, help=argparse.SUPPRESS)
+        security_options(p, serves=False)

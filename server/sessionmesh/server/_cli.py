@@ -16,8 +16,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from sessionmesh.client import TLS
 from sessionmesh.client import cli as client_commands
-from sessionmesh.client.cli import REGISTRY_ENV, registry_address, say
+from sessionmesh.client.cli import (
+    REGISTRY_ENV,
+    TOKEN_ENV,
+    registry_address,
+    say,
+    security_options,
+    tls_from,
+    token_from,
+)
 from sessionmesh.client.errors import MeshError, UsageError
 from sessionmesh.server._agent import Agent
 from sessionmesh.server._registry import LOST_AFTER, Registry
@@ -99,6 +108,12 @@ async def _serve(args: argparse.Namespace) -> int:
             peers=_peers(args.peer) or None,
             registry=registry_address(args, required=False),
             drain_timeout=args.drain_timeout,
+            tls=tls_from(args),
+            insecure=args.insecure or None,
+            token=token_from(args),
+            auth_tokens=auth_tokens_from(args),
+            admins=args.admin or None,
+            max_sessions_per_principal=args.max_sessions_per_principal,
         )
     except UsageError as exc:
         raise SystemExit(f"sessionmesh: {args.file}: {exc}") from None
@@ -107,7 +122,10 @@ async def _serve(args: argparse.Namespace) -> int:
         # Started by `sessionmesh run`: its stdin pipe closes when `run` dies, however it
         # dies, and the agent must not outlive it.
         await asyncio.get_running_loop().connect_read_pipe(lambda: _ParentGone(signals), sys.stdin)
-    address = await agent.start()
+    try:
+        address = await agent.start()
+    except UsageError as exc:
+        raise SystemExit(f"sessionmesh: {exc}") from None
     tools = sorted(b.spec.name for b in each_once(agent.tools))
     ready = {"agent": agent.name, "instance": agent.instance_id, "address": address, "tools": tools}
     print(json.dumps(ready), flush=True)
@@ -139,10 +157,23 @@ class _ParentGone(asyncio.Protocol):
 
 
 async def _registry(args: argparse.Namespace) -> int:
-    registry = Registry(host=args.host, port=args.port, lost_after=args.lost_after or LOST_AFTER)
+    try:
+        registry = Registry(
+            host=args.host,
+            port=args.port,
+            lost_after=args.lost_after or LOST_AFTER,
+            tls=tls_from(args),
+            insecure=args.insecure,
+            auth_tokens=auth_tokens_from(args),
+            registrants=args.registrants,
+        )
+    except UsageError as exc:
+        raise SystemExit(f"sessionmesh: {exc}") from None
     signals = _Signals()
     try:
         address = await registry.start()
+    except UsageError as exc:
+        raise SystemExit(f"sessionmesh: {exc}") from None
     except RuntimeError as exc:
         raise SystemExit(
             f"sessionmesh: cannot serve the registry on {args.host}:{args.port} ({exc}): is "
@@ -155,10 +186,13 @@ async def _registry(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _spawn(file: str, registry: str, extra: Sequence[str]) -> asyncio.subprocess.Process:
+async def _spawn(
+    file: str, registry: str, extra: Sequence[str], env: dict[str, str]
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         *[sys.executable, "-m", "sessionmesh.server._cli", "serve", file],
         *["--registry", registry, "--stop-with-parent", *extra],
+        env={**os.environ, **env},
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         # Its own session: a Ctrl-C in the terminal reaches `run` alone, which then stops
@@ -181,10 +215,20 @@ async def _run(args: argparse.Namespace) -> int:
             f"sessionmesh: --lost-after configures the embedded registry; the one at {address} "
             "has its own (sessionmesh registry --lost-after)"
         )
+    tls = tls_from(args)
+    auth_tokens = auth_tokens_from(args)
+    env = _security_env(tls, token_from(args), auth_tokens)
     if address is None:
-        registry = Registry(
-            host="127.0.0.1", port=args.registry_port, lost_after=args.lost_after or LOST_AFTER
-        )
+        try:
+            registry = Registry(
+                host="127.0.0.1",
+                port=args.registry_port,
+                lost_after=args.lost_after or LOST_AFTER,
+                tls=tls,
+                auth_tokens=auth_tokens,
+            )
+        except UsageError as exc:
+            raise SystemExit(f"sessionmesh: {exc}") from None
         try:
             address = await registry.start()
         except RuntimeError:
@@ -201,7 +245,7 @@ async def _run(args: argparse.Namespace) -> int:
             extra += ["--drain-timeout", str(args.drain_timeout)]
         for file in args.files:
             for _ in range(args.replicas):
-                procs.append(await _spawn(file, address, extra))
+                procs.append(await _spawn(file, address, extra, env))
         for proc in procs:
             assert proc.stdout is not None
             line = await proc.stdout.readline()
@@ -226,6 +270,16 @@ async def _run(args: argparse.Namespace) -> int:
         if registry is not None:
             await registry.stop()
     return 0
+
+
+def _security_env(tls: TLS | None, token: str | None, auth_tokens: str | None) -> dict[str, str]:
+    """The agents `run` starts get its security through the environment (`serve` reads it)."""
+    env = tls.env() if tls is not None else {}
+    if token:
+        env[TOKEN_ENV] = token
+    if auth_tokens:
+        env[AUTH_TOKENS_ENV] = os.path.abspath(auth_tokens)
+    return env
 
 
 async def _stop_all(procs: Sequence[asyncio.subprocess.Process], signals: _Signals) -> None:
@@ -255,6 +309,32 @@ async def _all_exit(procs: Sequence[asyncio.subprocess.Process]) -> None:
 
 
 # -- the parser -------------------------------------------------------------------------------
+
+
+AUTH_TOKENS_ENV = "SESSIONMESH_AUTH_TOKENS"
+
+
+def auth_tokens_from(args: argparse.Namespace) -> str | None:
+    tokens: str | None = getattr(args, "auth_tokens", None) or os.environ.get(AUTH_TOKENS_ENV)
+    return tokens or None
+
+
+def serving_security(p: argparse.ArgumentParser, *, insecure: bool = True) -> None:
+    """The TLS flags, --token (to dial with) and what a server accepts."""
+    security_options(p, serves=True)
+    group = p.add_argument_group("who may call")
+    group.add_argument(
+        "--auth-tokens",
+        metavar="FILE",
+        help="accept bearer tokens: one 'principal token' pair a line; needs TLS "
+        f"(${AUTH_TOKENS_ENV})",
+    )
+    if insecure:
+        group.add_argument(
+            "--insecure",
+            action="store_true",
+            help="serve plaintext on an address other machines can reach (refused otherwise)",
+        )
 
 
 def lost_after_option(p: argparse.ArgumentParser) -> None:
@@ -312,6 +392,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--debug", action="store_true", help="send tracebacks of failed tools to callers"
     )
+    serving_security(serve)
+    serve.add_argument(
+        "--admin",
+        action="append",
+        default=[],
+        metavar="PRINCIPAL",
+        help="a principal that sees every caller's sessions in ListSessions (repeatable)",
+    )
+    serve.add_argument(
+        "--max-sessions-per-principal",
+        type=int,
+        default=None,
+        metavar="N",
+        help="open sessions one caller may hold on this agent (default: no cap of its own)",
+    )
     serve.add_argument("--stop-with-parent", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(run=_serve)
 
@@ -319,6 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_argument("--host", default="127.0.0.1")
     registry.add_argument("--port", type=int, default=DEFAULT_REGISTRY_PORT)
     lost_after_option(registry)
+    serving_security(registry)
+    registry.add_argument(
+        "--registrants",
+        metavar="FILE",
+        help="who may register which agent names: 'principal name [name ...]' a line, '*' "
+        "for any (default: any authenticated caller, any name)",
+    )
     registry.set_defaults(run=_registry)
 
     run = commands.add_parser("run", help="run agents (and a registry), each in its own process")
@@ -348,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--debug", action="store_true", help="send tracebacks of failed tools to callers"
     )
+    serving_security(run, insecure=False)  # run binds loopback only
     run.set_defaults(run=_run)
 
     client_commands.add(commands)

@@ -13,13 +13,23 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 
+from sessionmesh.client import TLS
 from sessionmesh.client.errors import UsageError
+from sessionmesh.server._errors import Fail
+from sessionmesh.server._security import (
+    Authenticator,
+    Verifier,
+    bind,
+    denied,
+    read_registrants,
+    read_tokens,
+)
 from sessionmesh.server._standard import StandardServices
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
@@ -106,11 +116,23 @@ class MemoryStore(RegistryStore):
 
 class RegistryServicer(rpb_grpc.RegistryServiceServicer):
     def __init__(
-        self, store: RegistryStore, lease_ms: int = LEASE_MS, lost_after: float = LOST_AFTER
+        self,
+        store: RegistryStore,
+        lease_ms: int = LEASE_MS,
+        lost_after: float = LOST_AFTER,
+        auth: Authenticator | None = None,
+        registrants: Mapping[str, Iterable[str]] | None = None,
     ) -> None:
         self.store = store
         self.lease_ms = lease_ms
         self.lost_after = lost_after
+        self.auth = auth if auth is not None else Authenticator()
+        #: principal -> the agent names it may register ("*": any); None: any principal any.
+        self.registrants = (
+            None if registrants is None else {p: frozenset(n) for p, n in registrants.items()}
+        )
+        #: Who registered each instance: only they may update or remove it.
+        self._owners: dict[str, str] = {}
         #: Instance ids removed as unreachable, oldest first: told so if they come back.
         self._declared_lost: collections.OrderedDict[str, None] = collections.OrderedDict()
         #: Set when the registry stops: open streams end normally instead of being cut.
@@ -121,21 +143,47 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
         request_iterator: AsyncIterator[rpb.RegisterRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
+        principal = await self._principal(context)
         lease = self.lease_ms / 1000
         messages: asyncio.Queue[rpb.RegisterRequest | None] = asyncio.Queue()
         # One task reads the stream (None: it ended); waiting for a message with a timeout
         # then never cancels a read half-way.
         reader = asyncio.get_running_loop().create_task(_read(request_iterator, messages))
         try:
-            await self._register(messages, lease, context)
+            await self._register(messages, lease, context, principal)
         finally:
             reader.cancel()
+
+    async def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        if not self.auth.on:
+            return ""
+        try:
+            return await self.auth.principal(context)
+        except Fail as fail:
+            await context.abort_with_status(fail.status())
+            raise
+
+    def _may_register(self, principal: str, instance: rpb.Instance) -> str | None:
+        """Why ``principal`` may not register ``instance``, or None if it may."""
+        owner = self._owners.get(instance.instance_id)
+        if owner is not None and owner != principal:
+            return f"instance {instance.instance_id} is registered by another principal"
+        if self.registrants is None:
+            return None
+        allowed = self.registrants.get(principal, frozenset())
+        if "*" in allowed or instance.agent_name in allowed:
+            return None
+        return (
+            f"{principal or 'an anonymous caller'} may not register agent "
+            f"{instance.agent_name!r} (the registry's --registrants do not list it)"
+        )
 
     async def _register(
         self,
         messages: asyncio.Queue[rpb.RegisterRequest | None],
         lease: float,
         context: grpc.aio.ServicerContext[Any, Any],
+        principal: str,
     ) -> None:
         first = await _next(messages, self.stopping, lease)
         if first is None or isinstance(first, _Silence):
@@ -144,10 +192,14 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "the first Register message must be an instance"
             )
+        refused = self._may_register(principal, first.instance)
+        if refused is not None:
+            await context.abort_with_status(denied(refused).status())
         instance = rpb.Instance()
         instance.CopyFrom(first.instance)
         if instance.state == rpb.INSTANCE_STATE_UNSPECIFIED:
             instance.state = rpb.INSTANCE_STATE_SERVING
+        self._owners[instance.instance_id] = principal
         self.store.put(instance)
         name = f"instance {instance.instance_id} ({instance.agent_name})"
         log.info(
@@ -199,6 +251,7 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
             current = {i.instance_id: i for i in self.store.instances()}.get(instance.instance_id)
             if current is instance:  # not replaced by a newer registration of the same id
                 self.store.remove(instance.instance_id)
+                self._owners.pop(instance.instance_id, None)
                 log.info("%s %s", name, why)
         if lost:
             self._declared_lost[instance.instance_id] = None
@@ -217,6 +270,7 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
     async def ListInstances(
         self, request: rpb.ListInstancesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> rpb.ListInstancesResponse:
+        await self._principal(context)
         found = self.store.instances()
         if request.capability:
             found = [i for i in found if provides(i, request.capability)]
@@ -225,6 +279,7 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
     async def Watch(  # type: ignore[override]  # writes with context.write
         self, request: rpb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
+        await self._principal(context)
         snapshot, queue = self.store.subscribe()
         try:
             for instance in snapshot:
@@ -305,9 +360,35 @@ class Registry:
         store: RegistryStore | None = None,
         lease_ms: int = LEASE_MS,
         lost_after: float = LOST_AFTER,
+        tls: TLS | None = None,
+        insecure: bool = False,
+        auth_tokens: str | Mapping[str, str] | None = None,
+        authenticate: Verifier | None = None,
+        registrants: str | Mapping[str, Iterable[str]] | None = None,
     ) -> None:
         if lost_after * 1000 < lease_ms:
             raise UsageError("lost_after must be at least one lease")
+        self.tls = tls
+        self.insecure = insecure
+        tokens = read_tokens(auth_tokens) if auth_tokens is not None else None
+        if tokens and not (tls is not None and tls.serves):
+            raise UsageError(
+                "auth_tokens (--auth-tokens) need TLS: a bearer token sent in plaintext can be "
+                "read off the wire; give --tls-cert and --tls-key"
+            )
+        self.auth = Authenticator(
+            tokens=tokens,
+            verify=authenticate,
+            certificates=tls is not None and tls.client_ca is not None,
+        )
+        self.registrants = (
+            read_registrants(registrants) if isinstance(registrants, str) else registrants
+        )
+        if self.registrants is not None and not self.auth.on:
+            raise UsageError(
+                "registrants (--registrants) name principals, but this registry does not know "
+                "who calls it: give it --tls-client-ca, --auth-tokens or authenticate="
+            )
         self.host = host
         self.port = port
         self.store = store or MemoryStore()
@@ -324,10 +405,12 @@ class Registry:
 
     async def start(self) -> str:
         server = grpc.aio.server(options=server_options())
-        self._servicer = RegistryServicer(self.store, self.lease_ms, self.lost_after)
+        self._servicer = RegistryServicer(
+            self.store, self.lease_ms, self.lost_after, self.auth, self.registrants
+        )
         rpb_grpc.add_RegistryServiceServicer_to_server(self._servicer, server)
         standard = StandardServices(server, SERVICE_NAME)
-        self.port = server.add_insecure_port(f"{self.host}:{self.port}")
+        self.port = bind(server, self.host, self.port, self.tls, insecure=self.insecure)
         await server.start()
         await standard.serving()
         self._server = server

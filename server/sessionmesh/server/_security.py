@@ -114,6 +114,24 @@ def read_tokens(source: str | Mapping[str, str]) -> dict[str, str]:
     return tokens
 
 
+def read_registrants(path: str) -> dict[str, frozenset[str]]:
+    """``principal -> agent names`` from a file of ``principal name [name ...]`` lines
+    (``*`` for any name; ``#`` comments and blank lines ignored)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"--registrants {path}: {exc.strerror}") from None
+    allowed: dict[str, frozenset[str]] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) < 2:
+            raise UsageError(f"--registrants {path}, line {n}: expected 'principal agent-name ...'")
+        allowed[fields[0]] = allowed.get(fields[0], frozenset()) | frozenset(fields[1:])
+    return allowed
+
+
 def certificate_principal(auth: Mapping[str, Any]) -> str | None:
     """The identity a verified client certificate carries: URI SAN (a SPIFFE id, say),
     else DNS SAN, else the subject's CN."""
