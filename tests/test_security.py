@@ -4,6 +4,9 @@ real servers, real handshakes."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ import grpc
 import pytest
 
 from sessionmesh import mesh
+from sessionmesh.client.cli import REGISTRY_ENV
 from sessionmesh.client.errors import (
     AgentUnavailable,
     PermissionDenied,
@@ -26,6 +30,7 @@ from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
 from sessionmesh.v1 import session_service_pb2 as pb
 from tests.pki import Pki
+from tests.procs import CLI, ROOT, process
 from tests.tools import echo, increment
 
 pytestmark = pytest.mark.anyio
@@ -308,3 +313,54 @@ async def test_the_registry_knows_who_registers_what(pki: Pki, tmp_path: Path) -
 
 def _channel_credentials(tls: mesh.TLS) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(tls.read("ca"), tls.read("key"), tls.read("cert"))
+
+
+# -- the command line, in real processes ------------------------------------------------------
+
+
+async def test_run_and_the_cli_over_mutual_tls(pki: Pki) -> None:
+    server = pki.server()
+    flags = ["--tls-cert", str(server.cert), "--tls-key", str(server.key)]
+    flags += ["--tls-ca", pki.ca_file, "--tls-client-ca", pki.ca_file]
+    files = [str(ROOT / "examples/counter.py"), str(ROOT / "examples/consumer.py")]
+    async with process("run", *files, "--registry-port", "0", *flags) as (_, ready):
+        registry = str(ready["registry"])
+        alice = pki.client(ALICE)
+        as_alice = {**alice.env(), REGISTRY_ENV: registry}
+
+        def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+            clean = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONMESH_")}
+            return subprocess.run(
+                [*CLI, *args, "--wait", "3"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**clean, **env},
+            )
+
+        # Consumer -> counter over mutual TLS, each with the certificate `run` handed it.
+        called = await asyncio.to_thread(
+            cli, "call", "auto_session_test", '{"test_rounds": 3}', env=as_alice
+        )
+        assert called.returncode == 0, called.stderr
+        assert [r["response"]["count"] for r in json.loads(called.stdout)["results"]] == [1, 3, 6]
+        listed = await asyncio.to_thread(cli, "list", "--json", env=as_alice)
+        assert sorted(r["agent"] for r in json.loads(listed.stdout)) == ["consumer", "counter"]
+        # Without a client certificate: refused, and told where to look.
+        anonymous = await asyncio.to_thread(
+            cli, "list", env={"SESSIONMESH_TLS_CA": pki.ca_file, REGISTRY_ENV: registry}
+        )
+        assert anonymous.returncode == 1
+        assert "no answer from the registry" in anonymous.stderr
+        plaintext = await asyncio.to_thread(cli, "list", env={REGISTRY_ENV: registry})
+        assert plaintext.returncode == 1
+
+
+async def test_a_registry_with_tokens_tells_a_caller_without_one_at_once(pki: Pki) -> None:
+    ca = mesh.TLS(ca=pki.ca_file)
+    async with mesh.Registry(tls=pki.server(client_ca=False), auth_tokens=TOKENS) as registry:
+        with pytest.raises(Unauthenticated, match="requires to know its callers"):
+            async with mesh.connect(registry=registry.address, tls=ca):
+                pass
+        async with mesh.connect(registry=registry.address, tls=ca, token=TOKENS["bob"]) as c:
+            assert c.instances() == []

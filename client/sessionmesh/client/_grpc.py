@@ -18,7 +18,7 @@ from sessionmesh.client._exchange import Exchange
 from sessionmesh.client._security import PLAINTEXT, Credentials
 from sessionmesh.client._status import from_rpc_error, from_status
 from sessionmesh.client._transport import Answer, Endpoint, StreamCall
-from sessionmesh.client.errors import AgentUnavailable
+from sessionmesh.client.errors import AgentUnavailable, PermissionDenied, Unauthenticated
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
 from sessionmesh.v1 import session_service_pb2 as pb
@@ -213,8 +213,12 @@ class RegistryChannel:
             async for message in self._stub.Watch(rpb.WatchRequest()):
                 yield message
         except grpc.aio.AioRpcError as exc:
+            error = from_rpc_error(exc)
+            if isinstance(error, Unauthenticated | PermissionDenied):
+                raise error from exc  # it answered: it will not serve this caller
             raise AgentUnavailable(
-                f"the registry at {self.address} is unreachable ({exc.code().name})",
+                f"the registry at {self.address} is unreachable ({exc.code().name}: "
+                f"{exc.details()})",
                 code=exc.code(),
             ) from exc
 

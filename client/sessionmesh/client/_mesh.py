@@ -19,7 +19,13 @@ from sessionmesh.client._dependency import Dependency
 from sessionmesh.client._grpc import GrpcEndpoint, RegistryChannel
 from sessionmesh.client._security import PLAINTEXT, Credentials
 from sessionmesh.client._transport import Endpoint, Transport
-from sessionmesh.client.errors import AgentUnavailable, SessionOwnerLost
+from sessionmesh.client.errors import (
+    AgentUnavailable,
+    PermissionDenied,
+    RemoteError,
+    SessionOwnerLost,
+    Unauthenticated,
+)
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES
 from sessionmesh.wire.names import owner_of, short
@@ -47,6 +53,9 @@ class RegistryWatch:
         self.listeners: list[Listener] = []
         self.connected = False
         self._ready = asyncio.Event()
+        self._refused = asyncio.Event()  # the registry answered: not this caller
+        #: Why the last watch ended, if it did.
+        self.last_error: RemoteError | None = None
         self._channel = RegistryChannel(address, credentials)
         self._task: asyncio.Task[None] | None = None
         self._grace: list[asyncio.TimerHandle] = []  # see _replace
@@ -58,13 +67,23 @@ class RegistryWatch:
     async def ready(self, within: float = 10.0) -> None:
         """Wait for the first full view of the registry."""
         self.start()
+        ready = asyncio.ensure_future(self._ready.wait())
+        refused = asyncio.ensure_future(self._refused.wait())
         try:
-            await asyncio.wait_for(self._ready.wait(), within)
-        except TimeoutError:
-            raise AgentUnavailable(
-                f"no answer from the registry at {self.address} within {within} s: is "
-                "`sessionmesh registry` (or `sessionmesh run`) running there?"
-            ) from None
+            await asyncio.wait([ready, refused], timeout=within, return_when="FIRST_COMPLETED")
+        finally:
+            await cancel_and_wait(ready, refused)
+        if self._ready.is_set():
+            return
+        error = self.last_error
+        if isinstance(error, Unauthenticated | PermissionDenied):
+            raise error.copy()
+        why = f" (last error: {error.message})" if error is not None else ""
+        raise AgentUnavailable(
+            f"no answer from the registry at {self.address} within {within} s{why}: is "
+            "`sessionmesh registry` (or `sessionmesh run`) running there, and do its TLS "
+            "settings match ours?"
+        )
 
     def providers(self, dependency: Dependency, *, serving: bool = True) -> list[rpb.Instance]:
         return [
@@ -99,7 +118,10 @@ class RegistryWatch:
                     else:
                         self.instances[instance.instance_id] = instance
                     self._tell(message.change, instance)
-            except AgentUnavailable as exc:
+            except (AgentUnavailable, Unauthenticated, PermissionDenied) as exc:
+                self.last_error = exc
+                if not isinstance(exc, AgentUnavailable):
+                    self._refused.set()
                 if self.connected:
                     log.info("%s; keeping what it said", exc.message)
             self.connected = False
