@@ -7,12 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.pki import Pki
 from tests.procs import ROOT, process_blocking
 
 SERVICE = "sessionmesh.v1.SessionService"
@@ -44,13 +45,16 @@ def grpcurl(
     data: dict[str, Any] | None = None,
     verbose: bool = False,
     check: bool = True,
+    tls: Sequence[str] = ("-plaintext",),
+    headers: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
     """grpcurl [flags] ADDRESS REST... (REST: 'list', 'describe SYMBOL' or a method)."""
-    flags = ["-plaintext"]
+    flags = list(tls)
     if verbose:
         flags.append("-v")
-    if header is not None:
-        flags += ["-H", header]
+    for one in (header, *headers):
+        if one is not None:
+            flags += ["-H", one]
     if data is not None:
         flags += ["-d", json.dumps(data)]
     command = [_tool("grpcurl"), *flags, address, *rest]
@@ -126,17 +130,18 @@ def test_grpcurl_can_open_a_session_with_its_first_call(counter: str) -> None:
     assert "x-session-id: " in out.stdout  # the new id, in the response headers
 
 
-def test_node_client(counter: str) -> None:
+def _node_client(address: str, env: dict[str, str] | None = None) -> None:
     node = _tool("node")
     if not (ROOT / "examples/node/node_modules/@grpc/grpc-js").exists():
         if os.environ.get("CI"):
             pytest.fail("examples/node has no node_modules: scripts/setup runs npm ci there")
         pytest.skip("examples/node dependencies are not installed (scripts/setup)")
     out = subprocess.run(
-        [node, str(ROOT / "examples/node/client.js"), counter],
+        [node, str(ROOT / "examples/node/client.js"), address],
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, **(env or {})},
     )
     assert out.returncode == 0, out.stderr
     steps = [json.loads(line) for line in out.stdout.splitlines()]
@@ -154,6 +159,68 @@ def test_node_client(counter: str) -> None:
     assert by_step["after-close"] == [
         {"step": "after-close", "code": "NOT_FOUND", "reason": "SESSION_NOT_FOUND"}
     ]
+
+
+def test_node_client(counter: str) -> None:
+    _node_client(counter)
+
+
+# -- over TLS: the same clients, with certificates and tokens ----------------------------------
+
+TOKEN = "node-and-grpcurl-token-0123456789"
+
+
+@pytest.fixture
+def tls_counter(tmp_path: Path) -> Iterator[tuple[str, Pki]]:
+    """examples/counter.py over TLS: mutual TLS, or a bearer token instead of a certificate."""
+    pki = Pki(tmp_path)
+    server = pki.server()
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"polyglot {TOKEN}\n")
+    flags = ["--tls-cert", str(server.cert), "--tls-key", str(server.key)]
+    flags += ["--tls-client-ca", pki.ca_file, "--auth-tokens", str(tokens)]
+    with process_blocking("serve", str(ROOT / "examples/counter.py"), *flags) as (_, ready):
+        yield str(ready["address"]), pki
+
+
+def test_grpcurl_over_mutual_tls(tls_counter: tuple[str, Pki]) -> None:
+    address, pki = tls_counter
+    cert, key = pki.issue("grpcurl", "grpcurl.example.org")
+    mutual = ("-cacert", pki.ca_file, "-cert", cert, "-key", key)
+    created = grpcurl(
+        address, f"{SERVICE}/CreateSession", tls=mutual, data={"tool": "session_counter"}
+    )
+    session_id = json.loads(created.stdout)["session"]["id"]
+    out = grpcurl(
+        address,
+        f"{SERVICE}/Call",
+        tls=mutual,
+        header=f"x-session-id: {session_id}",
+        data={"tool": "session_counter", "arguments": {"increment": 4}},
+    )
+    assert json.loads(out.stdout)["result"]["count"] == 4
+    # The same certificate with a bearer token: the token names the caller, who did not
+    # open this session, and is told what a forged id is told.
+    other = grpcurl(
+        address,
+        f"{SERVICE}/Call",
+        tls=mutual,
+        headers=[f"x-session-id: {session_id}", f"authorization: Bearer {TOKEN}"],
+        data={"tool": "session_counter"},
+        check=False,
+    )
+    assert '"reason":"SESSION_NOT_FOUND"' in other.stderr.replace(" ", "")
+    no_certificate = grpcurl(address, "list", tls=("-cacert", pki.ca_file), check=False)
+    assert no_certificate.returncode != 0
+    plaintext = grpcurl(address, "list", check=False)
+    assert plaintext.returncode != 0
+
+
+def test_node_client_over_mutual_tls(tls_counter: tuple[str, Pki]) -> None:
+    address, pki = tls_counter
+    cert, key = pki.issue("node", "node.example.org")
+    env = {"SESSIONMESH_TLS_CA": pki.ca_file, "SESSIONMESH_TLS_CERT": cert}
+    _node_client(address, {**env, "SESSIONMESH_TLS_KEY": key, "SESSIONMESH_TOKEN": TOKEN})
 
 
 def _buf() -> str:

@@ -1,12 +1,14 @@
 // A sessionmesh client in Node.js, from the shipped .proto alone (no generated code).
 //
 //   node client.js 127.0.0.1:PORT      (an agent serving examples/counter.py)
+//   SESSIONMESH_TLS_CA=ca.pem SESSIONMESH_TOKEN=... node client.js 127.0.0.1:PORT   (TLS)
 //
 // Opens a session on the example counter, calls it three times (counts 1, 3, 6), streams a
 // tool inside the session, reads the ErrorInfo reason of failing calls, and closes the
 // session. Prints one JSON object per step.
 "use strict";
 
+const fs = require("fs");
 const path = require("path");
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
@@ -100,10 +102,32 @@ function streamCall(client, sessionId, tool, args) {
 
 const print = (step) => console.log(JSON.stringify(step));
 
+// TLS from the same variables the sessionmesh CLI reads: SESSIONMESH_TLS_CA (verify the
+// agent), SESSIONMESH_TLS_CERT + SESSIONMESH_TLS_KEY (a client certificate, for mutual TLS),
+// SESSIONMESH_TOKEN (sent as "authorization: Bearer ..." with every call, over TLS only).
+function credentials() {
+  const env = process.env;
+  const read = (name) => (env[name] ? fs.readFileSync(env[name]) : null);
+  if (!env.SESSIONMESH_TLS_CA && !env.SESSIONMESH_TLS_CERT) {
+    if (env.SESSIONMESH_TOKEN) throw new Error("SESSIONMESH_TOKEN is sent over TLS only");
+    return grpc.credentials.createInsecure();
+  }
+  const tls = grpc.credentials.createSsl(
+    read("SESSIONMESH_TLS_CA"), read("SESSIONMESH_TLS_KEY"), read("SESSIONMESH_TLS_CERT"),
+  );
+  if (!env.SESSIONMESH_TOKEN) return tls;
+  const bearer = grpc.credentials.createFromMetadataGenerator((_, callback) => {
+    const md = new grpc.Metadata();
+    md.set("authorization", `Bearer ${env.SESSIONMESH_TOKEN}`);
+    callback(null, md);
+  });
+  return grpc.credentials.combineChannelCredentials(tls, bearer);
+}
+
 async function main() {
   const address = process.argv[2];
   if (!address) throw new Error("usage: node client.js HOST:PORT");
-  const client = new SessionService(address, grpc.credentials.createInsecure());
+  const client = new SessionService(address, credentials());
   try {
     const { session } = await unary(client, "CreateSession", { tool: "session_counter" });
     print({ step: "create", session: session.id });
