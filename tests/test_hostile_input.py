@@ -10,7 +10,7 @@ import pytest
 
 from sessionmesh import mesh
 from sessionmesh.client.errors import InvalidArguments, ToolFailed
-from sessionmesh.testing import running_agent
+from sessionmesh.testing import eventually, running_agent
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.codec import MAX_DEPTH
@@ -97,6 +97,56 @@ async def test_a_duplicate_exchange_id_in_flight_is_refused_on_that_id() -> None
             assert first.id == 7 and first.result.string_value == "held"  # the first still answers
             await stream.done_writing()
             assert await asyncio.wait_for(stream.code(), 5) == grpc.StatusCode.OK
+
+
+async def test_one_exchange_stream_cannot_hold_more_calls_than_the_limit() -> None:
+    release = asyncio.Event()
+    held = 0
+
+    @mesh.tool
+    async def hold() -> str:
+        nonlocal held
+        held += 1
+        await release.wait()
+        return "held"
+
+    async with running_agent(hold, max_calls_per_stream=2) as (agent, _):
+        async with grpc.aio.insecure_channel(agent.address) as channel:
+            stream = pb_grpc.SessionServiceStub(channel).Exchange()
+            for call_id in (1, 2, 3):
+                await stream.write(pb.ExchangeRequest(id=call_id, call=pb.CallRequest(tool="hold")))
+            refused = await asyncio.wait_for(stream.read(), 5)
+            assert isinstance(refused, pb.ExchangeResponse)
+            assert refused.id == 3
+            assert refused.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert decode(refused.error.details).reason == "TOO_MANY_CALLS"
+            assert held == 2  # the third never ran
+            release.set()
+            answered = {(await asyncio.wait_for(stream.read(), 5)).id for _ in range(2)}
+            assert answered == {1, 2}
+            await stream.done_writing()
+
+
+async def test_a_client_with_more_calls_than_a_stream_carries_sends_the_rest_alone() -> None:
+    from sessionmesh.wire.limits import DEFAULT_MAX_CALLS_PER_STREAM
+
+    release = asyncio.Event()
+    running = 0
+
+    @mesh.tool
+    async def hold(n: int) -> int:
+        nonlocal running
+        running += 1
+        await release.wait()
+        return n
+
+    total = DEFAULT_MAX_CALLS_PER_STREAM + 8
+    async with running_agent(hold) as (_, client):
+        proxy = client.proxy("hold")
+        calls = [asyncio.ensure_future(proxy(n=n)) for n in range(total)]
+        await eventually(lambda: running == total, what="every call runs", within=20)
+        release.set()
+        assert await asyncio.gather(*calls) == list(range(total))
 
 
 def _nested(levels: int) -> Any:

@@ -45,6 +45,10 @@ class Exchange:
         self._reader = asyncio.get_running_loop().create_task(self._read())
         self._cancels: set[asyncio.Task[None]] = set()
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
     async def call(
         self, message: pb.ExchangeRequest, deadline: float | None
     ) -> pb.ExchangeResponse:

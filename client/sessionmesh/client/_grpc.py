@@ -24,7 +24,11 @@ from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY, STREAM_WINDOW_KEY
-from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from sessionmesh.wire.limits import (
+    DEFAULT_MAX_CALLS_PER_STREAM,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    channel_options,
+)
 from sessionmesh.wire.status import status_code
 
 R = TypeVar("R")
@@ -95,11 +99,12 @@ class GrpcEndpoint(Endpoint):
     async def call(
         self, message: pb.ExchangeRequest, deadline: float | None, *, alone: bool = False
     ) -> Answer:
-        if alone:
-            return await self._call_alone(message, deadline)
         exchange = self._exchange
         if exchange is None or exchange.broken is not None:
             exchange = self._exchange = Exchange(self._stub)
+        if alone or exchange.in_flight >= DEFAULT_MAX_CALLS_PER_STREAM:
+            # The stream is full (the agent would refuse more): this one goes on its own.
+            return await self._call_alone(message, deadline)
         answer = await exchange.call(message, deadline)
         if answer.HasField("error"):
             e = answer.error

@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: Streams (RPCs) at once on one client connection; more wait for a free one (HTTP/2).
+DEFAULT_MAX_STREAMS_PER_CONNECTION = 256
+#: Calls in flight on one Exchange stream; the agent refuses more (RESOURCE_EXHAUSTED,
+#: TOO_MANY_CALLS), and the Python client sends its excess as unary Calls instead.
+DEFAULT_MAX_CALLS_PER_STREAM = 1024
 
 #: Every connection is pinged this often when nothing arrives on it ...
 KEEPALIVE_TIME_MS = 5_000
@@ -35,7 +40,10 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
     ]
 
 
-def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
+def server_options(
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_streams_per_connection: int = DEFAULT_MAX_STREAMS_PER_CONNECTION,
+) -> list[tuple[str, Any]]:
     """Options for our servers: the size limit; keepalive pings to clients (a frozen or
     vanished client's streams end) and acceptance of our clients' pings (gRPC's default
     would answer them with GOAWAY 'too_many_pings'). SO_REUSEPORT (on by default in gRPC)
@@ -49,4 +57,5 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS - 1_000),
         ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", max_streams_per_connection),
     ]

@@ -20,6 +20,8 @@ class Reason:
     INVALID_STREAM: Final = "INVALID_STREAM"
     SHUTTING_DOWN: Final = "SHUTTING_DOWN"
     SESSION_ELSEWHERE: Final = "SESSION_ELSEWHERE"
+    #: An Exchange stream already carries the agent's limit of calls in flight.
+    TOO_MANY_CALLS: Final = "TOO_MANY_CALLS"
     #: No credentials, or ones the server does not accept (UNAUTHENTICATED).
     UNAUTHENTICATED: Final = "UNAUTHENTICATED"
     #: A known caller that may not do this (PERMISSION_DENIED): a tool's allow-list, the

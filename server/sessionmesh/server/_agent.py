@@ -26,7 +26,12 @@ from sessionmesh.server._standard import StandardServices
 from sessionmesh.server._tool import BoundTool, ToolSpec, each_once, spec_of, tools_in
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import session_service_pb2 as pb
-from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES, server_options
+from sessionmesh.wire.limits import (
+    DEFAULT_MAX_CALLS_PER_STREAM,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_STREAMS_PER_CONNECTION,
+    server_options,
+)
 from sessionmesh.wire.names import names
 
 if TYPE_CHECKING:
@@ -47,7 +52,8 @@ def agent(name: str | None = None, **settings: Any) -> Callable[[C], C]:
     ``session_ttl``, ``max_sessions``, ``grace``, ``debug``, ``max_message_bytes``, ``peers``,
     ``registry``, ``advertise``, ``drain_timeout``, ``threads``, ``remembered_calls``,
     ``remembered_bytes``, and the security ones: ``tls``, ``insecure``, ``token``,
-    ``auth_tokens``, ``authenticate``, ``admins``, ``max_sessions_per_principal``).
+    ``auth_tokens``, ``authenticate``, ``admins``, ``max_sessions_per_principal``; and the
+    limits ``max_streams_per_connection``, ``max_calls_per_stream``).
 
     Example::
 
@@ -94,6 +100,8 @@ _AGENT_SETTINGS = {
     "authenticate",
     "admins",
     "max_sessions_per_principal",
+    "max_streams_per_connection",
+    "max_calls_per_stream",
 }
 
 
@@ -135,6 +143,8 @@ class Agent:
         authenticate: Verifier | None = None,
         admins: Iterable[str] = (),
         max_sessions_per_principal: int | None = None,
+        max_streams_per_connection: int = DEFAULT_MAX_STREAMS_PER_CONNECTION,
+        max_calls_per_stream: int = DEFAULT_MAX_CALLS_PER_STREAM,
     ) -> None:
         if session_ttl <= 0:
             raise UsageError("session_ttl must be > 0 seconds")
@@ -146,6 +156,10 @@ class Agent:
             raise UsageError("remembered_calls and remembered_bytes must be >= 0")
         if max_sessions_per_principal is not None and max_sessions_per_principal < 1:
             raise UsageError("max_sessions_per_principal must be >= 1, or None")
+        if max_streams_per_connection < 1 or max_calls_per_stream < 1:
+            raise UsageError("max_streams_per_connection and max_calls_per_stream must be >= 1")
+        self.max_streams_per_connection = max_streams_per_connection
+        self.max_calls_per_stream = max_calls_per_stream
         #: What this agent dials its registry and its dependencies with.
         self.credentials = Credentials(tls, token)
         self.tls = tls
@@ -264,9 +278,10 @@ class Agent:
             locate=self._locate,
             recall=recall.Recall(self.remembered_calls, self.remembered_bytes),
         )
-        self._servicer = Servicer(self._dispatcher, self.auth)
+        self._servicer = Servicer(self._dispatcher, self.auth, self.max_calls_per_stream)
         server = grpc.aio.server(
-            options=server_options(self.max_message_bytes), interceptors=self._interceptors
+            options=server_options(self.max_message_bytes, self.max_streams_per_connection),
+            interceptors=self._interceptors,
         )
         add_to_server(self._servicer, server)
         self._health = StandardServices(server, SERVICE_NAME)

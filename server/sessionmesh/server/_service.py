@@ -20,7 +20,9 @@ from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.codec import NotJsonLike, set_value
 from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY, STREAM_WINDOW_KEY
+from sessionmesh.wire.limits import DEFAULT_MAX_CALLS_PER_STREAM
 from sessionmesh.wire.names import short
+from sessionmesh.wire.reasons import Reason
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -54,8 +56,14 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, bool]:
 class Servicer(pb_grpc.SessionServiceServicer):
     """The SessionService RPCs as thin adapters over one :class:`Dispatcher`."""
 
-    def __init__(self, dispatcher: Dispatcher, auth: Authenticator | None = None) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        auth: Authenticator | None = None,
+        max_calls_per_stream: int = DEFAULT_MAX_CALLS_PER_STREAM,
+    ) -> None:
         self.dispatcher = dispatcher
+        self.max_calls_per_stream = max_calls_per_stream
         self.auth = auth if auth is not None else Authenticator()
         self.store = dispatcher.store
         self._exchange_readers: set[asyncio.Task[None]] = set()
@@ -146,6 +154,16 @@ class Servicer(pb_grpc.SessionServiceServicer):
                     loop.call_soon(task.cancel)
                 continue
             answer = pb.ExchangeResponse(id=message.id)
+            if len(running) >= self.max_calls_per_stream:
+                # Each call in flight holds memory: one client cannot take it all.
+                full = Fail(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    Reason.TOO_MANY_CALLS,
+                    f"this Exchange stream has {len(running)} calls in flight, the agent's "
+                    "limit (max_calls_per_stream): wait for answers, or send more as unary Calls",
+                )
+                await _send_failure(answer, full, context, write)
+                continue
             if message.id in running:
                 # Its answer would be taken for the first one's: refuse it, run nothing.
                 duplicate = invalid_stream(
