@@ -20,6 +20,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -130,6 +131,45 @@ def tcp_echo_server() -> int:
     return int(listener.getsockname()[1])
 
 
+def throwaway_pki(root: Path) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1 and a client one: their files."""
+    import trustme  # a dev dependency, as the bench is a dev tool
+
+    ca = trustme.CA()
+    files = {"ca": str(root / "ca.pem")}
+    ca.cert_pem.write_to_path(files["ca"])
+    for who, identity in (("server", "127.0.0.1"), ("client", "bench.example.org")):
+        issued = ca.issue_cert(identity)
+        files[f"{who}_cert"] = str(root / f"{who}.pem")
+        files[f"{who}_key"] = str(root / f"{who}.key")
+        issued.cert_chain_pems[0].write_to_path(files[f"{who}_cert"])
+        issued.private_key_pem.write_to_path(files[f"{who}_key"])
+    return files
+
+
+async def mtls_vs_plaintext(addresses: dict[str, str], pairs: int, n: int) -> dict[str, Any]:
+    """A session call over mutual TLS vs the same over plaintext, once connected."""
+    tls = mesh.TLS(cert=addresses["client_cert"], key=addresses["client_key"], ca=addresses["ca"])
+    ratios: list[float] = []
+    async with (
+        mesh.connect(addresses["mtls_agent"], tls=tls) as secure,
+        mesh.connect(addresses["agent"]) as plain,
+    ):
+        async with (
+            secure.proxy("bump", session_required=True) as over_tls,
+            plain.proxy("bump", session_required=True) as over_tcp,
+        ):
+            await over_tls(**ARGS)
+            await over_tcp(**ARGS)
+            for i in range(pairs):
+                sides = [("tls", over_tls), ("plain", over_tcp)]
+                took = {}
+                for name, proxy in sides if i % 2 == 0 else sides[::-1]:
+                    took[name] = pct(await timed(functools.partial(proxy, **ARGS), n), 0.5)
+                ratios.append(took["tls"] / took["plain"])
+    return {"mtls_vs_plaintext_p50": spread(ratios), "mtls_call_p50_us": took["tls"]}
+
+
 async def serve() -> None:
     raw = grpc.aio.server()
     # Only Call, Exchange and StreamCall are measured; the rest stay unimplemented.
@@ -140,6 +180,16 @@ async def serve() -> None:
     await provider.start()
     consumer = mesh.Agent([consume], name="bench-consumer", peers={"bump": provider.address})
     await consumer.start()
+    certificates = tempfile.TemporaryDirectory()
+    tls = throwaway_pki(Path(certificates.name))
+    secure = mesh.Agent(
+        [bump],
+        name="bench-mtls",
+        tls=mesh.TLS(
+            cert=tls["server_cert"], key=tls["server_key"], ca=tls["ca"], client_ca=tls["ca"]
+        ),
+    )
+    await secure.start()
     print(
         json.dumps(
             {
@@ -147,6 +197,8 @@ async def serve() -> None:
                 "tcp": f"127.0.0.1:{tcp_echo_server()}",
                 "agent": provider.address,
                 "consumer": consumer.address,
+                "mtls_agent": secure.address,
+                **tls,
             }
         ),
         flush=True,
@@ -154,6 +206,8 @@ async def serve() -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
+    await secure.stop(0)
+    certificates.cleanup()
     await consumer.stop(0)
     await provider.stop(0)
     await raw.stop(0)
@@ -350,6 +404,7 @@ async def measure(addresses: dict[str, str], quick: bool) -> dict[str, Any]:
                 injected.append(took["injected"] / took["direct"])
                 results["injected_call_p50_us"] = took["injected"]
     results["injected_vs_direct_p50"] = spread(injected)
+    results.update(await mtls_vs_plaintext(addresses, pairs, n))
     await raw_channel.close()
     return results
 
@@ -507,6 +562,12 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             "stream_vs_push",
             "≥ 0.95",
             f"{r['mesh_stream_chunks_s']:.0f} vs {r['raw_push_msg_s']:.0f} msg/s (medians)",
+        ),
+        row(
+            "session call p50 over mutual TLS ÷ plaintext",
+            "mtls_vs_plaintext_p50",
+            "≈ 1",
+            f"{r['mtls_call_p50_us']:.0f} {us} over mTLS (last pair)",
         ),
         row(
             "injected-proxy call ÷ direct proxy call",

@@ -24,7 +24,8 @@ from sessionmesh.client.errors import (
     Unauthenticated,
     UsageError,
 )
-from sessionmesh.server._security import Peer, is_loopback
+from sessionmesh.server import Peer
+from sessionmesh.server._security import is_loopback
 from sessionmesh.testing import eventually
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc

@@ -6,6 +6,7 @@ from sessionmesh.client import Dependency
 from sessionmesh.server._agent import Agent, agent
 from sessionmesh.server._inject import RegistryResolver, Resolver, StaticResolver
 from sessionmesh.server._registry import MemoryStore, Registry, RegistryStore
+from sessionmesh.server._security import Peer, Verifier
 from sessionmesh.server._session import Session, current_session
 from sessionmesh.server._tool import ToolSpec, tool
 
@@ -13,6 +14,7 @@ __all__ = [
     "Agent",
     "Dependency",
     "MemoryStore",
+    "Peer",
     "Registry",
     "RegistryResolver",
     "RegistryStore",
@@ -20,6 +22,7 @@ __all__ = [
     "Session",
     "StaticResolver",
     "ToolSpec",
+    "Verifier",
     "agent",
     "current_session",
     "tool",
