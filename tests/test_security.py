@@ -365,3 +365,28 @@ async def test_a_registry_with_tokens_tells_a_caller_without_one_at_once(pki: Pk
                 pass
         async with mesh.connect(registry=registry.address, tls=ca, token=TOKENS["bob"]) as c:
             assert c.instances() == []
+
+
+async def test_only_its_registrant_may_update_an_instance(pki: Pki) -> None:
+    async with mesh.Registry(tls=pki.server()) as registry:
+        instance = rpb.Instance(instance_id="a11ce", agent_name="cart", endpoint="127.0.0.1:1")
+        async with (
+            grpc.aio.secure_channel(
+                registry.address, _channel_credentials(pki.client(ALICE))
+            ) as alice,
+            grpc.aio.secure_channel(registry.address, _channel_credentials(pki.client(BOB))) as bob,
+        ):
+            mine = rpb_grpc.RegistryServiceStub(alice).Register()
+            await mine.write(rpb.RegisterRequest(instance=instance))
+            assert isinstance(await mine.read(), rpb.RegisterResponse)
+            theirs = rpb_grpc.RegistryServiceStub(bob).Register()
+            await theirs.write(rpb.RegisterRequest(instance=instance))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await theirs.read()
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "registered by another principal" in str(info.value.details())
+            listed = await rpb_grpc.RegistryServiceStub(bob).ListInstances(
+                rpb.ListInstancesRequest()
+            )
+            assert [i.endpoint for i in listed.instances] == ["127.0.0.1:1"]  # still alice's
+            mine.cancel()
