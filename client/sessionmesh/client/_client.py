@@ -14,6 +14,7 @@ from sessionmesh.client._security import TLS, Credentials
 from sessionmesh.client._transport import EndpointTransport, Transport
 from sessionmesh.client.errors import UsageError
 from sessionmesh.wire.codec import from_struct
+from sessionmesh.wire.etcd import SCHEMES as ETCD_SCHEMES
 from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
@@ -308,6 +309,8 @@ def _parse(address: str) -> tuple[str, bool]:
 def _dial(address: str, tls: TLS | None) -> tuple[str, TLS | None]:
     """The address to dial and the TLS to dial it with: an https:// URL without tls= means
     TLS verified against the system's roots; a plaintext URL with tls= is a contradiction."""
+    if address.partition("://")[0] in ETCD_SCHEMES:
+        return address, tls  # the mesh on etcd: its client reads the cluster directly
     host, secure = _parse(address)
     if secure and tls is None:
         return host, TLS()

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 
 from sessionmesh.client._dependency import Dependency
+from sessionmesh.client._etcd import EtcdSource
+from sessionmesh.client._etcd import parse as parse_etcd
 from sessionmesh.client._grpc import GrpcEndpoint, RegistryChannel
 from sessionmesh.client._security import PLAINTEXT, Credentials
 from sessionmesh.client._transport import Endpoint, Transport
@@ -56,7 +58,10 @@ class RegistryWatch:
         self._refused = asyncio.Event()  # the registry answered: not this caller
         #: Why the last watch ended, if it did.
         self.last_error: RemoteError | None = None
-        self._channel = RegistryChannel(address, credentials)
+        etcd = parse_etcd(address)
+        self._channel: RegistryChannel | EtcdSource = (
+            EtcdSource(etcd, credentials) if etcd else RegistryChannel(address, credentials)
+        )
         self._task: asyncio.Task[None] | None = None
         self._grace: list[asyncio.TimerHandle] = []  # see _replace
 

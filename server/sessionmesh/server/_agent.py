@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import logging
 import secrets
+import socket
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -16,6 +17,7 @@ from sessionmesh.client import TLS, Credentials, MeshClient
 from sessionmesh.client.errors import MeshError, UsageError
 from sessionmesh.server import _recall as recall
 from sessionmesh.server._dispatch import Dispatcher
+from sessionmesh.server._etcd import EtcdRegistration
 from sessionmesh.server._handlers import add_to_server
 from sessionmesh.server._inject import Injector, RegistryResolver, Resolver, StaticResolver
 from sessionmesh.server._registration import Registration
@@ -26,6 +28,7 @@ from sessionmesh.server._standard import StandardServices
 from sessionmesh.server._tool import BoundTool, ToolSpec, each_once, spec_of, tools_in
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import session_service_pb2 as pb
+from sessionmesh.wire import etcd
 from sessionmesh.wire.limits import (
     DEFAULT_MAX_CALLS_PER_STREAM,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -102,6 +105,7 @@ _AGENT_SETTINGS = {
     "max_sessions_per_principal",
     "max_streams_per_connection",
     "max_calls_per_stream",
+    "lost_after",
 }
 
 
@@ -145,6 +149,7 @@ class Agent:
         max_sessions_per_principal: int | None = None,
         max_streams_per_connection: int = DEFAULT_MAX_STREAMS_PER_CONNECTION,
         max_calls_per_stream: int = DEFAULT_MAX_CALLS_PER_STREAM,
+        lost_after: float | None = None,
     ) -> None:
         if session_ttl <= 0:
             raise UsageError("session_ttl must be > 0 seconds")
@@ -160,6 +165,17 @@ class Agent:
             raise UsageError("max_streams_per_connection and max_calls_per_stream must be >= 1")
         self.max_streams_per_connection = max_streams_per_connection
         self.max_calls_per_stream = max_calls_per_stream
+        try:
+            on_etcd = etcd.parse(registry) if registry else None
+        except etcd.EtcdAddressError as exc:
+            raise UsageError(str(exc)) from None
+        if lost_after is not None and on_etcd is None:
+            raise UsageError(
+                "lost_after (--lost-after) is the etcd lease of an agent registered in etcd; "
+                "a registry process has its own (sessionmesh registry --lost-after)"
+            )
+        #: With etcd: the lease TTL, after which an agent that stopped answering is lost.
+        self.lost_after = 5.0 if lost_after is None else lost_after
         #: What this agent dials its registry and its dependencies with.
         self.credentials = Credentials(tls, token)
         self.tls = tls
@@ -208,7 +224,7 @@ class Agent:
         self._resolver = resolver or (StaticResolver(peers) if peers else None)
         #: The agent's own client of the mesh (with a registry): dependencies, owners.
         self.mesh: MeshClient | None = None
-        self._registration: Registration | None = None
+        self._registration: Registration | EtcdRegistration | None = None
         self._interceptors = tuple(interceptors)
         self._server: grpc.aio.Server | None = None
         self._store: SessionStore | None = None
@@ -238,6 +254,18 @@ class Agent:
         if self._server is None:
             raise UsageError("the agent is not started")
         return f"{self.host}:{self.port}"
+
+    @property
+    def endpoint(self) -> str:
+        """The address others dial (what the registry lists): ``advertise`` (its port the
+        bound one when it names none), else the bound address; a wildcard bind (0.0.0.0)
+        is never advertised as such, but as this host's name."""
+        if self.advertise:
+            _, sep, port = self.advertise.rpartition(":")
+            return self.advertise if sep and port.isdigit() else f"{self.advertise}:{self.port}"
+        if self.host in ("0.0.0.0", "::", ""):  # a check, not a bind
+            return f"{socket.gethostname()}:{self.port}"
+        return self.address
 
     @property
     def sessions(self) -> SessionStore:
@@ -292,12 +320,19 @@ class Agent:
         await self._health.serving()
         if self.registry is not None:
             assert self.mesh is not None
-            self._registration = Registration(
-                self.registry,
-                self._describe,
-                self._heartbeat,
-                self._declared_lost,
-                self.credentials,
+            on_etcd = etcd.parse(self.registry)
+            self._registration = (
+                EtcdRegistration(
+                    on_etcd, self._describe, self._declared_lost, self.credentials, self.lost_after
+                )
+                if on_etcd is not None
+                else Registration(
+                    self.registry,
+                    self._describe,
+                    self._heartbeat,
+                    self._declared_lost,
+                    self.credentials,
+                )
             )
             self._registration.start()
             # Dependencies resolve better with a first view of the mesh; a registry that
@@ -336,7 +371,7 @@ class Agent:
         return rpb.Instance(
             instance_id=self.instance_id,
             agent_name=self.name,
-            endpoint=self.advertise or self.address,
+            endpoint=self.endpoint,
             tools=self._servicer.tool_descriptions,
             state=self._state(),
             open_sessions=len(self._store or ()),

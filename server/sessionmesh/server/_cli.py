@@ -31,6 +31,7 @@ from sessionmesh.client.errors import MeshError, UsageError
 from sessionmesh.server._agent import Agent
 from sessionmesh.server._registry import LOST_AFTER, Registry
 from sessionmesh.server._tool import each_once
+from sessionmesh.wire.etcd import SCHEMES as ETCD_SCHEMES
 from sessionmesh.wire.tasks import cancel_and_wait
 
 log = logging.getLogger("sessionmesh.cli")
@@ -114,6 +115,8 @@ async def _serve(args: argparse.Namespace) -> int:
             auth_tokens=auth_tokens_from(args),
             admins=args.admin or None,
             max_sessions_per_principal=args.max_sessions_per_principal,
+            lost_after=args.lost_after,
+            advertise=args.advertise,
         )
     except UsageError as exc:
         raise SystemExit(f"sessionmesh: {args.file}: {exc}") from None
@@ -210,7 +213,8 @@ async def _run(args: argparse.Namespace) -> int:
     signals = _Signals()
     registry: Registry | None = None
     address = registry_address(args, required=False)
-    if address is not None and args.lost_after is not None:
+    on_etcd = address is not None and address.partition("://")[0] in ETCD_SCHEMES
+    if address is not None and args.lost_after is not None and not on_etcd:
         raise SystemExit(
             f"sessionmesh: --lost-after configures the embedded registry; the one at {address} "
             "has its own (sessionmesh registry --lost-after)"
@@ -241,6 +245,8 @@ async def _run(args: argparse.Namespace) -> int:
     agents: list[dict[str, Any]] = []
     try:
         extra = ["--debug"] if args.debug else []
+        if on_etcd and args.lost_after is not None:
+            extra += ["--lost-after", str(args.lost_after)]  # each agent's etcd lease
         if args.drain_timeout is not None:
             extra += ["--drain-timeout", str(args.drain_timeout)]
         for file in args.files:
@@ -380,8 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--registry",
         default=None,
-        metavar="HOST:PORT",
-        help=f"register there and resolve dependencies (default: ${REGISTRY_ENV})",
+        metavar="HOST:PORT|etcd://HOST:PORT,...",
+        help="register there and resolve dependencies: a registry, or an etcd cluster "
+        f"directly (default: ${REGISTRY_ENV})",
     )
     serve.add_argument(
         "--drain-timeout",
@@ -391,6 +398,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--debug", action="store_true", help="send tracebacks of failed tools to callers"
+    )
+    serve.add_argument(
+        "--advertise",
+        default=None,
+        metavar="HOST[:PORT]",
+        help="the address others dial, as the registry lists it (default: the bound one; "
+        "needed when binding 0.0.0.0 or behind NAT)",
+    )
+    serve.add_argument(
+        "--lost-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with an etcd:// registry: the lease after which an agent that stopped "
+        "answering is removed and its sessions lost (default 5, at least 2)",
     )
     serving_security(serve)
     serve.add_argument(
@@ -429,8 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--registry",
         default=None,
-        metavar="HOST:PORT",
-        help=f"join this registry instead of embedding one (default: ${REGISTRY_ENV})",
+        metavar="HOST:PORT|etcd://HOST:PORT,...",
+        help="join this registry (or etcd cluster) instead of embedding one (default: "
+        f"${REGISTRY_ENV})",
     )
     run.add_argument(
         "--registry-port",

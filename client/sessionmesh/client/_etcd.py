@@ -1,0 +1,146 @@
+"""The mesh on etcd, read straight from the cluster (the key layout: ``wire/etcd.py``).
+
+A client reads the prefix once, then watches it from the revision after, and resumes from
+the last revision it saw when the watch breaks: no change is missed or seen twice. It uses
+the etcd v3 API's generated stubs that ``aetcd`` ships (the ``sessionmesh[etcd]`` extra);
+the channel is ours (keepalive, TLS, failover between members).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from sessionmesh.client._security import Credentials
+from sessionmesh.client.errors import AgentUnavailable, UsageError
+from sessionmesh.v1 import registry_service_pb2 as rpb
+from sessionmesh.wire import etcd
+from sessionmesh.wire.etcd import EtcdTarget, prefix_end
+from sessionmesh.wire.limits import channel_options
+
+log = logging.getLogger("sessionmesh.etcd")
+
+Change = rpb.WatchResponse.Change
+
+
+def parse(url: str) -> EtcdTarget | None:
+    """``wire.etcd.parse``, its refusals as UsageError."""
+    try:
+        return etcd.parse(url)
+    except etcd.EtcdAddressError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def etcd_channel(target: EtcdTarget, credentials: Credentials) -> grpc.aio.Channel:
+    """A channel to the cluster: over TLS with ``credentials`` for etcds://."""
+    dial = credentials if target.secure else Credentials()
+    try:
+        where = target.grpc_target()
+    except etcd.EtcdAddressError as exc:
+        raise UsageError(str(exc)) from None
+    return dial.channel(where, channel_options())
+
+
+class EtcdSource:
+    """The instances under the prefix, as the registry's Watch would send them: the
+    snapshot, ``snapshot_done``, then changes. While etcd is unreachable it keeps trying
+    and resumes where it stopped (the caller keeps its view meanwhile); only a compacted
+    revision ends it (the caller then starts again with a new snapshot)."""
+
+    def __init__(self, target: EtcdTarget, credentials: Credentials) -> None:
+        self.target = target
+        self.address = target.url
+        try:
+            self._api = etcd.api()
+        except etcd.EtcdAddressError as exc:
+            raise UsageError(str(exc)) from None
+        self._channel = etcd_channel(target, credentials)
+
+    async def watch(self) -> AsyncIterator[rpb.WatchResponse]:
+        api = self._api
+        prefix = self.target.instances
+        try:
+            snapshot = await api.KVStub(self._channel).Range(
+                api.RangeRequest(key=prefix, range_end=prefix_end(prefix)), timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise AgentUnavailable(
+                f"etcd at {self.target.url} is unreachable ({exc.code().name}: {exc.details()})",
+                code=exc.code(),
+            ) from exc
+        for kv in snapshot.kvs:
+            yield rpb.WatchResponse(change=Change.CHANGE_ADDED, instance=_instance(kv.value))
+        yield rpb.WatchResponse(snapshot_done=True)
+        revision = int(snapshot.header.revision)
+        backoff = 0.05
+        while True:
+            try:
+                async for event, seen in self._changes(prefix, revision + 1):
+                    revision = max(revision, seen)
+                    backoff = 0.05
+                    if event is not None:
+                        yield event
+            except grpc.aio.AioRpcError as exc:
+                log.info(
+                    "etcd watch broke (%s); resuming after revision %d", exc.code().name, revision
+                )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def _changes(
+        self, prefix: bytes, start: int
+    ) -> AsyncIterator[tuple[rpb.WatchResponse | None, int]]:
+        """(a change or None, the revision it brings us to)."""
+        api = self._api
+        create = api.WatchCreateRequest(
+            key=prefix, range_end=prefix_end(prefix), start_revision=start, progress_notify=True
+        )
+        call = api.WatchStub(self._channel).Watch(
+            _once_then_wait(api.WatchRequest(create_request=create))
+        )
+        try:
+            async for response in call:
+                if response.compact_revision:
+                    raise AgentUnavailable(
+                        f"etcd compacted its history past revision {start}: reading it anew"
+                    )
+                if response.canceled:
+                    raise AgentUnavailable(f"etcd ended the watch: {response.cancel_reason}")
+                if not response.events:
+                    yield None, int(response.header.revision) if not response.created else 0
+                    continue
+                for event in response.events:
+                    kv = event.kv
+                    if event.type == api.Event.DELETE:
+                        iid = etcd.instance_key_id(self.target, kv.key)
+                        change = rpb.WatchResponse(
+                            change=Change.CHANGE_REMOVED, instance=rpb.Instance(instance_id=iid)
+                        )
+                    else:
+                        added = kv.create_revision == kv.mod_revision
+                        change = rpb.WatchResponse(
+                            change=Change.CHANGE_ADDED if added else Change.CHANGE_UPDATED,
+                            instance=_instance(kv.value),
+                        )
+                    yield change, int(kv.mod_revision)
+        finally:
+            call.cancel()
+
+    async def aclose(self) -> None:
+        await self._channel.close()
+
+
+async def _once_then_wait(request: Any) -> AsyncIterator[Any]:
+    """The watch's one request, keeping our side of the stream open for as long as it runs."""
+    yield request
+    await asyncio.Event().wait()
+
+
+def _instance(value: bytes) -> rpb.Instance:
+    instance = rpb.Instance()
+    instance.ParseFromString(value)
+    return instance

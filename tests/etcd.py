@@ -1,0 +1,123 @@
+"""A real etcd cluster for the tests: members on loopback ports, data in a temporary
+directory, always stopped. etcd comes from the distribution (`etcd-server`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from aetcd import rpc  # type: ignore[import-untyped]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def etcd_binary() -> str:
+    found = shutil.which("etcd")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("etcd is not installed (.ci/run installs the etcd-server package)")
+        pytest.skip("etcd is not installed (apt-get install etcd-server)")
+    return found
+
+
+class Cluster:
+    def __init__(self, root: Path, size: int) -> None:
+        self.root = root
+        self.names = [f"m{i}" for i in range(size)]
+        self.client_ports = {n: _free_port() for n in self.names}
+        self.peer_ports = {n: _free_port() for n in self.names}
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self._logs: dict[str, int] = {}
+
+    @property
+    def url(self) -> str:
+        """The --registry value for this cluster."""
+        members = ",".join(f"127.0.0.1:{self.client_ports[n]}" for n in self.names)
+        return f"etcd://{members}/sessionmesh-test"
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.client_ports[name]}"
+
+    async def start(self, name: str, *, new: bool = True) -> None:
+        peers = ",".join(f"{n}=http://127.0.0.1:{self.peer_ports[n]}" for n in self.names)
+        client = f"http://{self.address(name)}"
+        peer = f"http://127.0.0.1:{self.peer_ports[name]}"
+        log = os.open(self.root / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        self._logs[name] = log
+        self.procs[name] = await asyncio.create_subprocess_exec(
+            etcd_binary(),
+            *["--name", name, "--data-dir", str(self.root / name)],
+            *["--listen-client-urls", client, "--advertise-client-urls", client],
+            *["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer],
+            *["--initial-cluster", peers, "--initial-cluster-token", "sessionmesh-test"],
+            *["--initial-cluster-state", "new" if new else "existing"],
+            # Fast elections: a killed leader is replaced in about a second.
+            *["--heartbeat-interval", "50", "--election-timeout", "500"],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+
+    async def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        os.close(self._logs.pop(name))
+
+    async def status(self, name: str, within: float = 1.0) -> tuple[int, int] | None:
+        """(this member's id, the leader's id), or None if it does not answer."""
+        async with grpc.aio.insecure_channel(self.address(name)) as channel:
+            try:
+                got = await rpc.MaintenanceStub(channel).Status(rpc.StatusRequest(), timeout=within)
+            except grpc.aio.AioRpcError:
+                return None
+        return int(got.header.member_id), int(got.leader)
+
+    async def leader(self, within: float = 20.0) -> str:
+        """The member that leads now (waiting for an election, bounded)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            ids: dict[int, str] = {}
+            leader_id = 0
+            for name in self.procs:
+                got = await self.status(name)
+                if got is not None:
+                    ids[got[0]] = name
+                    leader_id = got[1] or leader_id
+            if leader_id in ids:
+                return ids[leader_id]
+            if loop.time() > deadline:
+                raise AssertionError(f"no etcd leader within {within} s")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        for name in list(self.procs):
+            await self.kill(name)
+
+
+@contextlib.asynccontextmanager
+async def cluster(size: int = 3) -> AsyncIterator[Cluster]:
+    with tempfile.TemporaryDirectory(prefix="sessionmesh-etcd-") as root:
+        running = Cluster(Path(root), size)
+        try:
+            for name in running.names:
+                await running.start(name)
+            await running.leader()
+            yield running
+        finally:
+            await running.stop()
