@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from aetcd import rpc  # type: ignore[import-untyped]
+from aetcd import rpc
 
 
 def _free_port() -> int:

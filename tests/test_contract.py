@@ -132,7 +132,8 @@ def test_the_contract_package_depends_on_neither_side() -> None:
 
 
 #: The client's edge to gRPC: the only modules that may hold a stub or see an RpcError.
-GRPC_EDGE = {"_grpc.py", "_exchange.py", "_status.py"}
+# The edges to gRPC: agents (_grpc, _exchange, _status) and the etcd cluster (_etcd).
+GRPC_EDGE = {"_grpc.py", "_exchange.py", "_status.py", "_etcd.py"}
 
 
 def test_only_the_edge_touches_grpc_stubs_and_errors() -> None:

@@ -22,7 +22,7 @@ class EtcdAddressError(ValueError):
 def api() -> Any:
     """The etcd v3 API's generated stubs, as ``aetcd`` ships them (``sessionmesh[etcd]``)."""
     try:
-        from aetcd import rpc  # type: ignore[import-untyped]
+        from aetcd import rpc
     except ImportError:
         raise EtcdAddressError(
             "an etcd:// registry needs the etcd client: pip install 'sessionmesh[etcd]'"
