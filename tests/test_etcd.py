@@ -4,8 +4,10 @@ distinct loopback "hosts" (127.0.0.2, .3, .4), each binding and advertising its 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
 from typing import Any
 
 import pytest
@@ -14,7 +16,7 @@ from sessionmesh import mesh
 from sessionmesh.client.errors import SessionLost, UsageError
 from sessionmesh.testing import eventually
 from tests.etcd import Cluster, cluster
-from tests.procs import open_sessions, serve
+from tests.procs import CLI, ROOT, open_sessions, process, serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -177,3 +179,27 @@ def test_etcd_addresses_are_checked_up_front() -> None:
         mesh.connect(registry="etcd://a.example:2379,b.example:2379")
     with pytest.raises(UsageError, match="--lost-after"):
         mesh.Agent([], registry="127.0.0.1:1", lost_after=3)
+
+
+async def test_run_and_the_cli_on_etcd() -> None:
+    async with cluster() as etcd:
+        files = [str(ROOT / "examples/counter.py"), str(ROOT / "examples/consumer.py")]
+        args = ["--registry", etcd.url, "--host", "127.0.0.6", "--lost-after", LEASE]
+        async with process("run", *files, *args) as (_, ready):
+            assert {a["address"].partition(":")[0] for a in ready["agents"]} == {"127.0.0.6"}
+
+            def cli(*command: str) -> subprocess.CompletedProcess[str]:
+                return subprocess.run(
+                    [*CLI, *command, "--registry", etcd.url],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+
+            listed = await asyncio.to_thread(cli, "list", "--json")
+            assert listed.returncode == 0, listed.stderr
+            rows = json.loads(listed.stdout)
+            assert sorted(r["agent"] for r in rows) == ["consumer", "counter"]
+            called = await asyncio.to_thread(cli, "call", "auto_session_test", '{"test_rounds": 2}')
+            assert called.returncode == 0, called.stderr
+            assert [r["response"]["count"] for r in json.loads(called.stdout)["results"]] == [1, 3]

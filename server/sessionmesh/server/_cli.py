@@ -247,6 +247,12 @@ async def _run(args: argparse.Namespace) -> int:
         extra = ["--debug"] if args.debug else []
         if on_etcd and args.lost_after is not None:
             extra += ["--lost-after", str(args.lost_after)]  # each agent's etcd lease
+        if args.host is not None:
+            extra += ["--host", args.host]
+        if args.advertise is not None:
+            extra += ["--advertise", args.advertise]  # a host: each agent adds its own port
+        if args.insecure:
+            extra.append("--insecure")
         if args.drain_timeout is not None:
             extra += ["--drain-timeout", str(args.drain_timeout)]
         for file in args.files:
@@ -473,7 +479,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--debug", action="store_true", help="send tracebacks of failed tools to callers"
     )
-    serving_security(run, insecure=False)  # run binds loopback only
+    run.add_argument(
+        "--host",
+        default=None,
+        help="address the agents bind (default 127.0.0.1; the embedded registry stays there)",
+    )
+    run.add_argument(
+        "--advertise",
+        default=None,
+        metavar="HOST",
+        help="the host others dial the agents at (each with its own port)",
+    )
+    serving_security(run)
     run.set_defaults(run=_run)
 
     client_commands.add(commands)
