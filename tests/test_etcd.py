@@ -16,7 +16,7 @@ from sessionmesh import mesh
 from sessionmesh.client.errors import SessionLost, UsageError
 from sessionmesh.testing import eventually
 from tests.etcd import Cluster, cluster
-from tests.procs import CLI, ROOT, open_sessions, process, serve
+from tests.procs import CLI, ROOT, open_sessions, process, registry, serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -203,3 +203,27 @@ async def test_run_and_the_cli_on_etcd() -> None:
             called = await asyncio.to_thread(cli, "call", "auto_session_test", '{"test_rounds": 2}')
             assert called.returncode == 0, called.stderr
             assert [r["response"]["count"] for r in json.loads(called.stdout)["results"]] == [1, 3]
+
+
+async def test_several_registries_backed_by_etcd_serve_one_mesh() -> None:
+    async with (
+        cluster() as etcd,
+        registry(0, "--store", etcd.url, "--lost-after", LEASE) as (_, first),
+        registry(0, "--store", etcd.url, "--lost-after", LEASE) as (_, second),
+    ):
+        async with (
+            serve("examples/counter.py", "--host", "127.0.0.2", "--registry", first),
+            serve("examples/counter.py", "--host", "127.0.0.3", "--registry", second) as (b, _),
+            mesh.connect(registry=first) as via_first,
+            mesh.connect(registry=second) as via_second,
+            mesh.connect(registry=etcd.url) as direct,
+        ):
+            for client in (via_first, via_second, direct):
+                await listed(client, "counter", 2)
+            proxies = [via_first.proxy("session_counter", session_required=True) for _ in range(6)]
+            replies = [await p(increment=1) for p in proxies]
+            assert len({owner(r) for r in replies}) == 2  # both hosts, whoever registered them
+            for p in proxies:
+                await p.cleanup_auto_session()
+            b.send_signal(signal.SIGTERM)  # deregisters through the second registry ...
+            await listed(via_first, "counter", 1)  # ... and the first one hears of it

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 
@@ -84,10 +83,9 @@ class EtcdSource:
                     backoff = 0.05
                     if event is not None:
                         yield event
-            except grpc.aio.AioRpcError as exc:
-                log.info(
-                    "etcd watch broke (%s); resuming after revision %d", exc.code().name, revision
-                )
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+                why = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "closed"
+                log.info("etcd watch broke (%s); resuming after revision %d", why, revision)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
@@ -99,11 +97,11 @@ class EtcdSource:
         create = api.WatchCreateRequest(
             key=prefix, range_end=prefix_end(prefix), start_revision=start, progress_notify=True
         )
-        call = api.WatchStub(self._channel).Watch(
-            _once_then_wait(api.WatchRequest(create_request=create))
-        )
+        # Written, not given as a request iterator: our side stays open as long as it runs.
+        call = api.WatchStub(self._channel).Watch()
         try:
-            async for response in call:
+            await call.write(api.WatchRequest(create_request=create))
+            while (response := await call.read()) is not grpc.aio.EOF:
                 if response.compact_revision:
                     raise AgentUnavailable(
                         f"etcd compacted its history past revision {start}: reading it anew"
@@ -132,12 +130,6 @@ class EtcdSource:
 
     async def aclose(self) -> None:
         await self._channel.close()
-
-
-async def _once_then_wait(request: Any) -> AsyncIterator[Any]:
-    """The watch's one request, keeping our side of the stream open for as long as it runs."""
-    yield request
-    await asyncio.Event().wait()
 
 
 def _instance(value: bytes) -> rpb.Instance:

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from sessionmesh.client import TLS
+from sessionmesh.client import TLS, Credentials
 from sessionmesh.client import cli as client_commands
 from sessionmesh.client.cli import (
     REGISTRY_ENV,
@@ -29,7 +29,8 @@ from sessionmesh.client.cli import (
 )
 from sessionmesh.client.errors import MeshError, UsageError
 from sessionmesh.server._agent import Agent
-from sessionmesh.server._registry import LOST_AFTER, Registry
+from sessionmesh.server._etcd import EtcdStore
+from sessionmesh.server._registry import LOST_AFTER, Registry, RegistryStore
 from sessionmesh.server._tool import each_once
 from sessionmesh.wire.etcd import SCHEMES as ETCD_SCHEMES
 from sessionmesh.wire.tasks import cancel_and_wait
@@ -169,6 +170,7 @@ async def _registry(args: argparse.Namespace) -> int:
             insecure=args.insecure,
             auth_tokens=auth_tokens_from(args),
             registrants=args.registrants,
+            store=_store(args),
         )
     except UsageError as exc:
         raise SystemExit(f"sessionmesh: {exc}") from None
@@ -282,6 +284,13 @@ async def _run(args: argparse.Namespace) -> int:
         if registry is not None:
             await registry.stop()
     return 0
+
+
+def _store(args: argparse.Namespace) -> RegistryStore | None:
+    if args.store is None:
+        return None
+    credentials = Credentials(tls_from(args), None)
+    return EtcdStore(args.store, credentials, ttl=args.lost_after or LOST_AFTER)
 
 
 def _security_env(tls: TLS | None, token: str | None, auth_tokens: str | None) -> dict[str, str]:
@@ -443,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_argument("--port", type=int, default=DEFAULT_REGISTRY_PORT)
     lost_after_option(registry)
     serving_security(registry)
+    registry.add_argument(
+        "--store",
+        default=None,
+        metavar="etcd://HOST:PORT,...",
+        help="keep the instances in etcd, so that several registries serve one mesh "
+        "(default: in this process's memory)",
+    )
     registry.add_argument(
         "--registrants",
         metavar="FILE",

@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
-from sessionmesh.client import Credentials
+from sessionmesh.client import Credentials, MeshClient
+from sessionmesh.client.errors import UsageError
+from sessionmesh.server._registry import Event, RegistryStore
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire import etcd
 from sessionmesh.wire.limits import channel_options
@@ -76,8 +78,7 @@ class EtcdRegistration:
                     )
                     self._lease = int(granted.ID)
                 written = b""
-                requests: asyncio.Queue[Any] = asyncio.Queue()
-                keepalive = leases.LeaseKeepAlive(_drain(requests))
+                keepalive = leases.LeaseKeepAlive()
                 try:
                     while True:
                         value = self._instance().SerializeToString()
@@ -91,7 +92,7 @@ class EtcdRegistration:
                                 )
                             written = value
                             self.registered.set()
-                        requests.put_nowait(api.LeaseKeepAliveRequest(ID=self._lease))
+                        await keepalive.write(api.LeaseKeepAliveRequest(ID=self._lease))
                         answer = await asyncio.wait_for(keepalive.read(), 5)
                         if answer is grpc.aio.EOF:
                             raise ConnectionError("etcd ended the keepalive stream")
@@ -104,7 +105,12 @@ class EtcdRegistration:
                         self._nudged.clear()
                 finally:
                     keepalive.cancel()
-            except (grpc.aio.AioRpcError, ConnectionError, TimeoutError) as exc:
+            except (
+                grpc.aio.AioRpcError,
+                asyncio.InvalidStateError,
+                ConnectionError,
+                TimeoutError,
+            ) as exc:
                 # etcd unreachable (or electing a leader): keep the lease, try again.
                 why = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                 if self.registered.is_set():
@@ -143,6 +149,111 @@ class EtcdRegistration:
         await self._channel.close()
 
 
-async def _drain(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
-    while True:
-        yield await queue.get()
+class EtcdStore(RegistryStore):
+    """A registry process's instances kept in etcd, so that several registries (behind one
+    address) serve one mesh: each writes the instances registered with it, under a lease
+    it keeps alive while their Register streams live, and every one serves the whole view
+    from an etcd watch. A registry that dies takes its instances with it only after their
+    lease (``lost_after``); an agent that re-registers elsewhere meanwhile keeps its key."""
+
+    def __init__(self, url: str, credentials: Credentials | None = None, ttl: float = 5.0) -> None:
+        try:
+            target = etcd.parse(url)
+            self._api = etcd.api()
+        except etcd.EtcdAddressError as exc:
+            raise UsageError(str(exc)) from None
+        if target is None:
+            raise UsageError(f"--store {url}: give an etcd:// address")
+        self._target = target
+        self._credentials = credentials or Credentials()
+        self.ttl = max(MIN_TTL, math.ceil(ttl))
+        self._view: MeshClient | None = None
+        self._channel: grpc.aio.Channel | None = None
+        #: instance id -> (its lease, the Instance this registry last put).
+        self._mine: dict[str, tuple[int, rpb.Instance]] = {}
+        self._watchers: set[asyncio.Queue[Event]] = set()
+        self._keepalive: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        dial = self._credentials if self._target.secure else Credentials()
+        self._channel = dial.channel(self._target.grpc_target(), channel_options())
+        self._view = MeshClient(
+            self._target.url, tls=self._credentials.tls, token=self._credentials.token
+        )
+        self._view.watch.listeners.append(self._tell)
+        await self._view.ready(within=10)
+        self._keepalive = asyncio.get_running_loop().create_task(self._keep_alive())
+
+    def _tell(self, change: rpb.WatchResponse.Change.ValueType, instance: rpb.Instance) -> None:
+        for queue in self._watchers:
+            queue.put_nowait((change, instance))
+
+    async def put(self, instance: rpb.Instance) -> None:
+        assert self._channel is not None
+        held = self._mine.get(instance.instance_id)
+        if held is None:
+            granted = await self._api.LeaseStub(self._channel).LeaseGrant(
+                self._api.LeaseGrantRequest(TTL=self.ttl), timeout=5
+            )
+            lease = int(granted.ID)
+        else:
+            lease = held[0]
+        self._mine[instance.instance_id] = (lease, instance)
+        await self._api.KVStub(self._channel).Put(
+            self._api.PutRequest(
+                key=self._target.key(instance.instance_id),
+                value=instance.SerializeToString(),
+                lease=lease,
+            ),
+            timeout=5,
+        )
+
+    async def remove(self, instance: rpb.Instance) -> bool:
+        held = self._mine.get(instance.instance_id)
+        if held is None or held[1] is not instance:
+            return False
+        del self._mine[instance.instance_id]
+        assert self._channel is not None
+        with contextlib.suppress(grpc.aio.AioRpcError):  # else its lease ends it
+            await self._api.LeaseStub(self._channel).LeaseRevoke(
+                self._api.LeaseRevokeRequest(ID=held[0]), timeout=2
+            )
+        return True
+
+    async def _keep_alive(self) -> None:
+        assert self._channel is not None
+        stub = self._api.LeaseStub(self._channel)
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                for lease, _ in list(self._mine.values()):
+                    await _refresh(stub, self._api, lease)
+
+    def instances(self) -> list[rpb.Instance]:
+        return self._view.instances() if self._view is not None else []
+
+    def subscribe(self) -> tuple[list[rpb.Instance], asyncio.Queue[Event]]:
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._watchers.add(queue)
+        return self.instances(), queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
+        self._watchers.discard(queue)
+
+    async def stop(self) -> None:
+        # Leases are not revoked: agents re-registering with another registry keep their keys.
+        if self._keepalive is not None:
+            await cancel_and_wait(self._keepalive)
+        if self._view is not None:
+            await self._view.aclose()
+        if self._channel is not None:
+            await self._channel.close()
+
+
+async def _refresh(stub: Any, api: Any, lease: int) -> None:
+    call = stub.LeaseKeepAlive()
+    try:
+        await call.write(api.LeaseKeepAliveRequest(ID=lease))
+        await asyncio.wait_for(call.read(), 2)
+    finally:
+        call.cancel()

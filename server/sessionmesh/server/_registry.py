@@ -60,15 +60,23 @@ def provides(instance: rpb.Instance, capability: str) -> bool:
 
 
 class RegistryStore(abc.ABC):
-    """Where the registry keeps instances, and who hears of changes."""
+    """Where the registry keeps instances, and who hears of changes. ``put`` and ``remove``
+    may wait on a remote store (etcd); the view (``instances``, ``subscribe``) is local."""
+
+    async def start(self) -> None:  # noqa: B027  # an optional hook
+        """Before the registry serves."""
+
+    async def stop(self) -> None:  # noqa: B027  # an optional hook
+        """After it stopped."""
 
     @abc.abstractmethod
-    def put(self, instance: rpb.Instance) -> None:
+    async def put(self, instance: rpb.Instance) -> None:
         """Add or replace an instance (by instance_id); tell watchers."""
 
     @abc.abstractmethod
-    def remove(self, instance_id: str) -> rpb.Instance | None:
-        """Drop an instance; tell watchers. Returns what was there."""
+    async def remove(self, instance: rpb.Instance) -> bool:
+        """Drop ``instance`` if it is still what this registry last put under its id (not
+        replaced by a newer registration); tell watchers. Whether it was dropped."""
 
     @abc.abstractmethod
     def instances(self) -> list[rpb.Instance]:
@@ -91,16 +99,17 @@ class MemoryStore(RegistryStore):
         for queue in self._watchers:
             queue.put_nowait((change, instance))
 
-    def put(self, instance: rpb.Instance) -> None:
+    async def put(self, instance: rpb.Instance) -> None:
         known = instance.instance_id in self._instances
         self._instances[instance.instance_id] = instance
         self._tell(Change.CHANGE_UPDATED if known else Change.CHANGE_ADDED, instance)
 
-    def remove(self, instance_id: str) -> rpb.Instance | None:
-        instance = self._instances.pop(instance_id, None)
-        if instance is not None:
-            self._tell(Change.CHANGE_REMOVED, instance)
-        return instance
+    async def remove(self, instance: rpb.Instance) -> bool:
+        if self._instances.get(instance.instance_id) is not instance:
+            return False
+        del self._instances[instance.instance_id]
+        self._tell(Change.CHANGE_REMOVED, instance)
+        return True
 
     def instances(self) -> list[rpb.Instance]:
         return list(self._instances.values())
@@ -200,7 +209,7 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
         if instance.state == rpb.INSTANCE_STATE_UNSPECIFIED:
             instance.state = rpb.INSTANCE_STATE_SERVING
         self._owners[instance.instance_id] = principal
-        self.store.put(instance)
+        await self.store.put(instance)
         name = f"instance {instance.instance_id} ({instance.agent_name})"
         log.info(
             "%s registered at %s: %s",
@@ -225,7 +234,7 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
                         # Its stream lives: a pause or a slow link, not (yet) a death.
                         silent_since = now - lease
                         instance = _with_state(instance, rpb.INSTANCE_STATE_UNREACHABLE)
-                        self.store.put(instance)
+                        await self.store.put(instance)
                         log.info("%s missed its lease: unreachable", name)
                     elif now - silent_since >= self.lost_after:
                         why, lost = f"unreachable for {self.lost_after:g} s: lost", True
@@ -243,14 +252,12 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
                     log.info("%s answers again", name)
                 if state != instance.state or beat.open_sessions != instance.open_sessions:
                     instance = _with_state(instance, state, beat.open_sessions)
-                    self.store.put(instance)
+                    await self.store.put(instance)
         except asyncio.CancelledError:
             why = "gone (stream broken)"
             raise
         finally:
-            current = {i.instance_id: i for i in self.store.instances()}.get(instance.instance_id)
-            if current is instance:  # not replaced by a newer registration of the same id
-                self.store.remove(instance.instance_id)
+            if await self.store.remove(instance):  # not replaced by a newer registration
                 self._owners.pop(instance.instance_id, None)
                 log.info("%s %s", name, why)
         if lost:
@@ -411,6 +418,7 @@ class Registry:
         rpb_grpc.add_RegistryServiceServicer_to_server(self._servicer, server)
         standard = StandardServices(server, SERVICE_NAME)
         self.port = bind(server, self.host, self.port, self.tls, insecure=self.insecure)
+        await self.store.start()
         await server.start()
         await standard.serving()
         self._server = server
@@ -422,6 +430,7 @@ class Registry:
             if self._servicer is not None:
                 self._servicer.stopping.set()  # Watch and Register streams end, not cut
             await self._server.stop(grace)
+            await self.store.stop()
             self._server = None
 
     async def wait_for_termination(self) -> None:
