@@ -227,3 +227,34 @@ async def test_several_registries_backed_by_etcd_serve_one_mesh() -> None:
                 await p.cleanup_auto_session()
             b.send_signal(signal.SIGTERM)  # deregisters through the second registry ...
             await listed(via_first, "counter", 1)  # ... and the first one hears of it
+
+
+async def test_a_pause_shorter_than_the_lease_costs_nothing_a_longer_one_its_sessions() -> None:
+    async with (
+        cluster() as etcd,
+        serve("examples/counter.py", *on_host(2, etcd)) as (proc, a),
+        mesh.connect(registry=etcd.url) as client,
+    ):
+        await listed(client, "counter", 1)
+        async with client.proxy("session_counter", session_required=True) as counter:
+            assert (await counter(increment=1))["count"] == 1
+            proc.send_signal(signal.SIGSTOP)  # under the 2 s lease
+            await asyncio.sleep(1.0)  # the pause itself is what is tested, not a wait
+            proc.send_signal(signal.SIGCONT)
+            assert (await counter(increment=1))["count"] == 2
+            proc.send_signal(signal.SIGSTOP)  # well over the lease
+            await eventually(
+                lambda: a["instance"] not in {i.instance_id for i in client.instances()},
+                what="the paused instance's lease expires",
+                within=15,
+            )
+            proc.send_signal(signal.SIGCONT)
+            with pytest.raises(SessionLost):
+                await counter(increment=1)
+        # Back, it closed the sessions its callers were told are lost, and registered anew.
+        await listed(client, "counter", 1)
+
+        async def no_orphans() -> bool:
+            return await open_sessions(a["address"]) == 0
+
+        await eventually(no_orphans, what="no orphan session left", within=10)
