@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -19,12 +20,14 @@ from sessionmesh.client.cli import REGISTRY_ENV
 from sessionmesh.client.errors import (
     AgentUnavailable,
     PermissionDenied,
+    SessionElsewhere,
     SessionNotFound,
     TooManySessions,
     Unauthenticated,
     UsageError,
 )
 from sessionmesh.server import Peer
+from sessionmesh.server._errors import Fail
 from sessionmesh.server._security import is_loopback
 from sessionmesh.testing import eventually
 from sessionmesh.v1 import registry_service_pb2 as rpb
@@ -390,3 +393,32 @@ async def test_only_its_registrant_may_update_an_instance(pki: Pki) -> None:
             )
             assert [i.endpoint for i in listed.instances] == ["127.0.0.1:1"]  # still alice's
             mine.cancel()
+
+
+async def test_a_client_dials_only_the_addresses_the_registry_lists(reg: str) -> None:
+    """An agent (say, a compromised one) that points callers elsewhere is not followed."""
+    trap = socket.create_server(("127.0.0.9", 0))
+    trap.setblocking(False)
+    host, port = trap.getsockname()
+    elsewhere = f"{host}:{port}"
+
+    @mesh.tool
+    async def lure() -> None:
+        raise Fail(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "SESSION_ELSEWHERE",
+            f"the session lives at {elsewhere}",
+            {"session_id": "x", "owner_instance": "evil", "owner_endpoint": elsewhere},
+        )
+
+    agent = await started(lure, registry=reg)
+    try:
+        async with mesh.connect(registry=reg) as client:
+            await eventually(lambda: len(client.instances()) == 1, what="the agent listed")
+            with pytest.raises(SessionElsewhere):
+                await client.proxy("lure", retry_count=2, retry_delay=0)()
+            with pytest.raises(BlockingIOError):
+                trap.accept()  # nobody came
+    finally:
+        trap.close()
+        await agent.stop(grace=0)
