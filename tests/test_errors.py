@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 
@@ -230,3 +232,15 @@ def test_retries_back_off_exponentially_with_jitter_and_a_cap() -> None:
         assert all(0 <= w <= ceiling for w in waits)
         assert len(set(waits)) > 1  # jitter: callers failing together do not retry in step
     assert max(backoff(0.5, 30) for _ in range(200)) > MAX_RETRY_DELAY / 2  # capped, not 0
+
+
+async def test_a_tool_that_raises_is_logged_on_the_agent_with_its_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running_agent(fail, increment) as (_, client):
+        with caplog.at_level(logging.WARNING, logger="sessionmesh.agent"):
+            with pytest.raises(ToolFailed):
+                await client.proxy("fail")(message="boom")
+    [record] = [r for r in caplog.records if r.name == "sessionmesh.agent"]
+    assert record.getMessage() == "tool fail raised ValueError (no session)"
+    assert record.exc_info is not None and str(record.exc_info[1]) == "boom"

@@ -168,7 +168,7 @@ class MemoryStreamCall(StreamCall):
                 except (Fail, asyncio.CancelledError):
                     raise
                 except Exception as exc:
-                    raise dispatcher.tool_failed(bound, exc) from None
+                    raise dispatcher.tool_failed(plan, exc) from None
         except Fail as fail:
             await self._out.put(_error(fail))
         except BaseException:

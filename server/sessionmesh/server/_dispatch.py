@@ -6,6 +6,7 @@ endpoint of ``sessionmesh.testing`` both drive it; neither knows how the other m
 from __future__ import annotations
 
 import asyncio
+import logging
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,8 @@ from sessionmesh.wire.names import owner_of, short
 from sessionmesh.wire.reasons import Reason
 from sessionmesh.wire.tasks import cancel_and_wait
 
+log = logging.getLogger("sessionmesh.agent")
+
 if TYPE_CHECKING:
     from collections.abc import Callable
     from contextlib import AbstractAsyncContextManager
@@ -64,6 +67,7 @@ class Plan:
         "earlier",
         "kwargs",
         "new_id",
+        "principal",
         "session",
         "turn",
     )
@@ -84,6 +88,7 @@ class Plan:
         self.call_id = call_id
         self.kwargs: dict[str, Any] = {}
         self.turn: Turn | None = None
+        self.principal = ""  # who called ("" without authentication)
         #: The caller's deadline (event loop time), if it sent one: calls the tool makes
         #: through its proxies get no more time than remains of it.
         self.deadline: float | None = None
@@ -207,6 +212,11 @@ class Dispatcher:
         bind the arguments and take the call's place in its session's line. Never awaits.
         ``principal`` is the caller: it may use only sessions it opened, and tools that
         allow it."""
+        plan = self._plan(request, session_id, create, principal)
+        plan.principal = principal
+        return plan
+
+    def _plan(self, request: pb.CallRequest, session_id: str, create: bool, principal: str) -> Plan:
         bound = self.tool(request.tool)
         allow = bound.spec.allow
         if allow is not None and principal not in allow:
@@ -281,10 +291,15 @@ class Dispatcher:
 
     # -- running ------------------------------------------------------------------------------
 
-    def tool_failed(self, bound: BoundTool, exc: BaseException) -> Fail:
-        """How a tool's exception reaches the caller."""
+    def tool_failed(self, plan: Plan, exc: BaseException) -> Fail:
+        """How a tool's exception reaches the caller; the agent's log hears of it too."""
         if isinstance(exc, Fail):
             return exc
+        bound = plan.bound
+        where = (
+            f"in session {short(plan.session.id)}" if plan.session is not None else "(no session)"
+        )
+        who = f", caller {plan.principal}" if plan.principal else ""
         if isinstance(exc, TimeoutError):
             options = bound.spec.options
             name, limit = (
@@ -297,6 +312,7 @@ class Dispatcher:
                 if limit is not None
                 else "raised TimeoutError"
             )
+            log.warning("tool %s %s %s%s", bound.spec.name, what, where, who)
             return Fail(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 Reason.TOOL_TIMEOUT,
@@ -304,6 +320,7 @@ class Dispatcher:
                 {"type": "TimeoutError", "message": str(exc)},
             )
         kind = type(exc).__name__
+        log.warning("tool %s raised %s %s%s", bound.spec.name, kind, where, who, exc_info=exc)
         return Fail(
             grpc.StatusCode.UNKNOWN,
             Reason.TOOL_FAILED,
@@ -324,7 +341,7 @@ class Dispatcher:
                 async with asyncio.timeout(bound.spec.options.timeout):
                     return await bound.invoke(plan.kwargs)
             except Exception as exc:
-                raise self.tool_failed(bound, exc) from None
+                raise self.tool_failed(plan, exc) from None
 
     async def stop(self) -> None:
         """Cancel the calls still running in tasks of their own (their callers are gone,

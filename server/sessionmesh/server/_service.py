@@ -313,7 +313,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
             except (asyncio.CancelledError, Fail):
                 raise
             except Exception as exc:
-                raise self.dispatcher.tool_failed(bound, exc) from None
+                raise self.dispatcher.tool_failed(plan, exc) from None
 
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
