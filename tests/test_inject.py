@@ -200,3 +200,35 @@ def test_a_tool_inside_the_agent_class_is_explained() -> None:
             @mesh.tool
             def add(self, item: str) -> str:
                 return item
+
+
+async def test_a_plain_def_tool_calls_its_proxies_without_await() -> None:
+    @mesh.tool(
+        capability="stateful_service",
+        dependencies=["session_counter", "stream_count"],
+        session_required=True,
+        stateful=True,
+        timeout=60,
+        retry_count=3,
+    )
+    def sync_consumer(
+        session_counter: mesh.McpAgent | None = None, stream_count: mesh.McpAgent | None = None
+    ) -> dict[str, Any]:
+        assert session_counter is not None and stream_count is not None
+        first = session_counter(increment=1)  # a worker thread: the call returns the result
+        second = session_counter(increment=2)
+        chunks = [c["i"] for c in stream_count.call_tool_auto("stream_count", {"n": 2})]
+        return {"counts": [first, second], "chunks": chunks}
+
+    async with running_agent(increment, stream_count) as (provider, _):
+        peers = {"session_counter": provider.address, "stream_count": provider.address}
+        async with running_agent(sync_consumer, peers=peers) as (_, client):
+            got = await client.proxy("stateful_service")()
+            assert got == {"counts": [1, 3], "chunks": [1, 2]}  # one session: 1, then 3
+            assert len(provider.sessions) == 0  # closed when the tool finished
+
+
+async def test_sync_iteration_is_refused_in_async_code() -> None:
+    async with running_agent(stream_count) as (_, client):
+        with pytest.raises(UsageError, match="async for"):
+            iter(client.proxy("stream_count", session_required=True).stream(n=1))

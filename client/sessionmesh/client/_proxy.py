@@ -351,9 +351,13 @@ class Proxy(BaseProxy):
 
     def __call__(self, *call: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
         """``await proxy(**kwargs)`` calls this proxy's tool; ``await proxy("tool", {args})``
-        calls another tool of the same agent in the same session."""
+        calls another tool of the same agent in the same session. In a plain ``def`` tool
+        (a worker thread, no event loop) the call blocks and returns the result itself."""
         tool, args = _split_call(self._tool, call, kwargs)
-        return self._unary(tool, args, None)
+        work = self._unary(tool, args, None)
+        if asyncio._get_running_loop() is None:
+            return self._transport.blocking(work)
+        return work
 
     async def __aenter__(self) -> Proxy:
         return self

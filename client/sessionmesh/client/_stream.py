@@ -68,6 +68,20 @@ class ChunkStream:
     def __aiter__(self) -> ChunkStream:
         return self
 
+    def __iter__(self) -> ChunkStream:
+        """``for chunk in ...``: in a plain ``def`` tool (a worker thread), where ``async
+        for`` cannot run; each chunk is read on the proxy's event loop."""
+        if asyncio._get_running_loop() is not None:
+            raise UsageError("in async code, read the stream with `async for`")
+        return self
+
+    def __next__(self) -> Any:
+        transport = self._proxy._transport
+        try:
+            return transport.blocking(self.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
     async def __aenter__(self) -> ChunkStream:
         return self
 

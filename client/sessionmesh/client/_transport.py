@@ -10,8 +10,12 @@ address is the whole story for ``mesh.connect``; the mesh resolves through a reg
 from __future__ import annotations
 
 import abc
+import asyncio
 import weakref
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+
+from sessionmesh.client.errors import UsageError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -21,6 +25,8 @@ if TYPE_CHECKING:
     from sessionmesh.client._auto_session import AutoSession
     from sessionmesh.client.errors import RemoteError
     from sessionmesh.v1 import session_service_pb2 as pb
+
+T = TypeVar("T")
 
 
 class Answer(NamedTuple):
@@ -115,6 +121,20 @@ class Transport(abc.ABC):
 
     def __init__(self) -> None:
         self._sessions: weakref.WeakSet[AutoSession] = weakref.WeakSet()
+        #: The event loop it was made on: plain (``def``) tools, in worker threads, call
+        #: their proxies through it.
+        self.loop = asyncio._get_running_loop()
+
+    def blocking(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work`` on this transport's loop from another thread and wait for it: how a
+        plain ``def`` tool calls its injected proxies without ``await``."""
+        loop = self.loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            work.close()
+            raise UsageError(
+                "this proxy's event loop is not running: call it with `await` from async code"
+            )
+        return asyncio.run_coroutine_threadsafe(work, loop).result()
 
     def track(self, session: AutoSession) -> None:
         """An auto session is being opened through this transport."""
