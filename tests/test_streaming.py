@@ -5,11 +5,18 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from sessionmesh import mesh
-from sessionmesh.client.errors import CallTimeout, SessionNotFound, ToolFailed, ToolTimeout
+from sessionmesh.client.errors import (
+    CallTimeout,
+    SessionNotFound,
+    ToolFailed,
+    ToolTimeout,
+    UsageError,
+)
 from sessionmesh.testing import eventually, running_agent
 from tests.tools import increment, running_total, stream_count
 
@@ -208,3 +215,28 @@ async def test_closing_a_session_cancels_its_stream_and_queued_calls() -> None:
         assert closed == [sid[:14]]  # the callback ran, once
         assert len(agent.sessions) == 0
         await proxy.cleanup_auto_session()
+
+
+async def test_streaming_true_on_a_plain_tool_streams_its_result_and_leaves_proxies_plain() -> None:
+    @mesh.tool(
+        capability="one_shot", dependencies=["stream_count"], session_required=True, streaming=True
+    )
+    async def one_shot(stream_count: mesh.McpAgent | None = None) -> dict[str, Any]:
+        assert isinstance(stream_count, mesh.Proxy)  # the tool's streaming is its own
+        chunks = [c["i"] async for c in stream_count.call_tool_auto("stream_count", {"n": 2})]
+        return {"chunks": chunks}
+
+    async with running_agent(stream_count) as (provider, _):
+        peers = {"stream_count": provider.address}
+        async with running_agent(one_shot, peers=peers) as (_, client):
+            [listed] = await client.list_tools()
+            assert listed["streaming"] is True
+            assert [c async for c in client.proxy("one_shot").stream()] == [{"chunks": [1, 2]}]
+            assert await client.proxy("one_shot")() == {"chunks": [1, 2]}
+
+
+async def test_awaiting_a_stream_says_what_to_write_instead() -> None:
+    async with running_agent(stream_count) as (_, client):
+        streaming = client.proxy("stream_count", session_required=True, streaming=True)
+        with pytest.raises(UsageError, match="async for chunk in"):
+            await streaming(n=1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Generator
 from typing import TYPE_CHECKING, Any
 
 from sessionmesh.client._encode import encode_arguments, encode_input
@@ -67,6 +67,12 @@ class ChunkStream:
 
     def __aiter__(self) -> ChunkStream:
         return self
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        raise UsageError(
+            "this call streams: read it with `async for chunk in ...`; for one result, "
+            "call a plain proxy (`await proxy(...)`, or proxy.options(streaming=False))"
+        )
 
     def __iter__(self) -> ChunkStream:
         """``for chunk in ...``: in a plain ``def`` tool (a worker thread), where ``async

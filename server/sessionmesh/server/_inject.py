@@ -80,7 +80,7 @@ class Injector:
     def _proxy(self, bound: BoundTool, dependency: Dependency) -> BaseProxy | None:
         if self.resolver is None:
             return None
-        return self.resolver.proxy_for(dependency, bound.spec.options)
+        return self.resolver.proxy_for(dependency, bound.spec.proxy_options)
 
     def scope(
         self, bound: BoundTool, session: Session | None, kwargs: dict[str, Any]

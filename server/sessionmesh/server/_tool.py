@@ -67,6 +67,8 @@ class ToolSpec:
     kind: Kind
     #: The principals that may call it (None: whoever the agent lets in).
     allow: frozenset[str] | None = None
+    #: How its injected dependency proxies are configured (``options`` without streaming).
+    proxy_options: ProxyOptions = dataclasses.field(default_factory=ProxyOptions)
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -280,6 +282,12 @@ def tool(
     ``stream_timeout``, ``buffer_size``). ``allow`` lists the principals that may call it
     (the agent must authenticate its callers: client certificates or tokens).
 
+    ``streaming`` is the tool's own: a generator function streams (the default follows the
+    function); ``streaming=True`` on a plain function lists it as streaming and serves its
+    result as a stream of one chunk. It never changes the injected proxies: they return a
+    result when called (``await dep(...)``, or ``dep(...)`` in a plain ``def`` tool) and
+    stream with ``dep.stream(...)`` / ``dep.call_tool_auto(tool, args)``.
+
     Example::
 
         @mesh.tool(capability="session_counter", session_required=True, stateful=True)
@@ -327,8 +335,7 @@ def tool(
     def decorate(fn: F) -> F:
         kind = _kind(fn)
         gen = kind in ("async_gen", "sync_gen")
-        if streaming and not gen:
-            raise UsageError(f"tool {fn.__name__!r}: streaming=True needs a generator function")
+        own = options.replace(streaming=gen) if streaming is None else options
         spec = ToolSpec(
             fn=fn,
             name=name or fn.__name__,
@@ -337,9 +344,12 @@ def tool(
             tags=tuple(tags),
             version=version,
             dependencies=deps,
-            options=options.replace(streaming=gen) if streaming is None else options,
+            options=own,
             session_ttl=session_ttl,
             kind=kind,
+            # `streaming` is the tool's own: its dependencies get plain proxies, which
+            # stream with .stream() / .call_tool_auto() when asked.
+            proxy_options=own.replace(streaming=False) if own.streaming else own,
             allow=None if allow is None else frozenset(allow),
         )
         setattr(fn, TOOL_ATTR, spec)
