@@ -1,6 +1,8 @@
-"""Consumers for every example of the design note, against examples/counter.py.
+"""Consumers for every example of the design note, against examples/counter.py (the
+`session_counter` and `stream_counter` capabilities) and examples/analytics.py
+(`analytics_engine`). Each is the note's code, give or take `mesh.` prefixes.
 
-sessionmesh serve examples/consumer.py --peer session_counter=HOST:PORT ...
+sessionmesh run examples/counter.py examples/analytics.py examples/consumer.py
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ async def reliable_increment(
 
 @mesh.tool(
     capability="streaming_session_service",
-    dependencies=["stream_count"],
+    dependencies=["stream_counter"],
     session_required=True,
     streaming=True,
     auto_session_management=True,
@@ -94,7 +96,7 @@ async def stream_with_sessions(
 
 @mesh.tool(
     capability="stream_analytics",
-    dependencies=["analyze"],
+    dependencies=["analytics_engine"],
     session_required=True,
     streaming=True,
     stream_timeout=300,
@@ -109,3 +111,33 @@ async def stream_analytics(
         return
     async for result in analytics_engine.call_tool_auto("analyze", {"dataset": dataset}):
         yield result
+
+
+@mesh.tool(
+    capability="stateful_service",
+    dependencies=["session_counter"],
+    session_required=True,  # Enable session requirement
+    stateful=True,  # Mark as stateful capability
+    auto_session_management=True,  # Enable automatic session handling (default)
+    timeout=60,  # Also supports other enhancements
+    retry_count=3,
+    streaming=True,
+)
+def my_stateful_function(session_counter: mesh.McpAgent | None = None) -> Any:
+    """The note's synchronous tool: a plain def calls its proxy without await (it runs in
+    a worker thread); `streaming=True` serves its result as a one-chunk stream."""
+    assert session_counter is not None
+    return session_counter(operation="increment")
+
+
+@mesh.tool(
+    capability="my_service",
+    dependencies=["session_counter"],
+    session_required=True,  # Add session requirement
+    auto_session_management=True,  # Enable automatic management
+)
+async def my_function(session_counter: mesh.McpAgent | None = None) -> Any:
+    """The note's migration example, after: no session code at all."""
+    assert session_counter is not None
+    result = await session_counter(operation="increment")
+    return result  # noqa: RET504  # the note's code, as written

@@ -1,8 +1,9 @@
 """The demo mesh: a stateful provider, a consumer, and auto sessions you can watch.
 
 Run with `scripts/demo`. `sessionmesh run` starts an embedded registry and
-examples/counter.py and examples/consumer.py as agent processes on 127.0.0.1; the demo calls
-the design note's consumers through the registry and stops everything.
+examples/counter.py, examples/analytics.py and examples/consumer.py as agent processes on
+127.0.0.1; the demo calls every consumer of the design note through the registry, runs its
+enhanced-proxy walkthrough (examples/enhanced_proxy.py), and stops everything.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ async def tour(registry: str) -> None:
         show("streaming inside a session", streamed)
         analysis = client.proxy("stream_analytics").stream(dataset="sessions that just work")
         show("stream analytics", [c async for c in analysis])
+        show(
+            "a plain def tool calling its proxy without await (streaming=True: one chunk)",
+            [c async for c in client.proxy("stateful_service").stream()],
+        )
+        show("the migration example, after", await client.proxy("my_service")())
         async with client.proxy("session_counter", session_required=True) as direct:
             show("calling the provider directly, in an auto session", await direct(increment=1))
         rows = sorted((i.agent_name, i.instance_id, i.open_sessions) for i in client.instances())
@@ -59,7 +65,7 @@ async def tour(registry: str) -> None:
 def main() -> None:
     # `sessionmesh run` starts an embedded registry and each file in its own process.
     command = [sys.executable, "-m", "sessionmesh.server._cli", "run"]
-    files = [str(HERE / "counter.py"), str(HERE / "consumer.py")]
+    files = [str(HERE / name) for name in ("counter.py", "analytics.py", "consumer.py")]
     run = subprocess.Popen(
         [*command, *files, "--registry-port", str(free_port())],
         stdout=subprocess.PIPE,
@@ -74,9 +80,12 @@ def main() -> None:
         registry = json.loads(line)["registry"]
         print(f"\nmesh up, registry {registry} (this demo stops it when done; to keep one up:")
         print(
-            "  sessionmesh run examples/counter.py examples/consumer.py  # then sessionmesh list)"
+            "  sessionmesh run examples/counter.py examples/analytics.py examples/consumer.py"
+            "  # then sessionmesh list)"
         )
         asyncio.run(tour(registry))
+        print("\n== the enhanced proxy walkthrough (examples/enhanced_proxy.py)")
+        subprocess.run([sys.executable, str(HERE / "enhanced_proxy.py"), registry], check=True)
     finally:
         run.send_signal(signal.SIGINT)
         run.wait(timeout=60)

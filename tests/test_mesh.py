@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,7 @@ from sessionmesh.testing import eventually
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
-from tests.procs import exited, open_sessions, registry, serve
+from tests.procs import ROOT, exited, open_sessions, registry, serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -46,10 +47,15 @@ async def instances_of(client: mesh.MeshClient, agent: str, n: int) -> list[str]
 
 
 async def test_the_design_notes_examples_through_the_registry(reg: str) -> None:
-    async with serve("examples/counter.py", "--registry", reg) as (_, counter):
+    """Every example of the design note, as shipped in examples/, runs."""
+    async with (
+        serve("examples/counter.py", "--registry", reg) as (_, counter),
+        serve("examples/analytics.py", "--registry", reg) as (_, analytics),
+    ):
         async with serve("examples/consumer.py", "--registry", reg):
             async with mesh.connect(registry=reg) as client:
                 await instances_of(client, "consumer", 1)
+                await instances_of(client, "analytics", 1)
                 auto = await client.proxy("auto_session_test")(test_rounds=3)
                 assert [r["response"]["count"] for r in auto["results"]] == [1, 3, 6]
                 assert len({r["response"]["session"] for r in auto["results"]}) == 1
@@ -63,7 +69,23 @@ async def test_the_design_notes_examples_through_the_registry(reg: str) -> None:
                     c async for c in client.proxy("stream_analytics").stream(dataset="a bc")
                 ]
                 assert [c["word"] for c in analysis] == ["a", "bc"]
-                assert await open_sessions(counter["address"]) == 0  # every flow closed its own
+                # The synchronous tool: a plain def calling its proxy without await.
+                [one] = [c async for c in client.proxy("stateful_service").stream()]
+                assert one["count"] == 1
+                assert (await client.proxy("my_service")())["count"] == 1
+                # The enhanced proxy walkthrough, a script of its own.
+                script = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "examples/enhanced_proxy.py",
+                    reg,
+                    stdout=asyncio.subprocess.PIPE,
+                    cwd=ROOT,
+                )
+                out, _ = await asyncio.wait_for(script.communicate(), 60)
+                assert script.returncode == 0
+                assert out.decode().rstrip().endswith(": 1, 3")
+                for agent in (counter, analytics):  # every flow closed its own session
+                    assert await open_sessions(agent["address"]) == 0
 
 
 async def test_sessions_stay_on_their_replica_across_three(reg: str) -> None:

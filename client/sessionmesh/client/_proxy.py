@@ -175,6 +175,11 @@ class BaseProxy:
         """The auto session's id; None before the first call and after cleanup."""
         return self._auto.session_id
 
+    @property
+    def _current_session_id(self) -> str | None:
+        """``session_id``, by the name the design note uses."""
+        return self._auto.session_id
+
     def _copy(self, changes: dict[str, Any]) -> Proxy | StreamingProxy:
         return make_proxy(self._transport, self._tool, self._opts.replace(**changes), self._auto)
 
