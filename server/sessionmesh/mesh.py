@@ -22,6 +22,7 @@ from sessionmesh.client import (
     ProxyOptions,
     StreamingProxy,
     connect,
+    connect_sync,
     errors,
 )
 from sessionmesh.wire.deadline import time_remaining
@@ -45,6 +46,7 @@ __all__ = [
     "StreamingProxy",
     "agent",
     "connect",
+    "connect_sync",
     "current_session",
     "errors",
     "short_id",

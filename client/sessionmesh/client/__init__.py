@@ -9,6 +9,7 @@ from sessionmesh.client._grpc import GrpcEndpoint
 from sessionmesh.client._proxy import BaseProxy, McpAgent, Proxy, ProxyOptions, StreamingProxy
 from sessionmesh.client._security import TLS, Credentials
 from sessionmesh.client._stream import ChunkStream
+from sessionmesh.client._sync import SyncClient, SyncProxy, connect_sync
 from sessionmesh.client._transport import (
     Answer,
     Endpoint,
@@ -34,7 +35,10 @@ __all__ = [
     "ProxyOptions",
     "StreamCall",
     "StreamingProxy",
+    "SyncClient",
+    "SyncProxy",
     "Transport",
     "connect",
+    "connect_sync",
     "errors",
 ]

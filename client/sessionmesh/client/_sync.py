@@ -1,0 +1,169 @@
+"""``mesh.connect_sync``: the client for scripts and notebooks, no ``await`` anywhere.
+
+The async client runs on an event loop of its own, in a thread (anyio's blocking portal);
+every call blocks the caller until its answer comes. It works the same from a plain
+script and from inside a running event loop (Jupyter), since it never touches the
+caller's loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from sessionmesh.client._client import AgentClient, MeshClient, connect
+from sessionmesh.client._proxy import Proxy
+from sessionmesh.client._security import TLS
+from sessionmesh.client.errors import UsageError
+
+T = TypeVar("T")
+
+
+class SyncProxy:
+    """A proxy whose calls block and return the result: ``counter(increment=1)``."""
+
+    def __init__(self, portal: BlockingPortal, proxy: Proxy) -> None:
+        self._portal = portal
+        self._proxy = proxy
+
+    def __repr__(self) -> str:
+        return f"<Sync{self._proxy!r}"[:-1] + ">"
+
+    @property
+    def session_id(self) -> str | None:
+        return self._proxy.session_id
+
+    def __call__(self, *call: Any, **kwargs: Any) -> Any:
+        return self._run(lambda: self._proxy(*call, **kwargs))
+
+    def call_tool(self, tool: str, args: Mapping[str, Any] | None = None) -> Any:
+        return self._run(lambda: self._proxy.call_tool(tool, args))
+
+    def stream(self, **kwargs: Any) -> Iterator[Any]:
+        """The tool's chunks, one by one, as they come."""
+        return self.call_tool_auto(None, kwargs)
+
+    def call_tool_auto(
+        self, tool: str | None = None, args: Mapping[str, Any] | None = None
+    ) -> Iterator[Any]:
+        chunks = self._proxy.call_tool_auto(tool, args)
+        try:
+            while True:
+                try:
+                    yield self._portal.call(chunks.__anext__)
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._portal.call(chunks.aclose)
+
+    def create_session(self) -> str:
+        return self._run(self._proxy.create_session)
+
+    def call_with_session(self, *call: Any, session_id: str, **kwargs: Any) -> Any:
+        return self._run(
+            lambda: self._proxy.call_with_session(*call, session_id=session_id, **kwargs)
+        )
+
+    def close_session(self, session_id: str) -> bool:
+        return self._run(lambda: self._proxy.close_session(session_id))
+
+    def cleanup_auto_session(self) -> None:
+        self._run(self._proxy.cleanup_auto_session)
+
+    def __enter__(self) -> SyncProxy:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.cleanup_auto_session()
+
+    def _run(self, work: Callable[[], Awaitable[T]]) -> T:
+        async def run() -> T:
+            return await work()
+
+        return self._portal.call(run)
+
+
+class SyncClient:
+    """``mesh.connect_sync(...)``: an agent's or the mesh's client whose proxies block."""
+
+    def __init__(
+        self, client: AgentClient | MeshClient, portal: BlockingPortal, stop: contextlib.ExitStack
+    ) -> None:
+        self._client = client
+        self._portal = portal
+        self._stop = stop
+
+    def proxy(self, capability: str, **options: Any) -> SyncProxy:
+        """A blocking proxy; the same keywords as the async client's ``proxy`` (a blocking
+        proxy streams with ``.stream()`` / ``.call_tool_auto()``)."""
+        if options.pop("streaming", False):
+            raise UsageError("a blocking proxy streams with .stream(...): drop streaming=True")
+        return SyncProxy(self._portal, self._client.proxy(capability, streaming=False, **options))
+
+    def list_tools(self) -> list[dict[str, Any]]:
+        if not isinstance(self._client, AgentClient):
+            raise UsageError("list_tools() is per agent: connect_sync('host:port')")
+        return self._portal.call(self._client.list_tools)
+
+    def instances(self) -> list[Any]:
+        if not isinstance(self._client, MeshClient):
+            raise UsageError("instances() needs a registry: connect_sync(registry=...)")
+        return self._client.instances()
+
+    def close(self) -> None:
+        """Close every auto session still open, the connections, then the loop thread."""
+        self._stop.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def connect_sync(
+    address: str | None = None,
+    *,
+    registry: str | None = None,
+    tls: TLS | None = None,
+    token: str | None = None,
+    **settings: Any,
+) -> SyncClient:
+    """``mesh.connect`` for code without ``await``: scripts, notebooks, plain threads.
+
+    Example::
+
+        with mesh.connect_sync(registry="127.0.0.1:50050") as client:
+            with client.proxy("session_counter", session_required=True) as counter:
+                print(counter(increment=1), counter(increment=2))  # 1, 3: one session
+    """
+    stop = contextlib.ExitStack()
+    portal = stop.enter_context(start_blocking_portal())
+    try:
+
+        async def open_client() -> AgentClient | MeshClient:
+            if registry is not None and address is None:
+                mesh_client = connect(registry=registry, tls=tls, token=token, **settings)
+                return await mesh_client.__aenter__()
+            if address is None:
+                raise UsageError(
+                    "connect_sync() takes an agent address or registry=, one of the two"
+                )
+            agent_client = connect(address, tls=tls, token=token, **settings)
+            return await agent_client.__aenter__()
+
+        client = portal.call(open_client)
+        # Last in, first out: the client closes (its sessions too) before the loop thread.
+        stop.callback(portal.call, client.aclose)
+    except BaseException:
+        stop.close()
+        raise
+    return SyncClient(client, portal, stop)

@@ -1,0 +1,50 @@
+"""mesh.connect_sync: the client for scripts and notebooks, against a real agent process."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from sessionmesh import mesh
+from sessionmesh.client.errors import SessionLost, ToolNotFound, UsageError
+from tests.procs import ROOT, process_blocking
+
+
+@pytest.fixture(scope="module")
+def counter() -> Iterator[str]:
+    with process_blocking("serve", str(ROOT / "examples/counter.py")) as (_, ready):
+        yield str(ready["address"])
+
+
+def test_a_script_calls_streams_and_closes_its_sessions(counter: str) -> None:
+    with mesh.connect_sync(counter) as client:
+        with client.proxy("session_counter", session_required=True) as count:
+            assert count(increment=1)["count"] == 1
+            assert count(increment=2)["count"] == 3  # one session
+            session = count.session_id
+            assert session is not None
+            chunks = list(count.call_tool_auto("stream_count", {"n": 2}))
+            assert [c["i"] for c in chunks] == [1, 2]
+            assert all(c["count"] == 3 for c in chunks)  # streamed inside the same session
+        assert count.session_id is None  # closed on leaving the block
+        with pytest.raises(SessionLost):
+            client.proxy("session_counter").call_with_session(session_id=session, increment=1)
+        with pytest.raises(ToolNotFound):
+            client.proxy("nope")()
+        assert {t["name"] for t in client.list_tools()} >= {"increment", "stream_count"}
+        with pytest.raises(UsageError, match=r"streams with \.stream"):
+            client.proxy("stream_count", streaming=True)
+
+
+def test_it_works_inside_a_running_event_loop_as_in_jupyter(counter: str) -> None:
+    async def notebook_cell() -> int:
+        with mesh.connect_sync(counter) as client:
+            proxy = client.proxy("session_counter", session_required=True)
+            proxy(increment=5)
+            result: int = proxy(increment=1)["count"]
+            proxy.cleanup_auto_session()
+            return result
+
+    assert asyncio.run(notebook_cell()) == 6
