@@ -298,3 +298,13 @@ async def test_no_log_line_of_an_agent_carries_a_whole_session_id(tmp_path: Path
 
 async def _none_open(client: mesh.AgentClient) -> bool:
     return not (await client.list_sessions()).sessions
+
+
+def test_a_file_that_fails_to_import_is_reported_in_one_line(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.py"
+    broken.write_text("from sessionmesh import mesh\n\nimport no_such_module_here\n")
+    out = subprocess.run([*CLI, "serve", str(broken)], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [
+        f"sessionmesh: {broken}:3: ModuleNotFoundError: No module named 'no_such_module_here'"
+    ]

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -51,8 +52,24 @@ def load_file(path: str) -> ModuleType:
         raise SystemExit(f"sessionmesh: cannot import {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[file.stem] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise  # -v: the whole traceback
+        raise SystemExit(f"sessionmesh: {_where(exc, file)}: {type(exc).__name__}: {exc}") from None
     return module
+
+
+def _where(exc: BaseException, file: Path) -> str:
+    """``path:line`` of the failure in ``file`` (the last frame there), else the path."""
+    if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
+        return f"{exc.filename}:{exc.lineno}"
+    line = None
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        if Path(frame.f_code.co_filename) == file:
+            line = lineno
+    return f"{file}:{line}" if line else str(file)
 
 
 def _peers(items: Sequence[str]) -> dict[str, str]:
