@@ -308,3 +308,39 @@ def test_a_file_that_fails_to_import_is_reported_in_one_line(tmp_path: Path) -> 
     assert out.stderr.strip().splitlines() == [
         f"sessionmesh: {broken}:3: ModuleNotFoundError: No module named 'no_such_module_here'"
     ]
+
+
+def test_a_session_spans_several_calls_from_the_shell() -> None:
+    with process_blocking("run", str(ROOT / "examples/counter.py"), "--registry-port", "0") as (
+        _,
+        ready,
+    ):
+        registry = ready["registry"]
+        opened = _cli("open", "session_counter", registry=registry)
+        assert opened.returncode == 0, opened.stderr
+        sid = opened.stdout.strip()
+        counts = []
+        for n in (1, 2):
+            called = _cli(
+                "call",
+                "session_counter",
+                f'{{"increment": {n}}}',
+                "--session",
+                sid,
+                registry=registry,
+            )
+            assert called.returncode == 0, called.stderr
+            counts.append(json.loads(called.stdout)["count"])
+        assert counts == [1, 3]  # one session across two processes
+        listed = json.loads(_cli("list", "--json", "--tools", registry=registry).stdout)
+        [increment] = [t for t in listed[0]["tools"] if t["name"] == "increment"]
+        assert increment["session_required"] is True
+        assert set(increment["parameters"]["properties"]) == {"increment", "amount", "operation"}
+        table = _cli("list", "--tools", registry=registry).stdout
+        assert "increment: integer = 1" in table and "[session_counter, session]" in table
+        assert 'operation: "increment" | "get" = "increment"' in table
+        assert _cli("close", sid, registry=registry).returncode == 0
+        again = _cli("call", "session_counter", "{}", "--session", sid, registry=registry)
+        assert again.returncode == 1
+        assert "SESSION_NOT_FOUND" in again.stderr
+        assert _cli("close", sid, registry=registry).returncode == 1

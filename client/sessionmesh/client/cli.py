@@ -16,11 +16,13 @@ from sessionmesh.client._client import MeshClient, connect
 from sessionmesh.client._security import TLS, TLS_ENV, TOKEN_ENV
 from sessionmesh.client.errors import MeshError, RemoteError, UsageError
 from sessionmesh.v1 import registry_service_pb2 as rpb
+from sessionmesh.v1 import session_service_pb2 as pb
+from sessionmesh.wire.codec import from_struct
 from sessionmesh.wire.names import answers_to
 
 REGISTRY_ENV = "SESSIONMESH_REGISTRY"
 DEFAULT_REGISTRY_PORT = 50050
-COMMANDS = ("list", "call", "sessions")
+COMMANDS = ("list", "call", "sessions", "open", "close")
 
 __all__ = [
     "COMMANDS",
@@ -125,6 +127,7 @@ async def _list(args: argparse.Namespace) -> int:
             "state": _state(i),
             "open_sessions": i.open_sessions,
             "capabilities": sorted({t.capability for t in i.tools}),
+            **({"tools": [_tool_row(t) for t in i.tools]} if args.tools else {}),
         }
         for i in instances
     ]
@@ -143,7 +146,49 @@ async def _list(args: argparse.Namespace) -> int:
                 r["agent"], r["instance"], r["endpoint"], r["state"], r["open_sessions"], caps
             )
         )
+        for t in r.get("tools", ()):
+            print(f"    {_signature(t)}")
     return 0
+
+
+def _tool_row(tool: pb.Tool) -> dict[str, Any]:
+    return {
+        "name": tool.name,
+        "capability": tool.capability,
+        "description": tool.description,
+        "parameters": from_struct(tool.parameters_schema),
+        "streaming": tool.streaming,
+        "session_required": tool.session_required,
+        "stateful": tool.stateful,
+    }
+
+
+def _kind(schema: dict[str, Any]) -> str:
+    if "enum" in schema:
+        return " | ".join(json.dumps(v) for v in schema["enum"])
+    if "anyOf" in schema:
+        return " | ".join(_kind(s) for s in schema["anyOf"])
+    return str(schema.get("type", "any"))
+
+
+def _whole(value: Any) -> Any:
+    """JSON numbers come back from a Struct as floats: 1.0 is shown as 1."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _signature(tool: dict[str, Any]) -> str:
+    """``name(a: integer = 1, b: string) -> stream  [capability, session]``, for a person."""
+    props = tool["parameters"].get("properties", {})
+    required = set(tool["parameters"].get("required", ()))
+    params = []
+    for name, schema in props.items():
+        default = "" if name in required else f" = {json.dumps(_whole(schema.get('default')))}"
+        params.append(f"{name}: {_kind(schema)}{default}")
+    marks = [tool["capability"]] if tool["capability"] != tool["name"] else []
+    marks += [
+        m for m, on in (("session", tool["session_required"]), ("stream", tool["streaming"])) if on
+    ]
+    return f"{tool['name']}({', '.join(params)})" + (f"  [{', '.join(marks)}]" if marks else "")
 
 
 async def _call(args: argparse.Namespace) -> int:
@@ -164,6 +209,14 @@ async def _call(args: argparse.Namespace) -> int:
         proxy = client.proxy(
             args.capability, session_required=tool.session_required, timeout=args.timeout
         )
+        if args.session:
+            if tool.streaming:
+                raise UsageError("--session takes unary tools; a stream opens its own session")
+            result = await proxy.call_with_session(
+                args.capability, arguments, session_id=args.session
+            )
+            print(json.dumps(result, indent=2))
+            return 0
         async with proxy:
             if tool.streaming:
                 async with proxy.call_tool_auto(args.capability, arguments) as chunks:
@@ -232,6 +285,27 @@ async def _sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _open(args: argparse.Namespace) -> int:
+    client = await _mesh(args)
+    try:
+        print(await client.proxy(args.capability).create_session())
+    finally:
+        await client.aclose()
+    return 0
+
+
+async def _close(args: argparse.Namespace) -> int:
+    client = await _mesh(args)
+    try:
+        closed = await client.proxy("-").close_session(args.session_id)
+    finally:
+        await client.aclose()
+    if not closed:
+        say("no such open session (closed, expired, or never opened)")
+        return 1
+    return 0
+
+
 def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``list``, ``call`` and ``sessions`` to the ``sessionmesh`` parser."""
 
@@ -248,6 +322,9 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     registry_option(listing)
     listing.add_argument("--json", action="store_true")
+    listing.add_argument(
+        "--tools", action="store_true", help="each instance's tools, with their parameters"
+    )
     listing.set_defaults(run=_list)
 
     call = commands.add_parser(
@@ -257,7 +334,25 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     call.add_argument("capability")
     call.add_argument("arguments", nargs="?", default=None, help="a JSON object")
     call.add_argument("--timeout", type=float, default=None, help="seconds")
+    call.add_argument(
+        "--session",
+        default=None,
+        metavar="ID",
+        help="call inside this session (from `sessionmesh open`), which stays open",
+    )
     call.set_defaults(run=_call)
+
+    opening = commands.add_parser(
+        "open", help="open a session on a provider of CAPABILITY; print its id (a secret)"
+    )
+    registry_option(opening)
+    opening.add_argument("capability")
+    opening.set_defaults(run=_open)
+
+    closing = commands.add_parser("close", help="close a session opened with `open`")
+    registry_option(closing)
+    closing.add_argument("session_id", metavar="SESSION_ID")
+    closing.set_defaults(run=_close)
 
     sessions = commands.add_parser("sessions", help="open sessions per instance (ids shortened)")
     registry_option(sessions)
@@ -265,6 +360,6 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sessions.add_argument("--json", action="store_true")
     sessions.set_defaults(run=_sessions)
 
-    for p in (listing, call, sessions):
+    for p in (listing, call, sessions, opening, closing):
         p.add_argument("--wait", type=float, default=5.0, help=argparse.SUPPRESS)
         security_options(p, serves=False)
