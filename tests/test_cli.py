@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -344,3 +345,43 @@ def test_a_session_spans_several_calls_from_the_shell() -> None:
         assert again.returncode == 1
         assert "SESSION_NOT_FOUND" in again.stderr
         assert _cli("close", sid, registry=registry).returncode == 1
+
+
+def _instances(registry: str) -> set[str]:
+    out = _cli("list", "--json", registry=registry)
+    return {r["instance"] for r in json.loads(out.stdout)} if out.returncode == 0 else set()
+
+
+def test_run_restarts_an_agent_that_dies() -> None:
+    with process_blocking("run", str(ROOT / "examples/counter.py"), "--registry-port", "0") as (
+        _,
+        ready,
+    ):
+        registry = ready["registry"]
+        [agent] = ready["agents"]
+        os.kill(agent["pid"], signal.SIGKILL)
+        wait_until(
+            lambda: len(_instances(registry) - {agent["instance"]}) == 1,
+            within=20,
+            what="a new counter instance replaces the killed one",
+        )
+
+
+def test_run_watch_restarts_the_agents_of_a_file_that_changed(tmp_path: Path) -> None:
+    counter = tmp_path / "counter.py"
+    counter.write_text((ROOT / "examples/counter.py").read_text())
+    with process_blocking("run", str(counter), "--registry-port", "0", "--watch") as (_, ready):
+        registry = ready["registry"]
+        [agent] = ready["agents"]
+        written = [0.0]
+
+        def restarted() -> bool:
+            # The watcher may start just after the ready line: change the file again if a
+            # change went unseen for a while (each one restarts the agent once).
+            if time.monotonic() - written[0] > 5:
+                with counter.open("a") as f:
+                    f.write("# changed\n")
+                written[0] = time.monotonic()
+            return bool(_instances(registry) - {agent["instance"]})
+
+        wait_until(restarted, within=30, what="the changed file's agent is restarted")

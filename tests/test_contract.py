@@ -157,9 +157,10 @@ def test_every_guarantee_names_a_test_that_exists() -> None:
 def test_every_grpc_option_we_set_is_one_grpc_knows() -> None:
     # gRPC ignores an unknown option key without a word: a misspelt keepalive setting once
     # made our own servers answer our clients' pings with GOAWAY 'too_many_pings'.
+    from sessionmesh.wire.etcd import channel_options as etcd_options
     from sessionmesh.wire.limits import channel_options, server_options
 
     cygrpc = importlib.import_module("grpc._cython.cygrpc")  # the compiled core
     known = Path(str(cygrpc.__file__)).read_bytes()
-    for key, _ in [*channel_options(), *server_options()]:
+    for key, _ in [*channel_options(), *server_options(), *etcd_options()]:
         assert key.encode() + b"\0" in known, f"gRPC does not know the option {key!r}"

@@ -19,7 +19,6 @@ from sessionmesh.client.errors import AgentUnavailable, UsageError
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire import etcd
 from sessionmesh.wire.etcd import EtcdTarget, prefix_end
-from sessionmesh.wire.limits import channel_options
 
 log = logging.getLogger("sessionmesh.etcd")
 
@@ -41,7 +40,7 @@ def etcd_channel(target: EtcdTarget, credentials: Credentials) -> grpc.aio.Chann
         where = target.grpc_target()
     except etcd.EtcdAddressError as exc:
         raise UsageError(str(exc)) from None
-    return dial.channel(where, channel_options())
+    return dial.channel(where, etcd.channel_options())
 
 
 class EtcdSource:

@@ -66,12 +66,17 @@ class Exchange:
             # A write fails only on a broken stream, and grpc then reports a status it made
             # up (INTERNAL): the reader's error, if it saw the break first, says more.
             self._pending.pop(call_id, None)
+            if not future.done():
+                # The reader hears the status the agent ended the stream with (a refused
+                # caller, say): wait for it briefly rather than guess.
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
             if future.done() and not future.cancelled():
                 error = future.exception()
                 assert isinstance(error, RemoteError)
             else:
                 future.cancel()
-                error = AgentUnavailable("the exchange stream to the agent broke")
+                error = self.broken or AgentUnavailable("the exchange stream to the agent broke")
                 if self.broken is None:
                     self.broken = error
             raise error.copy() from exc

@@ -79,6 +79,19 @@ def parse(url: str) -> EtcdTarget | None:
     return EtcdTarget(url, endpoints, prefix, scheme == "etcds")
 
 
+def channel_options() -> list[tuple[str, Any]]:
+    """Our channel options, and a reconnect backoff capped at a second: gRPC's own grows to
+    two minutes, and a mesh whose etcd came back must not wait that long to see it."""
+    from sessionmesh.wire.limits import channel_options as ours
+
+    return [
+        *ours(),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+
+
 def prefix_end(prefix: bytes) -> bytes:
     """The range end that covers every key starting with ``prefix``."""
     return prefix[:-1] + bytes([prefix[-1] + 1])

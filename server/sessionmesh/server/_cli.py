@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -148,7 +148,13 @@ async def _serve(args: argparse.Namespace) -> int:
     except UsageError as exc:
         raise SystemExit(f"sessionmesh: {exc}") from None
     tools = sorted(b.spec.name for b in each_once(agent.tools))
-    ready = {"agent": agent.name, "instance": agent.instance_id, "address": address, "tools": tools}
+    ready = {
+        "agent": agent.name,
+        "instance": agent.instance_id,
+        "address": address,
+        "tools": tools,
+        "pid": os.getpid(),
+    }
     print(json.dumps(ready), flush=True)
     say(f"agent {agent.name} (instance {agent.instance_id}) serving on {address}")
     await signals.stop.wait()
@@ -277,30 +283,150 @@ async def _run(args: argparse.Namespace) -> int:
         for file in args.files:
             for _ in range(args.replicas):
                 procs.append(await _spawn(file, address, extra, env))
+        files = {
+            proc: file for proc, file in zip(procs, _each(args.files, args.replicas), strict=True)
+        }
         for proc in procs:
-            assert proc.stdout is not None
-            line = await proc.stdout.readline()
-            if not line:
-                raise SystemExit(
-                    f"sessionmesh: an agent failed to start (exit {await proc.wait()})"
-                )
-            agents.append(json.loads(line))
+            agents.append(await _ready(proc))
         print(json.dumps({"registry": address, "agents": agents}), flush=True)
         say(f"{len(agents)} agent process(es) up; Ctrl-C stops everything")
-        exits = {asyncio.ensure_future(p.wait()): p for p in procs}
-        stopping = asyncio.ensure_future(signals.stop.wait())
-        while exits and not signals.stop.is_set():
-            done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
-            for future in done:
-                if future in exits:
-                    del exits[future]
-                    say(f"an agent process exited with {future.result()}")
-        stopping.cancel()
+        supervisor = _Supervisor(files, procs, lambda f: _spawn(f, address, extra, env), args)
+        await supervisor.run(signals)
     finally:
         await _stop_all(procs, signals)
         if registry is not None:
             await registry.stop()
     return 0
+
+
+def _each(files: Sequence[str], replicas: int) -> list[str]:
+    return [file for file in files for _ in range(replicas)]
+
+
+async def _ready(proc: asyncio.subprocess.Process) -> dict[str, Any]:
+    assert proc.stdout is not None
+    line = await proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"sessionmesh: an agent failed to start (exit {await proc.wait()})")
+    ready: dict[str, Any] = json.loads(line)
+    return ready
+
+
+#: A replica that ran this long before it died is restarted at once, not after a backoff.
+HEALTHY_AFTER = 30.0
+MAX_BACKOFF = 30.0
+
+
+class _Supervisor:
+    """Watches `run`'s agent processes: restarts one that dies (``--restart``, with a
+    backoff that doubles while it keeps dying young), and with ``--watch`` restarts the
+    replicas of a file that changed."""
+
+    def __init__(
+        self,
+        files: dict[asyncio.subprocess.Process, str],
+        procs: list[asyncio.subprocess.Process],
+        spawn: Callable[[str], Awaitable[asyncio.subprocess.Process]],
+        args: argparse.Namespace,
+    ) -> None:
+        self.files = files
+        self.procs = procs  # shared with the caller, which stops them all at the end
+        self.spawn = spawn
+        self.policy: str = args.restart
+        self.watch: bool = args.watch
+        loop = asyncio.get_running_loop()
+        self.started = dict.fromkeys(files, loop.time())
+        self.backoff: dict[str, float] = {}
+        self.replacing: set[asyncio.subprocess.Process] = set()  # stopped by us, on purpose
+
+    async def run(self, signals: _Signals) -> None:
+        exits = {asyncio.ensure_future(p.wait()): p for p in self.files}
+        stopping = asyncio.ensure_future(signals.stop.wait())
+        changes: asyncio.Task[set[str]] | None = self._next_change() if self.watch else None
+        try:
+            while (exits or changes) and not signals.stop.is_set():
+                waiting = [stopping, *exits, *([changes] if changes else [])]
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if changes is not None and changes in done:
+                    for proc in [p for p, f in self.files.items() if f in changes.result()]:
+                        say(f"{self.files[proc]} changed: restarting its agent")
+                        self.replacing.add(proc)
+                        proc.send_signal(signal.SIGTERM)
+                    changes = self._next_change()
+                for future in [f for f in done if f in exits]:
+                    proc = exits.pop(future)  # type: ignore[arg-type]  # one of its own
+                    replacement = await self._after_exit(proc, proc.returncode or 0, signals)
+                    if replacement is not None:
+                        exits[asyncio.ensure_future(replacement.wait())] = replacement
+        finally:
+            stopping.cancel()
+            if changes is not None:
+                await cancel_and_wait(changes)
+
+    async def _after_exit(
+        self, proc: asyncio.subprocess.Process, code: int, signals: _Signals
+    ) -> asyncio.subprocess.Process | None:
+        file = self.files.pop(proc)
+        loop = asyncio.get_running_loop()
+        lived = loop.time() - self.started.pop(proc)
+        replaced = proc in self.replacing
+        self.replacing.discard(proc)
+        if not replaced:
+            say(f"an agent process ({file}) exited with {code}")
+            if self.policy == "never" or (self.policy == "on-failure" and code == 0):
+                return None
+            delay = 0.0 if lived > HEALTHY_AFTER else self.backoff.get(file, 0.5)
+            self.backoff[file] = min(MAX_BACKOFF, max(delay, 0.5) * 2)
+            if delay:
+                say(f"restarting it in {delay:g} s")
+                if not await _unless_set(signals.stop, delay):
+                    return None
+        new = await self.spawn(file)
+        self.procs.append(new)
+        try:
+            ready = await _ready(new)
+        except SystemExit as exc:
+            say(str(exc).removeprefix("sessionmesh: "))
+            ready = None
+        if ready is not None:
+            say(f"agent {ready['agent']} (instance {ready['instance']}) up on {ready['address']}")
+        self.files[new] = file
+        self.started[new] = loop.time()
+        return new
+
+    def _next_change(self) -> asyncio.Task[set[str]]:
+        return asyncio.get_running_loop().create_task(_changed(sorted(set(self.files.values()))))
+
+
+async def _changed(files: list[str]) -> set[str]:
+    """The files among ``files`` that changed next (``--watch``, through watchfiles)."""
+    try:
+        from watchfiles import awatch
+    except ImportError:
+        raise SystemExit(
+            "sessionmesh: --watch needs watchfiles: pip install 'sessionmesh[watch]'"
+        ) from None
+    wanted = _real_paths(files)
+    async for batch in awatch(*{os.path.dirname(p) for p in wanted}):
+        hit = {wanted[p] for p in _real_paths([path for _, path in batch]) if p in wanted}
+        if hit:
+            return hit
+    return set()
+
+
+def _real_paths(paths: list[str]) -> dict[str, str]:
+    """Each path by its real path (string work and one stat each: never long enough to
+    matter to the loop)."""
+    return {os.path.realpath(p): p for p in paths}
+
+
+async def _unless_set(event: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds`` unless ``event`` is set first; True if the time ran out."""
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        return True
+    return False
 
 
 def _store(args: argparse.Namespace) -> RegistryStore | None:
@@ -522,6 +648,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="HOST",
         help="the host others dial the agents at (each with its own port)",
+    )
+    run.add_argument(
+        "--restart",
+        choices=("on-failure", "always", "never"),
+        default="on-failure",
+        help="restart an agent process that dies: on-failure (a non-zero exit or a signal; "
+        "the default), always, never; after a backoff that doubles while it keeps dying "
+        "within 30 s (0.5 s to 30 s)",
+    )
+    run.add_argument(
+        "--watch",
+        action="store_true",
+        help="restart a file's agents when it changes (needs watchfiles: sessionmesh[watch])",
     )
     serving_security(run)
     run.set_defaults(run=_run)

@@ -24,7 +24,6 @@ from sessionmesh.client.errors import UsageError
 from sessionmesh.server._registry import Event, RegistryStore
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire import etcd
-from sessionmesh.wire.limits import channel_options
 from sessionmesh.wire.tasks import cancel_and_wait
 
 log = logging.getLogger("sessionmesh.registration")
@@ -48,7 +47,7 @@ class EtcdRegistration:
         self._target = target
         self._api = etcd.api()
         dial = credentials if target.secure and credentials is not None else Credentials()
-        self._channel = dial.channel(target.grpc_target(), channel_options())
+        self._channel = dial.channel(target.grpc_target(), etcd.channel_options())
         self._instance = instance
         self._declared_lost = declared_lost
         self.ttl = max(MIN_TTL, math.ceil(ttl))
@@ -176,7 +175,7 @@ class EtcdStore(RegistryStore):
 
     async def start(self) -> None:
         dial = self._credentials if self._target.secure else Credentials()
-        self._channel = dial.channel(self._target.grpc_target(), channel_options())
+        self._channel = dial.channel(self._target.grpc_target(), etcd.channel_options())
         self._view = MeshClient(
             self._target.url, tls=self._credentials.tls, token=self._credentials.token
         )
