@@ -20,6 +20,7 @@ from sessionmesh.server._dispatch import Dispatcher
 from sessionmesh.server._etcd import EtcdRegistration
 from sessionmesh.server._handlers import add_to_server
 from sessionmesh.server._inject import Injector, RegistryResolver, Resolver, StaticResolver
+from sessionmesh.server._metrics import AgentMetrics
 from sessionmesh.server._registration import Registration
 from sessionmesh.server._security import Authenticator, Verifier, bind, read_tokens
 from sessionmesh.server._service import Servicer
@@ -56,7 +57,7 @@ def agent(name: str | None = None, **settings: Any) -> Callable[[C], C]:
     ``registry``, ``advertise``, ``drain_timeout``, ``threads``, ``remembered_calls``,
     ``remembered_bytes``, and the security ones: ``tls``, ``insecure``, ``token``,
     ``auth_tokens``, ``authenticate``, ``admins``, ``max_sessions_per_principal``; and the
-    limits ``max_streams_per_connection``, ``max_calls_per_stream``).
+    limits ``max_streams_per_connection``, ``max_calls_per_stream``; ``metrics_port``).
 
     Example::
 
@@ -106,6 +107,7 @@ _AGENT_SETTINGS = {
     "max_streams_per_connection",
     "max_calls_per_stream",
     "lost_after",
+    "metrics_port",
 }
 
 
@@ -150,6 +152,7 @@ class Agent:
         max_streams_per_connection: int = DEFAULT_MAX_STREAMS_PER_CONNECTION,
         max_calls_per_stream: int = DEFAULT_MAX_CALLS_PER_STREAM,
         lost_after: float | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         if session_ttl <= 0:
             raise UsageError("session_ttl must be > 0 seconds")
@@ -176,6 +179,9 @@ class Agent:
             )
         #: With etcd: the lease TTL, after which an agent that stopped answering is lost.
         self.lost_after = 5.0 if lost_after is None else lost_after
+        #: Serve Prometheus metrics on this port of ``host`` (0: a free one); None: off.
+        self.metrics_port = metrics_port
+        self.metrics: AgentMetrics | None = None
         #: What this agent dials its registry and its dependencies with.
         self.credentials = Credentials(tls, token)
         self.tls = tls
@@ -307,6 +313,11 @@ class Agent:
             recall=recall.Recall(self.remembered_calls, self.remembered_bytes),
         )
         self._servicer = Servicer(self._dispatcher, self.auth, self.max_calls_per_stream)
+        if self.metrics_port is not None:
+            servicer = self._servicer
+            self.metrics = AgentMetrics(self._store, lambda: len(servicer._exchange_readers))
+            self.metrics.serve(self.host, self.metrics_port, self.tls, insecure=self.insecure)
+            self._dispatcher.metrics = self.metrics
         server = grpc.aio.server(
             options=server_options(self.max_message_bytes, self.max_streams_per_connection),
             interceptors=self._interceptors,
@@ -435,6 +446,8 @@ class Agent:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
         self._server = None
+        if self.metrics is not None:
+            self.metrics.stop()
         log.info("agent %s (instance %s) stopped", self.name, self.instance_id)
 
     async def wait_for_termination(self) -> None:

@@ -135,6 +135,7 @@ async def _serve(args: argparse.Namespace) -> int:
             max_sessions_per_principal=args.max_sessions_per_principal,
             lost_after=args.lost_after,
             advertise=args.advertise,
+            metrics_port=args.metrics_port,
         )
     except UsageError as exc:
         raise SystemExit(f"sessionmesh: {args.file}: {exc}") from None
@@ -154,6 +155,7 @@ async def _serve(args: argparse.Namespace) -> int:
         "address": address,
         "tools": tools,
         "pid": os.getpid(),
+        **({"metrics": agent.metrics.address} if agent.metrics else {}),
     }
     print(json.dumps(ready), flush=True)
     say(f"agent {agent.name} (instance {agent.instance_id}) serving on {address}")
@@ -194,6 +196,7 @@ async def _registry(args: argparse.Namespace) -> int:
             auth_tokens=auth_tokens_from(args),
             registrants=args.registrants,
             store=_store(args),
+            metrics_port=args.metrics_port,
         )
     except UsageError as exc:
         raise SystemExit(f"sessionmesh: {exc}") from None
@@ -278,6 +281,8 @@ async def _run(args: argparse.Namespace) -> int:
             extra += ["--advertise", args.advertise]  # a host: each agent adds its own port
         if args.insecure:
             extra.append("--insecure")
+        if args.metrics:
+            extra += ["--metrics-port", "0"]  # each agent its own; the ready line says where
         if args.drain_timeout is not None:
             extra += ["--drain-timeout", str(args.drain_timeout)]
         for file in args.files:
@@ -501,6 +506,17 @@ def serving_security(p: argparse.ArgumentParser, *, insecure: bool = True) -> No
         )
 
 
+def metrics_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on /metrics at this port of --host (0: a free one; "
+        "needs sessionmesh[metrics])",
+    )
+
+
 def lost_after_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lost-after",
@@ -572,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with an etcd:// registry: the lease after which an agent that stopped "
         "answering is removed and its sessions lost (default 5, at least 2)",
     )
+    metrics_option(serve)
     serving_security(serve)
     serve.add_argument(
         "--admin",
@@ -594,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_argument("--host", default="127.0.0.1")
     registry.add_argument("--port", type=int, default=DEFAULT_REGISTRY_PORT)
     lost_after_option(registry)
+    metrics_option(registry)
     serving_security(registry)
     registry.add_argument(
         "--store",
@@ -661,6 +679,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--watch",
         action="store_true",
         help="restart a file's agents when it changes (needs watchfiles: sessionmesh[watch])",
+    )
+    run.add_argument(
+        "--metrics",
+        action="store_true",
+        help="each agent serves Prometheus metrics on a free port (listed in the ready line)",
     )
     serving_security(run)
     run.set_defaults(run=_run)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from google.protobuf.struct_pb2 import Value
 
     from sessionmesh.server._inject import Injector
+    from sessionmesh.server._metrics import AgentMetrics
     from sessionmesh.server._tool import BoundTool
 
 
@@ -182,6 +184,8 @@ class Dispatcher:
         self.tool_names = sorted(b.spec.name for b in self.bound_tools)
         #: Calls with a call id run in tasks of their own, outliving their RPC: stop() ends them.
         self._detached: set[asyncio.Task[Any]] = set()
+        #: Prometheus metrics, when the agent serves them.
+        self.metrics: AgentMetrics | None = None
 
     # -- deciding, at arrival -----------------------------------------------------------------
 
@@ -351,6 +355,23 @@ class Dispatcher:
     async def execute(self, plan: Plan) -> Any:
         """The tool's result (a Python value); each adapter writes it straight into its
         answer. Failures raise :class:`Fail`."""
+        metrics = self.metrics
+        if metrics is None:
+            return await self._execute(plan)
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await self._execute(plan)
+        except Fail as fail:
+            outcome = outcome_of(fail)
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            metrics.done(plan.bound.spec.name, outcome, started)
+
+    async def _execute(self, plan: Plan) -> Any:
         if plan.earlier is not None:
             return await asyncio.shield(plan.earlier)
         if not plan.call_id:
@@ -370,6 +391,11 @@ class Dispatcher:
         task.add_done_callback(self._detached.discard)
         self._remember(plan, task)
         return await asyncio.shield(task)
+
+
+def outcome_of(fail: Fail) -> str:
+    """A failed call's outcome label: its ErrorInfo reason, else its status code."""
+    return (fail.reason or fail.code.name).lower()
 
 
 def fill(out: Value, bound: BoundTool, result: Any, verb: str = "returned") -> None:

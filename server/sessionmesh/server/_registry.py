@@ -22,6 +22,7 @@ import grpc
 from sessionmesh.client import TLS
 from sessionmesh.client.errors import UsageError
 from sessionmesh.server._errors import Fail
+from sessionmesh.server._metrics import RegistryMetrics
 from sessionmesh.server._security import (
     Authenticator,
     Verifier,
@@ -372,11 +373,14 @@ class Registry:
         auth_tokens: str | Mapping[str, str] | None = None,
         authenticate: Verifier | None = None,
         registrants: str | Mapping[str, Iterable[str]] | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         if lost_after * 1000 < lease_ms:
             raise UsageError("lost_after must be at least one lease")
         self.tls = tls
         self.insecure = insecure
+        self.metrics_port = metrics_port
+        self.metrics: RegistryMetrics | None = None
         tokens = read_tokens(auth_tokens) if auth_tokens is not None else None
         if tokens and not (tls is not None and tls.serves):
             raise UsageError(
@@ -419,6 +423,9 @@ class Registry:
         standard = StandardServices(server, SERVICE_NAME)
         self.port = bind(server, self.host, self.port, self.tls, insecure=self.insecure)
         await self.store.start()
+        if self.metrics_port is not None:
+            self.metrics = RegistryMetrics(self.store.instances)
+            self.metrics.serve(self.host, self.metrics_port, self.tls, insecure=self.insecure)
         await server.start()
         await standard.serving()
         self._server = server
@@ -431,6 +438,8 @@ class Registry:
                 self._servicer.stopping.set()  # Watch and Register streams end, not cut
             await self._server.stop(grace)
             await self.store.stop()
+            if self.metrics is not None:
+                self.metrics.stop()
             self._server = None
 
     async def wait_for_termination(self) -> None:

@@ -1,0 +1,156 @@
+"""Prometheus metrics of an agent or a registry (``--metrics-port``, extra
+``sessionmesh[metrics]``). What is counted per call costs one branch when metrics are off;
+what can be read off the running state (sessions, streams, waiting calls, instances) is
+read when scraped, never kept up to date per call. Labels are bounded: tool names and
+error reasons, never session ids.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from sessionmesh.client import TLS
+from sessionmesh.client.errors import UsageError
+from sessionmesh.server._security import is_loopback
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from sessionmesh.server._session import SessionStore
+    from sessionmesh.v1 import registry_service_pb2 as rpb
+
+#: Call latency buckets, seconds: sub-millisecond calls up to long tools.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def _prometheus() -> Any:
+    try:
+        import prometheus_client
+        import prometheus_client.core  # the metric families collectors yield
+    except ImportError:
+        raise UsageError(
+            "--metrics-port needs prometheus-client: pip install 'sessionmesh[metrics]'"
+        ) from None
+    return prometheus_client
+
+
+class Exporter:
+    """A registry of metrics served on ``/metrics`` over HTTP(S) from a thread."""
+
+    def __init__(self) -> None:
+        self.prometheus = _prometheus()
+        self.registry = self.prometheus.CollectorRegistry()
+        self._server: WSGIServer | None = None
+        self.address = ""
+
+    def serve(self, host: str, port: int, tls: TLS | None, *, insecure: bool) -> str:
+        """Start serving; returns ``host:port``. Same rule as the gRPC port: TLS, or a
+        loopback address, or ``insecure``."""
+        secure = tls is not None and tls.serves
+        if not secure and not is_loopback(host) and not insecure:
+            raise UsageError(
+                f"metrics on {host} would be readable from other machines in plaintext: give "
+                "--tls-cert/--tls-key, bind loopback, or pass --insecure"
+            )
+        server, _ = self.prometheus.start_http_server(
+            port,
+            addr=host,
+            registry=self.registry,
+            certfile=tls.cert if secure and tls else None,
+            keyfile=tls.key if secure and tls else None,
+        )
+        self._server = server
+        self.address = f"{host}:{server.server_address[1]}"
+        return self.address
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class AgentMetrics(Exporter):
+    """An agent's: calls by tool and outcome, their latency, stream chunks; and, read when
+    scraped, sessions (open; created, closed, expired so far), Exchange streams open, calls
+    waiting for their session's turn."""
+
+    def __init__(self, store: SessionStore, exchange_streams: Callable[[], int]) -> None:
+        super().__init__()
+        p, r = self.prometheus, self.registry
+        self.calls = p.Counter(
+            "sessionmesh_calls", "Tool calls, by tool and outcome", ["tool", "outcome"], registry=r
+        )
+        self.seconds = p.Histogram(
+            "sessionmesh_call_seconds", "Tool call latency", ["tool"], buckets=BUCKETS, registry=r
+        )
+        self.chunks = p.Counter(
+            "sessionmesh_stream_chunks", "Chunks streamed, by tool", ["tool"], registry=r
+        )
+        r.register(_StateCollector(p, store, exchange_streams))
+
+    def done(self, tool: str, outcome: str, started: float, chunks: int = 0) -> None:
+        self.calls.labels(tool, outcome).inc()
+        self.seconds.labels(tool).observe(time.perf_counter() - started)
+        if chunks:
+            self.chunks.labels(tool).inc(chunks)
+
+
+class _StateCollector:
+    def __init__(self, p: Any, store: SessionStore, exchange_streams: Callable[[], int]) -> None:
+        self.p = p
+        self.store = store
+        self.exchange_streams = exchange_streams
+
+    def collect(self) -> Iterable[Any]:
+        core = self.p.core
+        store = self.store
+        yield core.GaugeMetricFamily(
+            "sessionmesh_sessions_open", "Sessions open on this agent", value=len(store)
+        )
+        events = core.CounterMetricFamily(
+            "sessionmesh_sessions", "Sessions so far, by what happened", labels=["event"]
+        )
+        for event, count in store.counters.items():
+            events.add_metric([event], count)
+        yield events
+        yield core.GaugeMetricFamily(
+            "sessionmesh_exchange_streams_open",
+            "Exchange streams open to this agent",
+            value=self.exchange_streams(),
+        )
+        yield core.GaugeMetricFamily(
+            "sessionmesh_calls_waiting",
+            "Calls waiting for their session's turn",
+            value=sum(s.waiting for s in store.sessions()),
+        )
+
+
+class RegistryMetrics(Exporter):
+    """A registry's: instances by state, read when scraped."""
+
+    def __init__(self, instances: Callable[[], list[rpb.Instance]]) -> None:
+        super().__init__()
+        self.registry.register(_InstancesCollector(self.prometheus, instances))
+
+
+class _InstancesCollector:
+    def __init__(self, p: Any, instances: Callable[[], list[rpb.Instance]]) -> None:
+        self.p = p
+        self.instances = instances
+
+    def collect(self) -> Iterable[Any]:
+        from sessionmesh.v1 import registry_service_pb2 as rpb
+
+        family = self.p.core.GaugeMetricFamily(
+            "sessionmesh_instances", "Registered instances, by state", labels=["state"]
+        )
+        counts = dict.fromkeys(("serving", "draining", "unreachable"), 0)
+        for instance in self.instances():
+            state = rpb.InstanceState.Name(instance.state).removeprefix("INSTANCE_STATE_").lower()
+            counts[state] = counts.get(state, 0) + 1
+        for state, count in counts.items():
+            family.add_metric([state], count)
+        yield family

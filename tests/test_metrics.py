@@ -1,0 +1,87 @@
+"""Prometheus metrics, scraped over HTTP as Prometheus would, while the mesh works."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sessionmesh import mesh
+from sessionmesh.client.errors import InvalidArguments, ToolFailed
+from sessionmesh.testing import eventually, running_agent
+from tests.tools import fail, increment, stream_count
+
+pytestmark = pytest.mark.anyio
+
+
+async def scrape(address: str) -> tuple[dict[tuple[str, tuple[tuple[str, str], ...]], float], str]:
+    def get() -> str:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+            return str(response.read().decode())
+
+    text = await asyncio.to_thread(get)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    return samples, text
+
+
+async def test_an_agent_counts_calls_sessions_and_streams() -> None:
+    async with running_agent(increment, stream_count, fail, metrics_port=0) as (agent, client):
+        assert agent.metrics is not None
+        async with client.proxy("session_counter", session_required=True) as counter:
+            for n in (1, 2, 3):
+                await counter(increment=n)
+            with pytest.raises(InvalidArguments):
+                await counter(increment="x")
+            chunks = [c async for c in counter.call_tool_auto("stream_count", {"n": 4})]
+            assert len(chunks) == 4
+            with pytest.raises(ToolFailed):
+                await client.proxy("fail")(message="boom")
+            samples, text = await scrape(agent.metrics.address)
+            assert (
+                samples[("sessionmesh_calls_total", (("outcome", "ok"), ("tool", "increment")))]
+                == 3
+            )
+            assert (
+                samples[("sessionmesh_calls_total", (("outcome", "ok"), ("tool", "stream_count")))]
+                == 1
+            )
+            assert (
+                samples[("sessionmesh_calls_total", (("outcome", "tool_failed"), ("tool", "fail")))]
+                == 1
+            )
+            assert samples[("sessionmesh_stream_chunks_total", (("tool", "stream_count"),))] == 4
+            assert samples[("sessionmesh_call_seconds_count", (("tool", "increment"),))] == 3
+            assert samples[("sessionmesh_sessions_open", ())] == 1
+            assert samples[("sessionmesh_sessions_total", (("event", "created"),))] == 1
+            assert samples[("sessionmesh_exchange_streams_open", ())] == 1
+            assert samples[("sessionmesh_calls_waiting", ())] == 0
+            assert str(counter.session_id) not in text  # never a session id
+            assert mesh.short_id(str(counter.session_id)) not in text
+        samples, _ = await scrape(agent.metrics.address)
+        assert samples[("sessionmesh_sessions_open", ())] == 0
+        assert samples[("sessionmesh_sessions_total", (("event", "closed"),))] == 1
+
+
+async def test_a_registry_counts_instances_by_state() -> None:
+    async with mesh.Registry(metrics_port=0) as registry:
+        assert registry.metrics is not None
+        agent = mesh.Agent([increment], registry=registry.address)
+        await agent.start()
+        try:
+            async with mesh.connect(registry=registry.address) as client:
+                await client.ready()
+                address = registry.metrics.address
+
+                async def serving() -> bool:
+                    samples, _ = await scrape(address)
+                    return samples[("sessionmesh_instances", (("state", "serving"),))] == 1
+
+                await eventually(serving, what="the registry counts one serving instance")
+        finally:
+            await agent.stop(grace=0)
