@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -385,3 +386,24 @@ def test_run_watch_restarts_the_agents_of_a_file_that_changed(tmp_path: Path) ->
             return bool(_instances(registry) - {agent["instance"]})
 
         wait_until(restarted, within=30, what="the changed file's agent is restarted")
+
+
+def test_run_passes_on_what_its_agents_print_each_line_with_its_agent(tmp_path: Path) -> None:
+    noisy = tmp_path / "noisy.py"
+    noisy.write_text(
+        "from sessionmesh import mesh\n\n\n"
+        "@mesh.tool\n"
+        "def shout(text: str) -> str:\n"
+        "    print(f'the tool says {text}')\n"
+        "    return text\n"
+    )
+    with process_blocking("run", str(noisy), "--registry-port", "0") as (run, ready):
+        [agent] = ready["agents"]
+        called = _cli("call", "shout", '{"text": "hi"}', registry=ready["registry"])
+        assert called.returncode == 0, called.stderr
+        assert run.stdout is not None
+        with selectors.DefaultSelector() as readable:
+            readable.register(run.stdout, selectors.EVENT_READ)
+            assert readable.select(20), "nothing passed on within 20 s"
+            line = run.stdout.readline()
+        assert line == f"[noisy {agent['instance']}] the tool says hi\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -218,18 +219,74 @@ async def _registry(args: argparse.Namespace) -> int:
 
 
 async def _spawn(
-    file: str, registry: str, extra: Sequence[str], env: dict[str, str]
+    file: str, registry: str, extra: Sequence[str], env: dict[str, str], output: _Output
 ) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
+    proc = await asyncio.create_subprocess_exec(
         *[sys.executable, "-m", "sessionmesh.server._cli", "serve", file],
         *["--registry", registry, "--stop-with-parent", *extra],
-        env={**os.environ, **env},
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         # Its own session: a Ctrl-C in the terminal reaches `run` alone, which then stops
         # the agents in order (a second Ctrl-C: at once).
         start_new_session=True,
     )
+    output.follow(proc, Path(file).stem)
+    return proc
+
+
+#: ANSI colours for the agents' prefixes on a terminal.
+_COLOURS = ("36", "33", "35", "32", "34", "31")
+
+
+class _Output:
+    """Every line the agent processes write, passed on with who wrote it: ``[counter
+    1a2b3c4d] ...`` (coloured on a terminal). Their stderr goes to ours; their stdout (a
+    tool's print()) to ours, after the ready line `run` reads itself."""
+
+    def __init__(self) -> None:
+        self.labels: dict[asyncio.subprocess.Process, str] = {}
+        self.pumps: set[asyncio.Task[None]] = set()
+        self._colours: dict[str, str] = {}
+
+    def follow(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self.labels[proc] = name
+        assert proc.stderr is not None
+        self._pump(proc, proc.stderr, sys.stderr)
+
+    def ready(self, proc: asyncio.subprocess.Process, ready: dict[str, Any]) -> None:
+        self.labels[proc] = f"{ready['agent']} {ready['instance']}"
+        assert proc.stdout is not None
+        self._pump(proc, proc.stdout, sys.stdout)
+
+    def _pump(
+        self, proc: asyncio.subprocess.Process, stream: asyncio.StreamReader, out: Any
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(self._lines(proc, stream, out))
+        self.pumps.add(task)
+        task.add_done_callback(self.pumps.discard)
+
+    async def _lines(
+        self, proc: asyncio.subprocess.Process, stream: asyncio.StreamReader, out: Any
+    ) -> None:
+        while line := await stream.readline():
+            label = self.labels[proc]
+            prefix = f"[{label}]"
+            if out.isatty():
+                colour = self._colours.setdefault(
+                    label.split()[0], _COLOURS[len(self._colours) % len(_COLOURS)]
+                )
+                prefix = f"\033[{colour}m{prefix}\033[0m"
+            with contextlib.suppress(BrokenPipeError):
+                out.write(f"{prefix} {line.decode(errors='replace')}")
+                out.flush()
+
+    async def aclose(self) -> None:
+        """Pass on what the exited agents still had to say, then stop."""
+        if self.pumps:
+            await asyncio.wait(list(self.pumps), timeout=2)
+        await cancel_and_wait(*self.pumps)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -271,6 +328,7 @@ async def _run(args: argparse.Namespace) -> int:
         say(f"embedded registry on {address}")
     procs: list[asyncio.subprocess.Process] = []
     agents: list[dict[str, Any]] = []
+    output = _Output()
     try:
         extra = ["--debug"] if args.debug else []
         if on_etcd and args.lost_after is not None:
@@ -287,18 +345,22 @@ async def _run(args: argparse.Namespace) -> int:
             extra += ["--drain-timeout", str(args.drain_timeout)]
         for file in args.files:
             for _ in range(args.replicas):
-                procs.append(await _spawn(file, address, extra, env))
+                procs.append(await _spawn(file, address, extra, env, output))
         files = {
             proc: file for proc, file in zip(procs, _each(args.files, args.replicas), strict=True)
         }
         for proc in procs:
             agents.append(await _ready(proc))
+            output.ready(proc, agents[-1])
         print(json.dumps({"registry": address, "agents": agents}), flush=True)
         say(f"{len(agents)} agent process(es) up; Ctrl-C stops everything")
-        supervisor = _Supervisor(files, procs, lambda f: _spawn(f, address, extra, env), args)
+        supervisor = _Supervisor(
+            files, procs, lambda f: _spawn(f, address, extra, env, output), output, args
+        )
         await supervisor.run(signals)
     finally:
         await _stop_all(procs, signals)
+        await output.aclose()
         if registry is not None:
             await registry.stop()
     return 0
@@ -332,8 +394,10 @@ class _Supervisor:
         files: dict[asyncio.subprocess.Process, str],
         procs: list[asyncio.subprocess.Process],
         spawn: Callable[[str], Awaitable[asyncio.subprocess.Process]],
+        output: _Output,
         args: argparse.Namespace,
     ) -> None:
+        self.output = output
         self.files = files
         self.procs = procs  # shared with the caller, which stops them all at the end
         self.spawn = spawn
@@ -394,6 +458,7 @@ class _Supervisor:
             say(str(exc).removeprefix("sessionmesh: "))
             ready = None
         if ready is not None:
+            self.output.ready(new, ready)
             say(f"agent {ready['agent']} (instance {ready['instance']}) up on {ready['address']}")
         self.files[new] = file
         self.started[new] = loop.time()
