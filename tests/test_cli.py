@@ -407,3 +407,17 @@ def test_run_passes_on_what_its_agents_print_each_line_with_its_agent(tmp_path: 
             assert readable.select(20), "nothing passed on within 20 s"
             line = run.stdout.readline()
         assert line == f"[noisy {agent['instance']}] the tool says hi\n"
+
+
+def test_log_lines_as_json_for_machines(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.py"
+    broken.write_text("x = 1\n")
+    out = subprocess.run(
+        [*CLI, "--log-format", "json", "serve", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode != 0
+    [line] = out.stderr.strip().splitlines()
+    assert "no @mesh.tool functions found" in json.loads(line)["message"]

@@ -40,7 +40,12 @@ __all__ = [
 
 
 def say(message: str) -> None:
-    print(f"sessionmesh: {message}", file=sys.stderr, flush=True)
+    """A notice for the person running the command (a JSON line with --log-format json)."""
+    if os.environ.get("SESSIONMESH_LOG_FORMAT") == "json":
+        line = json.dumps({"level": "NOTICE", "logger": "sessionmesh", "message": message})
+        print(line, file=sys.stderr, flush=True)
+    else:
+        print(f"sessionmesh: {message}", file=sys.stderr, flush=True)
 
 
 def registry_address(args: argparse.Namespace, *, required: bool) -> str | None:

@@ -599,6 +599,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
     parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=os.environ.get(LOG_FORMAT_ENV, "text"),
+        help=f"log lines for people, or one JSON object a line for machines (${LOG_FORMAT_ENV}; "
+        "run's agents inherit it)",
+    )
+    parser.add_argument(
         "--version",
         action="version",
         version=f"%(prog)s {importlib.metadata.version('sessionmesh')}",
@@ -757,18 +764,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LOG_FORMAT_ENV = "SESSIONMESH_LOG_FORMAT"
+
+
+class _JsonLines(logging.Formatter):
+    """One JSON object a line: time, level, logger, message (and the traceback, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = args.command in client_commands.COMMANDS
+    os.environ[LOG_FORMAT_ENV] = args.log_format  # what run's agents log in, too
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _JsonLines()
+        if args.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
     )
     try:
         return int(asyncio.run(args.run(args)))
     except KeyboardInterrupt:
         return 130
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        say(exc.code.removeprefix("sessionmesh: "))  # in the log format asked for
+        return 1
     except MeshError as exc:
         say(str(exc))
         return 1
