@@ -22,7 +22,7 @@ from sessionmesh.server._handlers import add_to_server
 from sessionmesh.server._inject import Injector, RegistryResolver, Resolver, StaticResolver
 from sessionmesh.server._metrics import AgentMetrics
 from sessionmesh.server._registration import Registration
-from sessionmesh.server._security import Authenticator, Verifier, bind, read_tokens
+from sessionmesh.server._security import Authenticator, Verifier, bind
 from sessionmesh.server._service import Servicer
 from sessionmesh.server._session import SessionStore
 from sessionmesh.server._standard import StandardServices
@@ -186,18 +186,7 @@ class Agent:
         self.credentials = Credentials(tls, token)
         self.tls = tls
         self.insecure = insecure
-        tokens = read_tokens(auth_tokens) if auth_tokens is not None else None
-        if tokens and not (tls is not None and tls.serves):
-            raise UsageError(
-                "auth_tokens (--auth-tokens) need TLS: a bearer token sent in plaintext can be "
-                "read off the wire; give --tls-cert and --tls-key"
-            )
-        self.auth = Authenticator(
-            tokens=tokens,
-            verify=authenticate,
-            certificates=tls is not None and tls.client_ca is not None,
-            admins=admins,
-        )
+        self.auth = Authenticator.serving(tls, auth_tokens, authenticate, admins)
         self.max_sessions_per_principal = max_sessions_per_principal
         self.name = name
         self.host = host

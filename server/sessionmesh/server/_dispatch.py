@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -358,18 +357,8 @@ class Dispatcher:
         metrics = self.metrics
         if metrics is None:
             return await self._execute(plan)
-        started = time.perf_counter()
-        outcome = "ok"
-        try:
+        with metrics.call(plan.bound.spec.name):
             return await self._execute(plan)
-        except Fail as fail:
-            outcome = outcome_of(fail)
-            raise
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        finally:
-            metrics.done(plan.bound.spec.name, outcome, started)
 
     async def _execute(self, plan: Plan) -> Any:
         if plan.earlier is not None:
@@ -391,11 +380,6 @@ class Dispatcher:
         task.add_done_callback(self._detached.discard)
         self._remember(plan, task)
         return await asyncio.shield(task)
-
-
-def outcome_of(fail: Fail) -> str:
-    """A failed call's outcome label: its ErrorInfo reason, else its status code."""
-    return (fail.reason or fail.code.name).lower()
 
 
 def fill(out: Value, bound: BoundTool, result: Any, verb: str = "returned") -> None:

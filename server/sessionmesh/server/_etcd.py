@@ -21,7 +21,7 @@ import grpc
 
 from sessionmesh.client import Credentials, MeshClient
 from sessionmesh.client.errors import UsageError
-from sessionmesh.server._registry import Event, RegistryStore
+from sessionmesh.server._registry import RegistryStore
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire import etcd
 from sessionmesh.wire.tasks import cancel_and_wait
@@ -156,6 +156,7 @@ class EtcdStore(RegistryStore):
     lease (``lost_after``); an agent that re-registers elsewhere meanwhile keeps its key."""
 
     def __init__(self, url: str, credentials: Credentials | None = None, ttl: float = 5.0) -> None:
+        super().__init__()
         try:
             target = etcd.parse(url)
             self._api = etcd.api()
@@ -170,7 +171,6 @@ class EtcdStore(RegistryStore):
         self._channel: grpc.aio.Channel | None = None
         #: instance id -> (its lease, the Instance this registry last put).
         self._mine: dict[str, tuple[int, rpb.Instance]] = {}
-        self._watchers: set[asyncio.Queue[Event]] = set()
         self._keepalive: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -182,10 +182,6 @@ class EtcdStore(RegistryStore):
         self._view.watch.listeners.append(self._tell)
         await self._view.ready(within=10)
         self._keepalive = asyncio.get_running_loop().create_task(self._keep_alive())
-
-    def _tell(self, change: rpb.WatchResponse.Change.ValueType, instance: rpb.Instance) -> None:
-        for queue in self._watchers:
-            queue.put_nowait((change, instance))
 
     async def put(self, instance: rpb.Instance) -> None:
         assert self._channel is not None
@@ -230,14 +226,6 @@ class EtcdStore(RegistryStore):
 
     def instances(self) -> list[rpb.Instance]:
         return self._view.instances() if self._view is not None else []
-
-    def subscribe(self) -> tuple[list[rpb.Instance], asyncio.Queue[Event]]:
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._watchers.add(queue)
-        return self.instances(), queue
-
-    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
-        self._watchers.discard(queue)
 
     async def stop(self) -> None:
         # Leases are not revoked: agents re-registering with another registry keep their keys.

@@ -29,7 +29,6 @@ from sessionmesh.server._security import (
     bind,
     denied,
     read_registrants,
-    read_tokens,
 )
 from sessionmesh.server._standard import StandardServices
 from sessionmesh.v1 import registry_service_pb2 as rpb
@@ -62,7 +61,24 @@ def provides(instance: rpb.Instance, capability: str) -> bool:
 
 class RegistryStore(abc.ABC):
     """Where the registry keeps instances, and who hears of changes. ``put`` and ``remove``
-    may wait on a remote store (etcd); the view (``instances``, ``subscribe``) is local."""
+    may wait on a remote store (etcd); the view (``instances``, ``subscribe``) is local, and
+    an implementation tells its watchers of every change with ``_tell``."""
+
+    def __init__(self) -> None:
+        self._watchers: set[asyncio.Queue[Event]] = set()
+
+    def _tell(self, change: rpb.WatchResponse.Change.ValueType, instance: rpb.Instance) -> None:
+        for queue in self._watchers:
+            queue.put_nowait((change, instance))
+
+    def subscribe(self) -> tuple[list[rpb.Instance], asyncio.Queue[Event]]:
+        """The instances now, and a queue of every change after that, atomically."""
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._watchers.add(queue)
+        return self.instances(), queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
+        self._watchers.discard(queue)
 
     async def start(self) -> None:  # noqa: B027  # an optional hook
         """Before the registry serves."""
@@ -83,22 +99,11 @@ class RegistryStore(abc.ABC):
     def instances(self) -> list[rpb.Instance]:
         """Every instance now."""
 
-    @abc.abstractmethod
-    def subscribe(self) -> tuple[list[rpb.Instance], asyncio.Queue[Event]]:
-        """The instances now, and a queue of every change after that, atomically."""
-
-    @abc.abstractmethod
-    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None: ...
-
 
 class MemoryStore(RegistryStore):
     def __init__(self) -> None:
+        super().__init__()
         self._instances: dict[str, rpb.Instance] = {}
-        self._watchers: set[asyncio.Queue[Event]] = set()
-
-    def _tell(self, change: rpb.WatchResponse.Change.ValueType, instance: rpb.Instance) -> None:
-        for queue in self._watchers:
-            queue.put_nowait((change, instance))
 
     async def put(self, instance: rpb.Instance) -> None:
         known = instance.instance_id in self._instances
@@ -114,14 +119,6 @@ class MemoryStore(RegistryStore):
 
     def instances(self) -> list[rpb.Instance]:
         return list(self._instances.values())
-
-    def subscribe(self) -> tuple[list[rpb.Instance], asyncio.Queue[Event]]:
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._watchers.add(queue)
-        return self.instances(), queue
-
-    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
-        self._watchers.discard(queue)
 
 
 class RegistryServicer(rpb_grpc.RegistryServiceServicer):
@@ -381,17 +378,7 @@ class Registry:
         self.insecure = insecure
         self.metrics_port = metrics_port
         self.metrics: RegistryMetrics | None = None
-        tokens = read_tokens(auth_tokens) if auth_tokens is not None else None
-        if tokens and not (tls is not None and tls.serves):
-            raise UsageError(
-                "auth_tokens (--auth-tokens) need TLS: a bearer token sent in plaintext can be "
-                "read off the wire; give --tls-cert and --tls-key"
-            )
-        self.auth = Authenticator(
-            tokens=tokens,
-            verify=authenticate,
-            certificates=tls is not None and tls.client_ca is not None,
-        )
+        self.auth = Authenticator.serving(tls, auth_tokens, authenticate)
         self.registrants = (
             read_registrants(registrants) if isinstance(registrants, str) else registrants
         )

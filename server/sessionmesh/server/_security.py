@@ -146,6 +146,28 @@ class Authenticator:
     """Who is calling, for a server that requires to know. Without tokens, a verifier or a
     client CA it is off, and every caller is the anonymous principal ``""``."""
 
+    @classmethod
+    def serving(
+        cls,
+        tls: TLS | None,
+        auth_tokens: str | Mapping[str, str] | None,
+        authenticate: Verifier | None,
+        admins: Iterable[str] = (),
+    ) -> Authenticator:
+        """What a server (agent, registry) with these settings accepts; tokens need TLS."""
+        tokens = read_tokens(auth_tokens) if auth_tokens is not None else None
+        if tokens and not (tls is not None and tls.serves):
+            raise UsageError(
+                "auth_tokens (--auth-tokens) need TLS: a bearer token sent in plaintext can be "
+                "read off the wire; give --tls-cert and --tls-key"
+            )
+        return cls(
+            tokens=tokens,
+            verify=authenticate,
+            certificates=tls is not None and tls.client_ca is not None,
+            admins=admins,
+        )
+
     def __init__(
         self,
         *,

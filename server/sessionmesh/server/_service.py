@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from sessionmesh.server._dispatch import Dispatcher, Plan, fill, outcome_of
+from sessionmesh.server._dispatch import Dispatcher, Plan, fill
 from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream, not_json
 from sessionmesh.server._handlers import Undecodable
 from sessionmesh.server._security import Authenticator
@@ -27,6 +27,7 @@ from sessionmesh.wire.reasons import Reason
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
+    from sessionmesh.server._metrics import Timing
     from sessionmesh.server._tool import BoundTool
 
 
@@ -293,26 +294,15 @@ class Servicer(pb_grpc.SessionServiceServicer):
         if metrics is None:
             await self._chunks(plan, flow, context)
             return
-        started = time.perf_counter()
-        outcome = "ok"
-        count = [0]
-        try:
-            await self._chunks(plan, flow, context, count)
-        except Fail as fail:
-            outcome = outcome_of(fail)
-            raise
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        finally:
-            metrics.done(plan.bound.spec.name, outcome, started, count[0])
+        with metrics.call(plan.bound.spec.name) as timing:
+            await self._chunks(plan, flow, context, timing)
 
     async def _chunks(
         self,
         plan: Plan,
         flow: Flow,
         context: grpc.aio.ServicerContext[Any, Any],
-        count: list[int] | None = None,
+        timing: Timing | None = None,
     ) -> None:
         bound = plan.bound
         stream_timeout = bound.spec.options.stream_timeout
@@ -333,8 +323,8 @@ class Servicer(pb_grpc.SessionServiceServicer):
                                     await flow.credit()
                                 flow.sent += 1
                             await write(message)
-                            if count is not None:
-                                count[0] += 1
+                            if timing is not None:
+                                timing.chunks += 1
                     finally:
                         await chunks.aclose()
             except (asyncio.CancelledError, Fail):
