@@ -170,6 +170,29 @@ async def mtls_vs_plaintext(addresses: dict[str, str], pairs: int, n: int) -> di
     return {"mtls_vs_plaintext_p50": spread(ratios), "mtls_call_p50_us": took["tls"]}
 
 
+async def traced_vs_not(addresses: dict[str, str], pairs: int, n: int) -> dict[str, Any]:
+    """A session call with tracing on in the caller (the OpenTelemetry SDK recording every
+    span, exporting nowhere) vs off, alternating."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from sessionmesh.client import tracing
+
+    provider = TracerProvider()
+    ratios: list[float] = []
+    async with mesh.connect(addresses["agent"]) as agent:
+        async with agent.proxy("bump", session_required=True) as counter:
+            await counter(**ARGS)
+            for i in range(pairs):
+                took = {}
+                for name in ("on", "off") if i % 2 == 0 else ("off", "on"):
+                    if name == "on":
+                        tracing.enable(provider)
+                    took[name] = pct(await timed(functools.partial(counter, **ARGS), n), 0.5)
+                    tracing.disable()
+                ratios.append(took["on"] / took["off"])
+    return {"traced_vs_not_p50": spread(ratios)}
+
+
 async def serve() -> None:
     raw = grpc.aio.server()
     # Only Call, Exchange and StreamCall are measured; the rest stay unimplemented.
@@ -405,6 +428,7 @@ async def measure(addresses: dict[str, str], quick: bool) -> dict[str, Any]:
                 results["injected_call_p50_us"] = took["injected"]
     results["injected_vs_direct_p50"] = spread(injected)
     results.update(await mtls_vs_plaintext(addresses, pairs, n))
+    results.update(await traced_vs_not(addresses, pairs, n))
     await raw_channel.close()
     return results
 
@@ -568,6 +592,12 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             "mtls_vs_plaintext_p50",
             "≈ 1",
             f"{r['mtls_call_p50_us']:.0f} {us} over mTLS (last pair)",
+        ),
+        row(
+            "session call p50, caller traced ÷ not",
+            "traced_vs_not_p50",
+            "-",
+            "OpenTelemetry SDK recording spans in the caller",
         ),
         row(
             "injected-proxy call ÷ direct proxy call",

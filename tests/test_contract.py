@@ -40,6 +40,7 @@ PUBLIC_MODULES = [
     "sessionmesh.client",
     "sessionmesh.client.errors",
     "sessionmesh.client.cli",
+    "sessionmesh.client.tracing",
     "sessionmesh.server",
     "sessionmesh.testing",
 ]

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import math
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import anyio
@@ -94,7 +94,13 @@ class MemoryEndpoint(Endpoint):
             plan.abandon()
             raise
 
-    def stream(self, session_id: str, create: bool, deadline: float | None) -> StreamCall:
+    def stream(
+        self,
+        session_id: str,
+        create: bool,
+        deadline: float | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> StreamCall:
         return MemoryStreamCall(self, session_id, create, deadline)
 
     async def create_session(self, tool: str, deadline: float | None) -> str:

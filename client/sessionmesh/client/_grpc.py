@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -116,6 +116,8 @@ class GrpcEndpoint(Endpoint):
         """A unary Call: a refusal (say, over the agent's size limit) then fails this call
         only, and it does not hold up the small calls behind it on the shared stream."""
         md = _session_headers(message.session_id, message.create_session)
+        if message.metadata:
+            md = (*(md or ()), *message.metadata.items())
         call = self._stub.Call(message.call, metadata=md, timeout=deadline)
         try:
             response = await call
@@ -126,8 +128,16 @@ class GrpcEndpoint(Endpoint):
             return Answer(_session_id(exc.initial_metadata()), Value(), failure)
         return Answer(_session_id(await call.initial_metadata()), response.result, None)
 
-    def stream(self, session_id: str, create: bool, deadline: float | None) -> StreamCall:
+    def stream(
+        self,
+        session_id: str,
+        create: bool,
+        deadline: float | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> StreamCall:
         md = _session_headers(session_id, create)
+        if headers:
+            md = (*(md or ()), *headers.items())
         return GrpcStreamCall(self._stub.StreamCall(metadata=md, timeout=deadline))
 
     async def create_session(self, tool: str, deadline: float | None) -> str:

@@ -9,6 +9,7 @@ import random
 from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+from sessionmesh.client import tracing
 from sessionmesh.client._auto_session import AutoSession, Route
 from sessionmesh.client._encode import encode_arguments
 from sessionmesh.client._status import in_python_terms
@@ -267,12 +268,27 @@ class BaseProxy:
             message.timeout.FromNanoseconds(int(timeout * 1e9))
         if opts.retry_count:
             request.call_id = self._auto.next_call_id()
+        tracer = tracing.tracer()
+        if tracer is not None:
+            with tracing.client_span(tracer, tool, self._tool) as span:
+                tracing.inject(message.metadata)
+                try:
+                    return await self._retrying(message, session_id, timeout)
+                finally:
+                    if self._auto.session_id:
+                        span.set_attribute("sessionmesh.session", short(self._auto.session_id))
+        return await self._retrying(message, session_id, timeout)
+
+    async def _retrying(
+        self, message: pb.ExchangeRequest, session_id: str | None, deadline: float | None
+    ) -> Any:
+        opts = self._opts
         alone = message.ByteSize() > EXCHANGE_MAX_BYTES  # sized once, not per attempt
         attempt = 0
         moved = False
         while True:
             try:
-                return await self._attempt(message, session_id, alone, timeout)
+                return await self._attempt(message, session_id, alone, deadline)
             except AgentUnavailable as error:
                 if message.create_session and error.reason == Reason.SHUTTING_DOWN and not moved:
                     moved = True

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Generator
 from typing import TYPE_CHECKING, Any
 
+from sessionmesh.client import tracing
 from sessionmesh.client._encode import encode_arguments, encode_input
 from sessionmesh.client.errors import MeshError, UsageError
 from sessionmesh.v1 import session_service_pb2 as pb
@@ -31,6 +32,7 @@ class ChunkStream:
     __slots__ = (
         "_args",
         "_call",
+        "_chunks",
         "_done",
         "_failure",
         "_feeder",
@@ -38,6 +40,7 @@ class ChunkStream:
         "_messages",
         "_proxy",
         "_session_id",
+        "_span",
         "_tool",
         "_unacked",
         "_window",
@@ -64,6 +67,8 @@ class ChunkStream:
         self._done = False
         self._failure: MeshError | None = None  # an input item refused before sending
         self._session_id = ""
+        self._span: Any = None  # the stream's span, when tracing is on
+        self._chunks = 0
 
     def __aiter__(self) -> ChunkStream:
         return self
@@ -108,8 +113,12 @@ class ChunkStream:
             if creating:
                 proxy.opened(endpoint, None)
             raise
+        headers = None
+        tracer = tracing.tracer()
+        if tracer is not None:
+            self._span, headers = tracing.start_stream_span(tracer, self._tool, proxy.tool)
         # Inside a tool, the stream gets no more than what remains of the call it serves.
-        call = endpoint.stream(sid, creating, bounded(proxy.settings.stream_timeout))
+        call = endpoint.stream(sid, creating, bounded(proxy.settings.stream_timeout), headers)
         self._call = call
         try:
             await call.open(start)
@@ -162,10 +171,11 @@ class ChunkStream:
             self._finish()
             raise
         except BaseException as exc:
-            self._finish()
             if self._failure is not None:
+                self._finish(self._failure)
                 raise self._failure from None
             error = self._proxy.failed(self._session_id, call.failure(exc))
+            self._finish(error)
             if error is exc:
                 raise
             raise error from exc
@@ -185,16 +195,20 @@ class ChunkStream:
                 async with self._write_lock:
                     # The agent may have finished already; the next read tells how it ended.
                     await call.send(pb.StreamCallRequest(credit=credit))
+        self._chunks += 1
         return from_value(message.chunk)
 
-    def _finish(self) -> None:
+    def _finish(self, error: BaseException | None = None) -> None:
         self._done = True
         if self._feeder is not None:
             self._feeder.cancel()
+        if self._span is not None:
+            span, self._span = self._span, None
+            tracing.end_span(span, error, chunks=self._chunks)
 
     async def aclose(self) -> None:
         """Stop the stream; the tool is cancelled on the agent."""
-        self._finish()
+        self._finish(None if self._done else asyncio.CancelledError())
         if self._call is not None:
             self._call.cancel()
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from sessionmesh.client.errors import UsageError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Mapping
 
     from google.protobuf.struct_pb2 import Value
 
@@ -90,8 +90,15 @@ class Endpoint(abc.ABC):
         """Run one call. ``alone``: too big to share a stream with other calls."""
 
     @abc.abstractmethod
-    def stream(self, session_id: str, create: bool, deadline: float | None) -> StreamCall:
-        """A StreamCall in ``session_id`` (or opening a session, or neither), not yet opened."""
+    def stream(
+        self,
+        session_id: str,
+        create: bool,
+        deadline: float | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> StreamCall:
+        """A StreamCall in ``session_id`` (or opening a session, or neither), not yet opened;
+        ``headers`` travel with it (trace context)."""
 
     @abc.abstractmethod
     async def create_session(self, tool: str, deadline: float | None) -> str:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from sessionmesh.client import tracing
 from sessionmesh.server._errors import (
     Fail,
     invalid_arguments,
@@ -20,6 +21,7 @@ from sessionmesh.server._errors import (
     session_not_found,
     tool_not_found,
 )
+from sessionmesh.server._observe import observing
 from sessionmesh.server._params import ArgumentError
 from sessionmesh.server._recall import Recall, Remembered
 from sessionmesh.server._security import denied
@@ -44,7 +46,7 @@ from sessionmesh.wire.tasks import cancel_and_wait
 log = logging.getLogger("sessionmesh.agent")
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
     from contextlib import AbstractAsyncContextManager
     from contextvars import Token
     from types import TracebackType
@@ -63,6 +65,7 @@ class Plan:
     __slots__ = (
         "bound",
         "call_id",
+        "carrier",
         "created",
         "deadline",
         "earlier",
@@ -90,6 +93,8 @@ class Plan:
         self.kwargs: dict[str, Any] = {}
         self.turn: Turn | None = None
         self.principal = ""  # who called ("" without authentication)
+        #: The caller's trace context (W3C headers), when tracing is on.
+        self.carrier: Mapping[str, str] | None = None
         #: The caller's deadline (event loop time), if it sent one: calls the tool makes
         #: through its proxies get no more time than remains of it.
         self.deadline: float | None = None
@@ -354,10 +359,10 @@ class Dispatcher:
     async def execute(self, plan: Plan) -> Any:
         """The tool's result (a Python value); each adapter writes it straight into its
         answer. Failures raise :class:`Fail`."""
-        metrics = self.metrics
-        if metrics is None:
+        metrics, tracer = self.metrics, tracing.tracer()
+        if metrics is None and tracer is None:
             return await self._execute(plan)
-        with metrics.call(plan.bound.spec.name):
+        with observing(plan, metrics, tracer, self.agent_name, self.store.instance_id):
             return await self._execute(plan)
 
     async def _execute(self, plan: Plan) -> Any:

@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from sessionmesh.client import tracing
 from sessionmesh.server._dispatch import Dispatcher, Plan, fill
 from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream, not_json
 from sessionmesh.server._handlers import Undecodable
+from sessionmesh.server._observe import observing
 from sessionmesh.server._security import Authenticator
 from sessionmesh.server._session import SessionNotFoundError
 from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, Flow, pump
@@ -27,7 +29,7 @@ from sessionmesh.wire.reasons import Reason
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
-    from sessionmesh.server._metrics import Timing
+    from sessionmesh.server._observe import Counted
     from sessionmesh.server._tool import BoundTool
 
 
@@ -88,6 +90,8 @@ class Servicer(pb_grpc.SessionServiceServicer):
             principal = await self.auth.principal(context) if self.auth.on else ""
             plan = self.dispatcher.plan(request, *_metadata(context), principal)
             plan.expires_in(context.time_remaining())
+            if tracing.tracer() is not None:
+                plan.carrier = _trace_headers(context)
             try:
                 if plan.new_id:
                     await context.send_initial_metadata(((SESSION_ID_KEY, plan.new_id),))
@@ -180,6 +184,8 @@ class Servicer(pb_grpc.SessionServiceServicer):
             except Fail as fail:
                 task = loop.create_task(_send_failure(answer, fail, context, write))
             else:
+                if message.metadata:
+                    plan.carrier = message.metadata
                 task = loop.create_task(self._exchange(message, plan, answer, context, write))
             running[message.id] = task
             task.add_done_callback(functools.partial(_forget, running, message.id))
@@ -290,19 +296,23 @@ class Servicer(pb_grpc.SessionServiceServicer):
     async def _stream(
         self, plan: Plan, flow: Flow, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        metrics = self.dispatcher.metrics
-        if metrics is None:
+        dispatcher = self.dispatcher
+        metrics, tracer = dispatcher.metrics, tracing.tracer()
+        if metrics is None and tracer is None:
             await self._chunks(plan, flow, context)
             return
-        with metrics.call(plan.bound.spec.name) as timing:
-            await self._chunks(plan, flow, context, timing)
+        if tracer is not None:
+            plan.carrier = _trace_headers(context)
+        agent, instance = dispatcher.agent_name, self.store.instance_id
+        with observing(plan, metrics, tracer, agent, instance) as counted:
+            await self._chunks(plan, flow, context, counted)
 
     async def _chunks(
         self,
         plan: Plan,
         flow: Flow,
         context: grpc.aio.ServicerContext[Any, Any],
-        timing: Timing | None = None,
+        counted: Counted | None = None,
     ) -> None:
         bound = plan.bound
         stream_timeout = bound.spec.options.stream_timeout
@@ -323,8 +333,8 @@ class Servicer(pb_grpc.SessionServiceServicer):
                                     await flow.credit()
                                 flow.sent += 1
                             await write(message)
-                            if timing is not None:
-                                timing.chunks += 1
+                            if counted is not None:
+                                counted.chunks += 1
                     finally:
                         await chunks.aclose()
             except (asyncio.CancelledError, Fail):
@@ -392,6 +402,15 @@ class Servicer(pb_grpc.SessionServiceServicer):
         except Fail as fail:
             await context.abort_with_status(fail.status())
             raise
+
+
+def _trace_headers(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+    """The W3C trace context among a call's headers."""
+    return {
+        key: str(value)
+        for key, value in context.invocation_metadata() or ()
+        if key in ("traceparent", "tracestate")
+    }
 
 
 async def _send_failure(

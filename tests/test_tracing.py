@@ -1,0 +1,94 @@
+"""OpenTelemetry traces: one trace from a client through a consumer to its provider, with an
+in-memory exporter; spans carry the tool, agent, instance, outcome, never a whole session id."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from sessionmesh import mesh
+from sessionmesh.client import tracing
+from sessionmesh.client.errors import ToolFailed
+from sessionmesh.testing import running_agent
+from tests.tools import fail, increment, stream_count
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.enable(provider)
+    try:
+        yield exporter
+    finally:
+        tracing.disable()
+
+
+@mesh.tool(
+    capability="tally",
+    dependencies=["session_counter", "stream_count"],
+    session_required=True,
+)
+async def tally(
+    session_counter: mesh.McpAgent | None = None, stream_count: mesh.McpAgent | None = None
+) -> dict[str, Any]:
+    assert session_counter is not None and stream_count is not None
+    count = await session_counter(increment=2)
+    chunks = [c async for c in stream_count.call_tool_auto("stream_count", {"n": 3})]
+    return {"count": count, "chunks": len(chunks)}
+
+
+def _one(spans: Sequence[ReadableSpan], name: str, kind: SpanKind) -> ReadableSpan:
+    [span] = [s for s in spans if s.name == name and s.kind == kind]
+    return span
+
+
+async def test_one_trace_from_client_to_consumer_to_provider(
+    spans: InMemorySpanExporter,
+) -> None:
+    async with running_agent(increment, stream_count, fail) as (provider, _):
+        peers = {"session_counter": provider.address, "stream_count": provider.address}
+        async with running_agent(tally, peers=peers, name="consumer") as (consumer, client):
+            assert await client.proxy("tally")() == {"count": 2, "chunks": 3}
+            with pytest.raises(ToolFailed):
+                async with mesh.connect(provider.address) as direct:
+                    await direct.proxy("fail")(message="boom")
+    done = spans.get_finished_spans()
+    outer = _one(done, "tally", SpanKind.CLIENT)
+    served = _one(done, "tally", SpanKind.SERVER)
+    inner = _one(done, "session_counter", SpanKind.CLIENT)
+    provided = _one(done, "increment", SpanKind.SERVER)
+    stream = _one(done, "stream_count", SpanKind.CLIENT)
+    streamed = _one(done, "stream_count", SpanKind.SERVER)
+    trace_id = outer.context.trace_id
+    assert {s.context.trace_id for s in (served, inner, provided, stream, streamed)} == {trace_id}
+    assert served.parent is not None and served.parent.span_id == outer.context.span_id
+    assert inner.parent is not None and inner.parent.span_id == served.context.span_id
+    assert provided.parent is not None and provided.parent.span_id == inner.context.span_id
+    assert stream.parent is not None and stream.parent.span_id == served.context.span_id
+    assert streamed.parent is not None and streamed.parent.span_id == stream.context.span_id
+    assert served.attributes is not None and provided.attributes is not None
+    assert served.attributes["sessionmesh.agent"] == "consumer"
+    assert served.attributes["sessionmesh.instance"] == consumer.instance_id
+    assert provided.attributes["sessionmesh.outcome"] == "ok"
+    assert streamed.attributes is not None and stream.attributes is not None
+    assert streamed.attributes["sessionmesh.chunks"] == 3
+    assert stream.attributes["sessionmesh.chunks"] == 3
+    assert [e.name for e in provided.events] == ["session opened"]
+    session = str(provided.attributes["sessionmesh.session"])
+    assert len(session) < 16  # shortened, never the whole id
+    failed = _one(done, "fail", SpanKind.SERVER)
+    assert failed.attributes is not None
+    assert failed.attributes["sessionmesh.outcome"] == "tool_failed"
+    called = _one(done, "fail", SpanKind.CLIENT)
+    assert called.attributes is not None
+    assert called.attributes["sessionmesh.outcome"] == "tool_failed"
