@@ -3,6 +3,8 @@ in-memory exporter; spans carry the tool, agent, instance, outcome, never a whol
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -16,6 +18,7 @@ from sessionmesh import mesh
 from sessionmesh.client import tracing
 from sessionmesh.client.errors import ToolFailed
 from sessionmesh.testing import running_agent
+from tests.procs import serve
 from tests.tools import fail, increment, stream_count
 
 pytestmark = pytest.mark.anyio
@@ -92,3 +95,17 @@ async def test_one_trace_from_client_to_consumer_to_provider(
     called = _one(done, "fail", SpanKind.CLIENT)
     assert called.attributes is not None
     assert called.attributes["sessionmesh.outcome"] == "tool_failed"
+
+
+async def test_serve_exports_spans_when_otel_variables_say_so() -> None:
+    env = {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "counter-under-test"}
+    async with serve("examples/counter.py", env=env) as (proc, ready):
+        async with mesh.connect(ready["address"]) as client:
+            async with client.proxy("session_counter", session_required=True) as counter:
+                assert (await counter(increment=1))["count"] == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout is not None
+        exported = (await asyncio.wait_for(proc.stdout.read(), 30)).decode()
+    assert '"name": "increment"' in exported  # the server span, flushed at exit
+    assert '"sessionmesh.agent": "counter"' in exported
+    assert '"service.name": "counter-under-test"' in exported

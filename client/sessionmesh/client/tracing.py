@@ -127,10 +127,11 @@ def end_span(span: Any, error: BaseException | None, *, chunks: int = 0, end: bo
         span.end()
 
 
-def configure_from_env() -> bool:
+def configure_from_env(service_name: str = "sessionmesh") -> bool:
     """For ``sessionmesh serve``/``run``: when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or
-    ``OTEL_TRACES_EXPORTER=otlp``) is set, set up the SDK with a batching OTLP exporter
-    (service name from ``OTEL_SERVICE_NAME``) and enable tracing. Whether it did."""
+    ``OTEL_TRACES_EXPORTER=otlp``/``console``) is set, set up the SDK with a batching
+    exporter (service name from ``OTEL_SERVICE_NAME``, else ``service_name``) and enable
+    tracing. Whether it did."""
     wanted = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_TRACES_EXPORTER"
     ) in ("otlp", "console")
@@ -155,7 +156,10 @@ def configure_from_env() -> bool:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter()  # endpoint, headers, TLS from OTEL_EXPORTER_OTLP_*
-    provider = TracerProvider()  # resource (service name) from OTEL_SERVICE_NAME
+    from opentelemetry.sdk.resources import Resource
+
+    named = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name}
+    provider = TracerProvider(resource=Resource.create(named))  # OTEL_* resource env too
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     enable(provider)

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from sessionmesh.client import TLS, Credentials
+from sessionmesh.client import TLS, Credentials, tracing
 from sessionmesh.client import cli as client_commands
 from sessionmesh.client.cli import (
     REGISTRY_ENV,
@@ -146,6 +146,8 @@ async def _serve(args: argparse.Namespace) -> int:
         # dies, and the agent must not outlive it.
         await asyncio.get_running_loop().connect_read_pipe(lambda: _ParentGone(signals), sys.stdin)
     try:
+        if tracing.configure_from_env(service_name=agent.name):
+            say(f"tracing to {os.environ.get('OTEL_EXPORTER_OTLP_ENDPOINT') or 'the console'}")
         address = await agent.start()
     except UsageError as exc:
         raise SystemExit(f"sessionmesh: {exc}") from None
