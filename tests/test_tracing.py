@@ -8,7 +8,9 @@ import signal
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import grpc
 import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -17,7 +19,7 @@ from opentelemetry.trace import SpanKind
 from sessionmesh import mesh
 from sessionmesh.client import tracing
 from sessionmesh.client.errors import ToolFailed
-from sessionmesh.testing import running_agent
+from sessionmesh.testing import eventually, running_agent
 from tests.procs import serve
 from tests.tools import fail, increment, stream_count
 
@@ -109,3 +111,45 @@ async def test_serve_exports_spans_when_otel_variables_say_so() -> None:
     assert '"name": "increment"' in exported  # the server span, flushed at exit
     assert '"sessionmesh.agent": "counter"' in exported
     assert '"service.name": "counter-under-test"' in exported
+
+
+class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver, as a collector would run one."""
+
+    def __init__(self) -> None:
+        self.spans: list[Any] = []
+        self.resources: list[dict[str, str]] = []
+
+    async def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        for resource_spans in request.resource_spans:
+            attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            self.resources.append(attrs)
+            for scope in resource_spans.scope_spans:
+                self.spans.extend(scope.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+async def test_serve_exports_over_otlp_to_a_real_receiver() -> None:
+    receiver = _Receiver()
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    try:
+        async with serve("examples/counter.py", env=env) as (_, ready):
+            async with mesh.connect(ready["address"]) as client:
+                async with client.proxy("session_counter", session_required=True) as counter:
+                    assert (await counter(increment=1))["count"] == 1
+            await eventually(lambda: bool(receiver.spans), what="spans reach the receiver")
+        names = {s.name for s in receiver.spans}
+        assert "increment" in names
+        assert {"service.name": "counter"}.items() <= receiver.resources[0].items()
+    finally:
+        await server.stop(0)
