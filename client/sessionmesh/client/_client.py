@@ -94,6 +94,7 @@ class AgentClient:
                 "tags": list(t.tags),
                 "version": t.version or None,
                 "parameters": from_struct(t.parameters_schema),
+                "output": from_struct(t.output_schema),
                 "streaming": t.streaming,
                 "session_required": t.session_required,
                 "stateful": t.stateful,

@@ -162,6 +162,7 @@ def _tool_row(tool: pb.Tool) -> dict[str, Any]:
         "capability": tool.capability,
         "description": tool.description,
         "parameters": from_struct(tool.parameters_schema),
+        "output": from_struct(tool.output_schema),
         "streaming": tool.streaming,
         "session_required": tool.session_required,
         "stateful": tool.stateful,

@@ -514,6 +514,7 @@ class Tool(_message.Message):
     STREAMING_FIELD_NUMBER: _builtins.int
     SESSION_REQUIRED_FIELD_NUMBER: _builtins.int
     STATEFUL_FIELD_NUMBER: _builtins.int
+    OUTPUT_SCHEMA_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     capability: _builtins.str
     description: _builtins.str
@@ -527,6 +528,10 @@ class Tool(_message.Message):
     def parameters_schema(self) -> _struct_pb2.Struct:
         """JSON schema of the keyword arguments."""
 
+    @_builtins.property
+    def output_schema(self) -> _struct_pb2.Struct:
+        """JSON schema of its result (of each chunk, for a streaming tool); empty: anything."""
+
     def __init__(
         self,
         *,
@@ -539,10 +544,11 @@ class Tool(_message.Message):
         streaming: _builtins.bool = ...,
         session_required: _builtins.bool = ...,
         stateful: _builtins.bool = ...,
+        output_schema: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters_schema", b"parameters_schema"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["output_schema", b"output_schema", "parameters_schema", b"parameters_schema"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "description", b"description", "name", b"name", "parameters_schema", b"parameters_schema", "session_required", b"session_required", "stateful", b"stateful", "streaming", b"streaming", "tags", b"tags", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "description", b"description", "name", b"name", "output_schema", b"output_schema", "parameters_schema", b"parameters_schema", "session_required", b"session_required", "stateful", b"stateful", "streaming", b"streaming", "tags", b"tags", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -391,6 +391,8 @@ def fill(out: Value, bound: BoundTool, result: Any, verb: str = "returned") -> N
     """Write a tool's result (or chunk) into ``out``; one the wire cannot carry is the
     call's failure (TOOL_FAILED), never a broken answer."""
     try:
+        if bound.result is not None:  # a dataclass, a model, a date...: as JSON first
+            result = bound.result.jsonable(result)
         set_value(out, result)
     except NotJsonLike as exc:
         raise not_json(bound.spec.name, verb, exc) from None

@@ -7,6 +7,8 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
+from sessionmesh.wire.codec import NotJsonLike
+
 _JSON_TYPES: dict[type, str] = {
     str: "string",
     bool: "boolean",
@@ -100,6 +102,68 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     else:
         return value  # an annotation we cannot check from JSON: the tool gets the value as is
     raise ArgumentError(path, f"argument {path!r} must be {_type_name(tp)}, got {_describe(value)}")
+
+
+def is_json(tp: Any) -> bool:
+    """Whether ``coerce`` checks ``tp`` itself (JSON types, and lists, dicts, unions and
+    literals of them); anything richer (dataclasses, enums, dates, UUIDs, pydantic models,
+    ``Annotated`` constraints) is validated by pydantic instead."""
+    if tp in _JSON_TYPES or tp in (Any, object, list, tuple, dict) or typing.is_typeddict(tp):
+        return True
+    origin = get_origin(tp)
+    if origin is Literal:
+        return True
+    if origin in (Union, types.UnionType, list, tuple, dict, set, frozenset) or origin in (
+        cabc.Sequence,
+        cabc.Iterable,
+        cabc.Mapping,
+        cabc.MutableMapping,
+    ):
+        return all(is_json(a) for a in get_args(tp) if a is not Ellipsis)
+    return False
+
+
+class Rich:
+    """A parameter or result type beyond JSON, through a pydantic TypeAdapter (made once)."""
+
+    __slots__ = ("adapter", "error_type")
+
+    def __init__(self, tp: Any) -> None:
+        try:
+            import pydantic
+        except ImportError:  # pragma: no cover - pydantic is a dependency
+            raise TypeError("richer types than JSON need pydantic") from None
+        self.adapter = pydantic.TypeAdapter(tp)
+        self.error_type = pydantic.ValidationError
+
+    def validate(self, value: Any, path: str) -> Any:
+        try:
+            return self.adapter.validate_python(value)
+        except self.error_type as exc:
+            problems = []
+            field = path
+            for i, error in enumerate(exc.errors()):
+                where = ".".join([path, *(str(part) for part in error["loc"])])
+                if i == 0:
+                    field = where
+                problems.append(f"argument {where!r}: {error['msg']}")
+            raise ArgumentError(field, "; ".join(problems)) from None
+
+    def schema(self) -> dict[str, Any]:
+        schema: dict[str, Any] = self.adapter.json_schema()
+        return schema
+
+    def output_schema(self) -> dict[str, Any]:
+        schema: dict[str, Any] = self.adapter.json_schema(mode="serialization")
+        return schema
+
+    def jsonable(self, value: Any) -> Any:
+        """``value`` as JSON-like data (a dataclass or model as an object, a date as its ISO
+        string...); NotJsonLike when pydantic cannot serialize it either."""
+        try:
+            return self.adapter.dump_python(value, mode="json")
+        except Exception:
+            raise NotJsonLike("$", value) from None
 
 
 def schema_for(tp: Any) -> dict[str, Any]:

@@ -320,11 +320,14 @@ class Servicer(pb_grpc.SessionServiceServicer):
             try:
                 async with asyncio.timeout(stream_timeout):
                     write = context.write
+                    rich = bound.result
                     chunks = bound.iterate(plan.kwargs)
                     try:
                         async for item in chunks:
                             message = pb.StreamCallResponse()
                             try:
+                                if rich is not None:
+                                    item = rich.jsonable(item)
                                 set_value(message.chunk, item)
                             except NotJsonLike as exc:
                                 raise not_json(bound.spec.name, "yielded", exc) from None
@@ -444,4 +447,5 @@ def _describe(bound: BoundTool) -> pb.Tool:
         stateful=spec.options.stateful,
     )
     tool.parameters_schema.update(bound.schema)
+    tool.output_schema.update(bound.output_schema)
     return tool

@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, overload
 
 from sessionmesh.client import Dependency, McpAgent, ProxyOptions
 from sessionmesh.client.errors import UsageError
-from sessionmesh.server._params import ArgumentError, coerce, schema_for
+from sessionmesh.server._params import ArgumentError, Rich, coerce, is_json, schema_for
 from sessionmesh.server._session import Session
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -45,6 +45,8 @@ class Param:
     required: bool
     default: Any
     dependency: Dependency | None = None
+    #: Its pydantic validation, for a type richer than JSON.
+    rich: Rich | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -92,8 +94,10 @@ class BoundTool:
         "dependencies",
         "executor",
         "input_param",
+        "output_schema",
         "params",
         "requires_session",
+        "result",
         "schema",
         "session_params",
         "spec",
@@ -102,7 +106,7 @@ class BoundTool:
     def __init__(self, spec: ToolSpec) -> None:
         self.spec = spec
         try:
-            hints = typing.get_type_hints(spec.fn)
+            hints = typing.get_type_hints(spec.fn, include_extras=True)  # Annotated kept
         except Exception as exc:
             raise UsageError(f"tool {spec.name!r}: cannot resolve its annotations: {exc}") from exc
         deps = {d.capability: d for d in spec.dependencies}
@@ -128,7 +132,8 @@ class BoundTool:
             elif _is_async_iter(bare):
                 params.append(Param(p.name, "input", tp, False, None))
             else:
-                params.append(Param(p.name, "arg", tp, required, default))
+                rich = None if is_json(tp) else _rich(spec.name, p.name, tp)
+                params.append(Param(p.name, "arg", tp, required, default, rich=rich))
         inputs = [p for p in params if p.role == "input"]
         if len(inputs) > 1:
             raise UsageError(f"tool {spec.name!r}: at most one async-iterable input parameter")
@@ -147,14 +152,22 @@ class BoundTool:
         #: Where a plain (``def``) tool runs: the agent's thread pool once it serves.
         self.executor: concurrent.futures.Executor | None = None
         self.schema = self._schema()
+        #: How a result (or chunk) richer than JSON is turned into JSON (None: as it is).
+        produced = _produced(hints.get("return", Any), spec.kind)
+        self.result = None if is_json(produced) else _rich(spec.name, "return", produced)
+        self.output_schema = (
+            self.result.output_schema() if self.result is not None else schema_for(produced)
+        )
 
     def _schema(self) -> dict[str, Any]:
         props: dict[str, Any] = {}
         required: list[str] = []
+        defs: dict[str, Any] = {}
         for p in self.params:
             if p.role != "arg":
                 continue
-            frag = schema_for(p.annotation)
+            frag = p.rich.schema() if p.rich is not None else schema_for(p.annotation)
+            defs.update(frag.pop("$defs", {}))
             if not p.required and isinstance(p.default, str | int | float | bool | type(None)):
                 frag = {**frag, "default": p.default}
             props[p.name] = frag
@@ -164,6 +177,8 @@ class BoundTool:
         if required:
             schema["required"] = required
         schema["additionalProperties"] = False
+        if defs:
+            schema["$defs"] = defs
         return schema
 
     def bind(self, arguments: Mapping[str, Any], session: Session | None) -> dict[str, Any]:
@@ -177,15 +192,29 @@ class BoundTool:
                 f"unknown argument {name!r} for tool {self.spec.name!r} (expected: {expected})",
             )
         kwargs: dict[str, Any] = dict.fromkeys(self.session_params, session)
+        errors: list[ArgumentError] = []
         for p in self.params:
             if p.role != "arg":
                 continue
-            if p.name in arguments:
-                kwargs[p.name] = coerce(arguments[p.name], p.annotation, p.name)
-            elif p.required:
-                raise ArgumentError(
-                    p.name, f"missing argument {p.name!r} for tool {self.spec.name!r}"
-                )
+            try:
+                if p.name in arguments:
+                    value = arguments[p.name]
+                    rich = p.rich
+                    kwargs[p.name] = (
+                        coerce(value, p.annotation, p.name)
+                        if rich is None
+                        else rich.validate(value, p.name)
+                    )
+                elif p.required:
+                    raise ArgumentError(
+                        p.name, f"missing argument {p.name!r} for tool {self.spec.name!r}"
+                    )
+            except ArgumentError as error:
+                errors.append(error)
+        if errors:  # every bad argument at once, named by the first
+            if len(errors) == 1:
+                raise errors[0]
+            raise ArgumentError(errors[0].field, "; ".join(str(e) for e in errors))
         return kwargs
 
     async def invoke(self, kwargs: dict[str, Any]) -> Any:
@@ -378,3 +407,20 @@ def tools_in(namespace: Mapping[str, object]) -> list[ToolSpec]:
             seen.add(id(spec))
             found.append(spec)
     return found
+
+
+def _rich(tool: str, what: str, tp: Any) -> Rich | None:
+    """pydantic's validation for ``tp``; None (the value passes as it is) for a type pydantic
+    cannot handle either."""
+    try:
+        return Rich(tp)
+    except Exception:
+        return None
+
+
+def _produced(annotation: Any, kind: Kind) -> Any:
+    """What a tool's results (or chunks, for a generator) are annotated as."""
+    if kind in ("async_gen", "sync_gen"):
+        args = get_args(annotation)
+        return args[0] if args else Any
+    return annotation

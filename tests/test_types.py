@@ -1,0 +1,90 @@
+"""Parameters and results richer than JSON, through pydantic: dataclasses, enums, dates,
+UUIDs, models, constraints; plain JSON tools keep their own fast path."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+import uuid
+from typing import Annotated, Any
+
+import pydantic
+import pytest
+
+from sessionmesh import mesh
+from sessionmesh.client.errors import InvalidArguments
+from sessionmesh.testing import running_agent
+
+pytestmark = pytest.mark.anyio
+
+
+class Size(enum.Enum):
+    SMALL = "small"
+    LARGE = "large"
+
+
+@dataclasses.dataclass
+class Item:
+    name: str
+    size: Size
+    count: int = 1
+
+
+class Order(pydantic.BaseModel):
+    id: uuid.UUID
+    items: list[Item]
+    due: datetime.date
+
+
+@mesh.tool
+def order(
+    items: list[Item],
+    due: datetime.date,
+    quantity: Annotated[int, pydantic.Field(gt=0, le=100)] = 1,
+) -> Order:
+    """Returns a model: it travels as JSON (the date as ISO text)."""
+    return Order(id=uuid.UUID(int=7), items=items * quantity, due=due)
+
+
+@mesh.tool
+def sizes(size: Size, at: datetime.datetime) -> dict[str, Any]:
+    return {"size": size.value, "hour": at.hour}
+
+
+async def test_rich_arguments_are_validated_and_results_serialized() -> None:
+    async with running_agent(order, sizes) as (_, client):
+        got = await client.proxy("order")(
+            items=[{"name": "book", "size": "small"}], due="2026-12-01", quantity=2
+        )
+        assert got == {
+            "id": "00000000-0000-0000-0000-000000000007",
+            "items": [{"name": "book", "size": "small", "count": 1}] * 2,
+            "due": "2026-12-01",
+        }
+        assert await client.proxy("sizes")(size="large", at="2026-11-28T13:05:00") == {
+            "size": "large",
+            "hour": 13,
+        }
+
+
+async def test_every_bad_argument_is_named_at_once() -> None:
+    async with running_agent(order) as (_, client):
+        with pytest.raises(InvalidArguments) as info:
+            await client.proxy("order")(
+                items=[{"name": "book", "size": "medium"}], due="someday", quantity=0
+            )
+        message = info.value.message
+        assert info.value.field == "items.0.size"
+        assert "'items.0.size'" in message and "'small' or 'large'" in message
+        assert "'due'" in message and "'quantity'" in message and "greater than 0" in message
+
+
+async def test_list_tools_shows_the_rich_schemas() -> None:
+    async with running_agent(order) as (_, client):
+        [tool] = await client.list_tools()
+        params = tool["parameters"]
+        assert params["properties"]["due"] == {"format": "date", "type": "string"}
+        assert params["properties"]["quantity"]["exclusiveMinimum"] == 0
+        assert params["$defs"]["Size"]["enum"] == ["small", "large"]
+        assert tool["output"]["properties"]["id"]["format"] == "uuid"
