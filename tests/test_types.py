@@ -88,3 +88,14 @@ async def test_list_tools_shows_the_rich_schemas() -> None:
         assert params["properties"]["quantity"]["exclusiveMinimum"] == 0
         assert params["$defs"]["Size"]["enum"] == ["small", "large"]
         assert tool["output"]["properties"]["id"]["format"] == "uuid"
+
+
+async def test_a_proxy_made_from_the_tool_function_returns_its_type() -> None:
+    async with running_agent(order, sizes) as (_, client):
+        placed = await client.proxy(order)(
+            items=[{"name": "pen", "size": "large"}], due="2027-01-02"
+        )
+        assert isinstance(placed, Order)
+        assert placed.items == [Item("pen", Size.LARGE)] and placed.due == datetime.date(2027, 1, 2)
+        plain = await client.proxy(sizes)(size="small", at="2026-11-28T09:00:00")
+        assert plain == {"size": "small", "hour": 9}  # JSON already: as it came

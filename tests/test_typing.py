@@ -20,6 +20,11 @@ def increment(session: mesh.Session, increment: int = 1) -> int:
     return int(session.state["n"])
 
 
+@mesh.tool
+async def total(prices: list[float]) -> float:
+    return sum(prices)
+
+
 async def main() -> None:
     async with mesh.connect("127.0.0.1:50051") as agent:
         counter = agent.proxy("increment", session_required=True)
@@ -27,7 +32,11 @@ async def main() -> None:
         reveal_type(counter)
         reveal_type(agent.proxy("increment", streaming=True))
         reveal_type(counter.options(streaming=True))
+        reveal_type(await agent.proxy(increment, session_required=True)(increment=1))
+        reveal_type(await agent.proxy(total)(prices=[1.5]))
         print(n)
+    async with mesh.connect(registry="127.0.0.1:50050") as mesh_client:
+        reveal_type(await mesh_client.proxy(total)(prices=[2.5]))
 """
 
 
@@ -47,4 +56,7 @@ def test_a_users_strict_mypy_sees_our_types(tmp_path: Path) -> None:
         "sessionmesh.client._proxy.Proxy",
         "sessionmesh.client._proxy.StreamingProxy",
         "sessionmesh.client._proxy.StreamingProxy",
+        "int",
+        "float",
+        "float",
     ]

@@ -6,7 +6,14 @@ from sessionmesh.client import errors
 from sessionmesh.client._client import AgentClient, MeshClient, connect
 from sessionmesh.client._dependency import Dependency
 from sessionmesh.client._grpc import GrpcEndpoint
-from sessionmesh.client._proxy import BaseProxy, McpAgent, Proxy, ProxyOptions, StreamingProxy
+from sessionmesh.client._proxy import (
+    BaseProxy,
+    McpAgent,
+    Proxy,
+    ProxyOptions,
+    StreamingProxy,
+    TypedProxy,
+)
 from sessionmesh.client._security import TLS, Credentials
 from sessionmesh.client._stream import ChunkStream
 from sessionmesh.client._sync import SyncClient, SyncProxy, connect_sync
@@ -38,6 +45,7 @@ __all__ = [
     "SyncClient",
     "SyncProxy",
     "Transport",
+    "TypedProxy",
     "connect",
     "connect_sync",
     "errors",

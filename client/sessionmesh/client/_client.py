@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal, overload
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from sessionmesh.client._dependency import Dependency
 from sessionmesh.client._grpc import GrpcEndpoint
 from sessionmesh.client._mesh import EndpointPool, MeshTransport, RegistryWatch
-from sessionmesh.client._proxy import Proxy, ProxyOptions, StreamingProxy, make_proxy
+from sessionmesh.client._proxy import (
+    Proxy,
+    ProxyOptions,
+    StreamingProxy,
+    TypedProxy,
+    make_proxy,
+    tool_of,
+)
 from sessionmesh.client._security import TLS, Credentials
 from sessionmesh.client._transport import EndpointTransport, Transport
 from sessionmesh.client.errors import UsageError
@@ -31,6 +38,9 @@ _ADMIN_TIMEOUT = 10.0
 class _State(enum.Enum):
     OPEN = "open"
     CLOSED = "closed"
+
+
+R = TypeVar("R")
 
 
 def _options(options: ProxyOptions | None, changes: dict[str, Any]) -> ProxyOptions:
@@ -74,13 +84,28 @@ class AgentClient:
         streaming: Literal[False] = ...,
         **changes: Any,
     ) -> Proxy: ...
+    @overload
     def proxy(
-        self, tool: str, options: ProxyOptions | None = None, **changes: Any
+        self,
+        tool: Callable[..., Coroutine[Any, Any, R]],
+        options: ProxyOptions | None = ...,
+        **changes: Any,
+    ) -> TypedProxy[R]: ...
+    @overload
+    def proxy(
+        self, tool: Callable[..., R], options: ProxyOptions | None = ..., **changes: Any
+    ) -> TypedProxy[R]: ...
+    def proxy(
+        self, tool: str | Callable[..., Any], options: ProxyOptions | None = None, **changes: Any
     ) -> Proxy | StreamingProxy:
-        """A proxy for ``tool`` (function or capability name): ``options`` (or keywords
+        """A proxy for ``tool`` (function or capability name; or the provider's
+        ``@mesh.tool`` function itself, for a typed result): ``options`` (or keywords
         changing them) as in :class:`ProxyOptions`."""
         self._check_open()
-        return make_proxy(self._transport, tool, _options(options, changes))
+        opts = _options(options, changes)
+        if callable(tool):
+            return TypedProxy(self._transport, tool_of(tool, capability=False), opts, tool)
+        return make_proxy(self._transport, tool, opts)
 
     async def list_tools(self) -> list[dict[str, Any]]:
         """The agent's tools: name, capability, description, schema, streaming, sessions."""
@@ -175,9 +200,29 @@ class MeshClient:
         streaming: Literal[False] = ...,
         **changes: Any,
     ) -> Proxy: ...
+    @overload
     def proxy(
         self,
-        capability: str | Dependency,
+        capability: Callable[..., Coroutine[Any, Any, R]],
+        options: ProxyOptions | None = ...,
+        *,
+        tags: Sequence[str] = ...,
+        version: str | None = ...,
+        **changes: Any,
+    ) -> TypedProxy[R]: ...
+    @overload
+    def proxy(
+        self,
+        capability: Callable[..., R],
+        options: ProxyOptions | None = ...,
+        *,
+        tags: Sequence[str] = ...,
+        version: str | None = ...,
+        **changes: Any,
+    ) -> TypedProxy[R]: ...
+    def proxy(
+        self,
+        capability: str | Dependency | Callable[..., Any],
         options: ProxyOptions | None = None,
         *,
         tags: Sequence[str] = (),
@@ -185,16 +230,23 @@ class MeshClient:
         **changes: Any,
     ) -> Proxy | StreamingProxy:
         """A proxy for a capability (optionally narrowed by tags and a version constraint),
-        or for a :class:`Dependency`."""
+        for a :class:`Dependency`, or for the provider's ``@mesh.tool`` function itself (by
+        its capability; the proxy's calls then return that function's type)."""
         self._check_open()
+        typed = callable(capability) and not isinstance(capability, Dependency)
         if isinstance(capability, Dependency):
             dependency = capability
         else:
-            dependency = Dependency(capability, tuple(tags), version)
+            name = tool_of(capability, capability=True) if callable(capability) else capability
+            dependency = Dependency(name, tuple(tags), version)
         transport = self._transports.get(dependency)
         if transport is None:
             transport = self._transports[dependency] = MeshTransport(self._pool, dependency)
-        return make_proxy(transport, dependency.capability, _options(options, changes))
+        opts = _options(options, changes)
+        if typed:
+            assert callable(capability)
+            return TypedProxy(transport, dependency.capability, opts, capability)
+        return make_proxy(transport, dependency.capability, opts)
 
     def instances(self) -> list[rpb.Instance]:
         """The instances the registry lists now."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 import random
-from collections.abc import Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, Literal, overload
+import typing
+from collections.abc import Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, get_args, get_origin, overload
 
 from sessionmesh.client import tracing
 from sessionmesh.client._auto_session import AutoSession, Route
@@ -24,7 +26,7 @@ from sessionmesh.client.errors import (
     UsageError,
 )
 from sessionmesh.v1 import session_service_pb2 as pb
-from sessionmesh.wire.codec import from_value
+from sessionmesh.wire.codec import from_value, is_json
 from sessionmesh.wire.deadline import bounded
 from sessionmesh.wire.names import short
 from sessionmesh.wire.reasons import Reason
@@ -408,3 +410,64 @@ class StreamingProxy(BaseProxy):
 
 McpAgent = Proxy
 """The name tools annotate injected dependencies with, as in the design note."""
+
+
+R = TypeVar("R")
+
+
+class TypedProxy(Proxy, Generic[R]):
+    """A proxy made from the provider's own tool function: its calls return what that
+    function returns, as a type checker sees it.
+
+    Example::
+
+        from shop.cart import cart_total  # the @mesh.tool function, importable here
+
+        total: float = await agent.proxy(cart_total)(cart_id="c1")
+    """
+
+    __slots__ = ("_result",)
+
+    def __init__(
+        self, transport: Transport, tool: str, opts: ProxyOptions, fn: Callable[..., Any]
+    ) -> None:
+        super().__init__(transport, tool, opts)
+        self._result = _result_type(fn)
+
+    def __call__(self, *call: Any, **kwargs: Any) -> Coroutine[Any, Any, R]:
+        work = super().__call__(*call, **kwargs)
+        if self._result is None:
+            return work
+        if not asyncio.iscoroutine(work):  # a plain def tool's worker thread: the result
+            return self._result.validate_python(work)
+        return self._typed(work)
+
+    async def _typed(self, work: Coroutine[Any, Any, Any]) -> R:
+        assert self._result is not None
+        result: R = self._result.validate_python(await work)
+        return result
+
+
+def _result_type(fn: Callable[..., Any]) -> Any:
+    """A pydantic TypeAdapter that turns the JSON result back into what ``fn`` returns, or
+    None when that is JSON as it is (or unknown)."""
+    try:
+        annotation = typing.get_type_hints(fn).get("return", Any)
+    except Exception:
+        return None
+    if inspect.iscoroutinefunction(fn) and get_origin(annotation) is Coroutine:
+        annotation = get_args(annotation)[-1]
+    if is_json(annotation):
+        return None
+    import pydantic  # only for a provider whose results are richer than JSON
+
+    return pydantic.TypeAdapter(annotation)
+
+
+def tool_of(fn: Callable[..., Any], *, capability: bool) -> str:
+    """The name (or capability) a ``@mesh.tool`` function answers to; its own name for a
+    plain function. Read from the declaration without importing the agent runtime."""
+    spec = getattr(fn, "__sessionmesh_tool__", None)
+    if spec is None:
+        return fn.__name__
+    return str(spec.capability if capability else spec.name)

@@ -6,8 +6,11 @@ safe-integer range decodes as ``int`` and anything else as ``float``.
 
 from __future__ import annotations
 
+import collections.abc as cabc
+import types
+import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
 
 from google.protobuf.struct_pb2 import NULL_VALUE, Struct, Value
 
@@ -136,3 +139,26 @@ def from_value(v: Value) -> Any:
 
 def from_struct(s: Struct) -> dict[str, Any]:
     return {k: from_value(x) for k, x in s.fields.items()}
+
+
+_PLAIN = (str, bool, int, float, type(None), Any, object, list, tuple, dict)
+
+
+def is_json(tp: Any) -> bool:
+    """Whether a Python annotation is JSON as it is (JSON types, and lists, dicts, unions and
+    literals of them). Anything richer (dataclasses, enums, dates, UUIDs, pydantic models,
+    ``Annotated`` constraints) is converted both ways by pydantic: the agent validates
+    arguments and serializes results, a typed proxy turns results back into the type."""
+    if tp in _PLAIN or typing.is_typeddict(tp):
+        return True
+    origin = get_origin(tp)
+    if origin is Literal:
+        return True
+    if origin in (Union, types.UnionType, list, tuple, dict, set, frozenset) or origin in (
+        cabc.Sequence,
+        cabc.Iterable,
+        cabc.Mapping,
+        cabc.MutableMapping,
+    ):
+        return all(is_json(a) for a in get_args(tp) if a is not Ellipsis)
+    return False

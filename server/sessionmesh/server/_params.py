@@ -104,25 +104,6 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     raise ArgumentError(path, f"argument {path!r} must be {_type_name(tp)}, got {_describe(value)}")
 
 
-def is_json(tp: Any) -> bool:
-    """Whether ``coerce`` checks ``tp`` itself (JSON types, and lists, dicts, unions and
-    literals of them); anything richer (dataclasses, enums, dates, UUIDs, pydantic models,
-    ``Annotated`` constraints) is validated by pydantic instead."""
-    if tp in _JSON_TYPES or tp in (Any, object, list, tuple, dict) or typing.is_typeddict(tp):
-        return True
-    origin = get_origin(tp)
-    if origin is Literal:
-        return True
-    if origin in (Union, types.UnionType, list, tuple, dict, set, frozenset) or origin in (
-        cabc.Sequence,
-        cabc.Iterable,
-        cabc.Mapping,
-        cabc.MutableMapping,
-    ):
-        return all(is_json(a) for a in get_args(tp) if a is not Ellipsis)
-    return False
-
-
 class Rich:
     """A parameter or result type beyond JSON, through a pydantic TypeAdapter (made once)."""
 

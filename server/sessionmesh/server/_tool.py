@@ -16,8 +16,9 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, overload
 
 from sessionmesh.client import Dependency, McpAgent, ProxyOptions
 from sessionmesh.client.errors import UsageError
-from sessionmesh.server._params import ArgumentError, Rich, coerce, is_json, schema_for
+from sessionmesh.server._params import ArgumentError, Rich, coerce, schema_for
 from sessionmesh.server._session import Session
+from sessionmesh.wire.codec import is_json
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
