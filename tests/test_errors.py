@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -238,3 +239,21 @@ async def test_a_tool_that_raises_is_logged_on_the_agent_with_its_traceback(
     [record] = [r for r in caplog.records if r.name == "sessionmesh.agent"]
     assert record.getMessage() == "tool fail raised ValueError (no session)"
     assert record.exc_info is not None and str(record.exc_info[1]) == "boom"
+
+
+async def test_the_tool_name_form_says_which_form_was_taken() -> None:
+    async with running_agent(increment) as (_, client):
+        counter = client.proxy("session_counter", session_required=True)
+        with pytest.raises(ToolNotFound, match=r"proxy\('amount', \{\.\.\.\}\) calls the agent's"):
+            await counter("amount", {"x": 1})
+        await counter.cleanup_auto_session()
+
+
+def test_a_proxy_called_without_await_and_no_loop_fails_at_once() -> None:
+    async def made_in_a_loop() -> mesh.Proxy:
+        async with running_agent(increment) as (_, client):
+            return client.proxy("session_counter", session_required=True)
+
+    proxy = asyncio.run(made_in_a_loop())
+    with pytest.raises(UsageError, match="event loop is not running: call it with `await`"):
+        _ = proxy(increment=1)  # no loop here: refused at once, not a never-awaited warning

@@ -23,6 +23,7 @@ from sessionmesh.client.errors import (
     SessionLost,
     SessionOwnerLost,
     SessionOwnerUnavailable,
+    ToolNotFound,
     UsageError,
 )
 from sessionmesh.v1 import session_service_pb2 as pb
@@ -282,6 +283,24 @@ class BaseProxy:
         return await self._retrying(message, session_id, timeout)
 
     async def _retrying(
+        self, message: pb.ExchangeRequest, session_id: str | None, deadline: float | None
+    ) -> Any:
+        try:
+            return await self._attempts(message, session_id, deadline)
+        except ToolNotFound as error:
+            tool = message.call.tool
+            if tool == self._tool:
+                raise
+            # proxy("x", {...}): say which form was taken, and the other one.
+            raise ToolNotFound(
+                f"{error.message}. proxy({tool!r}, {{...}}) calls the agent's tool {tool!r}; "
+                f"to call {self._tool!r} itself, pass its arguments as keywords: proxy(...=...)",
+                code=error.code,
+                reason=error.reason,
+                metadata=error.metadata,
+            ) from None
+
+    async def _attempts(
         self, message: pb.ExchangeRequest, session_id: str | None, deadline: float | None
     ) -> Any:
         opts = self._opts
