@@ -52,6 +52,11 @@ def sizes(size: Size, at: datetime.datetime) -> dict[str, Any]:
     return {"size": size.value, "hour": at.hour}
 
 
+@mesh.tool
+def half(n: int) -> list[float]:
+    return [n / 2, float(n)]
+
+
 async def test_rich_arguments_are_validated_and_results_serialized() -> None:
     async with running_agent(order, sizes) as (_, client):
         got = await client.proxy("order")(
@@ -91,7 +96,7 @@ async def test_list_tools_shows_the_rich_schemas() -> None:
 
 
 async def test_a_proxy_made_from_the_tool_function_returns_its_type() -> None:
-    async with running_agent(order, sizes) as (_, client):
+    async with running_agent(order, sizes, half) as (_, client):
         placed = await client.proxy(order)(
             items=[{"name": "pen", "size": "large"}], due="2027-01-02"
         )
@@ -99,3 +104,5 @@ async def test_a_proxy_made_from_the_tool_function_returns_its_type() -> None:
         assert placed.items == [Item("pen", Size.LARGE)] and placed.due == datetime.date(2027, 1, 2)
         plain = await client.proxy(sizes)(size="small", at="2026-11-28T09:00:00")
         assert plain == {"size": "small", "hour": 9}  # JSON already: as it came
+        halves = await client.proxy(half)(n=4)
+        assert halves == [2.0, 4.0] and all(type(h) is float for h in halves)  # not 2, 4

@@ -467,6 +467,10 @@ class TypedProxy(Proxy, Generic[R]):
         return result
 
 
+def _has_float(tp: Any) -> bool:
+    return tp is float or any(_has_float(a) for a in get_args(tp))
+
+
 def _result_type(fn: Callable[..., Any]) -> Any:
     """A pydantic TypeAdapter that turns the JSON result back into what ``fn`` returns, or
     None when that is JSON as it is (or unknown)."""
@@ -476,8 +480,8 @@ def _result_type(fn: Callable[..., Any]) -> Any:
         return None
     if inspect.iscoroutinefunction(fn) and get_origin(annotation) is Coroutine:
         annotation = get_args(annotation)[-1]
-    if is_json(annotation):
-        return None
+    if is_json(annotation) and not _has_float(annotation):
+        return None  # (JSON has one kind of number: 2.0 travels as 2, and comes back a float)
     import pydantic  # only for a provider whose results are richer than JSON
 
     return pydantic.TypeAdapter(annotation)
