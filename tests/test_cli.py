@@ -7,6 +7,8 @@ import contextlib
 import json
 import os
 import selectors
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -421,3 +423,39 @@ def test_log_lines_as_json_for_machines(tmp_path: Path) -> None:
     assert out.returncode != 0
     [line] = out.stderr.strip().splitlines()
     assert "no @mesh.tool functions found" in json.loads(line)["message"]
+
+
+def test_top_shows_the_mesh_live_in_a_terminal() -> None:
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        if os.environ.get("CI"):
+            pytest.fail("tmux is not installed (scripts/test installs it)")
+        pytest.skip("tmux is not installed")
+    with process_blocking("run", str(ROOT / "examples/counter.py"), "--registry-port", "0") as (
+        _,
+        ready,
+    ):
+        registry, [agent] = ready["registry"], ready["agents"]
+        server = f"sessionmesh-test-{os.getpid()}"  # a tmux server of this test's own
+        top = shlex.join([*CLI, "top", "--registry", registry, "--interval", "0.2"])
+        subprocess.run(
+            [tmux, "-L", server, "new-session", "-d", "-x", "120", "-y", "20", top], check=True
+        )
+        try:
+
+            def calls_shown() -> int | None:
+                screen = subprocess.run(
+                    [tmux, "-L", server, "capture-pane", "-p"], capture_output=True, text=True
+                ).stdout
+                rows = [line for line in screen.splitlines() if agent["instance"] in line]
+                cells = [c.strip() for c in rows[0].split("│") if c.strip()] if rows else []
+                return int(cells[-1]) if cells and cells[-1].isdigit() else None
+
+            wait_until(lambda: calls_shown() == 0, within=20, what="top shows the instance")
+            with mesh.connect_sync(registry=registry) as client:
+                with client.proxy("session_counter", session_required=True) as counter:
+                    for _ in range(50):
+                        counter(increment=1)
+            wait_until(lambda: (calls_shown() or 0) >= 50, within=20, what="top counts the calls")
+        finally:
+            subprocess.run([tmux, "-L", server, "kill-server"], capture_output=True)

@@ -7,6 +7,7 @@ the server, whose parser adds these commands (``add``).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ from sessionmesh.wire.names import answers_to
 
 REGISTRY_ENV = "SESSIONMESH_REGISTRY"
 DEFAULT_REGISTRY_PORT = 50050
-COMMANDS = ("list", "call", "sessions", "open", "close")
+COMMANDS = ("list", "call", "sessions", "open", "close", "top")
 
 __all__ = [
     "COMMANDS",
@@ -312,6 +313,58 @@ async def _close(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _top(args: argparse.Namespace) -> int:
+    try:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.table import Table
+    except ImportError:
+        raise UsageError("top needs rich: pip install 'sessionmesh[top]'") from None
+    client = await _mesh(args)
+    agents: dict[str, Any] = {}
+    seen: dict[str, tuple[float, int]] = {}  # instance -> (when, calls served then)
+    loop = asyncio.get_running_loop()
+    try:
+        with Live(console=Console(), auto_refresh=False) as live:
+            shown = 0
+            while args.count is None or shown < args.count:
+                table = Table(title=f"sessionmesh top: {client.registry}", title_justify="left")
+                for column in ("AGENT", "INSTANCE", "ENDPOINT", "STATE", "SESSIONS"):
+                    table.add_column(column)
+                table.add_column("CALLS/S", justify="right")
+                table.add_column("CALLS", justify="right")
+                live_ids = set()
+                for i in sorted(client.instances(), key=lambda i: (i.agent_name, i.endpoint)):
+                    live_ids.add(i.instance_id)
+                    agent = agents.get(i.instance_id)
+                    if agent is None:
+                        agent = agents[i.instance_id] = client.agent(i)
+                    rate = calls = "-"
+                    try:
+                        served = (await asyncio.wait_for(agent.list_sessions(), 2)).calls_served
+                    except (MeshError, TimeoutError):
+                        pass
+                    else:
+                        now = loop.time()
+                        then, before = seen.get(i.instance_id, (now, served))
+                        seen[i.instance_id] = (now, served)
+                        calls = str(served)
+                        rate = f"{(served - before) / (now - then):.0f}" if now > then else "-"
+                    row = (i.agent_name, i.instance_id, i.endpoint, _state(i), str(i.open_sessions))
+                    table.add_row(*row, rate, calls)
+                for gone in set(agents) - live_ids:
+                    await agents.pop(gone).aclose()
+                live.update(table, refresh=True)
+                shown += 1
+                if args.count is None or shown < args.count:
+                    await asyncio.sleep(args.interval)  # the refresh period, not a wait for state
+    finally:
+        for agent in agents.values():
+            await agent.aclose()
+        await client.aclose()
+    return 0
+
+
 def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``list``, ``call`` and ``sessions`` to the ``sessionmesh`` parser."""
 
@@ -366,6 +419,14 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sessions.add_argument("--json", action="store_true")
     sessions.set_defaults(run=_sessions)
 
-    for p in (listing, call, sessions, opening, closing):
+    top = commands.add_parser(
+        "top", help="a live view of the mesh: instances, state, sessions, calls/s (Ctrl-C ends)"
+    )
+    registry_option(top)
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.add_argument("--count", type=int, default=None, help=argparse.SUPPRESS)
+    top.set_defaults(run=_top)
+
+    for p in (listing, call, sessions, opening, closing, top):
         p.add_argument("--wait", type=float, default=5.0, help=argparse.SUPPRESS)
         security_options(p, serves=False)

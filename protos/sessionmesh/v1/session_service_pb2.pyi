@@ -575,7 +575,10 @@ class ListSessionsResponse(_message.Message):
 
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     SESSIONS_FIELD_NUMBER: _builtins.int
+    CALLS_SERVED_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
+    calls_served: _builtins.int
+    """Tool calls this instance has run since it started (for rates: `sessionmesh top`)."""
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionInfo]: ...
     def __init__(
@@ -583,10 +586,11 @@ class ListSessionsResponse(_message.Message):
         *,
         instance_id: _builtins.str = ...,
         sessions: _abc.Iterable[Global___SessionInfo] | None = ...,
+        calls_served: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "sessions", b"sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls_served", b"calls_served", "instance_id", b"instance_id", "sessions", b"sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -190,6 +190,8 @@ class Dispatcher:
         self._detached: set[asyncio.Task[Any]] = set()
         #: Prometheus metrics, when the agent serves them.
         self.metrics: AgentMetrics | None = None
+        #: Tool calls run so far (streams included): ListSessions reports it.
+        self.calls_served = 0
 
     # -- deciding, at arrival -----------------------------------------------------------------
 
@@ -359,6 +361,7 @@ class Dispatcher:
     async def execute(self, plan: Plan) -> Any:
         """The tool's result (a Python value); each adapter writes it straight into its
         answer. Failures raise :class:`Fail`."""
+        self.calls_served += 1
         metrics, tracer = self.metrics, tracing.tracer()
         if metrics is None and tracer is None:
             return await self._execute(plan)

@@ -297,6 +297,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
         self, plan: Plan, flow: Flow, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         dispatcher = self.dispatcher
+        dispatcher.calls_served += 1
         metrics, tracer = dispatcher.metrics, tracing.tracer()
         if metrics is None and tracer is None:
             await self._chunks(plan, flow, context)
@@ -380,7 +381,9 @@ class Servicer(pb_grpc.SessionServiceServicer):
             mine = await self._principal(context)
             if mine in self.auth.admins:
                 mine = None
-        response = pb.ListSessionsResponse(instance_id=self.store.instance_id)
+        response = pb.ListSessionsResponse(
+            instance_id=self.store.instance_id, calls_served=self.dispatcher.calls_served
+        )
         now = time.monotonic()
         for session in self.store.sessions():
             if mine is not None and session.principal != mine:
