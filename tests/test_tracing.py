@@ -91,6 +91,13 @@ async def test_one_trace_from_client_to_consumer_to_provider(
     assert [e.name for e in provided.events] == ["session opened"]
     session = str(provided.attributes["sessionmesh.session"])
     assert len(session) < 16  # shortened, never the whole id
+    # Closing the consumer's auto session when the tool ended is part of the same trace.
+    closing = [s for s in done if s.name == "close session"]
+    closed = [s for s in done if s.name == "CloseSession"]
+    assert closing and closed and closing[0].parent is not None
+    assert closing[0].parent.span_id == served.context.span_id
+    assert any(c.parent and c.parent.span_id == closing[0].context.span_id for c in closed)
+    assert "session closed" in {e.name for c in closed for e in c.events}
     failed = _one(done, "fail", SpanKind.SERVER)
     assert failed.attributes is not None
     assert failed.attributes["sessionmesh.outcome"] == "tool_failed"

@@ -20,6 +20,7 @@ import logging
 import secrets
 from typing import TYPE_CHECKING, NamedTuple
 
+from sessionmesh.client import tracing
 from sessionmesh.client.errors import (
     RemoteError,
     SessionLost,
@@ -166,7 +167,8 @@ class AutoSession:
         except SessionLost:
             return  # its owner is gone, and the session with it
         try:
-            await endpoint.close_session(session_id, CLOSE_DEADLINE)
+            with tracing.span("close session"):
+                await endpoint.close_session(session_id, CLOSE_DEADLINE)
             log.info("auto session %s closed", short(session_id))
         except RemoteError as exc:
             # The agent is gone or going; its TTL reaps the session. Cleanup must not mask

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.struct_pb2 import Value
 
+from sessionmesh.client import tracing
 from sessionmesh.client._exchange import Exchange
 from sessionmesh.client._security import PLAINTEXT, Credentials
 from sessionmesh.client._status import from_rpc_error, from_status
@@ -148,7 +149,10 @@ class GrpcEndpoint(Endpoint):
 
     async def close_session(self, session_id: str, deadline: float | None) -> bool:
         response = await _unary(
-            self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id), timeout=deadline
+            self._stub.CloseSession,
+            pb.CloseSessionRequest(session_id=session_id),
+            timeout=deadline,
+            metadata=tracing.headers() or None,
         )
         return response.closed
 

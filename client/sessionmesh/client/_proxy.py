@@ -234,6 +234,7 @@ class BaseProxy:
                 error = self._owner_unreachable(session_id, error)
             if isinstance(error, SessionLost):
                 self._auto.failed(session_id, error)
+                tracing.event("session lost", {"sessionmesh.session": short(session_id)})
         return in_python_terms(error) if isinstance(error, RemoteError) else error
 
     def _owner_unreachable(self, session_id: str, error: AgentUnavailable) -> SessionLost:

@@ -25,8 +25,11 @@ __all__ = [
     "disable",
     "enable",
     "end_span",
+    "event",
     "extract",
+    "headers",
     "inject",
+    "span",
     "start_stream_span",
     "tracer",
 ]
@@ -125,6 +128,37 @@ def end_span(span: Any, error: BaseException | None, *, chunks: int = 0, end: bo
         span.set_status(Status(StatusCode.ERROR, _outcome(error)))
     if end:
         span.end()
+
+
+def event(name: str, attributes: Mapping[str, str] | None = None) -> None:
+    """Add an event to the current span, when tracing is on (session opened, closed,
+    expired, lost)."""
+    if _tracer is None:
+        return
+    from opentelemetry import trace
+
+    trace.get_current_span().add_event(name, dict(attributes or {}))
+
+
+@contextlib.contextmanager
+def span(name: str, carrier: Mapping[str, str] | None = None) -> Iterator[None]:
+    """A span around work that is not a tool call (closing or expiring a session), a child
+    of the trace ``carrier`` holds, if any; nothing when tracing is off."""
+    if _tracer is None:
+        yield
+        return
+    context = extract(carrier) if carrier else None
+    with _tracer.start_as_current_span(name, context=context):
+        yield
+
+
+def headers() -> tuple[tuple[str, str], ...]:
+    """The current trace context as gRPC metadata (empty when tracing is off)."""
+    if _tracer is None:
+        return ()
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return tuple(carrier.items())
 
 
 def configure_from_env(service_name: str = "sessionmesh") -> bool:

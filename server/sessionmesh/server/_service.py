@@ -371,7 +371,9 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 self.store.get(request.session_id, principal)
             except SessionNotFoundError:
                 return pb.CloseSessionResponse(closed=False)  # as for an id nobody has
-        return pb.CloseSessionResponse(closed=await self.store.close(request.session_id))
+        carrier = _trace_headers(context) if tracing.tracer() is not None else None
+        with tracing.span("CloseSession", carrier):
+            return pb.CloseSessionResponse(closed=await self.store.close(request.session_id))
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from sessionmesh.client import tracing
 from sessionmesh.wire.names import new_session_id, short
 from sessionmesh.wire.tasks import cancel_and_wait
 
@@ -282,6 +283,7 @@ class SessionStore:
             self.empty.set()
         self.counters["expired" if why == "expired" else "closed"] += 1
         log.info("session %s %s", short(session_id), why)
+        tracing.event(f"session {why}", {"sessionmesh.session": short(session_id)})
         # What runs in the session is cancelled (its caller is told the session closed
         # under it), and what waits in line fails on its turn: closing never waits for a
         # stream to end by itself.
@@ -333,4 +335,5 @@ class SessionStore:
             if session.active or due > now:
                 heapq.heappush(heap, (max(due, now + 0.05), sid))
                 continue
-            await self.close(sid, why="expired")
+            with tracing.span("session expiry"):
+                await self.close(sid, why="expired")
