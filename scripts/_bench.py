@@ -170,27 +170,67 @@ async def mtls_vs_plaintext(addresses: dict[str, str], pairs: int, n: int) -> di
     return {"mtls_vs_plaintext_p50": spread(ratios), "mtls_call_p50_us": took["tls"]}
 
 
-async def traced_vs_not(addresses: dict[str, str], pairs: int, n: int) -> dict[str, Any]:
-    """A session call with tracing on in the caller (the OpenTelemetry SDK recording every
-    span, exporting nowhere) vs off, alternating."""
+def sdk_provider() -> Any:
+    """An OpenTelemetry SDK that records every span and exports it, in batches, to an
+    exporter that keeps nothing: the cost of tracing without a collector's."""
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
 
-    from sessionmesh.client import tracing
+    class Discard(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
 
     provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Discard()))
+    return provider
+
+
+async def traced_vs_not(addresses: dict[str, str], pairs: int, n: int) -> dict[str, Any]:
+    """A session call traced on both sides (the caller here, and an agent whose process
+    traces: SDK recording, batch export) vs the same untraced, alternating."""
+    from sessionmesh.client import tracing
+
+    provider = sdk_provider()
     ratios: list[float] = []
-    async with mesh.connect(addresses["agent"]) as agent:
-        async with agent.proxy("bump", session_required=True) as counter:
-            await counter(**ARGS)
+    async with (
+        mesh.connect(addresses["agent"]) as plain_agent,
+        mesh.connect(addresses["traced_agent"]) as traced_agent,
+    ):
+        async with (
+            plain_agent.proxy("bump", session_required=True) as plain,
+            traced_agent.proxy("bump", session_required=True) as traced,
+        ):
+            await plain(**ARGS)
+            await traced(**ARGS)
             for i in range(pairs):
                 took = {}
                 for name in ("on", "off") if i % 2 == 0 else ("off", "on"):
                     if name == "on":
                         tracing.enable(provider)
-                    took[name] = pct(await timed(functools.partial(counter, **ARGS), n), 0.5)
-                    tracing.disable()
+                        took[name] = pct(await timed(functools.partial(traced, **ARGS), n), 0.5)
+                        tracing.disable()
+                    else:
+                        took[name] = pct(await timed(functools.partial(plain, **ARGS), n), 0.5)
                 ratios.append(took["on"] / took["off"])
     return {"traced_vs_not_p50": spread(ratios)}
+
+
+async def serve_traced() -> None:
+    """A second serving process whose agent traces every call."""
+    from sessionmesh.client import tracing
+
+    tracing.enable(sdk_provider())
+    agent = mesh.Agent([bump], name="bench-traced")
+    await agent.start()
+    print(json.dumps({"traced_agent": agent.address}), flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await agent.stop(0)
 
 
 async def serve() -> None:
@@ -594,10 +634,10 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             f"{r['mtls_call_p50_us']:.0f} {us} over mTLS (last pair)",
         ),
         row(
-            "session call p50, caller traced ÷ not",
+            "session call p50, traced both sides ÷ not",
             "traced_vs_not_p50",
             "-",
-            "OpenTelemetry SDK recording spans in the caller",
+            "OpenTelemetry SDK recording, batch export",
         ),
         row(
             "injected-proxy call ÷ direct proxy call",
@@ -627,9 +667,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller counts, under a minute")
     parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-traced", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         asyncio.run(serve())
+        return
+    if args.serve_traced:
+        asyncio.run(serve_traced())
         return
     import logging
 
@@ -646,7 +690,16 @@ def main() -> None:
     try:
         assert child.stdout is not None
         addresses = json.loads(child.stdout.readline())
-        results = asyncio.run(measure(addresses, args.quick))
+        traced = subprocess.Popen(
+            [sys.executable, __file__, "--serve-traced"], stdout=subprocess.PIPE, text=True, env=env
+        )
+        try:
+            assert traced.stdout is not None
+            addresses.update(json.loads(traced.stdout.readline()))
+            results = asyncio.run(measure(addresses, args.quick))
+        finally:
+            traced.send_signal(signal.SIGTERM)
+            traced.wait(timeout=30)
     finally:
         child.send_signal(signal.SIGTERM)
         child.wait(timeout=30)

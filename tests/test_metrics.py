@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sessionmesh import mesh
 from sessionmesh.client.errors import InvalidArguments, ToolFailed
 from sessionmesh.testing import eventually, running_agent
+from tests.procs import ROOT, process_blocking, wait_until
 from tests.tools import fail, increment, stream_count
 
 pytestmark = pytest.mark.anyio
@@ -85,3 +86,22 @@ async def test_a_registry_counts_instances_by_state() -> None:
                 await eventually(serving, what="the registry counts one serving instance")
         finally:
             await agent.stop(grace=0)
+
+
+def test_run_serves_metrics_for_its_registry_and_each_agent() -> None:
+    with process_blocking(
+        "run", str(ROOT / "examples/counter.py"), "--registry-port", "0", "--metrics-port", "0"
+    ) as (_, ready):
+        [agent] = ready["agents"]
+
+        def text(address: str) -> str:
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+                return str(response.read().decode())
+
+        wait_until(
+            lambda: 'sessionmesh_instances{state="serving"} 1.0' in text(ready["registry_metrics"]),
+            within=10,
+            what="the registry's metrics count the agent",
+        )
+        assert "sessionmesh_sessions_open 0.0" in text(agent["metrics"])
+        assert 'sessionmesh_sessions_total{event="lost"} 0.0' in text(agent["metrics"])

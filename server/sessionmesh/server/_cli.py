@@ -317,6 +317,7 @@ async def _run(args: argparse.Namespace) -> int:
                 lost_after=args.lost_after or LOST_AFTER,
                 tls=tls,
                 auth_tokens=auth_tokens,
+                metrics_port=args.metrics_port,
             )
         except UsageError as exc:
             raise SystemExit(f"sessionmesh: {exc}") from None
@@ -341,7 +342,7 @@ async def _run(args: argparse.Namespace) -> int:
             extra += ["--advertise", args.advertise]  # a host: each agent adds its own port
         if args.insecure:
             extra.append("--insecure")
-        if args.metrics:
+        if args.metrics_port is not None:
             extra += ["--metrics-port", "0"]  # each agent its own; the ready line says where
         if args.drain_timeout is not None:
             extra += ["--drain-timeout", str(args.drain_timeout)]
@@ -354,7 +355,10 @@ async def _run(args: argparse.Namespace) -> int:
         for proc in procs:
             agents.append(await _ready(proc))
             output.ready(proc, agents[-1])
-        print(json.dumps({"registry": address, "agents": agents}), flush=True)
+        ready: dict[str, Any] = {"registry": address, "agents": agents}
+        if registry is not None and registry.metrics is not None:
+            ready["registry_metrics"] = registry.metrics.address
+        print(json.dumps(ready), flush=True)
         say(f"{len(agents)} agent process(es) up; Ctrl-C stops everything")
         supervisor = _Supervisor(
             files, procs, lambda f: _spawn(f, address, extra, env, output), output, args
@@ -755,9 +759,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="restart a file's agents when it changes (needs watchfiles: sessionmesh[watch])",
     )
     run.add_argument(
-        "--metrics",
-        action="store_true",
-        help="each agent serves Prometheus metrics on a free port (listed in the ready line)",
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="the embedded registry serves Prometheus metrics on PORT (0: a free one), each "
+        "agent on a free port; the ready line lists them all (needs sessionmesh[metrics])",
     )
     serving_security(run)
     run.set_defaults(run=_run)

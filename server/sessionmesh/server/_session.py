@@ -223,7 +223,7 @@ class SessionStore:
         self.empty.set()
         self._reaper: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[bool]] = set()
-        self.counters = {"created": 0, "closed": 0, "expired": 0}
+        self.counters = {"created": 0, "closed": 0, "expired": 0, "lost": 0}
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -281,7 +281,9 @@ class SessionStore:
                 del self._per_principal[session.principal]
         if not self._sessions:
             self.empty.set()
-        self.counters["expired" if why == "expired" else "closed"] += 1
+        # "lost": closed because the registry declared this instance lost (callers were told).
+        event = "expired" if why == "expired" else "lost" if "declared" in why else "closed"
+        self.counters[event] += 1
         log.info("session %s %s", short(session_id), why)
         tracing.event(f"session {why}", {"sessionmesh.session": short(session_id)})
         # What runs in the session is cancelled (its caller is told the session closed
