@@ -31,7 +31,7 @@ class SyncProxy:
         self._proxy = proxy
 
     def __repr__(self) -> str:
-        return f"<Sync{self._proxy!r}"[:-1] + ">"
+        return f"<SyncProxy of {self._proxy!r}>"
 
     @property
     def session_id(self) -> str | None:
