@@ -167,10 +167,15 @@ class MemoryStreamCall(StreamCall):
         bound = plan.bound
         try:
             limit = bound.spec.options.stream_timeout
-            async with asyncio.timeout(self._deadline), dispatcher.running(plan, limit):
+            async with (
+                asyncio.timeout(self._deadline),
+                dispatcher.running(plan, limit) as counted,
+            ):
                 try:
                     async for item in bound.iterate(plan.kwargs):
                         await self._out.put(_value(plan, item, "yielded"))
+                        if counted is not None:
+                            counted.chunks += 1
                 except (Fail, asyncio.CancelledError):
                     raise
                 except Exception as exc:

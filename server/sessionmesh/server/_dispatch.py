@@ -21,7 +21,7 @@ from sessionmesh.server._errors import (
     session_not_found,
     tool_not_found,
 )
-from sessionmesh.server._observe import observing
+from sessionmesh.server._observe import Counted, observing
 from sessionmesh.server._params import ArgumentError
 from sessionmesh.server._recall import Recall, Remembered
 from sessionmesh.server._security import denied
@@ -47,7 +47,7 @@ log = logging.getLogger("sessionmesh.agent")
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
-    from contextlib import AbstractAsyncContextManager
+    from contextlib import AbstractAsyncContextManager, AbstractContextManager
     from contextvars import Token
     from types import TracebackType
 
@@ -83,6 +83,7 @@ class Plan:
         earlier: asyncio.Future[Any] | None,
         new_id: str,
         call_id: str,
+        principal: str,
     ) -> None:
         self.bound = bound
         self.session = session
@@ -92,7 +93,7 @@ class Plan:
         self.call_id = call_id
         self.kwargs: dict[str, Any] = {}
         self.turn: Turn | None = None
-        self.principal = ""  # who called ("" without authentication)
+        self.principal = principal  # who called ("" without authentication)
         #: The caller's trace context (W3C headers), when tracing is on.
         self.carrier: Mapping[str, str] | None = None
         #: The caller's deadline (event loop time), if it sent one: calls the tool makes
@@ -112,16 +113,30 @@ class Plan:
 
 class _Running:
     """A call in its turn, with its session as the current one and the tool's dependencies
-    injected, for as long as the tool runs."""
+    injected, for as long as the tool runs; counted, and (when on) traced and measured.
+    Every tool run goes through it: unary calls, streams, the memory transport."""
 
-    __slots__ = ("deadline_token", "injector", "limit", "plan", "scope", "token")
+    __slots__ = ("deadline_token", "dispatcher", "limit", "plan", "scope", "token", "watch")
 
-    def __init__(self, injector: Injector, plan: Plan, limit: float | None) -> None:
-        self.injector = injector
+    def __init__(self, dispatcher: Dispatcher, plan: Plan, limit: float | None) -> None:
+        self.dispatcher = dispatcher
         self.plan = plan
         self.limit = limit  # the tool's own timeout or stream_timeout
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> Counted | None:
+        dispatcher = self.dispatcher
+        dispatcher.calls_served += 1
+        self.watch = watch = dispatcher.observed(self.plan)
+        counted = watch.__enter__() if watch is not None else None
+        try:
+            await self._enter()
+        except BaseException as exc:
+            if watch is not None:
+                watch.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return counted
+
+    async def _enter(self) -> None:
         plan = self.plan
         turn = plan.turn
         if turn is not None:
@@ -133,7 +148,7 @@ class _Running:
         deadline = tightened(plan.deadline, self.limit)
         self.deadline_token = DEADLINE.set(deadline) if deadline is not None else None
         try:
-            self.scope = self.injector.scope(plan.bound, plan.session, plan.kwargs)
+            self.scope = self.dispatcher.injector.scope(plan.bound, plan.session, plan.kwargs)
             await self.scope.__aenter__()
         except BaseException:
             self._leave()
@@ -142,6 +157,19 @@ class _Running:
     async def __aexit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
+        watch = self.watch
+        if watch is None:
+            await self._exit(ev)
+            return
+        try:
+            await self._exit(ev)
+        except BaseException as raised:  # what the caller is told, not what the tool raised
+            watch.__exit__(type(raised), raised, raised.__traceback__)
+            raise
+        watch.__exit__(et, ev, tb)
+
+    async def _exit(self, ev: BaseException | None) -> None:
+        et, tb = (type(ev), ev.__traceback__) if ev is not None else (None, None)
         try:
             await self.scope.__aexit__(et, ev, tb)
         finally:
@@ -222,11 +250,6 @@ class Dispatcher:
         bind the arguments and take the call's place in its session's line. Never awaits.
         ``principal`` is the caller: it may use only sessions it opened, and tools that
         allow it."""
-        plan = self._plan(request, session_id, create, principal)
-        plan.principal = principal
-        return plan
-
-    def _plan(self, request: pb.CallRequest, session_id: str, create: bool, principal: str) -> Plan:
         bound = self.tool(request.tool)
         allow = bound.spec.allow
         if allow is not None and principal not in allow:
@@ -240,16 +263,16 @@ class Dispatcher:
             except SessionNotFoundError:
                 raise self._not_here(session_id) from None
             earlier = self.recall.get(session_id, call_id) if call_id else None
-            plan = Plan(bound, session, earlier and earlier.outcome, "", call_id)
+            plan = Plan(bound, session, earlier and earlier.outcome, "", call_id, principal)
         elif create:
             opened = self.recall.get("", call_id) if call_id else None
             if opened is not None:
                 # A retry of a call that opened a session: the same session, the same outcome.
-                return Plan(bound, None, opened.outcome, opened.session_id, call_id)
+                return Plan(bound, None, opened.outcome, opened.session_id, call_id, principal)
             # Bind first: a call that cannot run must not leave a session nobody knows of.
             kwargs = self._bind(bound, request, None)
             session = self.new_session(bound, principal)
-            plan = Plan(bound, session, None, session.id, call_id)
+            plan = Plan(bound, session, None, session.id, call_id, principal)
             plan.kwargs = kwargs
             kwargs.update(dict.fromkeys(bound.session_params, session))
             plan.turn = session.turn()
@@ -263,7 +286,7 @@ class Dispatcher:
             )
         else:
             earlier = self.recall.get("", call_id) if call_id else None
-            plan = Plan(bound, None, earlier and earlier.outcome, "", call_id)
+            plan = Plan(bound, None, earlier and earlier.outcome, "", call_id, principal)
         if plan.earlier is None:
             plan.kwargs = self._bind(bound, request, plan.session)
             if plan.session is not None:
@@ -339,14 +362,24 @@ class Dispatcher:
             debug="".join(traceback.format_exception(exc)) if self.debug else "",
         )
 
-    def running(self, plan: Plan, limit: float | None = None) -> AbstractAsyncContextManager[None]:
+    def running(
+        self, plan: Plan, limit: float | None = None
+    ) -> AbstractAsyncContextManager[Counted | None]:
         """``async with`` it around running the tool: the call's turn, session, dependencies
-        and deadline (the caller's, or ``limit`` seconds from now if that is sooner)."""
-        return _Running(self.injector, plan, limit)
+        and deadline (the caller's, or ``limit`` seconds from now if that is sooner). It
+        gives what a stream adds its chunks to, while observed (metrics or tracing on)."""
+        return _Running(self, plan, limit)
+
+    def observed(self, plan: Plan) -> AbstractContextManager[Counted] | None:
+        """The span and metrics of one tool run; None (nothing to do) when both are off."""
+        metrics, tracer = self.metrics, tracing.tracer()
+        if metrics is None and tracer is None:
+            return None
+        return observing(plan, metrics, tracer, self.agent_name, self.store.instance_id)
 
     async def _run(self, plan: Plan) -> Any:
         bound = plan.bound
-        async with _Running(self.injector, plan, bound.spec.options.timeout):
+        async with _Running(self, plan, bound.spec.options.timeout):
             try:
                 async with asyncio.timeout(bound.spec.options.timeout):
                     return await bound.invoke(plan.kwargs)
@@ -361,14 +394,6 @@ class Dispatcher:
     async def execute(self, plan: Plan) -> Any:
         """The tool's result (a Python value); each adapter writes it straight into its
         answer. Failures raise :class:`Fail`."""
-        self.calls_served += 1
-        metrics, tracer = self.metrics, tracing.tracer()
-        if metrics is None and tracer is None:
-            return await self._execute(plan)
-        with observing(plan, metrics, tracer, self.agent_name, self.store.instance_id):
-            return await self._execute(plan)
-
-    async def _execute(self, plan: Plan) -> Any:
         if plan.earlier is not None:
             return await asyncio.shield(plan.earlier)
         if not plan.call_id:

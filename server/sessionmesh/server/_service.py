@@ -14,7 +14,6 @@ from sessionmesh.client import tracing
 from sessionmesh.server._dispatch import Dispatcher, Plan, fill
 from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream, not_json
 from sessionmesh.server._handlers import Undecodable
-from sessionmesh.server._observe import observing
 from sessionmesh.server._security import Authenticator
 from sessionmesh.server._session import SessionNotFoundError
 from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, Flow, pump
@@ -29,7 +28,6 @@ from sessionmesh.wire.reasons import Reason
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
-    from sessionmesh.server._observe import Counted
     from sessionmesh.server._tool import BoundTool
 
 
@@ -248,6 +246,8 @@ class Servicer(pb_grpc.SessionServiceServicer):
             principal = await self.auth.principal(context) if self.auth.on else ""
             plan = self.dispatcher.plan(start.call, *_metadata(context), principal)
             plan.expires_in(context.time_remaining())
+            if tracing.tracer() is not None:
+                plan.carrier = _trace_headers(context)
             abandon = plan.abandon
             bound = plan.bound
             flow = Flow(min(start.window, bound.spec.options.buffer_size) if start.window else 0)
@@ -296,28 +296,9 @@ class Servicer(pb_grpc.SessionServiceServicer):
     async def _stream(
         self, plan: Plan, flow: Flow, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        dispatcher = self.dispatcher
-        dispatcher.calls_served += 1
-        metrics, tracer = dispatcher.metrics, tracing.tracer()
-        if metrics is None and tracer is None:
-            await self._chunks(plan, flow, context)
-            return
-        if tracer is not None:
-            plan.carrier = _trace_headers(context)
-        agent, instance = dispatcher.agent_name, self.store.instance_id
-        with observing(plan, metrics, tracer, agent, instance) as counted:
-            await self._chunks(plan, flow, context, counted)
-
-    async def _chunks(
-        self,
-        plan: Plan,
-        flow: Flow,
-        context: grpc.aio.ServicerContext[Any, Any],
-        counted: Counted | None = None,
-    ) -> None:
         bound = plan.bound
         stream_timeout = bound.spec.options.stream_timeout
-        async with self.dispatcher.running(plan, stream_timeout):
+        async with self.dispatcher.running(plan, stream_timeout) as counted:
             try:
                 async with asyncio.timeout(stream_timeout):
                     write = context.write
