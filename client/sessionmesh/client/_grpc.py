@@ -38,11 +38,15 @@ Metadata = tuple[tuple[str, str], ...]
 _CREATE: Metadata = ((SESSION_CREATE_KEY, "1"),)
 
 
-def _session_headers(session_id: str, create: bool) -> Metadata | None:
-    """The request headers that put a call in its session, or open one with it."""
-    if session_id:
-        return ((SESSION_ID_KEY, session_id),)
-    return _CREATE if create else None
+def _headers(
+    session_id: str, create: bool, extra: Mapping[str, str] | None = None
+) -> Metadata | None:
+    """The request headers that put a call in its session, or open one with it, and any
+    ``extra`` the call carries (trace context)."""
+    md = ((SESSION_ID_KEY, session_id),) if session_id else _CREATE if create else None
+    if extra:
+        return (*(md or ()), *extra.items())
+    return md
 
 
 def channel(
@@ -116,9 +120,7 @@ class GrpcEndpoint(Endpoint):
     async def _call_alone(self, message: pb.ExchangeRequest, deadline: float | None) -> Answer:
         """A unary Call: a refusal (say, over the agent's size limit) then fails this call
         only, and it does not hold up the small calls behind it on the shared stream."""
-        md = _session_headers(message.session_id, message.create_session)
-        if message.metadata:
-            md = (*(md or ()), *message.metadata.items())
+        md = _headers(message.session_id, message.create_session, message.metadata)
         call = self._stub.Call(message.call, metadata=md, timeout=deadline)
         try:
             response = await call
@@ -136,9 +138,7 @@ class GrpcEndpoint(Endpoint):
         deadline: float | None,
         headers: Mapping[str, str] | None = None,
     ) -> StreamCall:
-        md = _session_headers(session_id, create)
-        if headers:
-            md = (*(md or ()), *headers.items())
+        md = _headers(session_id, create, headers)
         return GrpcStreamCall(self._stub.StreamCall(metadata=md, timeout=deadline))
 
     async def create_session(self, tool: str, deadline: float | None) -> str:

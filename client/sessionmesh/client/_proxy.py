@@ -224,11 +224,20 @@ class BaseProxy:
         """The call that opened the auto session ended (session_id None: it failed)."""
         self._auto.opened(endpoint, session_id)
 
-    def failed(self, session_id: str, error: BaseException) -> BaseException:
-        """A call (in ``session_id``, or "" for none) failed with ``error``: what to raise,
-        for unary calls and streams alike. An unreachable owner is SessionOwnerUnavailable
-        (SessionOwnerLost once it left the mesh); a SessionLost marks the auto session
-        lost; the agent's wording is put in Python terms."""
+    def failed(self, session_id: str, error: BaseException, tool: str = "") -> BaseException:
+        """A call of ``tool`` (in ``session_id``, or "" for none) failed with ``error``: what
+        to raise, for unary calls and streams alike. An unreachable owner is
+        SessionOwnerUnavailable (SessionOwnerLost once it left the mesh); a SessionLost marks
+        the auto session lost; the agent's wording is put in Python terms."""
+        if isinstance(error, ToolNotFound) and tool and tool != self._tool:
+            # proxy("x", {...}): say which form was taken, and the other one.
+            return ToolNotFound(
+                f"{error.message}. proxy({tool!r}, {{...}}) calls the agent's tool {tool!r}; "
+                f"to call {self._tool!r} itself, pass its arguments as keywords: proxy(...=...)",
+                code=error.code,
+                reason=error.reason,
+                metadata=error.metadata,
+            )
         if session_id:
             if isinstance(error, AgentUnavailable) and not isinstance(error, SessionLost):
                 error = self._owner_unreachable(session_id, error)
@@ -277,29 +286,11 @@ class BaseProxy:
             with tracing.client_span(tracer, tool, self._tool) as span:
                 tracing.inject(message.metadata)
                 try:
-                    return await self._retrying(message, session_id, timeout)
+                    return await self._attempts(message, session_id, timeout)
                 finally:
                     if self._auto.session_id:
                         span.set_attribute("sessionmesh.session", short(self._auto.session_id))
-        return await self._retrying(message, session_id, timeout)
-
-    async def _retrying(
-        self, message: pb.ExchangeRequest, session_id: str | None, deadline: float | None
-    ) -> Any:
-        try:
-            return await self._attempts(message, session_id, deadline)
-        except ToolNotFound as error:
-            tool = message.call.tool
-            if tool == self._tool:
-                raise
-            # proxy("x", {...}): say which form was taken, and the other one.
-            raise ToolNotFound(
-                f"{error.message}. proxy({tool!r}, {{...}}) calls the agent's tool {tool!r}; "
-                f"to call {self._tool!r} itself, pass its arguments as keywords: proxy(...=...)",
-                code=error.code,
-                reason=error.reason,
-                metadata=error.metadata,
-            ) from None
+        return await self._attempts(message, session_id, timeout)
 
     async def _attempts(
         self, message: pb.ExchangeRequest, session_id: str | None, deadline: float | None
@@ -347,7 +338,7 @@ class BaseProxy:
         if creating:
             self.opened(endpoint, answer.session_id)
         if answer.error is not None:
-            raise self.failed(sid, answer.error)
+            raise self.failed(sid, answer.error, message.call.tool)
         return from_value(answer.value)
 
     # -- sessions -----------------------------------------------------------------------------

@@ -174,7 +174,7 @@ class ChunkStream:
             if self._failure is not None:
                 self._finish(self._failure)
                 raise self._failure from None
-            error = self._proxy.failed(self._session_id, call.failure(exc))
+            error = self._proxy.failed(self._session_id, call.failure(exc), self._tool)
             self._finish(error)
             if error is exc:
                 raise
