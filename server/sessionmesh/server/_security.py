@@ -186,14 +186,9 @@ class Authenticator:
         """The caller's principal; Fail (UNAUTHENTICATED / PERMISSION_DENIED) if none."""
         if not self.on:
             return ""
-        bearer: str | None = None
-        metadata: dict[str, str] = {}
-        for key, value in context.invocation_metadata() or ():
-            metadata[key] = str(value)
-            if key == "authorization":
-                scheme, _, credential = str(value).partition(" ")
-                if scheme.lower() == "bearer":
-                    bearer = credential.strip()
+        metadata = {key: str(value) for key, value in context.invocation_metadata() or ()}
+        scheme, _, credential = metadata.get("authorization", "").partition(" ")
+        bearer = credential.strip() if scheme.lower() == "bearer" else None
         if bearer is not None and self._tokens:
             found = self._match(bearer)
             if found is not None:
