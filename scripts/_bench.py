@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,10 +147,30 @@ def throwaway_pki(root: Path) -> dict[str, str]:
     return files
 
 
+async def paired(
+    pairs: int, sides: dict[str, Callable[[], Awaitable[float]]]
+) -> list[dict[str, float]]:
+    """Each side's figure, pair by pair, the order alternating so drift hits every side."""
+    names = list(sides)
+    took: list[dict[str, float]] = []
+    for i in range(pairs):
+        took.append({name: await sides[name]() for name in (names if i % 2 == 0 else names[::-1])})
+    return took
+
+
+async def call_p50(proxy: mesh.Proxy, n: int) -> float:
+    return pct(await timed(functools.partial(proxy, **ARGS), n), 0.5)
+
+
+async def until_sigterm() -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+
+
 async def mtls_vs_plaintext(addresses: dict[str, str], pairs: int, n: int) -> dict[str, Any]:
     """A session call over mutual TLS vs the same over plaintext, once connected."""
     tls = mesh.TLS(cert=addresses["client_cert"], key=addresses["client_key"], ca=addresses["ca"])
-    ratios: list[float] = []
     async with (
         mesh.connect(addresses["mtls_agent"], tls=tls) as secure,
         mesh.connect(addresses["agent"]) as plain,
@@ -161,13 +181,14 @@ async def mtls_vs_plaintext(addresses: dict[str, str], pairs: int, n: int) -> di
         ):
             await over_tls(**ARGS)
             await over_tcp(**ARGS)
-            for i in range(pairs):
-                sides = [("tls", over_tls), ("plain", over_tcp)]
-                took = {}
-                for name, proxy in sides if i % 2 == 0 else sides[::-1]:
-                    took[name] = pct(await timed(functools.partial(proxy, **ARGS), n), 0.5)
-                ratios.append(took["tls"] / took["plain"])
-    return {"mtls_vs_plaintext_p50": spread(ratios), "mtls_call_p50_us": took["tls"]}
+            took = await paired(
+                pairs,
+                {"tls": lambda: call_p50(over_tls, n), "plain": lambda: call_p50(over_tcp, n)},
+            )
+    return {
+        "mtls_vs_plaintext_p50": spread([t["tls"] / t["plain"] for t in took]),
+        "mtls_call_p50_us": took[-1]["tls"],
+    }
 
 
 def sdk_provider() -> Any:
@@ -195,7 +216,6 @@ async def traced_vs_not(addresses: dict[str, str], pairs: int, n: int) -> dict[s
     from sessionmesh.client import tracing
 
     provider = sdk_provider()
-    ratios: list[float] = []
     async with (
         mesh.connect(addresses["agent"]) as plain_agent,
         mesh.connect(addresses["traced_agent"]) as traced_agent,
@@ -206,17 +226,16 @@ async def traced_vs_not(addresses: dict[str, str], pairs: int, n: int) -> dict[s
         ):
             await plain(**ARGS)
             await traced(**ARGS)
-            for i in range(pairs):
-                took = {}
-                for name in ("on", "off") if i % 2 == 0 else ("off", "on"):
-                    if name == "on":
-                        tracing.enable(provider)
-                        took[name] = pct(await timed(functools.partial(traced, **ARGS), n), 0.5)
-                        tracing.disable()
-                    else:
-                        took[name] = pct(await timed(functools.partial(plain, **ARGS), n), 0.5)
-                ratios.append(took["on"] / took["off"])
-    return {"traced_vs_not_p50": spread(ratios)}
+
+            async def traced_p50() -> float:
+                tracing.enable(provider)
+                try:
+                    return await call_p50(traced, n)
+                finally:
+                    tracing.disable()
+
+            took = await paired(pairs, {"on": traced_p50, "off": lambda: call_p50(plain, n)})
+    return {"traced_vs_not_p50": spread([t["on"] / t["off"] for t in took])}
 
 
 async def serve_traced() -> None:
@@ -227,9 +246,7 @@ async def serve_traced() -> None:
     agent = mesh.Agent([bump], name="bench-traced")
     await agent.start()
     print(json.dumps({"traced_agent": agent.address}), flush=True)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
+    await until_sigterm()
     await agent.stop(0)
 
 
@@ -266,9 +283,7 @@ async def serve() -> None:
         ),
         flush=True,
     )
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
+    await until_sigterm()
     await secure.stop(0)
     certificates.cleanup()
     await consumer.stop(0)
@@ -662,6 +677,21 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     ]
 
 
+@contextlib.contextmanager
+def _serving(flag: str, env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """A serving child process (``--serve``, ``--serve-traced``): the addresses it printed;
+    SIGTERMed at the end."""
+    child = subprocess.Popen(
+        [sys.executable, __file__, flag], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert child.stdout is not None
+        yield json.loads(child.stdout.readline())
+    finally:
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="scripts/bench")
     parser.add_argument("--quick", action="store_true", help="smaller counts, under a minute")
@@ -684,25 +714,11 @@ def main() -> None:
             [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
         ),
     }
-    child = subprocess.Popen(
-        [sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        assert child.stdout is not None
-        addresses = json.loads(child.stdout.readline())
-        traced = subprocess.Popen(
-            [sys.executable, __file__, "--serve-traced"], stdout=subprocess.PIPE, text=True, env=env
-        )
-        try:
-            assert traced.stdout is not None
-            addresses.update(json.loads(traced.stdout.readline()))
-            results = asyncio.run(measure(addresses, args.quick))
-        finally:
-            traced.send_signal(signal.SIGTERM)
-            traced.wait(timeout=30)
-    finally:
-        child.send_signal(signal.SIGTERM)
-        child.wait(timeout=30)
+    with contextlib.ExitStack() as children:
+        addresses: dict[str, str] = {}
+        for flag in ("--serve", "--serve-traced"):
+            addresses.update(children.enter_context(_serving(flag, env)))
+        results = asyncio.run(measure(addresses, args.quick))
     results["sigkill_seen_ms"] = asyncio.run(sigkill_seen(1 if args.quick else 3))
     count = 10_000 if args.quick else 100_000
     results["idle_sessions"] = count

@@ -7,18 +7,14 @@ error reasons, never session ids.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from sessionmesh.client import TLS
 from sessionmesh.client.errors import UsageError
-from sessionmesh.server._errors import Fail
 from sessionmesh.server._security import is_loopback
 
 if TYPE_CHECKING:
-    from types import TracebackType
     from wsgiref.simple_server import WSGIServer
 
     from sessionmesh.server._session import SessionStore
@@ -94,42 +90,12 @@ class AgentMetrics(Exporter):
         )
         r.register(_StateCollector(p, store, exchange_streams))
 
-    def call(self, tool: str) -> Timing:
-        """``with metrics.call(tool) as timing:`` around a call; its outcome is what leaves
-        the block (nothing: ok; a Fail: its reason; a cancellation: cancelled)."""
-        return Timing(self, tool)
-
-
-class Timing:
-    """One call being counted; a stream adds its chunks to ``chunks``."""
-
-    __slots__ = ("chunks", "metrics", "started", "tool")
-
-    def __init__(self, metrics: AgentMetrics, tool: str) -> None:
-        self.metrics = metrics
-        self.tool = tool
-        self.chunks = 0
-        self.started = time.perf_counter()
-
-    def __enter__(self) -> Timing:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if ev is None:
-            outcome = "ok"
-        elif isinstance(ev, Fail):
-            outcome = (ev.reason or ev.code.name).lower()
-        elif isinstance(ev, asyncio.CancelledError):
-            outcome = "cancelled"
-        else:
-            outcome = "error"
-        m = self.metrics
-        m.calls.labels(self.tool, outcome).inc()
-        m.seconds.labels(self.tool).observe(time.perf_counter() - self.started)
-        if self.chunks:
-            m.chunks.labels(self.tool).inc(self.chunks)
+    def done(self, tool: str, outcome: str, seconds: float, chunks: int = 0) -> None:
+        """One tool run ended with ``outcome`` after ``seconds``, having streamed ``chunks``."""
+        self.calls.labels(tool, outcome).inc()
+        self.seconds.labels(tool).observe(seconds)
+        if chunks:
+            self.chunks.labels(tool).inc(chunks)
 
 
 class _StateCollector:

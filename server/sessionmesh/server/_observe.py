@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -44,9 +45,9 @@ def observing(
     """Around one call: its span is current while the tool runs (calls it makes through its
     proxies are children of it), its metrics are counted when it ends."""
     counted = Counted()
+    started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         span = stack.enter_context(_span(tracer, plan, agent, instance)) if tracer else None
-        timing = stack.enter_context(metrics.call(plan.bound.spec.name)) if metrics else None
         error: BaseException | None = None
         try:
             yield counted
@@ -54,16 +55,18 @@ def observing(
             error = exc
             raise
         finally:
-            if timing is not None:
-                timing.chunks = counted.chunks
+            result = outcome(error)
+            if metrics is not None:
+                seconds = time.perf_counter() - started
+                metrics.done(plan.bound.spec.name, result, seconds, counted.chunks)
             if span is not None:
-                span.set_attribute("sessionmesh.outcome", outcome(error))
+                span.set_attribute("sessionmesh.outcome", result)
                 if counted.chunks:
                     span.set_attribute("sessionmesh.chunks", counted.chunks)
                 if error is not None and not isinstance(error, asyncio.CancelledError):
                     from opentelemetry.trace import Status, StatusCode
 
-                    span.set_status(Status(StatusCode.ERROR, outcome(error)))
+                    span.set_status(Status(StatusCode.ERROR, result))
 
 
 def _span(tracer: Any, plan: Plan, agent: str, instance: str) -> Any:
