@@ -110,10 +110,8 @@ class Rich:
     __slots__ = ("adapter", "error_type")
 
     def __init__(self, tp: Any) -> None:
-        try:
-            import pydantic
-        except ImportError:  # pragma: no cover - pydantic is a dependency
-            raise TypeError("richer types than JSON need pydantic") from None
+        import pydantic  # a dependency, imported only by tools with such types
+
         self.adapter = pydantic.TypeAdapter(tp)
         self.error_type = pydantic.ValidationError
 

@@ -133,8 +133,7 @@ class BoundTool:
             elif _is_async_iter(bare):
                 params.append(Param(p.name, "input", tp, False, None))
             else:
-                rich = None if is_json(tp) else _rich(spec.name, p.name, tp)
-                params.append(Param(p.name, "arg", tp, required, default, rich=rich))
+                params.append(Param(p.name, "arg", tp, required, default, rich=_rich(tp)))
         inputs = [p for p in params if p.role == "input"]
         if len(inputs) > 1:
             raise UsageError(f"tool {spec.name!r}: at most one async-iterable input parameter")
@@ -155,7 +154,7 @@ class BoundTool:
         self.schema = self._schema()
         #: How a result (or chunk) richer than JSON is turned into JSON (None: as it is).
         produced = _produced(hints.get("return", Any), spec.kind)
-        self.result = None if is_json(produced) else _rich(spec.name, "return", produced)
+        self.result = _rich(produced)
         self.output_schema = (
             self.result.output_schema() if self.result is not None else schema_for(produced)
         )
@@ -193,7 +192,7 @@ class BoundTool:
                 f"unknown argument {name!r} for tool {self.spec.name!r} (expected: {expected})",
             )
         kwargs: dict[str, Any] = dict.fromkeys(self.session_params, session)
-        errors: list[ArgumentError] = []
+        errors: list[ArgumentError] | None = None  # made only when an argument is bad
         for p in self.params:
             if p.role != "arg":
                 continue
@@ -211,7 +210,7 @@ class BoundTool:
                         p.name, f"missing argument {p.name!r} for tool {self.spec.name!r}"
                     )
             except ArgumentError as error:
-                errors.append(error)
+                errors = [*(errors or ()), error]
         if errors:  # every bad argument at once, named by the first
             if len(errors) == 1:
                 raise errors[0]
@@ -410,9 +409,11 @@ def tools_in(namespace: Mapping[str, object]) -> list[ToolSpec]:
     return found
 
 
-def _rich(tool: str, what: str, tp: Any) -> Rich | None:
-    """pydantic's validation for ``tp``; None (the value passes as it is) for a type pydantic
-    cannot handle either."""
+def _rich(tp: Any) -> Rich | None:
+    """pydantic's conversion for ``tp``; None for JSON types (checked by ``coerce``) and for
+    a type pydantic cannot handle either (the value passes as it is)."""
+    if is_json(tp):
+        return None
     try:
         return Rich(tp)
     except Exception:
