@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
-import signal
 import sys
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -33,9 +31,18 @@ from sessionmesh.client.errors import MeshError, UsageError
 from sessionmesh.server._agent import Agent
 from sessionmesh.server._etcd import EtcdStore
 from sessionmesh.server._registry import LOST_AFTER, Registry, RegistryStore
+from sessionmesh.server._supervise import (
+    Output,
+    Signals,
+    Supervisor,
+    each,
+    ready_line,
+    spawn,
+    stop_all,
+    unless,
+)
 from sessionmesh.server._tool import each_once
 from sessionmesh.wire.etcd import SCHEMES as ETCD_SCHEMES
-from sessionmesh.wire.tasks import cancel_and_wait
 
 log = logging.getLogger("sessionmesh.cli")
 
@@ -83,38 +90,6 @@ def _peers(items: Sequence[str]) -> dict[str, str]:
     return peers
 
 
-class _Signals:
-    """SIGINT and SIGTERM: the first asks for a graceful stop, a second one to hurry. The
-    handlers stay installed, so a second Ctrl-C never tears the event loop down mid-way."""
-
-    def __init__(self) -> None:
-        self.stop = asyncio.Event()
-        self.hurry = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.received)
-
-    def received(self) -> None:
-        if self.stop.is_set():
-            self.hurry.set()
-        self.stop.set()
-
-
-async def _unless(hurry: asyncio.Event, work: Awaitable[None]) -> bool:
-    """Run ``work`` unless (or until) ``hurry`` is set; True if it ran to the end."""
-    task = asyncio.ensure_future(work)
-    hurried = asyncio.ensure_future(hurry.wait())
-    await asyncio.wait([task, hurried], return_when=asyncio.FIRST_COMPLETED)
-    finished = task.done() and not task.cancelled()
-    await cancel_and_wait(task, hurried)
-    if finished:
-        task.result()  # what the work raised, if anything
-    return not hurry.is_set()
-
-
-# -- serve ------------------------------------------------------------------------------------
-
-
 async def _serve(args: argparse.Namespace) -> int:
     module = load_file(args.file)
     try:
@@ -140,7 +115,7 @@ async def _serve(args: argparse.Namespace) -> int:
         )
     except UsageError as exc:
         raise SystemExit(f"sessionmesh: {args.file}: {exc}") from None
-    signals = _Signals()
+    signals = Signals()
     if args.stop_with_parent:
         # Started by `sessionmesh run`: its stdin pipe closes when `run` dies, however it
         # dies, and the agent must not outlive it.
@@ -168,7 +143,7 @@ async def _serve(args: argparse.Namespace) -> int:
             f"agent {agent.name} draining (up to {agent.drain_timeout:g} s for open sessions; "
             "again to stop now)"
         )
-        await _unless(signals.hurry, agent.drain())
+        await unless(signals.hurry, agent.drain())
     say(f"agent {agent.name} stopping")
     # Hurried: no grace for calls in flight; open sessions are closed and their close
     # callbacks run either way.
@@ -177,7 +152,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 class _ParentGone(asyncio.Protocol):
-    def __init__(self, signals: _Signals) -> None:
+    def __init__(self, signals: Signals) -> None:
         self.signals = signals
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -203,7 +178,7 @@ async def _registry(args: argparse.Namespace) -> int:
         )
     except UsageError as exc:
         raise SystemExit(f"sessionmesh: {exc}") from None
-    signals = _Signals()
+    signals = Signals()
     try:
         address = await registry.start()
     except UsageError as exc:
@@ -220,84 +195,13 @@ async def _registry(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _spawn(
-    file: str, registry: str, extra: Sequence[str], env: dict[str, str], output: _Output
-) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "sessionmesh.server._cli", "serve", file],
-        *["--registry", registry, "--stop-with-parent", *extra],
-        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        # Its own session: a Ctrl-C in the terminal reaches `run` alone, which then stops
-        # the agents in order (a second Ctrl-C: at once).
-        start_new_session=True,
-    )
-    output.follow(proc, Path(file).stem)
-    return proc
-
-
-#: ANSI colours for the agents' prefixes on a terminal.
-_COLOURS = ("36", "33", "35", "32", "34", "31")
-
-
-class _Output:
-    """Every line the agent processes write, passed on with who wrote it: ``[counter
-    1a2b3c4d] ...`` (coloured on a terminal). Their stderr goes to ours; their stdout (a
-    tool's print()) to ours, after the ready line `run` reads itself."""
-
-    def __init__(self) -> None:
-        self.labels: dict[asyncio.subprocess.Process, str] = {}
-        self.pumps: set[asyncio.Task[None]] = set()
-        self._colours: dict[str, str] = {}
-
-    def follow(self, proc: asyncio.subprocess.Process, name: str) -> None:
-        self.labels[proc] = name
-        assert proc.stderr is not None
-        self._pump(proc, proc.stderr, sys.stderr)
-
-    def ready(self, proc: asyncio.subprocess.Process, ready: dict[str, Any]) -> None:
-        self.labels[proc] = f"{ready['agent']} {ready['instance']}"
-        assert proc.stdout is not None
-        self._pump(proc, proc.stdout, sys.stdout)
-
-    def _pump(
-        self, proc: asyncio.subprocess.Process, stream: asyncio.StreamReader, out: Any
-    ) -> None:
-        task = asyncio.get_running_loop().create_task(self._lines(proc, stream, out))
-        self.pumps.add(task)
-        task.add_done_callback(self.pumps.discard)
-
-    async def _lines(
-        self, proc: asyncio.subprocess.Process, stream: asyncio.StreamReader, out: Any
-    ) -> None:
-        while line := await stream.readline():
-            label = self.labels[proc]
-            prefix = f"[{label}]"
-            if out.isatty():
-                colour = self._colours.setdefault(
-                    label.split()[0], _COLOURS[len(self._colours) % len(_COLOURS)]
-                )
-                prefix = f"\033[{colour}m{prefix}\033[0m"
-            with contextlib.suppress(BrokenPipeError):
-                out.write(f"{prefix} {line.decode(errors='replace')}")
-                out.flush()
-
-    async def aclose(self) -> None:
-        """Pass on what the exited agents still had to say, then stop."""
-        if self.pumps:
-            await asyncio.wait(list(self.pumps), timeout=2)
-        await cancel_and_wait(*self.pumps)
-
-
 async def _run(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         raise SystemExit("sessionmesh: --replicas must be >= 1")
     missing = [file for file in args.files if not os.path.isfile(file)]  # noqa: ASYNC240
     if missing:
         raise SystemExit(f"sessionmesh: no such file: {', '.join(missing)}")
-    signals = _Signals()
+    signals = Signals()
     registry: Registry | None = None
     address = registry_address(args, required=False)
     on_etcd = address is not None and address.partition("://")[0] in ETCD_SCHEMES
@@ -331,7 +235,7 @@ async def _run(args: argparse.Namespace) -> int:
         say(f"embedded registry on {address}")
     procs: list[asyncio.subprocess.Process] = []
     agents: list[dict[str, Any]] = []
-    output = _Output()
+    output = Output()
     try:
         extra = ["--debug"] if args.debug else []
         if on_etcd and args.lost_after is not None:
@@ -348,161 +252,33 @@ async def _run(args: argparse.Namespace) -> int:
             extra += ["--drain-timeout", str(args.drain_timeout)]
         for file in args.files:
             for _ in range(args.replicas):
-                procs.append(await _spawn(file, address, extra, env, output))
+                procs.append(await spawn(file, address, extra, env, output))
         files = {
-            proc: file for proc, file in zip(procs, _each(args.files, args.replicas), strict=True)
+            proc: file for proc, file in zip(procs, each(args.files, args.replicas), strict=True)
         }
         for proc in procs:
-            agents.append(await _ready(proc))
+            agents.append(await ready_line(proc))
             output.ready(proc, agents[-1])
         ready: dict[str, Any] = {"registry": address, "agents": agents}
         if registry is not None and registry.metrics is not None:
             ready["registry_metrics"] = registry.metrics.address
         print(json.dumps(ready), flush=True)
         say(f"{len(agents)} agent process(es) up; Ctrl-C stops everything")
-        supervisor = _Supervisor(
-            files, procs, lambda f: _spawn(f, address, extra, env, output), output, args
+        supervisor = Supervisor(
+            files,
+            procs,
+            lambda f: spawn(f, address, extra, env, output),
+            output,
+            policy=args.restart,
+            watch=args.watch,
         )
         await supervisor.run(signals)
     finally:
-        await _stop_all(procs, signals)
+        await stop_all(procs, signals)
         await output.aclose()
         if registry is not None:
             await registry.stop()
     return 0
-
-
-def _each(files: Sequence[str], replicas: int) -> list[str]:
-    return [file for file in files for _ in range(replicas)]
-
-
-async def _ready(proc: asyncio.subprocess.Process) -> dict[str, Any]:
-    assert proc.stdout is not None
-    line = await proc.stdout.readline()
-    if not line:
-        raise SystemExit(f"sessionmesh: an agent failed to start (exit {await proc.wait()})")
-    ready: dict[str, Any] = json.loads(line)
-    return ready
-
-
-#: A replica that ran this long before it died is restarted at once, not after a backoff.
-HEALTHY_AFTER = 30.0
-MAX_BACKOFF = 30.0
-
-
-class _Supervisor:
-    """Watches `run`'s agent processes: restarts one that dies (``--restart``, with a
-    backoff that doubles while it keeps dying young), and with ``--watch`` restarts the
-    replicas of a file that changed."""
-
-    def __init__(
-        self,
-        files: dict[asyncio.subprocess.Process, str],
-        procs: list[asyncio.subprocess.Process],
-        spawn: Callable[[str], Awaitable[asyncio.subprocess.Process]],
-        output: _Output,
-        args: argparse.Namespace,
-    ) -> None:
-        self.output = output
-        self.files = files
-        self.procs = procs  # shared with the caller, which stops them all at the end
-        self.spawn = spawn
-        self.policy: str = args.restart
-        self.watch: bool = args.watch
-        loop = asyncio.get_running_loop()
-        self.started = dict.fromkeys(files, loop.time())
-        self.backoff: dict[str, float] = {}
-        self.replacing: set[asyncio.subprocess.Process] = set()  # stopped by us, on purpose
-
-    async def run(self, signals: _Signals) -> None:
-        exits = {asyncio.ensure_future(p.wait()): p for p in self.files}
-        stopping = asyncio.ensure_future(signals.stop.wait())
-        changes: asyncio.Task[set[str]] | None = self._next_change() if self.watch else None
-        try:
-            while (exits or changes) and not signals.stop.is_set():
-                waiting = [stopping, *exits, *([changes] if changes else [])]
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if changes is not None and changes in done:
-                    for proc in [p for p, f in self.files.items() if f in changes.result()]:
-                        say(f"{self.files[proc]} changed: restarting its agent")
-                        self.replacing.add(proc)
-                        proc.send_signal(signal.SIGTERM)
-                    changes = self._next_change()
-                for future in [f for f in done if f in exits]:
-                    proc = exits.pop(future)  # type: ignore[arg-type]  # one of its own
-                    replacement = await self._after_exit(proc, proc.returncode or 0, signals)
-                    if replacement is not None:
-                        exits[asyncio.ensure_future(replacement.wait())] = replacement
-        finally:
-            stopping.cancel()
-            if changes is not None:
-                await cancel_and_wait(changes)
-
-    async def _after_exit(
-        self, proc: asyncio.subprocess.Process, code: int, signals: _Signals
-    ) -> asyncio.subprocess.Process | None:
-        file = self.files.pop(proc)
-        loop = asyncio.get_running_loop()
-        lived = loop.time() - self.started.pop(proc)
-        replaced = proc in self.replacing
-        self.replacing.discard(proc)
-        if not replaced:
-            say(f"an agent process ({file}) exited with {code}")
-            if self.policy == "never" or (self.policy == "on-failure" and code == 0):
-                return None
-            delay = 0.0 if lived > HEALTHY_AFTER else self.backoff.get(file, 0.5)
-            self.backoff[file] = min(MAX_BACKOFF, max(delay, 0.5) * 2)
-            if delay:
-                say(f"restarting it in {delay:g} s")
-                if not await _unless_set(signals.stop, delay):
-                    return None
-        new = await self.spawn(file)
-        self.procs.append(new)
-        try:
-            ready = await _ready(new)
-        except SystemExit as exc:
-            say(str(exc).removeprefix("sessionmesh: "))
-            ready = None
-        if ready is not None:
-            self.output.ready(new, ready)
-            say(f"agent {ready['agent']} (instance {ready['instance']}) up on {ready['address']}")
-        self.files[new] = file
-        self.started[new] = loop.time()
-        return new
-
-    def _next_change(self) -> asyncio.Task[set[str]]:
-        return asyncio.get_running_loop().create_task(_changed(sorted(set(self.files.values()))))
-
-
-async def _changed(files: list[str]) -> set[str]:
-    """The files among ``files`` that changed next (``--watch``, through watchfiles)."""
-    try:
-        from watchfiles import awatch
-    except ImportError:
-        raise SystemExit(
-            "sessionmesh: --watch needs watchfiles: pip install 'sessionmesh[watch]'"
-        ) from None
-    wanted = _real_paths(files)
-    async for batch in awatch(*{os.path.dirname(p) for p in wanted}):
-        hit = {wanted[p] for p in _real_paths([path for _, path in batch]) if p in wanted}
-        if hit:
-            return hit
-    return set()
-
-
-def _real_paths(paths: list[str]) -> dict[str, str]:
-    """Each path by its real path (string work and one stat each: never long enough to
-    matter to the loop)."""
-    return {os.path.realpath(p): p for p in paths}
-
-
-async def _unless_set(event: asyncio.Event, seconds: float) -> bool:
-    """Wait ``seconds`` unless ``event`` is set first; True if the time ran out."""
-    try:
-        await asyncio.wait_for(event.wait(), seconds)
-    except TimeoutError:
-        return True
-    return False
 
 
 def _store(args: argparse.Namespace) -> RegistryStore | None:
@@ -520,35 +296,6 @@ def _security_env(tls: TLS | None, token: str | None, auth_tokens: str | None) -
     if auth_tokens:
         env[AUTH_TOKENS_ENV] = os.path.abspath(auth_tokens)
     return env
-
-
-async def _stop_all(procs: Sequence[asyncio.subprocess.Process], signals: _Signals) -> None:
-    """SIGTERM: each agent drains, then stops. A second Ctrl-C (or SIGTERM) is passed on:
-    the agents stop at once, still closing their sessions."""
-    live = [p for p in procs if p.returncode is None]
-    for proc in live:
-        proc.send_signal(signal.SIGTERM)
-    if live and not await _unless(signals.hurry, _all_exit(live)):
-        say("stopping the agents now")
-        for proc in live:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-    for proc in live:
-        try:
-            await asyncio.wait_for(proc.wait(), 60)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-    for proc in procs:
-        if proc.stdin is not None:
-            proc.stdin.close()
-
-
-async def _all_exit(procs: Sequence[asyncio.subprocess.Process]) -> None:
-    await asyncio.gather(*(p.wait() for p in procs))
-
-
-# -- the parser -------------------------------------------------------------------------------
 
 
 AUTH_TOKENS_ENV = "SESSIONMESH_AUTH_TOKENS"
