@@ -33,16 +33,6 @@ def parse(url: str) -> EtcdTarget | None:
         raise UsageError(str(exc)) from None
 
 
-def etcd_channel(target: EtcdTarget, credentials: Credentials) -> grpc.aio.Channel:
-    """A channel to the cluster: over TLS with ``credentials`` for etcds://."""
-    dial = credentials if target.secure else Credentials()
-    try:
-        where = target.grpc_target()
-    except etcd.EtcdAddressError as exc:
-        raise UsageError(str(exc)) from None
-    return dial.channel(where, etcd.channel_options())
-
-
 class EtcdSource:
     """The instances under the prefix, as the registry's Watch would send them: the
     snapshot, ``snapshot_done``, then changes. While etcd is unreachable it keeps trying
@@ -56,7 +46,7 @@ class EtcdSource:
             self._api = etcd.api()
         except etcd.EtcdAddressError as exc:
             raise UsageError(str(exc)) from None
-        self._channel = etcd_channel(target, credentials)
+        self._channel = credentials.etcd_channel(target)
 
     async def watch(self) -> AsyncIterator[rpb.WatchResponse]:
         api = self._api

@@ -17,6 +17,8 @@ from typing import Any
 import grpc
 
 from sessionmesh.client.errors import UsageError
+from sessionmesh.wire.etcd import EtcdAddressError, EtcdTarget
+from sessionmesh.wire.etcd import channel_options as etcd_channel_options
 
 #: The environment variables, by TLS field; ``SESSIONMESH_TOKEN`` is the bearer token.
 TLS_ENV = {
@@ -113,6 +115,16 @@ class Credentials:
                 credentials, grpc.access_token_call_credentials(self.token)
             )
         return grpc.aio.secure_channel(address, credentials, options=options)
+
+    def etcd_channel(self, target: EtcdTarget) -> grpc.aio.Channel:
+        """A channel to an etcd cluster: over TLS with these credentials for etcds://,
+        plaintext for etcd://; gRPC fails over between its members."""
+        dial = self if target.secure else PLAINTEXT
+        try:
+            where = target.grpc_target()
+        except EtcdAddressError as exc:
+            raise UsageError(str(exc)) from None
+        return dial.channel(where, etcd_channel_options())
 
 
 PLAINTEXT = Credentials()

@@ -46,8 +46,7 @@ class EtcdRegistration:
         self.registry = target.url
         self._target = target
         self._api = etcd.api()
-        dial = credentials if target.secure and credentials is not None else Credentials()
-        self._channel = dial.channel(target.grpc_target(), etcd.channel_options())
+        self._channel = (credentials or Credentials()).etcd_channel(target)
         self._instance = instance
         self._declared_lost = declared_lost
         self.ttl = max(MIN_TTL, math.ceil(ttl))
@@ -174,8 +173,7 @@ class EtcdStore(RegistryStore):
         self._keepalive: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        dial = self._credentials if self._target.secure else Credentials()
-        self._channel = dial.channel(self._target.grpc_target(), etcd.channel_options())
+        self._channel = self._credentials.etcd_channel(self._target)
         self._view = MeshClient(
             self._target.url, tls=self._credentials.tls, token=self._credentials.token
         )
