@@ -111,21 +111,7 @@ class AgentClient:
         """The agent's tools: name, capability, description, schema, streaming, sessions."""
         self._check_open()
         response = await self._transport.pick().list_tools(_ADMIN_TIMEOUT)
-        return [
-            {
-                "name": t.name,
-                "capability": t.capability,
-                "description": t.description,
-                "tags": list(t.tags),
-                "version": t.version or None,
-                "parameters": from_struct(t.parameters_schema),
-                "output": from_struct(t.output_schema),
-                "streaming": t.streaming,
-                "session_required": t.session_required,
-                "stateful": t.stateful,
-            }
-            for t in response.tools
-        ]
+        return [tool_info(t) for t in response.tools]
 
     async def list_sessions(self) -> pb.ListSessionsResponse:
         """The agent's open sessions (ids shortened), busy or idle, and its instance id."""
@@ -336,6 +322,22 @@ def connect(
         where, max_message_bytes=max_message_bytes, credentials=Credentials(tls, token)
     )
     return AgentClient(EndpointTransport(endpoint))
+
+
+def tool_info(t: pb.Tool) -> dict[str, Any]:
+    """A tool as ListTools (or the registry) describes it, as plain data."""
+    return {
+        "name": t.name,
+        "capability": t.capability,
+        "description": t.description,
+        "tags": list(t.tags),
+        "version": t.version or None,
+        "parameters": from_struct(t.parameters_schema),
+        "output": from_struct(t.output_schema),
+        "streaming": t.streaming,
+        "session_required": t.session_required,
+        "stateful": t.stateful,
+    }
 
 
 def host_port(address: str) -> str:

@@ -13,12 +13,10 @@ import os
 import sys
 from typing import Any
 
-from sessionmesh.client._client import MeshClient, connect
+from sessionmesh.client._client import MeshClient, connect, tool_info
 from sessionmesh.client._security import TLS, TLS_ENV, TOKEN_ENV
 from sessionmesh.client.errors import MeshError, RemoteError, UsageError
 from sessionmesh.v1 import registry_service_pb2 as rpb
-from sessionmesh.v1 import session_service_pb2 as pb
-from sessionmesh.wire.codec import from_struct
 from sessionmesh.wire.names import answers_to
 
 REGISTRY_ENV = "SESSIONMESH_REGISTRY"
@@ -91,11 +89,12 @@ def security_options(p: argparse.ArgumentParser, *, serves: bool) -> None:
 
 def tls_from(args: argparse.Namespace) -> TLS | None:
     """The TLS the flags describe, each flag falling back to its environment variable."""
-    values = {
-        field: getattr(args, f"tls_{field}", None) or os.environ.get(name) or None
-        for field, name in TLS_ENV.items()
-    }
-    return TLS(**values) if any(values.values()) else None
+    return TLS.from_env(
+        {
+            name: getattr(args, f"tls_{field}", None) or os.environ.get(name, "")
+            for field, name in TLS_ENV.items()
+        }
+    )
 
 
 def token_from(args: argparse.Namespace) -> str | None:
@@ -133,7 +132,7 @@ async def _list(args: argparse.Namespace) -> int:
             "state": _state(i),
             "open_sessions": i.open_sessions,
             "capabilities": sorted({t.capability for t in i.tools}),
-            **({"tools": [_tool_row(t) for t in i.tools]} if args.tools else {}),
+            **({"tools": [tool_info(t) for t in i.tools]} if args.tools else {}),
         }
         for i in instances
     ]
@@ -155,19 +154,6 @@ async def _list(args: argparse.Namespace) -> int:
         for t in r.get("tools", ()):
             print(f"    {_signature(t)}")
     return 0
-
-
-def _tool_row(tool: pb.Tool) -> dict[str, Any]:
-    return {
-        "name": tool.name,
-        "capability": tool.capability,
-        "description": tool.description,
-        "parameters": from_struct(tool.parameters_schema),
-        "output": from_struct(tool.output_schema),
-        "streaming": tool.streaming,
-        "session_required": tool.session_required,
-        "stateful": tool.stateful,
-    }
 
 
 def _kind(schema: dict[str, Any]) -> str:
