@@ -21,7 +21,6 @@ import grpc
 
 from sessionmesh.client import TLS
 from sessionmesh.client.errors import UsageError
-from sessionmesh.server._errors import Fail
 from sessionmesh.server._metrics import RegistryMetrics
 from sessionmesh.server._security import (
     Authenticator,
@@ -150,7 +149,7 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
         request_iterator: AsyncIterator[rpb.RegisterRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        principal = await self._principal(context)
+        principal = await self.auth.caller(context)
         lease = self.lease_ms / 1000
         messages: asyncio.Queue[rpb.RegisterRequest | None] = asyncio.Queue()
         # One task reads the stream (None: it ended); waiting for a message with a timeout
@@ -160,15 +159,6 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
             await self._register(messages, lease, context, principal)
         finally:
             reader.cancel()
-
-    async def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
-        if not self.auth.on:
-            return ""
-        try:
-            return await self.auth.principal(context)
-        except Fail as fail:
-            await context.abort_with_status(fail.status())
-            raise
 
     def _may_register(self, principal: str, instance: rpb.Instance) -> str | None:
         """Why ``principal`` may not register ``instance``, or None if it may."""
@@ -275,7 +265,7 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
     async def ListInstances(
         self, request: rpb.ListInstancesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> rpb.ListInstancesResponse:
-        await self._principal(context)
+        await self.auth.caller(context)
         found = self.store.instances()
         if request.capability:
             found = [i for i in found if provides(i, request.capability)]
@@ -284,7 +274,7 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
     async def Watch(  # type: ignore[override]  # writes with context.write
         self, request: rpb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        await self._principal(context)
+        await self.auth.caller(context)
         snapshot, queue = self.store.subscribe()
         try:
             for instance in snapshot:

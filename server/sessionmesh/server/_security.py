@@ -215,6 +215,17 @@ class Authenticator:
             "(--tls-cert/--tls-key) or a bearer token (--token)"
         )
 
+    async def caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """``principal()`` for an RPC handler: a refused caller's RPC is aborted with the
+        refusal's status; ``""`` when authentication is off."""
+        if not self.on:
+            return ""
+        try:
+            return await self.principal(context)
+        except Fail as fail:
+            await context.abort_with_status(fail.status())
+            raise
+
     def _match(self, bearer: str) -> str | None:
         presented = bearer.encode()
         found = None

@@ -110,7 +110,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
     ) -> None:
         running: dict[int, asyncio.Task[None]] = {}
         loop = asyncio.get_running_loop()
-        principal = await self._principal(context) if self.auth.on else ""
+        principal = await self.auth.caller(context)
         # Reading runs in its own task so that draining can stop it (the stream is long-lived)
         # and still let the calls it started finish and answer.
         reader = loop.create_task(
@@ -347,7 +347,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CloseSessionResponse:
         if self.auth.on:
-            principal = await self._principal(context)
+            principal = await self.auth.caller(context)
             try:
                 self.store.get(request.session_id, principal)
             except SessionNotFoundError:
@@ -361,7 +361,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
     ) -> pb.ListSessionsResponse:
         mine: str | None = None  # whose sessions to list (None: everyone's)
         if self.auth.on:
-            mine = await self._principal(context)
+            mine = await self.auth.caller(context)
             if mine in self.auth.admins:
                 mine = None
         response = pb.ListSessionsResponse(
@@ -382,15 +382,8 @@ class Servicer(pb_grpc.SessionServiceServicer):
         self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListToolsResponse:
         if self.auth.on:
-            await self._principal(context)
+            await self.auth.caller(context)
         return self._list_tools
-
-    async def _principal(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
-        try:
-            return await self.auth.principal(context)
-        except Fail as fail:
-            await context.abort_with_status(fail.status())
-            raise
 
 
 def _trace_headers(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
