@@ -15,7 +15,6 @@ import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import grpc
 
@@ -215,12 +214,22 @@ class EtcdStore(RegistryStore):
 
     async def _keep_alive(self) -> None:
         assert self._channel is not None
-        stub = self._api.LeaseStub(self._channel)
+        stub, api = self._api.LeaseStub(self._channel), self._api
         while True:
-            await asyncio.sleep(self.ttl / 3)
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                for lease, _ in list(self._mine.values()):
-                    await _refresh(stub, self._api, lease)
+            await asyncio.sleep(self.ttl / 3)  # the keepalive period, not a wait for state
+            leases = [lease for lease, _ in self._mine.values()]
+            if not leases:
+                continue
+            call = stub.LeaseKeepAlive()  # one stream renews them all
+            try:
+                for lease in leases:
+                    await call.write(api.LeaseKeepAliveRequest(ID=lease))
+                for _ in leases:
+                    await asyncio.wait_for(call.read(), 2)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
+                pass  # etcd unreachable: the next period tries again
+            finally:
+                call.cancel()
 
     def instances(self) -> list[rpb.Instance]:
         return self._view.instances() if self._view is not None else []
@@ -233,12 +242,3 @@ class EtcdStore(RegistryStore):
             await self._view.aclose()
         if self._channel is not None:
             await self._channel.close()
-
-
-async def _refresh(stub: Any, api: Any, lease: int) -> None:
-    call = stub.LeaseKeepAlive()
-    try:
-        await call.write(api.LeaseKeepAliveRequest(ID=lease))
-        await asyncio.wait_for(call.read(), 2)
-    finally:
-        call.cancel()
