@@ -160,6 +160,8 @@ class AutoSession:
     async def close(self, transport: Transport) -> None:
         """Close the session on its owner (if it is open) and forget it."""
         session_id, lost = self.reset()
+        if session_id is not None:
+            transport.forget(session_id)
         if session_id is None or isinstance(lost, SessionOwnerLost) or transport.closed:
             return  # nothing to close, or no channel left to close it on (its TTL will)
         try:

@@ -30,7 +30,7 @@ from sessionmesh.client.errors import (
 )
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES
-from sessionmesh.wire.names import owner_of, short
+from sessionmesh.wire.names import is_durable, short
 from sessionmesh.wire.tasks import cancel_and_wait
 
 log = logging.getLogger("sessionmesh.mesh")
@@ -238,18 +238,16 @@ class MeshTransport(Transport):
                 f"no live provider of {self.dependency.capability!r} in the registry at "
                 f"{self.pool.watch.address}"
             )
-        now = time.monotonic()
-        healthy = [
-            i
-            for i in candidates
-            if now - self.pool.failed_at.get(i.instance_id, -1e9) > _SUSPECT_SECONDS
-        ]
+        healthy = [i for i in candidates if not self._suspect(i.instance_id)]
         choices = healthy or candidates
         return self.pool.get(choices[next(self.pool.turns) % len(choices)])
 
     def owner(self, session_id: str) -> Endpoint:
-        instance_id = owner_of(session_id)
+        instance_id = self.home(session_id)
         instance = self.pool.watch.instances.get(instance_id)
+        if is_durable(session_id) and (instance is None or self._suspect(instance_id)):
+            # It outlives its owner: another live instance takes it over from the store.
+            return self.pick()
         if instance is None:
             raise SessionOwnerLost(
                 f"instance {instance_id}, which owned session {short(session_id)}..., is gone "
@@ -258,6 +256,10 @@ class MeshTransport(Transport):
                 metadata={"session_id": session_id, "instance_id": instance_id},
             )
         return self.pool.get(instance)
+
+    def _suspect(self, instance_id: str) -> bool:
+        failed_at = self.pool.failed_at.get(instance_id)
+        return failed_at is not None and time.monotonic() - failed_at <= _SUSPECT_SECONDS
 
     def failed(self, endpoint: Endpoint) -> None:
         self.pool.failed_at[endpoint.instance_id] = time.monotonic()

@@ -20,16 +20,18 @@ from sessionmesh.client.errors import (
     AgentUnavailable,
     CallTimeout,
     RemoteError,
+    SessionElsewhere,
     SessionLost,
     SessionOwnerLost,
     SessionOwnerUnavailable,
+    SessionStoreUnavailable,
     ToolNotFound,
     UsageError,
 )
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value, is_json
 from sessionmesh.wire.deadline import bounded
-from sessionmesh.wire.names import short
+from sessionmesh.wire.names import is_durable, short
 from sessionmesh.wire.reasons import Reason
 
 if TYPE_CHECKING:
@@ -93,6 +95,17 @@ def _split_call(
     args = dict(call[1]) if len(call) == 2 and call[1] else {}
     args.update(kwargs)
     return call[0], args
+
+
+#: How many times one call follows a durable session to a new owner.
+MAX_HOPS = 3
+
+
+class _Rerouted(Exception):
+    """The call did not run (or ran and was saved) and goes again, elsewhere."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 #: The longest wait between two retries of a call.
@@ -239,7 +252,9 @@ class BaseProxy:
                 metadata=error.metadata,
             )
         if session_id:
-            if isinstance(error, AgentUnavailable) and not isinstance(error, SessionLost):
+            if isinstance(error, AgentUnavailable) and not isinstance(
+                error, SessionLost | SessionStoreUnavailable
+            ):
                 error = self._owner_unreachable(session_id, error)
             if isinstance(error, SessionLost):
                 self._auto.failed(session_id, error)
@@ -299,9 +314,15 @@ class BaseProxy:
         alone = message.ByteSize() > EXCHANGE_MAX_BYTES  # sized once, not per attempt
         attempt = 0
         moved = False
+        hops = 0
         while True:
             try:
                 return await self._attempt(message, session_id, alone, deadline)
+            except _Rerouted as rerouted:
+                hops += 1  # a durable session moved, or its owner went: follow it (bounded)
+                if hops > MAX_HOPS:
+                    raise rerouted.error from None
+                continue
             except AgentUnavailable as error:
                 if message.create_session and error.reason == Reason.SHUTTING_DOWN and not moved:
                     moved = True
@@ -321,15 +342,23 @@ class BaseProxy:
         endpoint, sid, creating = await self.route(session_id)
         message.session_id = sid
         message.create_session = creating
+        durable = is_durable(sid)
+        if durable and not message.call.call_id:
+            # It may run on another instance if this one fails: the id makes that run once.
+            message.call.call_id = self._auto.next_call_id()
+        transport = self._transport
         try:
             answer = await endpoint.call(message, deadline, alone=alone)
         except AgentUnavailable as unreachable:
             if creating:
                 self.opened(endpoint, None)
-            self._transport.failed(endpoint)
+            transport.failed(endpoint)
             self._auto.unpin(endpoint)
             if sid:
-                raise self.failed(sid, unreachable) from None
+                error = self.failed(sid, unreachable)
+                if durable and transport.owner(sid) is not endpoint:
+                    raise _Rerouted(error) from None  # another instance takes it over
+                raise error from None
             raise
         except BaseException:
             if creating:
@@ -338,7 +367,13 @@ class BaseProxy:
         if creating:
             self.opened(endpoint, answer.session_id)
         if answer.error is not None:
+            if durable and isinstance(answer.error, SessionElsewhere):
+                # A stale copy refused it (nothing ran that counts): go to the owner it names.
+                transport.moved(sid, answer.error.metadata.get("owner_instance", ""))
+                raise _Rerouted(answer.error)
             raise self.failed(sid, answer.error, message.call.tool)
+        if durable:
+            transport.settle(sid, endpoint)
         return from_value(answer.value)
 
     # -- sessions -----------------------------------------------------------------------------
@@ -367,7 +402,9 @@ class BaseProxy:
     async def close_session(self, session_id: str) -> bool:
         """Close an explicit session; False if it was already closed or unknown."""
         endpoint = self._transport.owner(session_id)
-        return await endpoint.close_session(session_id, self._opts.timeout)
+        closed = await endpoint.close_session(session_id, self._opts.timeout)
+        self._transport.forget(session_id)
+        return closed
 
 
 class Proxy(BaseProxy):

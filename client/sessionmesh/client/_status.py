@@ -17,6 +17,8 @@ from sessionmesh.client.errors import (
     SessionElsewhere,
     SessionNotFound,
     SessionRequired,
+    SessionStoreUnavailable,
+    StateNotJson,
     ToolFailed,
     ToolNotFound,
     ToolTimeout,
@@ -43,6 +45,8 @@ _BY_REASON: dict[str, type[RemoteError]] = {
     Reason.SESSION_ELSEWHERE: SessionElsewhere,
     Reason.UNAUTHENTICATED: Unauthenticated,
     Reason.PERMISSION_DENIED: PermissionDenied,
+    Reason.SESSION_STORE_UNAVAILABLE: SessionStoreUnavailable,
+    Reason.STATE_NOT_JSON: StateNotJson,
 }
 
 _BY_CODE: dict[grpc.StatusCode, type[RemoteError]] = {

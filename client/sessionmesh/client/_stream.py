@@ -12,6 +12,7 @@ from sessionmesh.client.errors import MeshError, UsageError
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value
 from sessionmesh.wire.deadline import bounded
+from sessionmesh.wire.names import is_durable
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -128,6 +129,8 @@ class ChunkStream:
             raise proxy.failed(sid, exc) from exc.__cause__
         if creating:
             proxy.opened(endpoint, call.session_id)
+        elif is_durable(sid):
+            proxy._transport.settle(sid, endpoint)
         self._messages = call.messages()
         if call.window is not None:
             self._window = min(self._window, call.window)

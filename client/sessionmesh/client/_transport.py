@@ -16,6 +16,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from sessionmesh.client.errors import UsageError
+from sessionmesh.wire.names import owner_of
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
@@ -128,6 +129,9 @@ class Transport(abc.ABC):
 
     def __init__(self) -> None:
         self._sessions: weakref.WeakSet[AutoSession] = weakref.WeakSet()
+        #: Durable sessions that moved: session id -> the instance that owns it now (the
+        #: one its id names is only where it began).
+        self.homes: dict[str, str] = {}
         #: The event loop it was made on: plain (``def``) tools, in worker threads, call
         #: their proxies through it.
         self.loop = asyncio._get_running_loop()
@@ -159,6 +163,28 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def owner(self, session_id: str) -> Endpoint:
         """The endpoint of the instance that owns ``session_id``."""
+
+    def home(self, session_id: str) -> str:
+        """The instance id of the session's owner, as far as this client knows."""
+        return self.homes.get(session_id) or owner_of(session_id)
+
+    def settle(self, session_id: str, endpoint: Endpoint) -> None:
+        """A call in durable session ``session_id`` ran on ``endpoint``: its owner now."""
+        instance = endpoint.instance_id
+        if instance and instance != self.home(session_id):
+            if instance == owner_of(session_id):
+                self.homes.pop(session_id, None)
+            else:
+                self.homes[session_id] = instance
+
+    def moved(self, session_id: str, instance_id: str) -> None:
+        """An agent said another instance took durable session ``session_id`` over."""
+        if instance_id:
+            self.homes[session_id] = instance_id
+
+    def forget(self, session_id: str) -> None:
+        """The session is closed: forget where it lived."""
+        self.homes.pop(session_id, None)
 
     def failed(self, endpoint: Endpoint) -> None:  # noqa: B027 - optional hook
         """A call could not reach ``endpoint``: try others first for a while."""

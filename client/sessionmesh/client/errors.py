@@ -9,6 +9,7 @@ MeshError                        everything below
     │   │   ├── SessionOwnerLost           the instance that owned it left the registry
     │   │   └── SessionOwnerUnavailable    its owner cannot be reached (an AgentUnavailable too)
     │   ├── SessionElsewhere     SESSION_ELSEWHERE: sent to an instance that does not own it
+    │   ├── StateNotJson         STATE_NOT_JSON: a durable session's state has no JSON form
     │   └── SessionRequired      SESSION_REQUIRED: the tool needs a session
     ├── ToolNotFound             TOOL_NOT_FOUND
     ├── InvalidArguments         INVALID_ARGUMENTS (.field)
@@ -21,6 +22,7 @@ MeshError                        everything below
     └── TransportError           no usable answer from the agent
         ├── CallTimeout          the call's deadline passed
         ├── AgentUnavailable     cannot be reached, or shutting down (SHUTTING_DOWN)
+        │   └── SessionStoreUnavailable   SESSION_STORE_UNAVAILABLE: nothing saved; retry
         └── CallCancelled
 """
 
@@ -51,6 +53,8 @@ __all__ = [
     "SessionOwnerLost",
     "SessionOwnerUnavailable",
     "SessionRequired",
+    "SessionStoreUnavailable",
+    "StateNotJson",
     "TooManySessions",
     "ToolFailed",
     "ToolNotFound",
@@ -146,6 +150,15 @@ class SessionElsewhere(SessionError):
         return self.metadata.get("owner_endpoint", "")
 
 
+class StateNotJson(SessionError):
+    """A durable session's state held a value with no JSON form after the call (``key``
+    names it): the call was refused and the session keeps its last saved state."""
+
+    @property
+    def key(self) -> str:
+        return self.metadata.get("key", "")
+
+
 class SessionRequired(SessionError):
     """The tool needs a session and the call carried none."""
 
@@ -219,6 +232,11 @@ class SessionOwnerUnavailable(SessionLost, AgentUnavailable):
     """The session's owner cannot be reached now. With retries the proxy tries it again
     (never running a call twice); once the registry drops the owner this becomes
     SessionOwnerLost."""
+
+
+class SessionStoreUnavailable(AgentUnavailable):
+    """A durable session's store did not answer: the call changed nothing (its state is as
+    last saved). Retrying is safe; with ``retry_count`` the proxy does."""
 
 
 class CallCancelled(TransportError):

@@ -25,15 +25,25 @@ def answers_to(tool: Named, name: str) -> bool:
     return name in names(tool)
 
 
-def new_session_id(instance_id: str) -> str:
+#: How a durable session's id ends: any side can tell that it may move to another owner.
+DURABLE_SUFFIX = ".d"
+
+
+def new_session_id(instance_id: str, *, durable: bool = False) -> str:
     """The owner's instance id leads, so any instance can tell who owns a session; 128
-    random bits after it make the id unguessable."""
-    return f"{instance_id}.{secrets.token_urlsafe(16)}"
+    random bits after it make the id unguessable. A durable session's id ends in ``.d``:
+    it outlives that owner, and the instance named in it is only where it began."""
+    return f"{instance_id}.{secrets.token_urlsafe(16)}{DURABLE_SUFFIX if durable else ''}"
 
 
 def owner_of(session_id: str) -> str:
-    """The instance id of the session's owner."""
+    """The instance id of the session's owner (for a durable session: its first owner)."""
     return session_id.partition(".")[0]
+
+
+def is_durable(session_id: str) -> bool:
+    """Whether the session is kept in a session store, and so survives its owner."""
+    return session_id.endswith(DURABLE_SUFFIX)
 
 
 def short(session_id: str) -> str:

@@ -30,3 +30,8 @@ class Reason:
     #: Registry -> agent, ending its Register stream: it stayed unreachable past the
     #: lost-after bound and was removed; callers were told its sessions are lost.
     INSTANCE_LOST: Final = "INSTANCE_LOST"
+    #: A durable session's store did not answer: nothing was saved, the call can be retried.
+    SESSION_STORE_UNAVAILABLE: Final = "SESSION_STORE_UNAVAILABLE"
+    #: A durable session's state has a value with no JSON form; the call is refused and the
+    #: session keeps its last saved state.
+    STATE_NOT_JSON: Final = "STATE_NOT_JSON"

@@ -17,10 +17,12 @@ from sessionmesh.client import TLS, Credentials, MeshClient
 from sessionmesh.client.errors import MeshError, UsageError
 from sessionmesh.server import _recall as recall
 from sessionmesh.server._dispatch import Dispatcher
+from sessionmesh.server._durable import Durability
 from sessionmesh.server._etcd import EtcdRegistration
 from sessionmesh.server._handlers import add_to_server
 from sessionmesh.server._inject import Injector, RegistryResolver, Resolver, StaticResolver
 from sessionmesh.server._metrics import AgentMetrics
+from sessionmesh.server._records import check_url, open_records
 from sessionmesh.server._registration import Registration
 from sessionmesh.server._security import Authenticator, Verifier, bind
 from sessionmesh.server._service import Servicer
@@ -57,7 +59,8 @@ def agent(name: str | None = None, **settings: Any) -> Callable[[C], C]:
     ``registry``, ``advertise``, ``drain_timeout``, ``threads``, ``remembered_calls``,
     ``remembered_bytes``, and the security ones: ``tls``, ``insecure``, ``token``,
     ``auth_tokens``, ``authenticate``, ``admins``, ``max_sessions_per_principal``; and the
-    limits ``max_streams_per_connection``, ``max_calls_per_stream``; ``metrics_port``).
+    limits ``max_streams_per_connection``, ``max_calls_per_stream``; ``metrics_port``;
+    ``session_store``, a ``redis://`` URL that makes sessions durable).
 
     Example::
 
@@ -108,6 +111,7 @@ _AGENT_SETTINGS = {
     "max_calls_per_stream",
     "lost_after",
     "metrics_port",
+    "session_store",
 }
 
 
@@ -153,6 +157,7 @@ class Agent:
         max_calls_per_stream: int = DEFAULT_MAX_CALLS_PER_STREAM,
         lost_after: float | None = None,
         metrics_port: int | None = None,
+        session_store: str | None = None,
     ) -> None:
         if session_ttl <= 0:
             raise UsageError("session_ttl must be > 0 seconds")
@@ -181,6 +186,11 @@ class Agent:
         self.lost_after = 5.0 if lost_after is None else lost_after
         #: Serve Prometheus metrics on this port of ``host`` (0: a free one); None: off.
         self.metrics_port = metrics_port
+        #: Durable sessions: kept in this store (``redis://HOST:PORT/DB``), they outlive
+        #: this instance. None: sessions live in this process only.
+        self.session_store = session_store or None
+        if self.session_store is not None:
+            check_url(self.session_store)
         self.metrics: AgentMetrics | None = None
         #: What this agent dials its registry and its dependencies with.
         self.credentials = Credentials(tls, token)
@@ -300,6 +310,11 @@ class Agent:
             debug=self.debug,
             locate=self._locate,
             recall=recall.Recall(self.remembered_calls, self.remembered_bytes),
+            durability=(
+                Durability(open_records(self.session_store, self.name), self._store, self._locate)
+                if self.session_store is not None
+                else None
+            ),
         )
         self._servicer = Servicer(self._dispatcher, self.auth, self.max_calls_per_stream)
         if self.metrics_port is not None:
@@ -426,6 +441,8 @@ class Agent:
         assert self._dispatcher is not None
         await self._dispatcher.stop()
         await self._store.stop()
+        if self._dispatcher.durability is not None:
+            await self._dispatcher.durability.stop()
         if self._injector is not None:
             await self._injector.aclose()
         if self.mesh is not None:

@@ -112,6 +112,7 @@ async def _serve(args: argparse.Namespace) -> int:
             lost_after=args.lost_after,
             advertise=args.advertise,
             metrics_port=args.metrics_port,
+            session_store=args.session_store,
         )
     except UsageError as exc:
         raise SystemExit(f"sessionmesh: {args.file}: {exc}") from None
@@ -250,6 +251,8 @@ async def _run(args: argparse.Namespace) -> int:
             extra += ["--metrics-port", "0"]  # each agent its own; the ready line says where
         if args.drain_timeout is not None:
             extra += ["--drain-timeout", str(args.drain_timeout)]
+        if args.session_store is not None:
+            extra += ["--session-store", args.session_store]
         for file in args.files:
             for _ in range(args.replicas):
                 procs.append(await spawn(file, address, extra, env, output))
@@ -335,6 +338,20 @@ def metrics_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+SESSION_STORE_ENV = "SESSIONMESH_SESSION_STORE"
+
+
+def session_store_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--session-store",
+        metavar="URL",
+        default=os.environ.get(SESSION_STORE_ENV) or None,
+        help="make sessions durable: kept in this store (redis://HOST:PORT/DB), they "
+        "survive their owner and continue on another replica; needs sessionmesh[redis] "
+        f"(${SESSION_STORE_ENV})",
+    )
+
+
 def lost_after_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lost-after",
@@ -414,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
         "answering is removed and its sessions lost (default 5, at least 2)",
     )
     metrics_option(serve)
+    session_store_option(serve)
     serving_security(serve)
     serve.add_argument(
         "--admin",
@@ -470,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="port of the embedded registry",
     )
     lost_after_option(run)
+    session_store_option(run)
     run.add_argument(
         "--drain-timeout",
         type=float,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from sessionmesh.client import tracing
+from sessionmesh.server._durable import Durable, Replayed, gone
 from sessionmesh.server._errors import (
     Fail,
     invalid_arguments,
@@ -39,7 +40,7 @@ from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import NotJsonLike, from_struct, set_value
 from sessionmesh.wire.deadline import DEADLINE, tightened
 from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY
-from sessionmesh.wire.names import owner_of, short
+from sessionmesh.wire.names import is_durable, owner_of, short
 from sessionmesh.wire.reasons import Reason
 from sessionmesh.wire.tasks import cancel_and_wait
 
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 
     from google.protobuf.struct_pb2 import Value
 
+    from sessionmesh.server._durable import Durability
     from sessionmesh.server._inject import Injector
     from sessionmesh.server._metrics import AgentMetrics
     from sessionmesh.server._tool import BoundTool
@@ -143,7 +145,7 @@ class _Running:
             session = await turn.__aenter__()
             if session.closed:
                 turn.leave()
-                raise session_not_found(session.id)
+                raise gone(session)
         self.token: Token[Session | None] = _current.set(plan.session)
         deadline = tightened(plan.deadline, self.limit)
         self.deadline_token = DEADLINE.set(deadline) if deadline is not None else None
@@ -202,6 +204,7 @@ class Dispatcher:
         debug: bool = False,
         locate: Callable[[str], str | None] | None = None,
         recall: Recall | None = None,
+        durability: Durability | None = None,
     ) -> None:
         self.agent_name = agent_name
         self.tools = tools
@@ -211,6 +214,8 @@ class Dispatcher:
         self.locate = locate
         self.draining = False
         self.recall = recall if recall is not None else Recall()
+        #: Where durable sessions are kept, when the agent has a session store.
+        self.durability = durability
         #: Each tool once, and their names: what ListTools and error messages show.
         self.bound_tools = each_once(tools)
         self.tool_names = sorted(b.spec.name for b in self.bound_tools)
@@ -236,12 +241,18 @@ class Dispatcher:
                 Reason.SHUTTING_DOWN,
                 f"agent {self.agent_name!r} is shutting down and takes no new sessions",
             )
+        durable = self.durability is not None
         try:
-            return self.store.create(bound.spec.session_ttl if bound else None, principal)
+            session = self.store.create(
+                bound.spec.session_ttl if bound else None, principal, durable=durable
+            )
         except TooManySessionsError as exc:
             raise Fail(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_SESSIONS, str(exc)
             ) from None
+        if durable:
+            session.durable = Durable()
+        return session
 
     def plan(
         self, request: pb.CallRequest, session_id: str, create: bool, principal: str = ""
@@ -261,7 +272,7 @@ class Dispatcher:
             try:
                 session = self.store.get(session_id, principal)
             except SessionNotFoundError:
-                raise self._not_here(session_id) from None
+                session = self._adopt(session_id, principal)
             earlier = self.recall.get(session_id, call_id) if call_id else None
             plan = Plan(bound, session, earlier and earlier.outcome, "", call_id, principal)
         elif create:
@@ -292,6 +303,19 @@ class Dispatcher:
             if plan.session is not None:
                 plan.turn = plan.session.turn()
         return plan
+
+    def _adopt(self, session_id: str, principal: str) -> Session:
+        """A session this instance has no copy of: a durable one is taken over from the
+        store (the caller sent it here: its owner is gone or unreachable); otherwise it is
+        elsewhere or nowhere."""
+        if self.durability is None or not is_durable(session_id) or session_id in self.store:
+            raise self._not_here(session_id)
+        try:
+            return self.durability.adopt(session_id, principal)
+        except TooManySessionsError as exc:
+            raise Fail(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_SESSIONS, str(exc)
+            ) from None
 
     def _not_here(self, session_id: str) -> Fail:
         """A session this instance does not have: elsewhere (name the owner) or nowhere."""
@@ -380,16 +404,56 @@ class Dispatcher:
     async def _run(self, plan: Plan) -> Any:
         bound = plan.bound
         async with _Running(self, plan, bound.spec.options.timeout):
+            session = plan.session
+            if session is not None and session.durable is not None:
+                return await self._run_durable(plan, session)
             try:
                 async with asyncio.timeout(bound.spec.options.timeout):
                     return await bound.invoke(plan.kwargs)
             except Exception as exc:
                 raise self.tool_failed(plan, exc) from None
 
+    async def _run_durable(self, plan: Plan, session: Session) -> Any:
+        """Run in a durable session (in its turn): a call that ran before a takeover gets
+        its saved outcome; otherwise the tool runs and the session is saved before the
+        answer, whether the tool returned or raised."""
+        durability = self.durability
+        assert durability is not None
+        if plan.call_id:
+            replayed = durability.replay(session, plan.call_id)
+            if replayed is not None:
+                return replayed
+        bound = plan.bound
+        try:
+            async with asyncio.timeout(bound.spec.options.timeout):
+                result = await bound.invoke(plan.kwargs)
+        except Exception as exc:
+            failure = self.tool_failed(plan, exc)
+            await durability.save(session, plan.call_id, failure)
+            raise failure from None
+        await durability.save(session, plan.call_id, result, bound)
+        return result
+
+    async def saved(self, plan: Plan) -> None:
+        """After a stream in a durable session: save its state before the stream ends."""
+        session = plan.session
+        if session is not None and session.durable is not None and self.durability is not None:
+            await self.durability.save(session)
+
     async def stop(self) -> None:
         """Cancel the calls still running in tasks of their own (their callers are gone,
         or the agent's grace period is over) and wait until they have ended."""
         await cancel_and_wait(*self._detached)
+
+    def _forget_unsaved(self, plan: Plan, done: asyncio.Future[Any]) -> None:
+        """A durable call whose save failed changed nothing: its retry must run it again,
+        not be told the failure again."""
+        if done.cancelled():
+            return
+        failure = done.exception()
+        if isinstance(failure, Fail) and failure.reason == Reason.SESSION_STORE_UNAVAILABLE:
+            key = plan.session.id if plan.session is not None and not plan.created else ""
+            self.recall.forget(key, plan.call_id)
 
     async def execute(self, plan: Plan) -> Any:
         """The tool's result (a Python value); each adapter writes it straight into its
@@ -409,6 +473,8 @@ class Dispatcher:
         # dropped): it runs in its own task and a retry awaits the same outcome.
         task = asyncio.get_running_loop().create_task(self._run(plan))
         task.add_done_callback(_consume)
+        if plan.session is not None and plan.session.durable is not None:
+            task.add_done_callback(lambda done: self._forget_unsaved(plan, done))
         self._detached.add(task)
         task.add_done_callback(self._detached.discard)
         self._remember(plan, task)
@@ -418,6 +484,9 @@ class Dispatcher:
 def fill(out: Value, bound: BoundTool, result: Any, verb: str = "returned") -> None:
     """Write a tool's result (or chunk) into ``out``; one the wire cannot carry is the
     call's failure (TOOL_FAILED), never a broken answer."""
+    if type(result) is Replayed:
+        out.CopyFrom(result.value)
+        return
     try:
         if bound.result is not None:  # a dataclass, a model, a date...: as JSON first
             result = bound.result.jsonable(result)

@@ -50,6 +50,11 @@ class Recall:
         remembered.outcome.add_done_callback(lambda done: self._sized(key, done))
         self._evict()
 
+    def forget(self, session_id: str, call_id: str) -> None:
+        entry = self._entries.pop((session_id, call_id), None)
+        if entry is not None:
+            self.bytes -= entry[1]
+
     def _sized(self, key: tuple[str, str], done: asyncio.Future[Any]) -> None:
         entry = self._entries.get(key)
         if entry is None or entry[0].outcome is not done:

@@ -22,7 +22,7 @@ from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.codec import NotJsonLike, set_value
 from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY, STREAM_WINDOW_KEY
 from sessionmesh.wire.limits import DEFAULT_MAX_CALLS_PER_STREAM
-from sessionmesh.wire.names import short
+from sessionmesh.wire.names import is_durable, short
 from sessionmesh.wire.reasons import Reason
 
 if TYPE_CHECKING:
@@ -325,7 +325,10 @@ class Servicer(pb_grpc.SessionServiceServicer):
             except (asyncio.CancelledError, Fail):
                 raise
             except Exception as exc:
-                raise self.dispatcher.tool_failed(plan, exc) from None
+                failure = self.dispatcher.tool_failed(plan, exc)
+                await self.dispatcher.saved(plan)
+                raise failure from None
+            await self.dispatcher.saved(plan)
 
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -334,6 +337,12 @@ class Servicer(pb_grpc.SessionServiceServicer):
             principal = await self.auth.principal(context) if self.auth.on else ""
             bound = self.dispatcher.tool(request.tool) if request.tool else None
             session = self.dispatcher.new_session(bound, principal)
+            if self.dispatcher.durability is not None:
+                try:  # answered only once it is in the store: it outlives this instance
+                    await self.dispatcher.durability.save(session)
+                except Fail:
+                    self.store.release(session.id, "its first save failed")
+                    raise
         except Fail as fail:
             await context.abort_with_status(fail.status())
             raise
@@ -346,15 +355,25 @@ class Servicer(pb_grpc.SessionServiceServicer):
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CloseSessionResponse:
-        if self.auth.on:
-            principal = await self.auth.caller(context)
+        session_id = request.session_id
+        principal = await self.auth.caller(context) if self.auth.on else ""
+        durability = self.dispatcher.durability
+        if durability is not None and is_durable(session_id) and session_id not in self.store:
+            # Kept in the store and owned elsewhere (or by nobody now): closed there.
             try:
-                self.store.get(request.session_id, principal)
+                closed = await durability.close_elsewhere(session_id, principal)
+            except Fail as fail:
+                await context.abort_with_status(fail.status())
+                raise
+            return pb.CloseSessionResponse(closed=closed)
+        if self.auth.on:
+            try:
+                self.store.get(session_id, principal)
             except SessionNotFoundError:
                 return pb.CloseSessionResponse(closed=False)  # as for an id nobody has
         carrier = _trace_headers(context) if tracing.tracer() is not None else None
         with tracing.span("CloseSession", carrier):
-            return pb.CloseSessionResponse(closed=await self.store.close(request.session_id))
+            return pb.CloseSessionResponse(closed=await self.store.close(session_id))
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -58,6 +58,7 @@ class Session:
         "_state",
         "active",
         "closed",
+        "durable",
         "id",
         "last_used",
         "principal",
@@ -77,6 +78,8 @@ class Session:
         self._line: collections.deque[asyncio.Future[None]] | None = None
         self._state: dict[str, Any] | None = None
         self._callbacks: list[CloseCallback] | None = None
+        #: For a session kept in a session store: its fence and saved copy (``_durable.py``).
+        self.durable: Any = None
 
     def __repr__(self) -> str:
         return f"<Session {short(self.id)}{' closed' if self.closed else ''}>"
@@ -223,10 +226,16 @@ class SessionStore:
         self.empty.set()
         self._reaper: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[bool]] = set()
-        self.counters = {"created": 0, "closed": 0, "expired": 0, "lost": 0}
+        self.counters = {"created": 0, "closed": 0, "expired": 0, "lost": 0, "released": 0}
+        #: For durable sessions: remove the stored record; False when another instance owns
+        #: the session now (then it is not over, and its close callbacks do not run here).
+        self.durable_closing: Callable[[Session], Awaitable[bool]] | None = None
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
 
     def sessions(self) -> list[Session]:
         return list(self._sessions.values())
@@ -235,7 +244,26 @@ class SessionStore:
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
 
-    def create(self, ttl: float | None = None, principal: str = "") -> Session:
+    def create(
+        self, ttl: float | None = None, principal: str = "", *, durable: bool = False
+    ) -> Session:
+        session = Session(
+            new_session_id(self.instance_id, durable=durable), ttl or self.default_ttl, principal
+        )
+        self._add(session)
+        self.counters["created"] += 1
+        log.info("session %s created", short(session.id))
+        return session
+
+    def adopt(self, session_id: str, principal: str) -> Session:
+        """A durable session taken over from another owner (its state is loaded in its first
+        turn, which the caller takes at once)."""
+        session = Session(session_id, self.default_ttl, principal)
+        self._add(session)
+        return session
+
+    def _add(self, session: Session) -> None:
+        principal = session.principal
         if len(self._sessions) >= self.max_sessions:
             raise TooManySessionsError(
                 f"this agent has {len(self._sessions)} open sessions, its limit "
@@ -247,7 +275,6 @@ class SessionStore:
                 f"{principal} has {cap} open sessions on this agent, the limit per caller "
                 "(max_sessions_per_principal); close some first"
             )
-        session = Session(new_session_id(self.instance_id), ttl or self.default_ttl, principal)
         self._sessions[session.id] = session
         if principal:
             self._per_principal[principal] += 1
@@ -256,9 +283,6 @@ class SessionStore:
         heapq.heappush(self._deadlines, entry)
         if self._deadlines[0] is entry:
             self._wakeup.set()  # the reaper sleeps towards a later deadline than this one
-        self.counters["created"] += 1
-        log.info("session %s created", short(session.id))
-        return session
 
     def get(self, session_id: str, principal: str | None = None) -> Session:
         """The open session with this id; with ``principal``, only if that caller opened it
@@ -268,10 +292,10 @@ class SessionStore:
             raise SessionNotFoundError(session_id)
         return session
 
-    async def close(self, session_id: str, *, why: str = "closed") -> bool:
+    def _remove(self, session_id: str) -> Session | None:
         session = self._sessions.pop(session_id, None)
         if session is None:
-            return False
+            return None
         session.closed = True
         if session.principal:
             left = self._per_principal[session.principal] - 1
@@ -281,6 +305,25 @@ class SessionStore:
                 del self._per_principal[session.principal]
         if not self._sessions:
             self.empty.set()
+        return session
+
+    def release(self, session_id: str, why: str) -> None:
+        """Let go of this copy of a durable session without closing it: it lives on in its
+        store (another instance owns it now, or will). No close callbacks run; calls in line
+        fail on their turn with the session's ``durable.failure``."""
+        session = self._remove(session_id)
+        if session is None:
+            return
+        self.counters["released"] += 1
+        log.info("session %s released: %s", short(session_id), why)
+        holder = session._holder
+        if holder is not None and holder is not asyncio.current_task():
+            holder.cancel(CLOSED_UNDER_CALL)
+
+    async def close(self, session_id: str, *, why: str = "closed") -> bool:
+        session = self._remove(session_id)
+        if session is None:
+            return False
         # "lost": closed because the registry declared this instance lost (callers were told).
         event = "expired" if why == "expired" else "lost" if "declared" in why else "closed"
         self.counters[event] += 1
@@ -292,6 +335,9 @@ class SessionStore:
         holder = session._holder
         if holder is not None and holder is not asyncio.current_task():
             holder.cancel(CLOSED_UNDER_CALL)
+        closing = self.durable_closing
+        if session.durable is not None and closing is not None and not await closing(session):
+            return True  # another instance owns it now: the session is not over
         if session._callbacks:
             # After the calls already in line (they end at once): callbacks see the final state.
             async with session.turn():
@@ -305,8 +351,13 @@ class SessionStore:
         task.add_done_callback(self._closing.discard)
 
     async def close_all(self, *, why: str = "closed at shutdown") -> None:
-        for sid in list(self._sessions):
-            await self.close(sid, why=why)
+        """Close every session; durable ones are released instead (they live on in their
+        store for another instance to adopt)."""
+        for sid, session in list(self._sessions.items()):
+            if session.durable is not None:
+                self.release(sid, why.replace("closed", "released", 1))
+            else:
+                await self.close(sid, why=why)
 
     async def stop(self) -> None:
         if self._reaper is not None:

@@ -1,0 +1,102 @@
+"""A real Redis server for the tests: a loopback port, data in a temporary directory, always
+stopped. Redis comes from the distribution (`redis-server`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aredis
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (.ci/run installs the redis-server package)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    return found
+
+
+class Redis:
+    def __init__(self, root: Path, *, append_only: bool) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.append_only = append_only
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self, within: float = 10.0) -> None:
+        log = os.open(self.root / "redis.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                redis_binary(),
+                *["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.root)],
+                *["--save", ""],
+                # With an append-only file synced on every write a killed server comes back
+                # with everything it acknowledged (the store-down test restarts it).
+                *(["--appendonly", "yes", "--appendfsync", "always"] if self.append_only else []),
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        finally:
+            os.close(log)
+        client = aredis.Redis(port=self.port, socket_connect_timeout=0.5)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        try:
+            while True:
+                try:
+                    if await client.ping():
+                        return
+                except (OSError, aredis.ConnectionError):
+                    pass
+                if loop.time() > deadline:
+                    raise AssertionError(f"redis-server did not answer within {within} s")
+                await asyncio.sleep(0.02)
+        finally:
+            await client.aclose()
+
+    async def kill(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+
+    async def keys(self) -> int:
+        """How many keys the server holds."""
+        client = aredis.Redis(port=self.port)
+        try:
+            return int(await client.dbsize())
+        finally:
+            await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def redis_server(*, append_only: bool = False) -> AsyncIterator[Redis]:
+    with tempfile.TemporaryDirectory(prefix="sessionmesh-redis-") as root:
+        server = Redis(Path(root), append_only=append_only)
+        try:
+            await server.start()
+            yield server
+        finally:
+            await server.kill()

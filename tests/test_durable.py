@@ -1,0 +1,233 @@
+"""Durable sessions on a real Redis: write-through, takeover, fencing, exactly once, store down.
+
+Agents run in this process (real gRPC servers on loopback) against a real registry process
+and a real redis-server; the process-level chaos and pause tests are in test_durable_chaos.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from sessionmesh import mesh
+from sessionmesh.client.errors import (
+    SessionNotFound,
+    SessionStoreUnavailable,
+    StateNotJson,
+    UsageError,
+)
+from sessionmesh.server import Agent
+from sessionmesh.testing import eventually
+from sessionmesh.v1 import session_service_pb2 as pb
+from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
+from sessionmesh.wire.names import is_durable
+from tests.redis_server import Redis, redis_server
+from tests.tools import increment, peek, stream_count
+
+pytestmark = [pytest.mark.anyio]
+
+closed: list[int] = []
+
+
+@mesh.tool(session_required=True)
+def remember(session: mesh.Session, key: str, value: Any = None, kind: str = "") -> int:
+    """Put ``value`` under ``key`` (as a set or a tuple, if asked: JSON has neither); how
+    many keys there are."""
+    if "closing" not in session.state:
+        session.state["closing"] = True
+        session.on_close(lambda: closed.append(len(session.state)))
+    session.state[key] = {"set": set, "tuple": tuple}.get(kind, lambda v: v)(value)
+    return len(session.state)
+
+
+TOOLS: list[Callable[..., Any]] = [increment, peek, stream_count, remember]
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[Redis]:
+    async with redis_server() as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def replica(url: str, reg: str, **settings: Any) -> AsyncIterator[Agent]:
+    agent = Agent(TOOLS, name="counter", registry=reg, session_store=url, **settings)
+    async with agent:
+        yield agent
+
+
+async def instances(client: mesh.MeshClient, n: int) -> None:
+    await eventually(
+        lambda: len([i for i in client.instances() if i.agent_name == "counter"]) == n,
+        what=f"{n} counter instances in the registry",
+    )
+
+
+async def test_a_session_continues_on_another_replica_when_its_owner_stops(
+    store: Redis, reg: str
+) -> None:
+    async with (
+        replica(store.url, reg) as a,
+        replica(store.url, reg) as b,
+        mesh.connect(registry=reg) as client,
+    ):
+        await instances(client, 2)
+        async with client.proxy("session_counter", session_required=True) as counter:
+            assert [await counter(increment=n) for n in (1, 2, 3)] == [1, 3, 6]
+            sid = counter.session_id
+            assert sid is not None and is_durable(sid)
+            owner, other = (a, b) if sid.startswith(a.instance_id) else (b, a)
+            await owner.stop()  # a graceful stop releases it: the session lives on in Redis
+            assert await counter(increment=4) == 10
+            assert sid in other.sessions
+            assert await counter("peek") == {"count": 10, "id": sid}
+            # A stream runs in the same session, on its new owner.
+            chunks = [c async for c in counter.call_tool_auto("stream_count", {"n": 2})]
+            assert chunks == [{"i": 1, "count": 10}, {"i": 2, "count": 10}]
+        # Leaving the block closed it everywhere: the record is gone.
+        assert sid not in other.sessions
+        assert await store.keys() == 0
+
+
+async def test_a_stale_owner_is_fenced_and_the_caller_follows_the_new_one(
+    store: Redis, reg: str
+) -> None:
+    async with (
+        replica(store.url, reg) as a,
+        replica(store.url, reg) as b,
+        mesh.connect(registry=reg) as client,
+    ):
+        await instances(client, 2)
+        counter = client.proxy("session_counter", session_required=True)
+        assert await counter(increment=5) == 5
+        sid = counter.session_id
+        assert sid is not None
+        owner, other = (a, b) if sid.startswith(a.instance_id) else (b, a)
+        # Another caller (grpcurl-like: the id alone) sends a call to the other replica:
+        # it adopts the session from the store, and the first owner's copy is now stale.
+        async with grpc.aio.insecure_channel(other.address) as channel:
+            stub = pb_grpc.SessionServiceStub(channel)
+            request = pb.CallRequest(tool="increment")
+            request.arguments.update({"increment": 100})
+            reply = await stub.Call(request, metadata=(("x-session-id", sid),))
+            assert reply.result.number_value == 105
+        assert sid in other.sessions and sid in owner.sessions
+        # The proxy still sends to the first owner: its save is refused (a higher epoch),
+        # it drops its copy, and the proxy follows to the new owner, where the call runs
+        # once, on the saved state.
+        assert await counter(increment=1) == 106
+        assert sid not in owner.sessions
+        assert await counter("peek") == {"count": 106, "id": sid}
+        await counter.cleanup_auto_session()
+        assert await store.keys() == 0
+
+
+async def test_a_retried_call_after_a_takeover_returns_its_saved_outcome(
+    store: Redis, reg: str
+) -> None:
+    async with (
+        replica(store.url, reg) as a,
+        replica(store.url, reg) as b,
+        mesh.connect(registry=reg) as client,
+    ):
+        await instances(client, 2)
+        async with client.proxy("session_counter", session_required=True) as counter:
+            assert await counter(increment=1) == 1
+            sid = counter.session_id
+            assert sid is not None
+            owner, other = (a, b) if sid.startswith(a.instance_id) else (b, a)
+            # A call with a call id runs on the owner and is saved; its answer is "lost".
+            async with grpc.aio.insecure_channel(owner.address) as channel:
+                stub = pb_grpc.SessionServiceStub(channel)
+                request = pb.CallRequest(tool="increment", call_id="retry-me")
+                request.arguments.update({"increment": 10})
+                meta = (("x-session-id", sid),)
+                assert (await stub.Call(request, metadata=meta)).result.number_value == 11
+            # The retry goes to the other replica (say the owner died meanwhile): it
+            # adopts the session and answers with the saved outcome, not a second run.
+            async with grpc.aio.insecure_channel(other.address) as channel:
+                stub = pb_grpc.SessionServiceStub(channel)
+                assert (await stub.Call(request, metadata=meta)).result.number_value == 11
+                peeked = await stub.Call(pb.CallRequest(tool="peek"), metadata=meta)
+                assert peeked.result.struct_value["count"] == 11
+            assert other.sessions.get(sid).durable.epoch == 2
+
+
+async def test_a_state_with_no_json_form_fails_the_call_and_keeps_the_saved_state(
+    store: Redis,
+) -> None:
+    closed.clear()
+    async with (
+        Agent(TOOLS, name="counter", session_store=store.url) as agent,
+        mesh.connect(agent.address) as client,
+    ):
+        async with client.proxy("remember", session_required=True) as remember_:
+            assert await remember_(key="a", value=1) == 2
+            with pytest.raises(StateNotJson) as caught:
+                await remember_(key="tags", value=["x"], kind="set")
+            assert caught.value.key == "tags"
+            assert "session.state['tags'] has no JSON form" in caught.value.message
+            assert "keeps its last saved state" in caught.value.message
+            # Nothing of the refused call is left; the session goes on.
+            assert await remember_(key="b", value=[1, 2]) == 3
+            with pytest.raises(StateNotJson, match=r"state\['t'\] holds a tuple"):
+                await remember_(key="t", value=[1, 2], kind="tuple")
+        # Closed by its owner: the close callback ran once, with the saved state.
+        assert closed == [3]
+
+
+async def test_calls_fail_typed_while_the_store_is_down_and_succeed_when_it_is_back(
+    reg: str,
+) -> None:
+    async with redis_server(append_only=True) as store:
+        async with (
+            replica(store.url, reg),
+            mesh.connect(registry=reg) as client,
+        ):
+            await instances(client, 1)
+            durable = client.proxy("session_counter", session_required=True)
+            assert await durable(increment=1) == 1
+            await store.kill()
+            with pytest.raises(SessionStoreUnavailable) as caught:
+                await durable(increment=1)
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "nothing was saved" in caught.value.message
+            # Non-durable sessions of another agent are unaffected.
+            async with Agent(TOOLS, name="plain") as plain, mesh.connect(plain.address) as c:
+                async with c.proxy("session_counter", session_required=True) as p:
+                    assert [await p(increment=1) for _ in range(2)] == [1, 2]
+            await store.start()
+            # The failed call changed nothing: the count is as last saved.
+            assert await durable(increment=1) == 2
+            retrying = durable.options(retry_count=5, retry_delay=0.2)
+            await store.kill()
+            await store.start()
+            assert await retrying(increment=1) == 3
+            await durable.cleanup_auto_session()
+
+
+async def test_a_closed_or_expired_session_is_lost_everywhere(store: Redis, reg: str) -> None:
+    async with (
+        replica(store.url, reg, session_ttl=60) as a,
+        replica(store.url, reg, session_ttl=60) as b,
+        mesh.connect(registry=reg) as client,
+    ):
+        await instances(client, 2)
+        counter = client.proxy("session_counter")
+        sid = await counter.create_session()
+        assert await counter.call_with_session(session_id=sid, increment=2) == 2
+        other = b if sid.startswith(a.instance_id) else a
+        assert await counter.close_session(sid)
+        # Another replica finds nothing to adopt: lost, as a forged id would be.
+        async with mesh.connect(other.address) as direct:
+            with pytest.raises(SessionNotFound):
+                await direct.proxy("increment").call_with_session(session_id=sid, increment=1)
+
+
+async def test_a_session_store_url_is_checked_at_once() -> None:
+    with pytest.raises(UsageError, match="redis://HOST:PORT/DB"):
+        Agent(TOOLS, session_store="postgres://x")
