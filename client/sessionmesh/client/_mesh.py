@@ -245,7 +245,11 @@ class MeshTransport(Transport):
     def owner(self, session_id: str) -> Endpoint:
         instance_id = self.home(session_id)
         instance = self.pool.watch.instances.get(instance_id)
-        if is_durable(session_id) and (instance is None or self._suspect(instance_id)):
+        if is_durable(session_id) and (
+            instance is None
+            or instance.state == rpb.INSTANCE_STATE_UNREACHABLE
+            or self._suspect(instance_id)
+        ):
             # It outlives its owner: another live instance takes it over from the store.
             return self.pick()
         if instance is None:

@@ -370,7 +370,8 @@ class BaseProxy:
             if durable and isinstance(answer.error, SessionElsewhere):
                 # A stale copy refused it (nothing ran that counts): go to the owner it names.
                 transport.moved(sid, answer.error.metadata.get("owner_instance", ""))
-                raise _Rerouted(answer.error)
+                if transport.owner(sid) is not endpoint:
+                    raise _Rerouted(answer.error)
             raise self.failed(sid, answer.error, message.call.tool)
         if durable:
             transport.settle(sid, endpoint)

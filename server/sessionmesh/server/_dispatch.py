@@ -446,12 +446,12 @@ class Dispatcher:
         await cancel_and_wait(*self._detached)
 
     def _forget_unsaved(self, plan: Plan, done: asyncio.Future[Any]) -> None:
-        """A durable call whose save failed changed nothing: its retry must run it again,
-        not be told the failure again."""
+        """A durable call whose save failed (store down, or this copy was stale) changed
+        nothing: its retry must run it again, not be told the failure again."""
         if done.cancelled():
             return
         failure = done.exception()
-        if isinstance(failure, Fail) and failure.reason == Reason.SESSION_STORE_UNAVAILABLE:
+        if isinstance(failure, Fail) and failure.reason in _UNSAVED:
             key = plan.session.id if plan.session is not None and not plan.created else ""
             self.recall.forget(key, plan.call_id)
 
@@ -479,6 +479,10 @@ class Dispatcher:
         task.add_done_callback(self._detached.discard)
         self._remember(plan, task)
         return await asyncio.shield(task)
+
+
+#: The failures of a durable call that mean it changed nothing.
+_UNSAVED = frozenset({Reason.SESSION_STORE_UNAVAILABLE, Reason.SESSION_ELSEWHERE})
 
 
 def fill(out: Value, bound: BoundTool, result: Any, verb: str = "returned") -> None:
