@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from _bench_durable import env_with, redis_server, store_of_env, takeover_ms
 
 from sessionmesh import mesh
 from sessionmesh.server._session import SessionStore
@@ -168,6 +169,29 @@ async def until_sigterm() -> None:
     await stop.wait()
 
 
+async def durable_vs_memory(addresses: dict[str, str], pairs: int, n: int) -> dict[str, Any]:
+    """A call in a durable session (saved to Redis before it is answered) vs the same call
+    in an in-memory session, alternating."""
+    async with (
+        mesh.connect(addresses["durable_agent"]) as durable_agent,
+        mesh.connect(addresses["agent"]) as plain_agent,
+    ):
+        async with (
+            durable_agent.proxy("bump", session_required=True) as durable,
+            plain_agent.proxy("bump", session_required=True) as memory,
+        ):
+            await durable(**ARGS)
+            await memory(**ARGS)
+            took = await paired(
+                pairs,
+                {"durable": lambda: call_p50(durable, n), "memory": lambda: call_p50(memory, n)},
+            )
+    return {
+        "durable_vs_memory_p50": spread([t["durable"] / t["memory"] for t in took]),
+        "durable_call_p50_us": took[-1]["durable"],
+    }
+
+
 async def mtls_vs_plaintext(addresses: dict[str, str], pairs: int, n: int) -> dict[str, Any]:
     """A session call over mutual TLS vs the same over plaintext, once connected."""
     tls = mesh.TLS(cert=addresses["client_cert"], key=addresses["client_key"], ca=addresses["ca"])
@@ -270,6 +294,10 @@ async def serve() -> None:
         ),
     )
     await secure.start()
+    store = store_of_env()
+    durable = mesh.Agent([bump], name="bench-durable", session_store=store) if store else None
+    if durable is not None:
+        await durable.start()
     print(
         json.dumps(
             {
@@ -278,12 +306,15 @@ async def serve() -> None:
                 "agent": provider.address,
                 "consumer": consumer.address,
                 "mtls_agent": secure.address,
+                **({"durable_agent": durable.address} if durable is not None else {}),
                 **tls,
             }
         ),
         flush=True,
     )
     await until_sigterm()
+    if durable is not None:
+        await durable.stop(0)
     await secure.stop(0)
     certificates.cleanup()
     await consumer.stop(0)
@@ -484,6 +515,8 @@ async def measure(addresses: dict[str, str], quick: bool) -> dict[str, Any]:
     results["injected_vs_direct_p50"] = spread(injected)
     results.update(await mtls_vs_plaintext(addresses, pairs, n))
     results.update(await traced_vs_not(addresses, pairs, n))
+    if "durable_agent" in addresses:
+        results.update(await durable_vs_memory(addresses, pairs, n))
     await raw_channel.close()
     return results
 
@@ -667,6 +700,25 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             "≤ 2 KB",
             f"{r['idle_sessions']} sessions open",
         ),
+        *(
+            [
+                row(
+                    "durable session call p50 ÷ in-memory session call p50",
+                    "durable_vs_memory_p50",
+                    "≤ 1.35",
+                    f"{r['durable_call_p50_us']:.0f} {us}, Redis on loopback (last pair)",
+                ),
+                (
+                    "SIGKILL of a durable session's owner -> first call answered elsewhere",
+                    f"{statistics.median(r['takeover_ms']):.0f} ms",
+                    f"{min(r['takeover_ms']):.0f}-{max(r['takeover_ms']):.0f}",
+                    "≤ 100 ms",
+                    f"{len(r['takeover_ms'])} kills, count intact each time",
+                ),
+            ]
+            if "takeover_ms" in r
+            else []
+        ),
         (
             "SIGKILL of a provider -> consumer sees its session lost",
             f"{statistics.median(r['sigkill_seen_ms']):.0f} ms",
@@ -715,10 +767,15 @@ def main() -> None:
         ),
     }
     with contextlib.ExitStack() as children:
+        store = children.enter_context(redis_server())
         addresses: dict[str, str] = {}
         for flag in ("--serve", "--serve-traced"):
-            addresses.update(children.enter_context(_serving(flag, env)))
+            addresses.update(children.enter_context(_serving(flag, {**env, **env_with(store)})))
         results = asyncio.run(measure(addresses, args.quick))
+        if store is not None:
+            results["takeover_ms"] = asyncio.run(takeover_ms(store, 2 if args.quick else 5))
+        else:
+            print("redis-server is not installed: no durable-session figures")
     results["sigkill_seen_ms"] = asyncio.run(sigkill_seen(1 if args.quick else 3))
     count = 10_000 if args.quick else 100_000
     results["idle_sessions"] = count

@@ -36,7 +36,7 @@ def owner(reply: dict[str, Any]) -> str:
 
 
 async def counters(
-    client: mesh.MeshClient, n: int, state: int = rpb.INSTANCE_STATE_SERVING
+    client: mesh.MeshClient, n: int, state: rpb.InstanceState.ValueType = rpb.INSTANCE_STATE_SERVING
 ) -> None:
     await eventually(
         lambda: len([i for i in client.instances() if i.state == state]) == n,

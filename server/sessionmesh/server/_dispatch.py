@@ -427,6 +427,9 @@ class Dispatcher:
         try:
             async with asyncio.timeout(bound.spec.options.timeout):
                 result = await bound.invoke(plan.kwargs)
+        except asyncio.CancelledError:
+            durability.revert(session)  # unanswered, unsaved: as if it never ran
+            raise
         except Exception as exc:
             failure = self.tool_failed(plan, exc)
             await durability.save(session, plan.call_id, failure)
@@ -460,7 +463,13 @@ class Dispatcher:
         answer. Failures raise :class:`Fail`."""
         if plan.earlier is not None:
             return await asyncio.shield(plan.earlier)
-        if not plan.call_id:
+        session = plan.session
+        if not plan.call_id or (
+            # A durable session keeps its calls' outcomes with its state: a retry finds
+            # the outcome there, in its turn after the first run; a call whose caller went
+            # away is rolled back with the session's state, and runs when retried.
+            session is not None and session.durable is not None and not plan.created
+        ):
             try:
                 return await self._run(plan)
             except asyncio.CancelledError:
@@ -473,7 +482,7 @@ class Dispatcher:
         # dropped): it runs in its own task and a retry awaits the same outcome.
         task = asyncio.get_running_loop().create_task(self._run(plan))
         task.add_done_callback(_consume)
-        if plan.session is not None and plan.session.durable is not None:
+        if session is not None and session.durable is not None:
             task.add_done_callback(lambda done: self._forget_unsaved(plan, done))
         self._detached.add(task)
         task.add_done_callback(self._detached.discard)

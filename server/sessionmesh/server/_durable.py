@@ -40,7 +40,7 @@ KEPT_CALLS = 64
 class Durable:
     """What a durable session carries besides its state: its fence and what was saved."""
 
-    __slots__ = ("calls", "epoch", "failure", "new", "outcomes", "saved")
+    __slots__ = ("calls", "epoch", "failure", "new", "outcomes", "saved", "seq")
 
     def __init__(self, epoch: int = 1, *, new: bool = True) -> None:
         self.epoch = epoch
@@ -48,8 +48,11 @@ class Durable:
         self.new = new
         #: The state as last saved (JSON): what the session goes back to if a save fails.
         self.saved = "{}"
+        #: Call ids whose outcomes are kept, oldest first; each outcome is saved after its
+        #: number in this order (hex, then b":"), so an adopter knows the order too.
         self.calls: collections.deque[str] = collections.deque()
         self.outcomes: dict[str, bytes] = {}
+        self.seq = 0
         #: Why this copy ended without the session closing (moved, gone, store down): what
         #: the calls still in its line are told.
         self.failure: Fail | None = None
@@ -61,7 +64,7 @@ class Replayed(NamedTuple):
     value: Value
 
 
-def store_unavailable(session_id: str, exc: BaseException) -> Fail:
+def store_unavailable(session_id: str, exc: BaseException | str) -> Fail:
     return Fail(
         grpc.StatusCode.UNAVAILABLE,
         Reason.SESSION_STORE_UNAVAILABLE,
@@ -124,8 +127,10 @@ class Durability:
                 return
             durable.epoch = record.epoch
             durable.saved = record.state
-            durable.calls = collections.deque(record.calls)
+            order = {c: int(o.partition(b":")[0], 16) for c, o in record.outcomes.items()}
+            durable.calls = collections.deque(sorted(order, key=order.__getitem__))
             durable.outcomes = record.outcomes
+            durable.seq = max(order.values(), default=0)
             session.ttl = record.ttl
             if record.state != "{}":
                 session.state.update(json.loads(record.state))
@@ -141,6 +146,7 @@ class Durability:
         if saved is None:
             return None
         self.counters["replayed"] += 1
+        saved = saved.partition(b":")[2]
         if saved[:1] == b"f":
             fields = json.loads(saved[1:])
             raise Fail(
@@ -168,7 +174,8 @@ class Durability:
         entry: tuple[str, bytes] | None = None
         forget: str | None = None
         if call_id:
-            entry = (call_id, _encode(outcome, bound))
+            durable.seq += 1
+            entry = (call_id, b"%x:" % durable.seq + _encode(outcome, bound))
             durable.calls.append(call_id)
             durable.outcomes[call_id] = entry[1]
             if len(durable.calls) > KEPT_CALLS:
@@ -181,7 +188,6 @@ class Durability:
             session.principal,
             session.ttl,
             text if changed or durable.new else None,
-            durable.calls,
             entry,
             forget,
         )
@@ -191,8 +197,14 @@ class Durability:
             if entry is not None:  # not saved: a retry must run it again
                 durable.calls.pop()
                 del durable.outcomes[call_id]
-            self._revert(session)
+            self.revert(session)
             raise store_unavailable(session.id, exc) from None
+        except asyncio.CancelledError:
+            # Saved or not, nobody can tell: this copy lets go, and the next call adopts
+            # the session afresh from the store, whichever it holds.
+            durable.failure = store_unavailable(session.id, "a save was cut off")
+            self.store.release(session.id, "its save was cut off")
+            raise
         self.counters["saves"] += 1
         if result.saved is Saved.OK:
             durable.saved = text
@@ -230,7 +242,7 @@ class Durability:
         except (TypeError, ValueError):
             pass
         key, why = _first_unsaveable(state)
-        self._revert(session)
+        self.revert(session)
         raise Fail(
             grpc.StatusCode.FAILED_PRECONDITION,
             Reason.STATE_NOT_JSON,
@@ -240,7 +252,8 @@ class Durability:
             {"session_id": session.id, "key": str(key)},
         )
 
-    def _revert(self, session: Session) -> None:
+    def revert(self, session: Session) -> None:
+        """Put the session back to its state as last saved."""
         state = session.state
         state.clear()
         state.update(json.loads(session.durable.saved))

@@ -9,16 +9,16 @@ can never overwrite the record of a session another instance has since taken ove
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
 import hashlib
-import json
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
 from sessionmesh.client.errors import UsageError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    pass
 
 
 class StoreUnavailable(Exception):
@@ -45,7 +45,7 @@ class Record(NamedTuple):
     epoch: int
     ttl: float
     state: str  # JSON text
-    calls: list[str]  # the call ids whose outcomes are kept, oldest first
+    #: The kept outcomes by call id, as saved (``_durable`` orders them).
     outcomes: dict[str, bytes]
 
 
@@ -60,8 +60,6 @@ class Save(NamedTuple):
     ttl: float
     #: The state as JSON, or None when it did not change since the last save.
     state: str | None
-    #: The call ids kept, oldest first, written when ``outcome`` is.
-    calls: Sequence[str] = ()
     #: (call id, encoded outcome) of the call just run, if it carried an id.
     outcome: tuple[str, bytes] | None = None
     #: A call id whose outcome is no longer kept.
@@ -116,19 +114,19 @@ def open_records(url: str, agent_name: str) -> SessionRecords:
     return RedisRecords(url, agent_name)
 
 
-# Fields of a record: owner, epoch, principal, ttl, state, calls (JSON list), c:<call id>.
+# Fields of a record: owner, epoch, principal, ttl, state, and c:<call id> for each kept outcome.
 _SAVE = """
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
 if not cur[1] then
   if ARGV[3] ~= '1' then return {'gone'} end
   redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'epoch', ARGV[2], 'principal', ARGV[5],
-             'ttl', ARGV[11], 'state', '{}', 'calls', '[]')
+             'ttl', ARGV[10], 'state', '{}')
 elseif cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then
   return {'fenced', cur[1]}
 end
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'state', ARGV[6]) end
-if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], ARGV[8], ARGV[9], 'calls', ARGV[7]) end
-if ARGV[10] ~= '' then redis.call('HDEL', KEYS[1], ARGV[10]) end
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], ARGV[7], ARGV[8]) end
+if ARGV[9] ~= '' then redis.call('HDEL', KEYS[1], ARGV[9]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return {'ok'}
 """
@@ -160,43 +158,67 @@ STORE_TIMEOUT = 2.0
 
 
 class RedisRecords(SessionRecords):
-    """Records in Redis (``redis`` package, asyncio API), one hash per session. Keys hold a
-    hash of the session id, never the id: the store's key space does not hold secrets."""
+    """Records in Redis (the ``redis`` package), one hash per session. Keys hold a hash of
+    the session id, never the id: the store's key space does not hold secrets.
+
+    Commands go straight over redis-py's asyncio connections, kept here, one per command in
+    flight, under one deadline each: the client-level API costs ~50 µs more a command (pool
+    lock, retry wrapper, a task per write for its socket timeout), a third of what a
+    durable call may add in all. redis-py reads and parses every reply."""
 
     def __init__(self, url: str, agent_name: str) -> None:
         import redis.asyncio as aredis
         import redis.exceptions
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
 
         self.url = url
         self._prefix = f"sessionmesh:{agent_name}:session:"
-        # One quick retry of a dropped connection; a store that is down fails the call (the
-        # caller retries), it does not hold it.
-        self._client: Any = aredis.Redis.from_url(
-            url,
-            socket_timeout=STORE_TIMEOUT,
-            socket_connect_timeout=STORE_TIMEOUT,
-            retry=Retry(NoBackoff(), 1),
+        # No socket timeout (it costs a task per write): _run bounds each command instead.
+        self._pool: Any = aredis.ConnectionPool.from_url(
+            url, socket_timeout=None, socket_connect_timeout=STORE_TIMEOUT
         )
+        self._idle: list[Any] = []  # connected, free for the next command
         self._errors: tuple[type[BaseException], ...] = (
             redis.exceptions.ConnectionError,
             redis.exceptions.TimeoutError,
             OSError,
         )
-        self._save = self._client.register_script(_SAVE)
-        self._adopt = self._client.register_script(_ADOPT)
-        self._delete = self._client.register_script(_DELETE)
-        self._delete_any = self._client.register_script(_DELETE_ANY)
+        self._no_script = redis.exceptions.NoScriptError
+        self._save = _Script(_SAVE)
+        self._adopt = _Script(_ADOPT)
+        self._delete = _Script(_DELETE)
+        self._delete_any = _Script(_DELETE_ANY)
 
     def key(self, session_id: str) -> str:
         return self._prefix + hashlib.sha256(session_id.encode()).hexdigest()[:32]
 
-    async def _run(self, script: Any, session_id: str, *args: Any) -> Any:
+    async def _run(self, script: _Script, session_id: str, *args: Any) -> Any:
+        """Run ``script`` on the session's key: a store that does not answer (down,
+        unreachable, too slow) is StoreUnavailable; a fresh server learns the script."""
+        conn = self._idle.pop() if self._idle else self._pool.make_connection()
+        key = self.key(session_id)
         try:
-            return await script(keys=[self.key(session_id)], args=args)
+            async with asyncio.timeout(STORE_TIMEOUT):
+                try:
+                    await conn.send_packed_command(
+                        _pack(b"EVALSHA", script.sha, 1, key, args), False
+                    )
+                    reply = await conn.read_response()
+                except self._no_script:
+                    await conn.send_packed_command(_pack(b"EVAL", script.source, 1, key, args))
+                    reply = await conn.read_response()
+        except TimeoutError:
+            await conn.disconnect()
+            raise StoreUnavailable(
+                f"session store {self.url}: no answer within {STORE_TIMEOUT:g} s"
+            ) from None
         except self._errors as exc:
+            await conn.disconnect()
             raise StoreUnavailable(f"session store {self.url}: {exc}") from None
+        except BaseException:
+            await conn.disconnect()  # cut off mid-command: its reply would be read as the next's
+            raise
+        self._idle.append(conn)
+        return reply
 
     async def save(self, session_id: str, save: Save) -> SaveResult:
         call_id, outcome = save.outcome or ("", b"")
@@ -209,7 +231,6 @@ class RedisRecords(SessionRecords):
             max(1, int(save.ttl * 1000)),
             save.principal,
             save.state or "",
-            _calls_json(save.calls) if save.outcome else "",
             "c:" + call_id if save.outcome else "",
             outcome,
             "c:" + save.forget if save.forget else "",
@@ -227,13 +248,11 @@ class RedisRecords(SessionRecords):
         if not flat:
             return None
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
-        calls: list[str] = json.loads(fields[b"calls"])
-        outcomes = {c: fields[b"c:" + c.encode()] for c in calls if b"c:" + c.encode() in fields}
+        outcomes = {k[2:].decode(): v for k, v in fields.items() if k.startswith(b"c:")}
         return Record(
             epoch=int(fields[b"epoch"]),
             ttl=float(fields[b"ttl"]),
             state=fields[b"state"].decode(),
-            calls=[c for c in calls if c in outcomes],
             outcomes=outcomes,
         )
 
@@ -244,8 +263,26 @@ class RedisRecords(SessionRecords):
         return bool(await self._run(self._delete_any, session_id, principal))
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.disconnect()
+        await self._pool.disconnect()
 
 
-def _calls_json(calls: Sequence[str]) -> str:
-    return json.dumps(list(calls), separators=(",", ":"))
+def _pack(command: bytes, script: str, keys: int, key: str, args: tuple[Any, ...]) -> bytes:
+    """One command in Redis's wire format (RESP arrays of bulk strings): cheaper than
+    redis-py's general packer on this path, where every call pays for it."""
+    items = [command, script.encode(), b"%d" % keys, key.encode()]
+    items += [a if isinstance(a, bytes) else str(a).encode() for a in args]
+    out = [b"*%d\r\n" % len(items)]
+    for item in items:
+        out.append(b"$%d\r\n%s\r\n" % (len(item), item))
+    return b"".join(out)
+
+
+class _Script:
+    """A Lua script, run by its SHA1 (EVALSHA) once the server has it."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
