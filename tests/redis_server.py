@@ -82,6 +82,15 @@ class Redis:
                 proc.send_signal(signal.SIGKILL)
             await proc.wait()
 
+    async def ttls(self) -> dict[bytes, int]:
+        """Every key the server holds, with its time to live in milliseconds."""
+        client = aredis.Redis(port=self.port)
+        try:
+            keys: list[bytes] = await client.keys("*")  # type: ignore[assignment]  # no decoding
+            return {key: int(await client.pttl(key)) for key in keys}
+        finally:
+            await client.aclose()
+
     async def keys(self) -> int:
         """How many keys the server holds."""
         client = aredis.Redis(port=self.port)

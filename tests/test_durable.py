@@ -6,6 +6,7 @@ and a real redis-server; the process-level chaos and pause tests are in test_dur
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 
 from sessionmesh import mesh
 from sessionmesh.client.errors import (
+    CallTimeout,
     SessionNotFound,
     SessionStoreUnavailable,
     StateNotJson,
@@ -44,7 +46,15 @@ def remember(session: mesh.Session, key: str, value: Any = None, kind: str = "")
     return len(session.state)
 
 
-TOOLS: list[Callable[..., Any]] = [increment, peek, stream_count, remember]
+@mesh.tool(session_required=True)
+async def slow_increment(session: mesh.Session, seconds: float) -> int:
+    """Count, then take ``seconds`` to answer."""
+    session.state["count"] = session.state.get("count", 0) + 1
+    await asyncio.sleep(seconds)
+    return int(session.state["count"])
+
+
+TOOLS: list[Callable[..., Any]] = [increment, peek, stream_count, remember, slow_increment]
 
 
 @pytest.fixture
@@ -231,3 +241,48 @@ async def test_a_closed_or_expired_session_is_lost_everywhere(store: Redis, reg:
 async def test_a_session_store_url_is_checked_at_once() -> None:
     with pytest.raises(UsageError, match="redis://HOST:PORT/DB"):
         Agent(TOOLS, session_store="postgres://x")
+
+
+async def test_an_idle_session_expires_in_the_store_too_and_its_callbacks_run_once(
+    store: Redis,
+) -> None:
+    closed.clear()
+    async with (
+        Agent(TOOLS, name="counter", session_store=store.url, session_ttl=30) as agent,
+        mesh.connect(agent.address) as client,
+    ):
+        remember_ = client.proxy("remember", session_required=True)
+        assert await remember_(key="a", value=1) == 2
+        # The record lives as long as the session may idle, refreshed by every save.
+        ((key, ttl),) = (await store.ttls()).items()
+        assert b"sessionmesh:counter:session:" in key and 25_000 < ttl <= 30_000
+        sid = remember_.session_id
+        assert sid is not None and sid.split(".")[1] not in key.decode()  # no secret in keys
+        await agent.stop()
+        # Stopping released it (no callback): it waits in the store for another replica.
+        assert closed == [] and await store.keys() == 1
+    async with (
+        Agent(TOOLS, name="counter", session_store=store.url, session_ttl=0.3) as agent,
+        mesh.connect(agent.address) as client,
+    ):
+        remember_ = client.proxy("remember", session_required=True)
+        assert await remember_(key="a", value=1) == 2
+        await eventually(lambda: len(agent.sessions) == 0, what="the idle session expires")
+        await eventually(lambda: closed == [2], what=f"its close callback ran once ({closed})")
+        with pytest.raises(SessionNotFound):
+            await remember_(key="b")
+        assert await store.keys() == 1  # only the released one of the first agent
+
+
+async def test_a_call_cut_off_by_its_deadline_is_rolled_back(store: Redis) -> None:
+    async with (
+        Agent(TOOLS, name="counter", session_store=store.url) as agent,
+        mesh.connect(agent.address) as client,
+    ):
+        async with client.proxy("slow_increment", session_required=True) as slow:
+            assert await slow(seconds=0) == 1
+            with pytest.raises(CallTimeout):
+                await slow.options(timeout=0.2)(seconds=5)
+            # Never answered, never saved: the count it made is gone, here and in the store.
+            assert await slow(seconds=0) == 2
+            assert await slow("peek") == {"count": 2, "id": slow.session_id}

@@ -18,6 +18,7 @@ from sessionmesh.client.errors import SessionElsewhere
 from sessionmesh.testing import eventually
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire.names import owner_of
+from tests.etcd import Cluster, cluster
 from tests.procs import Ready, serve
 from tests.redis_server import Redis, redis_server
 
@@ -150,3 +151,27 @@ async def test_replicas_killed_at_random_lose_nothing_and_apply_nothing_twice(re
             f"chaos: {kills} SIGKILLs, {sum(acked)} acknowledged increments in 20 sessions "
             f"({sum(moved)} now on another owner than they began on), none lost or doubled"
         )
+
+
+async def test_with_the_mesh_on_etcd_a_killed_owners_session_continues_elsewhere() -> None:
+    async with (
+        cluster(1) as etcd,
+        redis_server() as store,
+        serve("examples/counter.py", *on_etcd(etcd, store)) as (a_proc, a),
+        serve("examples/counter.py", *on_etcd(etcd, store)) as (b_proc, b),
+        mesh.connect(registry=etcd.url) as client,
+    ):
+        await counters(client, 2)
+        async with client.proxy("session_counter", session_required=True, timeout=10) as proxy:
+            first = await proxy(increment=2)
+            procs = {a["instance"]: a_proc, b["instance"]: b_proc}
+            os.kill(procs[owner(first)].pid, signal.SIGKILL)
+            # Its lease has not expired: etcd still lists it. The call finds it unreachable
+            # and goes on, the same call, to the other replica, which adopts the session.
+            after = await proxy(increment=3)
+            assert after["count"] == 5
+            assert proxy._transport.home(proxy.session_id or "") != owner(first)
+
+
+def on_etcd(etcd: Cluster, store: Redis) -> tuple[str, ...]:
+    return ("--registry", etcd.url, "--lost-after", "2", "--session-store", store.url)
