@@ -241,6 +241,11 @@ async def test_a_closed_or_expired_session_is_lost_everywhere(store: Redis, reg:
 async def test_a_session_store_url_is_checked_at_once() -> None:
     with pytest.raises(UsageError, match="redis://HOST:PORT/DB"):
         Agent(TOOLS, session_store="postgres://x")
+    # State would cross the network in the clear: TLS, or a deliberate --insecure.
+    with pytest.raises(UsageError, match=r"rediss:// \(TLS\), or --insecure"):
+        Agent(TOOLS, session_store="redis://10.0.0.5:6379/0")
+    Agent(TOOLS, session_store="redis://10.0.0.5:6379/0", insecure=True)
+    Agent(TOOLS, session_store="rediss://10.0.0.5:6379/0")
 
 
 async def test_an_idle_session_expires_in_the_store_too_and_its_callbacks_run_once(

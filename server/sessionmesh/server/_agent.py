@@ -190,7 +190,7 @@ class Agent:
         #: this instance. None: sessions live in this process only.
         self.session_store = session_store or None
         if self.session_store is not None:
-            check_url(self.session_store)
+            check_url(self.session_store, insecure=insecure)
         self.metrics: AgentMetrics | None = None
         #: What this agent dials its registry and its dependencies with.
         self.credentials = Credentials(tls, token)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
 from sessionmesh.client.errors import UsageError
+from sessionmesh.server._security import is_loopback
 
 if TYPE_CHECKING:
     pass
@@ -93,12 +94,20 @@ class SessionRecords(abc.ABC):
         """Release connections."""
 
 
-def check_url(url: str) -> None:
-    """Refuse a ``--session-store`` URL no engine here can open (at once, not at start)."""
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+def check_url(url: str, *, insecure: bool = False) -> None:
+    """Refuse a ``--session-store`` URL no engine here can open (at once, not at start), and
+    a plaintext one to another host unless ``insecure``: sessions' state would cross the
+    network in the clear."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
         raise UsageError(
             f"session store {url!r}: give redis://HOST:PORT/DB (or rediss:// for TLS, "
             "unix:///path.sock); no other engine is built in"
+        )
+    if parts.scheme == "redis" and not is_loopback(parts.hostname or "") and not insecure:
+        raise UsageError(
+            f"session store redis://{parts.hostname}... is plaintext to another host: use "
+            "rediss:// (TLS), or --insecure (insecure=True) on a network you trust"
         )
     try:
         import redis.asyncio  # noqa: F401
@@ -109,8 +118,7 @@ def check_url(url: str) -> None:
 
 
 def open_records(url: str, agent_name: str) -> SessionRecords:
-    """The store behind a ``--session-store`` URL."""
-    check_url(url)
+    """The store behind a ``--session-store`` URL (checked already)."""
     return RedisRecords(url, agent_name)
 
 
