@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,6 +28,7 @@ from sessionmesh.testing import eventually
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.names import is_durable
+from tests.pki import Pki
 from tests.redis_server import Redis, redis_server
 from tests.tools import increment, peek, stream_count
 
@@ -291,3 +293,25 @@ async def test_a_call_cut_off_by_its_deadline_is_rolled_back(store: Redis) -> No
             # Never answered, never saved: the count it made is gone, here and in the store.
             assert await slow(seconds=0) == 2
             assert await slow("peek") == {"count": 2, "id": slow.session_id}
+
+
+async def test_a_rediss_store_is_dialled_with_the_agents_own_tls(tmp_path: Path) -> None:
+    pki = Pki(tmp_path)
+    cert, key = pki.issue("redis", "127.0.0.1")
+    async with redis_server(tls=(cert, key, pki.ca_file)) as store:
+        assert store.url.startswith("rediss://")
+        tls = pki.server(client_ca=False)  # its CA verifies Redis; its cert is shown to it
+        async with (
+            Agent(TOOLS, name="counter", session_store=store.url, tls=tls) as agent,
+            mesh.connect(agent.address, tls=mesh.TLS(ca=pki.ca_file)) as client,
+        ):
+            async with client.proxy("session_counter", session_required=True) as counter:
+                assert [await counter(increment=n) for n in (1, 2)] == [1, 3]
+                assert await store.keys() == 1
+        # Without a certificate Redis accepts, the store is unavailable: typed, not a hang.
+        async with (
+            Agent(TOOLS, name="counter", session_store=store.url) as agent,
+            mesh.connect(agent.address) as client,
+        ):
+            with pytest.raises(SessionStoreUnavailable):
+                await client.proxy("session_counter", session_required=True)(increment=1)

@@ -311,7 +311,11 @@ class Agent:
             locate=self._locate,
             recall=recall.Recall(self.remembered_calls, self.remembered_bytes),
             durability=(
-                Durability(open_records(self.session_store, self.name), self._store, self._locate)
+                Durability(
+                    open_records(self.session_store, self.name, self.tls),
+                    self._store,
+                    self._locate,
+                )
                 if self.session_store is not None
                 else None
             ),

@@ -15,6 +15,7 @@ import hashlib
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
+from sessionmesh.client import TLS
 from sessionmesh.client.errors import UsageError
 from sessionmesh.server._security import is_loopback
 
@@ -117,9 +118,10 @@ def check_url(url: str, *, insecure: bool = False) -> None:
         ) from None
 
 
-def open_records(url: str, agent_name: str) -> SessionRecords:
-    """The store behind a ``--session-store`` URL (checked already)."""
-    return RedisRecords(url, agent_name)
+def open_records(url: str, agent_name: str, tls: TLS | None = None) -> SessionRecords:
+    """The store behind a ``--session-store`` URL (checked already); ``tls`` is the agent's
+    own, used for ``rediss://``."""
+    return RedisRecords(url, agent_name, tls)
 
 
 # Fields of a record: owner, epoch, principal, ttl, state, and c:<call id> for each kept outcome.
@@ -174,15 +176,21 @@ class RedisRecords(SessionRecords):
     lock, retry wrapper, a task per write for its socket timeout), a third of what a
     durable call may add in all. redis-py reads and parses every reply."""
 
-    def __init__(self, url: str, agent_name: str) -> None:
+    def __init__(self, url: str, agent_name: str, tls: TLS | None = None) -> None:
         import redis.asyncio as aredis
         import redis.exceptions
 
         self.url = url
         self._prefix = f"sessionmesh:{agent_name}:session:"
+        options: dict[str, Any] = {}
+        if tls is not None and urlsplit(url).scheme == "rediss":
+            # The agent's one TLS description: its CA verifies Redis, its certificate is
+            # presented to a Redis that wants client certificates (URL options win).
+            options = {"ssl_ca_certs": tls.ca, "ssl_certfile": tls.cert, "ssl_keyfile": tls.key}
+            options = {k: v for k, v in options.items() if v is not None}
         # No socket timeout (it costs a task per write): _run bounds each command instead.
         self._pool: Any = aredis.ConnectionPool.from_url(
-            url, socket_timeout=None, socket_connect_timeout=STORE_TIMEOUT
+            url, socket_timeout=None, socket_connect_timeout=STORE_TIMEOUT, **options
         )
         self._idle: list[Any] = []  # connected, free for the next command
         self._errors: tuple[type[BaseException], ...] = (
