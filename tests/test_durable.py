@@ -315,3 +315,25 @@ async def test_a_rediss_store_is_dialled_with_the_agents_own_tls(tmp_path: Path)
         ):
             with pytest.raises(SessionStoreUnavailable):
                 await client.proxy("session_counter", session_required=True)(increment=1)
+
+
+async def test_calls_in_flight_at_a_takeover_keep_their_order_on_one_new_owner(
+    store: Redis, reg: str
+) -> None:
+    async with (
+        replica(store.url, reg) as a,
+        replica(store.url, reg) as b,
+        replica(store.url, reg) as c,
+        mesh.connect(registry=reg) as client,
+    ):
+        await instances(client, 3)
+        async with client.proxy("session_counter", session_required=True) as counter:
+            assert await counter(increment=1) == 1
+            sid = counter.session_id
+            assert sid is not None
+            owner = next(r for r in (a, b, c) if sid.startswith(r.instance_id))
+            await owner.stop()
+            counts = await asyncio.gather(*(counter(increment=1) for _ in range(20)))
+            assert counts == list(range(2, 22))  # arrival order, each applied once
+            holders = [r for r in (a, b, c) if r is not owner and sid in r.sessions]
+            assert len(holders) == 1  # one adopter; the session never bounced

@@ -250,8 +250,11 @@ class MeshTransport(Transport):
             or instance.state == rpb.INSTANCE_STATE_UNREACHABLE
             or self._suspect(instance_id)
         ):
-            # It outlives its owner: another live instance takes it over from the store.
-            return self.pick()
+            # It outlives its owner: another live instance takes it over from the store,
+            # the same one for every call that follows (they keep their order there).
+            endpoint = self.pick()
+            self.homes[session_id] = endpoint.instance_id
+            return endpoint
         if instance is None:
             raise SessionOwnerLost(
                 f"instance {instance_id}, which owned session {short(session_id)}..., is gone "
