@@ -12,6 +12,7 @@ from sessionmesh import mesh
 from sessionmesh.client.errors import InvalidArguments, ToolFailed
 from sessionmesh.testing import eventually, running_agent
 from tests.procs import ROOT, process_blocking, wait_until
+from tests.redis_server import redis_server
 from tests.tools import fail, increment, stream_count
 
 pytestmark = pytest.mark.anyio
@@ -105,3 +106,19 @@ def test_run_serves_metrics_for_its_registry_and_each_agent() -> None:
         )
         assert "sessionmesh_sessions_open 0.0" in text(agent["metrics"])
         assert 'sessionmesh_sessions_total{event="lost"} 0.0' in text(agent["metrics"])
+
+
+async def test_durable_sessions_count_saves_replays_and_takeovers() -> None:
+    async with (
+        redis_server() as store,
+        running_agent(increment, metrics_port=0, session_store=store.url) as (agent, client),
+    ):
+        assert agent.metrics is not None
+        async with client.proxy("increment", session_required=True) as counter:
+            assert [await counter(increment=1) for _ in range(3)] == [1, 2, 3]
+            samples, text = await scrape(agent.metrics.address)
+            assert samples[("sessionmesh_durable_calls_total", (("event", "saved"),))] == 3
+            assert samples[("sessionmesh_durable_calls_total", (("event", "replayed"),))] == 0
+            assert samples[("sessionmesh_sessions_total", (("event", "adopted"),))] == 0
+            assert samples[("sessionmesh_sessions_total", (("event", "fenced"),))] == 0
+            assert str(counter.session_id) not in text

@@ -323,7 +323,12 @@ class Agent:
         self._servicer = Servicer(self._dispatcher, self.auth, self.max_calls_per_stream)
         if self.metrics_port is not None:
             servicer = self._servicer
-            self.metrics = AgentMetrics(self._store, lambda: len(servicer._exchange_readers))
+            durability = self._dispatcher.durability
+            self.metrics = AgentMetrics(
+                self._store,
+                lambda: len(servicer._exchange_readers),
+                durability.calls if durability is not None else None,
+            )
             self.metrics.serve(self.host, self.metrics_port, self.tls, insecure=self.insecure)
             self._dispatcher.metrics = self.metrics
         server = grpc.aio.server(

@@ -97,7 +97,12 @@ class Durability:
         self.locate = locate
         self._adopting: set[asyncio.Task[None]] = set()
         store.durable_closing = self._closing
-        self.counters = {"saves": 0, "adopted": 0, "fenced": 0, "replayed": 0}
+        #: Sessions adopted from the store, and copies found stale (fenced): with the
+        #: session events of the store, for metrics.
+        store.counters.update(adopted=0, fenced=0)
+        self.counters = store.counters
+        #: Calls saved, and calls answered from a saved outcome.
+        self.calls = {"saved": 0, "replayed": 0}
 
     # -- adoption ---------------------------------------------------------------------------
 
@@ -145,7 +150,7 @@ class Durability:
         saved = session.durable.outcomes.get(call_id)
         if saved is None:
             return None
-        self.counters["replayed"] += 1
+        self.calls["replayed"] += 1
         saved = saved.partition(b":")[2]
         if saved[:1] == b"f":
             fields = json.loads(saved[1:])
@@ -205,7 +210,7 @@ class Durability:
             durable.failure = store_unavailable(session.id, "a save was cut off")
             self.store.release(session.id, "its save was cut off")
             raise
-        self.counters["saves"] += 1
+        self.calls["saved"] += 1
         if result.saved is Saved.OK:
             durable.saved = text
             durable.new = False

@@ -76,7 +76,12 @@ class AgentMetrics(Exporter):
     scraped, sessions (open; created, closed, expired so far), Exchange streams open, calls
     waiting for their session's turn."""
 
-    def __init__(self, store: SessionStore, exchange_streams: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        exchange_streams: Callable[[], int],
+        durable_calls: dict[str, int] | None = None,
+    ) -> None:
         super().__init__()
         p, r = self.prometheus, self.registry
         self.calls = p.Counter(
@@ -88,7 +93,7 @@ class AgentMetrics(Exporter):
         self.chunks = p.Counter(
             "sessionmesh_stream_chunks", "Chunks streamed, by tool", ["tool"], registry=r
         )
-        r.register(_StateCollector(p, store, exchange_streams))
+        r.register(_StateCollector(p, store, exchange_streams, durable_calls))
 
     def done(self, tool: str, outcome: str, seconds: float, chunks: int = 0) -> None:
         """One tool run ended with ``outcome`` after ``seconds``, having streamed ``chunks``."""
@@ -99,10 +104,17 @@ class AgentMetrics(Exporter):
 
 
 class _StateCollector:
-    def __init__(self, p: Any, store: SessionStore, exchange_streams: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        p: Any,
+        store: SessionStore,
+        exchange_streams: Callable[[], int],
+        durable_calls: dict[str, int] | None,
+    ) -> None:
         self.p = p
         self.store = store
         self.exchange_streams = exchange_streams
+        self.durable_calls = durable_calls
 
     def collect(self) -> Iterable[Any]:
         core = self.p.core
@@ -126,6 +138,15 @@ class _StateCollector:
             "Calls waiting for their session's turn",
             value=sum(s.waiting for s in store.sessions()),
         )
+        if self.durable_calls is not None:
+            durable = core.CounterMetricFamily(
+                "sessionmesh_durable_calls",
+                "Calls in durable sessions: saved to the store, or answered from a saved outcome",
+                labels=["event"],
+            )
+            for event, count in self.durable_calls.items():
+                durable.add_metric([event], count)
+            yield durable
 
 
 class RegistryMetrics(Exporter):
