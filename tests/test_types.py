@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import pydantic
 import pytest
+from typing_extensions import TypedDict  # pydantic's kind, on Python 3.11 too
 
 from sessionmesh import mesh
 from sessionmesh.client.errors import InvalidArguments
@@ -55,6 +56,17 @@ def sizes(size: Size, at: datetime.datetime) -> dict[str, Any]:
 @mesh.tool
 def half(n: int) -> list[float]:
     return [n / 2, float(n)]
+
+
+class Reading(TypedDict):
+    zeta: int
+    alpha: float
+    mid: str
+
+
+@mesh.tool
+def reading() -> Reading:
+    return {"zeta": 1, "alpha": 2.0, "mid": "m"}
 
 
 async def test_rich_arguments_are_validated_and_results_serialized() -> None:
@@ -106,3 +118,14 @@ async def test_a_proxy_made_from_the_tool_function_returns_its_type() -> None:
         assert plain == {"size": "small", "hour": 9}  # JSON already: as it came
         halves = await client.proxy(half)(n=4)
         assert halves == [2.0, 4.0] and all(type(h) is float for h in halves)  # not 2, 4
+
+
+async def test_a_typed_proxy_gives_objects_back_in_their_declared_key_order() -> None:
+    # The wire's objects are JSON objects (a protobuf Struct: a map), and maps do not keep
+    # the order of their keys. A typed proxy rebuilds the declared type, in its order.
+    async with running_agent(reading) as (_, client):
+        untyped = await client.proxy("reading")()
+        assert untyped == {"zeta": 1, "alpha": 2, "mid": "m"}  # equal, in some order
+        typed = await client.proxy(reading)()
+        assert list(typed) == ["zeta", "alpha", "mid"]
+        assert type(typed["alpha"]) is float

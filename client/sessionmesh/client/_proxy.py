@@ -497,8 +497,11 @@ class TypedProxy(Proxy, Generic[R]):
         return result
 
 
-def _has_float(tp: Any) -> bool:
-    return tp is float or any(_has_float(a) for a in get_args(tp))
+def _needs_pydantic(tp: Any) -> bool:
+    """A JSON result that still comes back changed without its type: a float (JSON has one
+    number: 2.0 travels as 2, and comes back an int) or a TypedDict (JSON objects are
+    unordered: the keys come back in the declared order only when rebuilt)."""
+    return tp is float or typing.is_typeddict(tp) or any(_needs_pydantic(a) for a in get_args(tp))
 
 
 def _result_type(fn: Callable[..., Any]) -> Any:
@@ -510,11 +513,14 @@ def _result_type(fn: Callable[..., Any]) -> Any:
         return None
     if inspect.iscoroutinefunction(fn) and get_origin(annotation) is Coroutine:
         annotation = get_args(annotation)[-1]
-    if is_json(annotation) and not _has_float(annotation):
-        return None  # (JSON has one kind of number: 2.0 travels as 2, and comes back a float)
+    if is_json(annotation) and not _needs_pydantic(annotation):
+        return None
     import pydantic  # only for a provider whose results are richer than JSON
 
-    return pydantic.TypeAdapter(annotation)
+    try:
+        return pydantic.TypeAdapter(annotation)
+    except pydantic.PydanticUserError:
+        return None  # e.g. typing.TypedDict before Python 3.12: the result as it came
 
 
 def tool_of(fn: Callable[..., Any], *, capability: bool) -> str:
