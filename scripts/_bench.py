@@ -57,6 +57,20 @@ async def plain(increment: int = 1, note: str = "", flag: bool = False) -> int:
     return increment
 
 
+@mesh.tool
+async def take(items: list[dict[str, Any]], increment: int = 1) -> int:
+    """A large call: its argument is decoded, the answer is small."""
+    return len(items) + increment
+
+
+def payload(size: int) -> dict[str, Any]:
+    """Arguments of about ``size`` bytes, encoded: a list of small objects, as a batch of
+    records is (the costly shape: every object is a Struct to build and to read)."""
+    item = {"id": 123456, "name": "item-name-0001", "price": 12.5, "tags": ["a", "b"]}
+    per = 80  # bytes per encoded item, about
+    return {"items": [dict(item) for _ in range(size // per)], "increment": 1}
+
+
 @mesh.tool(buffer_size=1024)
 async def push(n: int) -> AsyncIterator[int]:
     for i in range(n):
@@ -167,6 +181,45 @@ async def until_sigterm() -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
+
+
+async def large_vs_unary(addresses: dict[str, str], pairs: int, n: int) -> dict[str, Any]:
+    """A call with a large argument (no session) vs a raw unary Call of the same bytes."""
+    out: dict[str, Any] = {}
+    async with (
+        mesh.connect(addresses["agent"]) as agent,
+        grpc.aio.insecure_channel(
+            addresses["raw"], options=[("grpc.max_receive_message_length", 64 << 20)]
+        ) as raw_channel,
+    ):
+        raw_stub = pb_grpc.SessionServiceStub(raw_channel)
+        take_ = agent.proxy("take")
+        for label, size in (("200KB", 200_000), ("2MB", 2_000_000)):
+            args = payload(size)
+            request = pb.CallRequest(tool="take")
+            request.arguments.update(args)
+            count = max(20, n // (10 if size < 1_000_000 else 100))
+
+            async def mesh_call(args: dict[str, Any] = args) -> Any:
+                return await take_(**args)
+
+            async def raw_call(request: pb.CallRequest = request) -> Any:
+                return await raw_stub.Call(request)
+
+            took = await paired(
+                pairs,
+                {
+                    "mesh": functools.partial(_p50, mesh_call, count),
+                    "raw": functools.partial(_p50, raw_call, count),
+                },
+            )
+            out[f"large_{label}_vs_unary"] = spread([t["mesh"] / t["raw"] for t in took])
+            out[f"large_{label}_bytes"] = request.ByteSize()
+    return out
+
+
+async def _p50(call: Callable[[], Awaitable[Any]], n: int) -> float:
+    return pct(await timed(call, n), 0.5)
 
 
 async def durable_vs_memory(addresses: dict[str, str], pairs: int, n: int) -> dict[str, Any]:
@@ -280,7 +333,7 @@ async def serve() -> None:
     pb_grpc.add_SessionServiceServicer_to_server(RawService(), raw)  # type: ignore[abstract]
     raw_port = raw.add_insecure_port("127.0.0.1:0")
     await raw.start()
-    provider = mesh.Agent([bump, plain, push], name="bench-provider")
+    provider = mesh.Agent([bump, plain, push, take], name="bench-provider")
     await provider.start()
     consumer = mesh.Agent([consume], name="bench-consumer", peers={"bump": provider.address})
     await consumer.start()
@@ -513,6 +566,7 @@ async def measure(addresses: dict[str, str], quick: bool) -> dict[str, Any]:
                 injected.append(took["injected"] / took["direct"])
                 results["injected_call_p50_us"] = took["injected"]
     results["injected_vs_direct_p50"] = spread(injected)
+    results.update(await large_vs_unary(addresses, pairs, n))
     results.update(await mtls_vs_plaintext(addresses, pairs, n))
     results.update(await traced_vs_not(addresses, pairs, n))
     if "durable_agent" in addresses:
@@ -674,6 +728,18 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             "stream_vs_push",
             "≥ 0.95",
             f"{r['mesh_stream_chunks_s']:.0f} vs {r['raw_push_msg_s']:.0f} msg/s (medians)",
+        ),
+        row(
+            "call with a 200 KB argument ÷ raw unary, same bytes",
+            "large_200KB_vs_unary",
+            "≤ 1.0",
+            f"{r['large_200KB_bytes'] / 1000:.0f} KB encoded, a list of objects",
+        ),
+        row(
+            "call with a 2 MB argument ÷ raw unary, same bytes",
+            "large_2MB_vs_unary",
+            "≤ 1.0",
+            f"{r['large_2MB_bytes'] / 1000:.0f} KB encoded",
         ),
         row(
             "session call p50 over mutual TLS ÷ plaintext",
