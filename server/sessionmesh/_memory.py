@@ -76,7 +76,7 @@ class MemoryEndpoint(Endpoint):
         self.calls += 1
 
     async def call(
-        self, message: pb.ExchangeRequest, deadline: float | None, *, alone: bool = False
+        self, message: pb.ExchangeRequest, deadline: float | None, *, alone: bytes | None = None
     ) -> Answer:
         self._reach()
         try:

@@ -84,7 +84,7 @@ class GrpcEndpoint(Endpoint):
     """One agent instance behind one reused channel. Small calls share one long-lived
     Exchange stream (a message each way per call); big ones go as unary Calls."""
 
-    __slots__ = ("_exchange", "_stub", "address", "channel", "instance_id")
+    __slots__ = ("_call_bytes", "_exchange", "_stub", "address", "channel", "instance_id")
 
     def __init__(
         self,
@@ -99,17 +99,25 @@ class GrpcEndpoint(Endpoint):
         self.instance_id = instance_id
         self.channel = channel(address, max_message_bytes, options, credentials)
         self._stub = pb_grpc.SessionServiceStub(self.channel)
+        # Call, taking the request already encoded (a big call is encoded once, not twice).
+        self._call_bytes: grpc.aio.UnaryUnaryMultiCallable[bytes, pb.CallResponse] = (
+            self.channel.unary_unary(
+                "/sessionmesh.v1.SessionService/Call",
+                request_serializer=None,
+                response_deserializer=pb.CallResponse.FromString,
+            )
+        )
         self._exchange: Exchange | None = None  # opened on first call, again after a break
 
     async def call(
-        self, message: pb.ExchangeRequest, deadline: float | None, *, alone: bool = False
+        self, message: pb.ExchangeRequest, deadline: float | None, *, alone: bytes | None = None
     ) -> Answer:
         exchange = self._exchange
         if exchange is None or exchange.broken is not None:
             exchange = self._exchange = Exchange(self._stub)
-        if alone or exchange.in_flight >= DEFAULT_MAX_CALLS_PER_STREAM:
-            # The stream is full (the agent would refuse more): this one goes on its own.
-            return await self._call_alone(message, deadline)
+        if alone is not None or exchange.in_flight >= DEFAULT_MAX_CALLS_PER_STREAM:
+            # Too big, or the stream is full (the agent would refuse more): on its own.
+            return await self._call_alone(message, alone, deadline)
         answer = await exchange.call(message, deadline)
         if answer.HasField("error"):
             e = answer.error
@@ -117,11 +125,15 @@ class GrpcEndpoint(Endpoint):
             return Answer(answer.session_id, answer.result, failure)
         return Answer(answer.session_id, answer.result, None)
 
-    async def _call_alone(self, message: pb.ExchangeRequest, deadline: float | None) -> Answer:
+    async def _call_alone(
+        self, message: pb.ExchangeRequest, encoded: bytes | None, deadline: float | None
+    ) -> Answer:
         """A unary Call: a refusal (say, over the agent's size limit) then fails this call
         only, and it does not hold up the small calls behind it on the shared stream."""
         md = _headers(message.session_id, message.create_session, message.metadata)
-        call = self._stub.Call(message.call, metadata=md, timeout=deadline)
+        if encoded is None:
+            encoded = message.call.SerializeToString()
+        call = self._call_bytes(encoded, metadata=md, timeout=deadline)
         try:
             response = await call
         except grpc.aio.AioRpcError as exc:

@@ -97,6 +97,27 @@ def _split_call(
     return call[0], args
 
 
+class _Big:
+    """A call too big to share the Exchange stream, encoded once."""
+
+    __slots__ = ("call_id", "data")
+
+    def __init__(self, data: bytes, call_id: str) -> None:
+        self.data = data
+        self.call_id = call_id
+
+    @classmethod
+    def of(cls, call: pb.CallRequest) -> _Big | None:
+        data = call.SerializeToString()
+        return cls(data, call.call_id) if len(data) > EXCHANGE_MAX_BYTES else None
+
+    def encoded(self, call: pb.CallRequest) -> bytes:
+        """The bytes to send; encoded again only if a call id was given it since."""
+        if call.call_id != self.call_id:
+            self.data, self.call_id = call.SerializeToString(), call.call_id
+        return self.data
+
+
 #: How many times one call follows a durable session to a new owner.
 MAX_HOPS = 3
 
@@ -311,7 +332,8 @@ class BaseProxy:
         self, message: pb.ExchangeRequest, session_id: str | None, deadline: float | None
     ) -> Any:
         opts = self._opts
-        alone = message.ByteSize() > EXCHANGE_MAX_BYTES  # sized once, not per attempt
+        # Encoded once: its size decides, and a big call is sent as these very bytes.
+        alone = _Big.of(message.call)
         attempt = 0
         moved = False
         hops = 0
@@ -336,7 +358,7 @@ class BaseProxy:
         self,
         message: pb.ExchangeRequest,
         session_id: str | None,
-        alone: bool,
+        alone: _Big | None,
         deadline: float | None,
     ) -> Any:
         endpoint, sid, creating = await self.route(session_id)
@@ -348,7 +370,9 @@ class BaseProxy:
             message.call.call_id = self._auto.next_call_id()
         transport = self._transport
         try:
-            answer = await endpoint.call(message, deadline, alone=alone)
+            answer = await endpoint.call(
+                message, deadline, alone=alone.encoded(message.call) if alone else None
+            )
         except AgentUnavailable as unreachable:
             if creating:
                 self.opened(endpoint, None)

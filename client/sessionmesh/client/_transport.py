@@ -86,9 +86,10 @@ class Endpoint(abc.ABC):
 
     @abc.abstractmethod
     async def call(
-        self, message: pb.ExchangeRequest, deadline: float | None, *, alone: bool = False
+        self, message: pb.ExchangeRequest, deadline: float | None, *, alone: bytes | None = None
     ) -> Answer:
-        """Run one call. ``alone``: too big to share a stream with other calls."""
+        """Run one call. ``alone``: the call (``message.call``) encoded, when it is too big
+        to share a stream with other calls: it is sent as it is, not encoded again."""
 
     @abc.abstractmethod
     def stream(

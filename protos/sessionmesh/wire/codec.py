@@ -76,31 +76,78 @@ def _check(obj: object, path: str) -> None:
     raise NotJsonLike(path, obj)
 
 
+class _Unfit(Exception):
+    """Raised by the fast encoder at the first thing it cannot write; the slow checks then
+    say what and where."""
+
+
+def _put(out: Value, obj: object, levels: int) -> None:
+    """Write ``obj`` into ``out`` in one pass: the common JSON types by exact type first,
+    objects and arrays counted against ``levels``. (protobuf's own Struct.update walks the
+    value through more checks per item, and the depth needed a second walk.)"""
+    cls = obj.__class__
+    if cls is str:
+        out.string_value = obj  # type: ignore[assignment]
+    elif cls is float:
+        out.number_value = obj  # type: ignore[assignment]
+    elif cls is int:
+        if not -_SAFE_INT <= obj <= _SAFE_INT:  # type: ignore[operator]
+            raise _Unfit
+        out.number_value = obj  # type: ignore[assignment]
+    elif cls is bool:
+        out.bool_value = obj  # type: ignore[assignment]
+    elif obj is None:
+        out.null_value = NULL_VALUE
+    elif cls is dict:
+        if levels <= 0:
+            raise _Unfit
+        struct = out.struct_value
+        if not obj:
+            struct.SetInParent()
+            return
+        fields = struct.fields
+        for key, item in obj.items():  # type: ignore[attr-defined]
+            if key.__class__ is not str:
+                raise _Unfit
+            _put(fields[key], item, levels - 1)
+    elif cls is list or cls is tuple:
+        if levels <= 0:
+            raise _Unfit
+        values = out.list_value
+        if not obj:
+            values.SetInParent()
+            return
+        add = values.values.add
+        for item in obj:  # type: ignore[attr-defined]
+            _put(add(), item, levels - 1)
+    elif isinstance(obj, bool | int | float | str | Mapping | list | tuple):
+        _put(out, _plain(obj), levels)  # a subclass (an IntEnum, a str Enum, a mapping)
+    else:
+        raise _Unfit
+
+
+def _plain(obj: object) -> object:
+    if isinstance(obj, bool):
+        return bool(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, str):
+        return str.__str__(obj)  # the text itself: str() of a str Enum is its name
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    return list(obj)  # type: ignore[call-overload]
+
+
 def set_value(out: Value, obj: object) -> None:
     """Write ``obj`` into ``out``; raises :class:`NotJsonLike` naming the offending path
     (:class:`TooDeep` when it nests past MAX_DEPTH)."""
-    if obj.__class__ not in _SCALARS and isinstance(obj, Mapping | list | tuple):
-        _within(obj, MAX_DEPTH, "$")
     try:
-        if obj is None:
-            out.null_value = NULL_VALUE
-        elif obj is True or obj is False:
-            out.bool_value = obj
-        elif isinstance(obj, str):
-            out.string_value = obj
-        elif isinstance(obj, int | float):
-            if isinstance(obj, int) and abs(obj) > _SAFE_INT:
-                raise NotJsonLike("$", obj)
-            out.number_value = obj
-        elif isinstance(obj, Mapping):
-            out.struct_value.update(obj)
-        elif isinstance(obj, list | tuple):
-            out.list_value.extend(obj)
-        else:
-            raise NotJsonLike("$", obj)
-    except (ValueError, TypeError) as exc:
-        if isinstance(exc, NotJsonLike):
-            raise
+        _put(out, obj, MAX_DEPTH)
+    except (_Unfit, ValueError, TypeError) as exc:
+        if isinstance(obj, Mapping | list | tuple):
+            _within(obj, MAX_DEPTH, "$")
         _check(obj, "$")
         raise NotJsonLike("$", obj) from exc
 
@@ -108,12 +155,14 @@ def set_value(out: Value, obj: object) -> None:
 def set_struct(out: Struct, obj: Mapping[str, Any]) -> None:
     """Write keyword arguments into ``out``; raises :class:`NotJsonLike` naming the argument
     (:class:`TooDeep` when one nests past MAX_DEPTH, the arguments object counting as one)."""
-    for key, item in obj.items():
-        if item.__class__ not in _SCALARS and isinstance(item, Mapping | list | tuple):
-            _within(item, MAX_DEPTH - 1, key)
+    fields = out.fields
     try:
-        out.update(obj)
-    except (ValueError, TypeError) as exc:
+        for key, item in obj.items():
+            _put(fields[key], item, MAX_DEPTH - 1)
+    except (_Unfit, ValueError, TypeError) as exc:
+        for key, item in obj.items():
+            if isinstance(item, Mapping | list | tuple):
+                _within(item, MAX_DEPTH - 1, key)
         for key, item in obj.items():
             _check(item, key)
         raise NotJsonLike("arguments", obj) from exc
@@ -121,13 +170,13 @@ def set_struct(out: Struct, obj: Mapping[str, Any]) -> None:
 
 def from_value(v: Value) -> Any:
     kind = v.WhichOneof("kind")
+    if kind == "string_value":
+        return v.string_value
     if kind == "number_value":
         n = v.number_value
         if n.is_integer() and -_SAFE_INT <= n <= _SAFE_INT:
             return int(n)
         return n
-    if kind == "string_value":
-        return v.string_value
     if kind == "struct_value":
         return {k: from_value(x) for k, x in v.struct_value.fields.items()}
     if kind == "list_value":

@@ -66,6 +66,8 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
             raise ArgumentError(path, f"argument {path!r} must be a list, got {_describe(value)}")
         args = get_args(tp)
         item_tp = args[0] if args else Any
+        if item_tp is Any or item_tp is object:  # any JSON fits: nothing to look at
+            return value if origin is not tuple else tuple(value)
         items = [coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
         return items if origin is not tuple else tuple(items)
     if origin in (dict, cabc.Mapping, cabc.MutableMapping):
@@ -75,6 +77,8 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
             )
         args = get_args(tp)
         val_tp = args[1] if len(args) == 2 else Any
+        if val_tp is Any or val_tp is object:  # decoded JSON: str keys, JSON values
+            return value
         return {k: coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
     if tp in (list, tuple):
         if isinstance(value, list):
