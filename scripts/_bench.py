@@ -30,6 +30,8 @@ from typing import Any
 
 import grpc
 from _bench_durable import env_with, redis_server, store_of_env, takeover_ms
+from _bench_scale import STORE as SCALE_STORE
+from _bench_scale import close_idle, idle_flatness, open_idle, raw_unary, wide
 from google.protobuf import json_format
 
 from sessionmesh import mesh
@@ -189,6 +191,25 @@ async def until_sigterm() -> None:
     await stop.wait()
 
 
+async def scale(addresses: dict[str, str], quick: bool, n: int) -> dict[str, Any]:
+    """100,000 idle sessions (10,000 in --quick) and 1,024 sessions at once."""
+    async with (
+        mesh.connect(addresses["agent"]) as agent,
+        grpc.aio.insecure_channel(addresses["raw"]) as raw_channel,
+    ):
+        raw_call = raw_unary(pb_grpc.SessionServiceStub(raw_channel))
+        async with agent.proxy("bump", session_required=True) as counter:
+            await counter(**ARGS)
+            out = await idle_flatness(
+                agent,
+                functools.partial(call_p50, counter, n),
+                functools.partial(_p50, raw_call, n),
+                10_000 if quick else 100_000,
+            )
+        out.update(await wide(agent, raw_call, 1024, 3 if quick else 10))
+    return out
+
+
 async def large_vs_unary(addresses: dict[str, str], pairs: int, n: int) -> dict[str, Any]:
     """A call with a large argument (no session) vs a raw unary Call of the same bytes, built
     from the same Python values (Struct.update) and read whole on the server
@@ -343,8 +364,9 @@ async def serve() -> None:
     pb_grpc.add_SessionServiceServicer_to_server(RawService(), raw)  # type: ignore[abstract]
     raw_port = raw.add_insecure_port("127.0.0.1:0")
     await raw.start()
-    provider = mesh.Agent([bump, plain, push, take], name="bench-provider")
+    provider = mesh.Agent([bump, plain, push, take, open_idle, close_idle], name="bench-provider")
     await provider.start()
+    SCALE_STORE.append(provider.sessions)
     consumer = mesh.Agent([consume], name="bench-consumer", peers={"bump": provider.address})
     await consumer.start()
     certificates = tempfile.TemporaryDirectory()
@@ -577,6 +599,7 @@ async def measure(addresses: dict[str, str], quick: bool) -> dict[str, Any]:
                 results["injected_call_p50_us"] = took["injected"]
     results["injected_vs_direct_p50"] = spread(injected)
     results.update(await large_vs_unary(addresses, pairs, n))
+    results.update(await scale(addresses, quick, n))
     results.update(await mtls_vs_plaintext(addresses, pairs, n))
     results.update(await traced_vs_not(addresses, pairs, n))
     if "durable_agent" in addresses:
@@ -770,6 +793,23 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             f"{r['injected_call_p50_us']:.0f} {us} (last pair)",
         ),
         (
+            f"session call p50 with {r['idle_sessions_open']:,} idle sessions ÷ with none",
+            f"{r['idle_sessions_flatness']:.2f}",
+            "-",
+            "≈ 1",
+            "each as a ratio to raw unary in the same run: flat is 1",
+        ),
+        (
+            f"{r['wide_sessions']:,} sessions calling at once",
+            f"{r['wide_mesh_calls_s']:.0f}/s",
+            "-",
+            "-",
+            "raw grpc.aio, as many unary calls in flight on one channel: "
+            + (
+                f"{r['wide_raw']:.0f}/s" if isinstance(r["wide_raw"], float) else str(r["wide_raw"])
+            ),
+        ),
+        (
             "server memory per idle session",
             f"{r['idle_session_bytes']:.0f} B",
             "-",
@@ -824,14 +864,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="scripts/bench")
     parser.add_argument("--quick", action="store_true", help="smaller counts, under a minute")
     parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default=os.environ.get("SESSIONMESH_LOOP") or "asyncio",
+        help="the event loop of every side, sessionmesh and raw grpc.aio alike (uvloop: "
+        "sessionmesh[fast]; the default stays asyncio, so runs compare across machines)",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-traced", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    os.environ["SESSIONMESH_LOOP"] = args.loop  # this process, its children, their agents
     if args.serve:
-        asyncio.run(serve())
+        mesh.run(serve())
         return
     if args.serve_traced:
-        asyncio.run(serve_traced())
+        mesh.run(serve_traced())
         return
     import logging
 
@@ -847,19 +895,20 @@ def main() -> None:
         addresses: dict[str, str] = {}
         for flag in ("--serve", "--serve-traced"):
             addresses.update(children.enter_context(_serving(flag, {**env, **env_with(store)})))
-        results = asyncio.run(measure(addresses, args.quick))
+        results = mesh.run(measure(addresses, args.quick))
         if store is not None:
-            results["takeover_ms"] = asyncio.run(takeover_ms(store, 2 if args.quick else 5))
+            results["takeover_ms"] = mesh.run(takeover_ms(store, 2 if args.quick else 5))
         else:
             print("redis-server is not installed: no durable-session figures")
-    results["sigkill_seen_ms"] = asyncio.run(sigkill_seen(1 if args.quick else 3))
+    results["sigkill_seen_ms"] = mesh.run(sigkill_seen(1 if args.quick else 3))
     count = 10_000 if args.quick else 100_000
     results["idle_sessions"] = count
     results["idle_session_bytes"] = idle_session_bytes(count)
     rows = table(results)
     width = max(len(r[0]) for r in rows)
     print(
-        f"sessionmesh bench ({'quick' if args.quick else 'full'}) on {platform.machine()}, "
+        f"sessionmesh bench ({'quick' if args.quick else 'full'}, {args.loop}) on "
+        f"{platform.machine()}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()}, grpcio {grpc.__version__}"
     )
     print("every ratio: the median of alternating A/B pairs, and the pairs' spread (min-max)")

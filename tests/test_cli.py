@@ -49,6 +49,21 @@ async def test_serve_then_sigterm_finishes_calls_and_closes_sessions(tmp_path: P
     assert log.read_text() == "a\n"  # the open session was closed, its callback ran once
 
 
+async def test_agents_run_on_uvloop_when_it_is_installed_unless_told_not_to() -> None:
+    # The dev install has sessionmesh[fast]; SESSIONMESH_LOOP=asyncio opts out.
+    async with serve("examples/counter.py") as (_, on_uvloop):
+        async with serve("examples/counter.py", env={"SESSIONMESH_LOOP": "asyncio"}) as (_, plain):
+            assert (on_uvloop["loop"], plain["loop"]) == ("uvloop", "asyncio")
+            for ready in (on_uvloop, plain):
+                async with mesh.connect(ready["address"]) as client:
+                    counter = client.proxy("session_counter", session_required=True)
+                    assert [(await counter(increment=n))["count"] for n in (1, 2)] == [1, 3]
+                    await counter.cleanup_auto_session()
+        with mesh.connect_sync(on_uvloop["address"]) as blocking:  # its loop thread: uvloop
+            with blocking.proxy("session_counter", session_required=True) as counter_:
+                assert counter_(increment=2)["count"] == 2
+
+
 def test_serve_reports_a_file_without_tools(tmp_path: Path) -> None:
     empty = tmp_path / "empty.py"
     empty.write_text("x = 1\n")

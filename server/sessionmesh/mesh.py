@@ -24,6 +24,7 @@ from sessionmesh.client import (
     connect,
     connect_sync,
     errors,
+    run,
 )
 from sessionmesh.wire.deadline import time_remaining
 from sessionmesh.wire.names import short as short_id
@@ -49,6 +50,7 @@ __all__ = [
     "connect_sync",
     "current_session",
     "errors",
+    "run",
     "short_id",
     "time_remaining",
     "tool",

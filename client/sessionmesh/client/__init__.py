@@ -6,6 +6,7 @@ from sessionmesh.client import errors
 from sessionmesh.client._client import AgentClient, MeshClient, connect
 from sessionmesh.client._dependency import Dependency
 from sessionmesh.client._grpc import GrpcEndpoint
+from sessionmesh.client._loop import run
 from sessionmesh.client._proxy import (
     BaseProxy,
     McpAgent,
@@ -49,4 +50,5 @@ __all__ = [
     "connect",
     "connect_sync",
     "errors",
+    "run",
 ]

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from sessionmesh.client._client import AgentClient, MeshClient, connect
+from sessionmesh.client._loop import use_uvloop
 from sessionmesh.client._proxy import Proxy
 from sessionmesh.client._security import TLS
 from sessionmesh.client.errors import UsageError
@@ -146,7 +147,7 @@ def connect_sync(
                 print(counter(increment=1), counter(increment=2))  # 1, 3: one session
     """
     stop = contextlib.ExitStack()
-    portal = stop.enter_context(start_blocking_portal())
+    portal = stop.enter_context(start_blocking_portal("asyncio", {"use_uvloop": use_uvloop()}))
     try:
 
         async def open_client() -> AgentClient | MeshClient:

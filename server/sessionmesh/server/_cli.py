@@ -18,6 +18,7 @@ from typing import Any
 
 from sessionmesh.client import TLS, Credentials, tracing
 from sessionmesh.client import cli as client_commands
+from sessionmesh.client import run as run_loop
 from sessionmesh.client.cli import (
     REGISTRY_ENV,
     TOKEN_ENV,
@@ -134,6 +135,10 @@ async def _serve(args: argparse.Namespace) -> int:
         "address": address,
         "tools": tools,
         "pid": os.getpid(),
+        # The event loop it runs on: uvloop when installed (sessionmesh[fast]), else asyncio.
+        "loop": "uvloop"
+        if type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        else "asyncio",
         **({"metrics": agent.metrics.address} if agent.metrics else {}),
     }
     print(json.dumps(ready), flush=True)
@@ -572,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handlers=[handler],
     )
     try:
-        return int(asyncio.run(args.run(args)))
+        return int(run_loop(args.run(args)))
     except KeyboardInterrupt:
         return 130
     except SystemExit as exc:
