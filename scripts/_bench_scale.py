@@ -40,16 +40,28 @@ async def idle_flatness(
     mesh_p50: Callable[[], Awaitable[float]],
     raw_p50: Callable[[], Awaitable[float]],
     idle: int,
+    pairs: int,
 ) -> dict[str, Any]:
     """A session call's p50 ÷ raw unary p50 with ``idle`` sessions open, ÷ the same ratio
-    with none: 1.0 is flat."""
-    before = await mesh_p50() / await raw_p50()
+    with none, pair by pair (1.0 is flat): the i-th measurement with them against the
+    i-th without, each side alternating which of mesh and raw goes first."""
+
+    async def ratio(i: int) -> float:
+        if i % 2:
+            raw = await raw_p50()
+            return await mesh_p50() / raw
+        return await mesh_p50() / await raw_p50()
+
+    before = [await ratio(i) for i in range(pairs)]
     await agent.proxy("open_idle", timeout=600)(n=idle)
     try:
-        after = await mesh_p50() / await raw_p50()
+        after = [await ratio(i) for i in range(pairs)]
     finally:
         await agent.proxy("close_idle", timeout=600)()
-    return {"idle_sessions_flatness": after / before, "idle_sessions_open": idle}
+    return {
+        "idle_sessions_flatness": [a / b for a, b in zip(after, before, strict=True)],
+        "idle_sessions_open": idle,
+    }
 
 
 async def wide(
