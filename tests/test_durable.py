@@ -56,7 +56,22 @@ async def slow_increment(session: mesh.Session, seconds: float) -> int:
     return int(session.state["count"])
 
 
-TOOLS: list[Callable[..., Any]] = [increment, peek, stream_count, remember, slow_increment]
+@mesh.tool(session_required=True, streaming=True)
+async def counting(session: mesh.Session, n: int) -> AsyncIterator[int]:
+    """Count once per chunk sent."""
+    for _ in range(n):
+        session.state["count"] = session.state.get("count", 0) + 1
+        yield session.state["count"]
+
+
+TOOLS: list[Callable[..., Any]] = [
+    increment,
+    peek,
+    stream_count,
+    remember,
+    slow_increment,
+    counting,
+]
 
 
 @pytest.fixture
@@ -337,3 +352,19 @@ async def test_calls_in_flight_at_a_takeover_keep_their_order_on_one_new_owner(
             assert counts == list(range(2, 22))  # arrival order, each applied once
             holders = [r for r in (a, b, c) if r is not owner and sid in r.sessions]
             assert len(holders) == 1  # one adopter; the session never bounced
+
+
+async def test_a_stream_counts_when_it_ends_and_a_stream_cut_off_is_rolled_back(
+    store: Redis,
+) -> None:
+    async with (
+        Agent(TOOLS, name="counter", session_store=store.url) as agent,
+        mesh.connect(agent.address) as client,
+    ):
+        async with client.proxy("increment", session_required=True) as counter:
+            assert [c async for c in counter.call_tool_auto("counting", {"n": 3})] == [1, 2, 3]
+            chunks = counter.options(buffer_size=1).call_tool_auto("counting", {"n": 1000})
+            assert [await anext(chunks), await anext(chunks)] == [4, 5]
+            await chunks.aclose()  # cut off: what it counted is not kept
+            assert await counter("peek") == {"count": 3, "id": counter.session_id}
+            assert await counter(increment=1) == 4

@@ -443,6 +443,12 @@ class Dispatcher:
         if session is not None and session.durable is not None and self.durability is not None:
             await self.durability.save(session)
 
+    def unsaved(self, plan: Plan) -> None:
+        """A stream in a durable session ended without its answer: back to the saved state."""
+        session = plan.session
+        if session is not None and session.durable is not None and self.durability is not None:
+            self.durability.revert(session)
+
     async def stop(self) -> None:
         """Cancel the calls still running in tasks of their own (their callers are gone,
         or the agent's grace period is over) and wait until they have ended."""

@@ -323,6 +323,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
                     finally:
                         await chunks.aclose()
             except (asyncio.CancelledError, Fail):
+                self.dispatcher.unsaved(plan)  # cut off or refused: as if it never ran
                 raise
             except Exception as exc:
                 failure = self.dispatcher.tool_failed(plan, exc)
