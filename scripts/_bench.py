@@ -255,26 +255,32 @@ async def _p50(call: Callable[[], Awaitable[Any]], n: int) -> float:
     return pct(await timed(call, n), 0.5)
 
 
+async def session_call_vs(
+    this: mesh.AgentClient, that: mesh.AgentClient, pairs: int, n: int
+) -> list[dict[str, float]]:
+    """A session call's p50 on ``this`` agent and on ``that`` one, pair by pair."""
+    async with (
+        this.proxy("bump", session_required=True) as one,
+        that.proxy("bump", session_required=True) as other,
+    ):
+        await one(**ARGS)
+        await other(**ARGS)
+        return await paired(
+            pairs, {"this": lambda: call_p50(one, n), "that": lambda: call_p50(other, n)}
+        )
+
+
 async def durable_vs_memory(addresses: dict[str, str], pairs: int, n: int) -> dict[str, Any]:
     """A call in a durable session (saved to Redis before it is answered) vs the same call
     in an in-memory session, alternating."""
     async with (
-        mesh.connect(addresses["durable_agent"]) as durable_agent,
-        mesh.connect(addresses["agent"]) as plain_agent,
+        mesh.connect(addresses["durable_agent"]) as durable,
+        mesh.connect(addresses["agent"]) as memory,
     ):
-        async with (
-            durable_agent.proxy("bump", session_required=True) as durable,
-            plain_agent.proxy("bump", session_required=True) as memory,
-        ):
-            await durable(**ARGS)
-            await memory(**ARGS)
-            took = await paired(
-                pairs,
-                {"durable": lambda: call_p50(durable, n), "memory": lambda: call_p50(memory, n)},
-            )
+        took = await session_call_vs(durable, memory, pairs, n)
     return {
-        "durable_vs_memory_p50": spread([t["durable"] / t["memory"] for t in took]),
-        "durable_call_p50_us": took[-1]["durable"],
+        "durable_vs_memory_p50": spread([t["this"] / t["that"] for t in took]),
+        "durable_call_p50_us": took[-1]["this"],
     }
 
 
@@ -285,19 +291,10 @@ async def mtls_vs_plaintext(addresses: dict[str, str], pairs: int, n: int) -> di
         mesh.connect(addresses["mtls_agent"], tls=tls) as secure,
         mesh.connect(addresses["agent"]) as plain,
     ):
-        async with (
-            secure.proxy("bump", session_required=True) as over_tls,
-            plain.proxy("bump", session_required=True) as over_tcp,
-        ):
-            await over_tls(**ARGS)
-            await over_tcp(**ARGS)
-            took = await paired(
-                pairs,
-                {"tls": lambda: call_p50(over_tls, n), "plain": lambda: call_p50(over_tcp, n)},
-            )
+        took = await session_call_vs(secure, plain, pairs, n)
     return {
-        "mtls_vs_plaintext_p50": spread([t["tls"] / t["plain"] for t in took]),
-        "mtls_call_p50_us": took[-1]["tls"],
+        "mtls_vs_plaintext_p50": spread([t["this"] / t["that"] for t in took]),
+        "mtls_call_p50_us": took[-1]["this"],
     }
 
 

@@ -81,33 +81,54 @@ async def store() -> AsyncIterator[Redis]:
 
 
 @contextlib.asynccontextmanager
-async def replica(url: str, reg: str, **settings: Any) -> AsyncIterator[Agent]:
-    agent = Agent(TOOLS, name="counter", registry=reg, session_store=url, **settings)
-    async with agent:
-        yield agent
+async def replicas(
+    store: Redis, reg: str, n: int, **settings: Any
+) -> AsyncIterator[tuple[list[Agent], mesh.MeshClient]]:
+    """``n`` replicas of the counter agent on one store, and a client that sees them all."""
+    async with contextlib.AsyncExitStack() as stack:
+        agents = [
+            await stack.enter_async_context(
+                Agent(TOOLS, name="counter", registry=reg, session_store=store.url, **settings)
+            )
+            for _ in range(n)
+        ]
+        client = await stack.enter_async_context(mesh.connect(registry=reg))
+        await eventually(
+            lambda: len([i for i in client.instances() if i.agent_name == "counter"]) == n,
+            what=f"{n} counter instances in the registry",
+        )
+        yield agents, client
 
 
-async def instances(client: mesh.MeshClient, n: int) -> None:
-    await eventually(
-        lambda: len([i for i in client.instances() if i.agent_name == "counter"]) == n,
-        what=f"{n} counter instances in the registry",
-    )
+async def raw_call(
+    agent: Agent, session_id: str, tool: str, call_id: str = "", **arguments: Any
+) -> Any:
+    """A call with the session id alone, as grpcurl or another language makes it: the
+    result as the wire carries it (a number, or a Struct)."""
+    async with grpc.aio.insecure_channel(agent.address) as channel:
+        request = pb.CallRequest(tool=tool, call_id=call_id)
+        request.arguments.update(arguments)
+        reply = await pb_grpc.SessionServiceStub(channel).Call(
+            request, metadata=(("x-session-id", session_id),)
+        )
+    kind = reply.result.WhichOneof("kind")
+    return reply.result.number_value if kind == "number_value" else reply.result.struct_value
+
+
+def owner_first(agents: list[Agent], session_id: str) -> list[Agent]:
+    """The agents, the one whose instance opened ``session_id`` first."""
+    return sorted(agents, key=lambda agent: not session_id.startswith(agent.instance_id))
 
 
 async def test_a_session_continues_on_another_replica_when_its_owner_stops(
     store: Redis, reg: str
 ) -> None:
-    async with (
-        replica(store.url, reg) as a,
-        replica(store.url, reg) as b,
-        mesh.connect(registry=reg) as client,
-    ):
-        await instances(client, 2)
+    async with replicas(store, reg, 2) as (agents, client):
         async with client.proxy("session_counter", session_required=True) as counter:
             assert [await counter(increment=n) for n in (1, 2, 3)] == [1, 3, 6]
             sid = counter.session_id
             assert sid is not None and is_durable(sid)
-            owner, other = (a, b) if sid.startswith(a.instance_id) else (b, a)
+            owner, other = owner_first(agents, sid)
             await owner.stop()  # a graceful stop releases it: the session lives on in Redis
             assert await counter(increment=4) == 10
             assert sid in other.sessions
@@ -123,25 +144,15 @@ async def test_a_session_continues_on_another_replica_when_its_owner_stops(
 async def test_a_stale_owner_is_fenced_and_the_caller_follows_the_new_one(
     store: Redis, reg: str
 ) -> None:
-    async with (
-        replica(store.url, reg) as a,
-        replica(store.url, reg) as b,
-        mesh.connect(registry=reg) as client,
-    ):
-        await instances(client, 2)
+    async with replicas(store, reg, 2) as (agents, client):
         counter = client.proxy("session_counter", session_required=True)
         assert await counter(increment=5) == 5
         sid = counter.session_id
         assert sid is not None
-        owner, other = (a, b) if sid.startswith(a.instance_id) else (b, a)
+        owner, other = owner_first(agents, sid)
         # Another caller (grpcurl-like: the id alone) sends a call to the other replica:
         # it adopts the session from the store, and the first owner's copy is now stale.
-        async with grpc.aio.insecure_channel(other.address) as channel:
-            stub = pb_grpc.SessionServiceStub(channel)
-            request = pb.CallRequest(tool="increment")
-            request.arguments.update({"increment": 100})
-            reply = await stub.Call(request, metadata=(("x-session-id", sid),))
-            assert reply.result.number_value == 105
+        assert await raw_call(other, sid, "increment", increment=100) == 105
         assert sid in other.sessions and sid in owner.sessions
         # The proxy still sends to the first owner: its save is refused (a higher epoch),
         # it drops its copy, and the proxy follows to the new owner, where the call runs
@@ -156,31 +167,18 @@ async def test_a_stale_owner_is_fenced_and_the_caller_follows_the_new_one(
 async def test_a_retried_call_after_a_takeover_returns_its_saved_outcome(
     store: Redis, reg: str
 ) -> None:
-    async with (
-        replica(store.url, reg) as a,
-        replica(store.url, reg) as b,
-        mesh.connect(registry=reg) as client,
-    ):
-        await instances(client, 2)
+    async with replicas(store, reg, 2) as (agents, client):
         async with client.proxy("session_counter", session_required=True) as counter:
             assert await counter(increment=1) == 1
             sid = counter.session_id
             assert sid is not None
-            owner, other = (a, b) if sid.startswith(a.instance_id) else (b, a)
+            owner, other = owner_first(agents, sid)
             # A call with a call id runs on the owner and is saved; its answer is "lost".
-            async with grpc.aio.insecure_channel(owner.address) as channel:
-                stub = pb_grpc.SessionServiceStub(channel)
-                request = pb.CallRequest(tool="increment", call_id="retry-me")
-                request.arguments.update({"increment": 10})
-                meta = (("x-session-id", sid),)
-                assert (await stub.Call(request, metadata=meta)).result.number_value == 11
+            assert await raw_call(owner, sid, "increment", "retry-me", increment=10) == 11
             # The retry goes to the other replica (say the owner died meanwhile): it
             # adopts the session and answers with the saved outcome, not a second run.
-            async with grpc.aio.insecure_channel(other.address) as channel:
-                stub = pb_grpc.SessionServiceStub(channel)
-                assert (await stub.Call(request, metadata=meta)).result.number_value == 11
-                peeked = await stub.Call(pb.CallRequest(tool="peek"), metadata=meta)
-                assert peeked.result.struct_value["count"] == 11
+            assert await raw_call(other, sid, "increment", "retry-me", increment=10) == 11
+            assert (await raw_call(other, sid, "peek"))["count"] == 11
             assert other.sessions.get(sid).durable.epoch == 2
 
 
@@ -211,11 +209,7 @@ async def test_calls_fail_typed_while_the_store_is_down_and_succeed_when_it_is_b
     reg: str,
 ) -> None:
     async with redis_server(append_only=True) as store:
-        async with (
-            replica(store.url, reg),
-            mesh.connect(registry=reg) as client,
-        ):
-            await instances(client, 1)
+        async with replicas(store, reg, 1) as (_, client):
             durable = client.proxy("session_counter", session_required=True)
             assert await durable(increment=1) == 1
             await store.kill()
@@ -238,16 +232,11 @@ async def test_calls_fail_typed_while_the_store_is_down_and_succeed_when_it_is_b
 
 
 async def test_a_closed_or_expired_session_is_lost_everywhere(store: Redis, reg: str) -> None:
-    async with (
-        replica(store.url, reg, session_ttl=60) as a,
-        replica(store.url, reg, session_ttl=60) as b,
-        mesh.connect(registry=reg) as client,
-    ):
-        await instances(client, 2)
+    async with replicas(store, reg, 2, session_ttl=60) as (agents, client):
         counter = client.proxy("session_counter")
         sid = await counter.create_session()
         assert await counter.call_with_session(session_id=sid, increment=2) == 2
-        other = b if sid.startswith(a.instance_id) else a
+        other = owner_first(agents, sid)[1]
         assert await counter.close_session(sid)
         # Another replica finds nothing to adopt: lost, as a forged id would be.
         async with mesh.connect(other.address) as direct:
@@ -335,22 +324,16 @@ async def test_a_rediss_store_is_dialled_with_the_agents_own_tls(tmp_path: Path)
 async def test_calls_in_flight_at_a_takeover_keep_their_order_on_one_new_owner(
     store: Redis, reg: str
 ) -> None:
-    async with (
-        replica(store.url, reg) as a,
-        replica(store.url, reg) as b,
-        replica(store.url, reg) as c,
-        mesh.connect(registry=reg) as client,
-    ):
-        await instances(client, 3)
+    async with replicas(store, reg, 3) as (agents, client):
         async with client.proxy("session_counter", session_required=True) as counter:
             assert await counter(increment=1) == 1
             sid = counter.session_id
             assert sid is not None
-            owner = next(r for r in (a, b, c) if sid.startswith(r.instance_id))
+            owner, *others = owner_first(agents, sid)
             await owner.stop()
             counts = await asyncio.gather(*(counter(increment=1) for _ in range(20)))
             assert counts == list(range(2, 22))  # arrival order, each applied once
-            holders = [r for r in (a, b, c) if r is not owner and sid in r.sessions]
+            holders = [r for r in others if sid in r.sessions]
             assert len(holders) == 1  # one adopter; the session never bounced
 
 
