@@ -268,6 +268,9 @@ class Durability:
         if durable.new:
             return True  # never saved: nothing to remove
         try:
+            if durable.epoch == 0:  # closed while being adopted: not ours yet, closed anyway
+                await self.records.delete_any(session.id, session.principal)
+                return True
             deleted = await self.records.delete(session.id, self.instance_id, durable.epoch)
         except StoreUnavailable as exc:
             log.warning(
