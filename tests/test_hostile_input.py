@@ -15,6 +15,7 @@ from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.codec import MAX_DEPTH
 from sessionmesh.wire.status import decode, details_in
+from tests.procs import serve
 from tests.tools import echo, increment, running_total, stream_count
 
 pytestmark = pytest.mark.anyio
@@ -147,6 +148,21 @@ async def test_a_client_with_more_calls_than_a_stream_carries_sends_the_rest_alo
         await eventually(lambda: running == total, what="every call runs", within=20)
         release.set()
         assert await asyncio.gather(*calls) == list(range(total))
+
+
+async def test_a_stream_at_its_call_limit_takes_the_next_call_once_one_is_answered() -> None:
+    # A client at the agent's limit sends a call the moment an answer arrives, possibly
+    # before the answered call's task on the agent has ended: that call must not be
+    # counted any more (the bench's 1,024 sessions at once found it counted). The agent
+    # is a process of its own, as the race needs.
+    async with serve("tests/agents/narrow.py") as (_, ready), mesh.connect(ready["address"]) as c:
+        counters = [c.proxy("count", session_required=True) for _ in range(8)]
+
+        async def count(counter: mesh.Proxy) -> list[int]:
+            return [await counter() for _ in range(300)]
+
+        counts = await asyncio.gather(*(count(counter) for counter in counters))
+        assert counts == [list(range(1, 301))] * 8
 
 
 def _nested(levels: int) -> Any:

@@ -108,14 +108,12 @@ class Servicer(pb_grpc.SessionServiceServicer):
         request_iterator: AsyncIterator[pb.ExchangeRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        running: dict[int, asyncio.Task[None]] = {}
+        calls = _InFlight()
         loop = asyncio.get_running_loop()
         principal = await self.auth.caller(context)
         # Reading runs in its own task so that draining can stop it (the stream is long-lived)
         # and still let the calls it started finish and answer.
-        reader = loop.create_task(
-            self._read_exchange(request_iterator, context, running, principal)
-        )
+        reader = loop.create_task(self._read_exchange(request_iterator, context, calls, principal))
         self._exchange_readers.add(reader)
         failure: Fail | None = None
         try:
@@ -127,24 +125,25 @@ class Servicer(pb_grpc.SessionServiceServicer):
                     raise  # the RPC itself is cancelled: the client is gone
             except Fail as fail:
                 failure = fail  # an undecodable message: the stream cannot go on
-            if running:  # half-closed, draining or failed: finish what was sent, answered
-                await asyncio.wait(list(running.values()))
+            if calls.tasks:  # half-closed, draining or failed: finish what was sent, answered
+                await asyncio.wait(list(calls.tasks))
             if failure is not None:  # and only then end the stream, always with a status
                 await context.abort_with_status(failure.status())
         finally:
             self._exchange_readers.discard(reader)
             reader.cancel()
-            for task in list(running.values()):
+            for task in list(calls.tasks):
                 loop.call_soon(task.cancel)
 
     async def _read_exchange(
         self,
         request_iterator: AsyncIterator[pb.ExchangeRequest],
         context: grpc.aio.ServicerContext[Any, Any],
-        running: dict[int, asyncio.Task[None]],
+        calls: _InFlight,
         principal: str,
     ) -> None:
         write = asyncio.Lock()  # one write at a time on the stream
+        running = calls.unanswered
         loop = asyncio.get_running_loop()
         async for message in request_iterator:
             if isinstance(message, Undecodable):
@@ -180,13 +179,14 @@ class Servicer(pb_grpc.SessionServiceServicer):
                     message.call, message.session_id, message.create_session, principal
                 )
             except Fail as fail:
-                task = loop.create_task(_send_failure(answer, fail, context, write))
+                task = loop.create_task(_send_failure(answer, fail, context, write, calls))
             else:
                 if message.metadata:
                     plan.carrier = message.metadata
-                task = loop.create_task(self._exchange(message, plan, answer, context, write))
-            running[message.id] = task
-            task.add_done_callback(functools.partial(_forget, running, message.id))
+                task = loop.create_task(
+                    self._exchange(message, plan, answer, context, write, calls)
+                )
+            calls.add(message.id, task)
 
     def drain(self) -> None:
         """Take no new sessions or calls: Exchange streams stop reading and end once the
@@ -202,6 +202,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
         answer: pb.ExchangeResponse,
         context: grpc.aio.ServicerContext[Any, Any],
         write: asyncio.Lock,
+        calls: _InFlight,
     ) -> None:
         if plan.new_id:
             answer.session_id = plan.new_id
@@ -218,8 +219,9 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 result = await self.dispatcher.execute(plan)
             fill(answer.result, plan.bound, result)
         except Fail as fail:
-            await _send_failure(answer, fail, context, write)  # `error` replaces any result
+            await _send_failure(answer, fail, context, write, calls)  # `error` replaces result
             return
+        calls.answering(message.id)
         async with write:
             await context.write(answer)
 
@@ -420,17 +422,43 @@ async def _send_failure(
     fail: Fail,
     context: grpc.aio.ServicerContext[Any, Any],
     write: asyncio.Lock,
+    calls: _InFlight | None = None,
 ) -> None:
+    """Answer with ``fail``; ``calls`` when the answer is a registered call's."""
     error = answer.error
     error.code = fail.code.value[0]
     error.message = fail.message
     error.details.extend(fail.details())
+    if calls is not None:
+        calls.answering(answer.id)
     async with write:
         await context.write(answer)
 
 
-def _forget(running: dict[int, asyncio.Task[None]], call_id: int, _: object) -> None:
-    running.pop(call_id, None)
+class _InFlight:
+    """The calls of one Exchange stream: those not answered yet (the per-stream limit counts
+    them; a cancel finds them) and every call's task until it ends (the stream waits for
+    them). A call counts as answered once its answer is handed to the stream: the client
+    may send its next call the moment it reads it, before the task has ended."""
+
+    __slots__ = ("tasks", "unanswered")
+
+    def __init__(self) -> None:
+        self.unanswered: dict[int, asyncio.Task[None]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, call_id: int, task: asyncio.Task[None]) -> None:
+        self.unanswered[call_id] = task
+        self.tasks.add(task)
+        task.add_done_callback(functools.partial(self._ended, call_id))
+
+    def answering(self, call_id: int) -> None:
+        self.unanswered.pop(call_id, None)
+
+    def _ended(self, call_id: int, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if self.unanswered.get(call_id) is task:
+            del self.unanswered[call_id]
 
 
 def _describe(bound: BoundTool) -> pb.Tool:
