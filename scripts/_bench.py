@@ -883,6 +883,8 @@ def main() -> None:
     parser.add_argument("--serve-traced", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ["SESSIONMESH_LOOP"] = args.loop  # this process, its children, their agents
+    # SIGTERM unwinds like Ctrl-C: the servers it started (its Redis too) are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.serve:
         mesh.run(serve())
         return
