@@ -24,7 +24,6 @@ from sessionmesh.client.errors import (
     SessionLost,
     SessionOwnerLost,
     SessionOwnerUnavailable,
-    SessionStoreUnavailable,
     ToolNotFound,
     UsageError,
 )
@@ -273,8 +272,12 @@ class BaseProxy:
                 metadata=error.metadata,
             )
         if session_id:
-            if isinstance(error, AgentUnavailable) and not isinstance(
-                error, SessionLost | SessionStoreUnavailable
+            # Only a failure to reach the agent says its owner is unreachable; an answer the
+            # agent sent (it has a reason: its store is down, say) says nothing of the kind.
+            if (
+                isinstance(error, AgentUnavailable)
+                and not error.reason
+                and not isinstance(error, SessionLost)
             ):
                 error = self._owner_unreachable(session_id, error)
             if isinstance(error, SessionLost):
