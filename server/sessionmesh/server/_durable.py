@@ -97,10 +97,9 @@ class Durability:
         self.locate = locate
         self._adopting: set[asyncio.Task[None]] = set()
         store.durable_closing = self._closing
-        #: Sessions adopted from the store, and copies found stale (fenced): with the
-        #: session events of the store, for metrics.
+        #: Sessions adopted from the store, and copies found stale (fenced), are counted
+        #: with the store's session events (metrics read them there).
         store.counters.update(adopted=0, fenced=0)
-        self.counters = store.counters
         #: Calls saved, and calls answered from a saved outcome.
         self.calls = {"saved": 0, "replayed": 0}
 
@@ -139,7 +138,7 @@ class Durability:
             session.ttl = record.ttl
             if record.state != "{}":
                 session.state.update(json.loads(record.state))
-        self.counters["adopted"] += 1
+        self.store.counters["adopted"] += 1
         log.info("session %s adopted (epoch %d)", session.short_id, durable.epoch)
 
     # -- write-through ----------------------------------------------------------------------
@@ -216,7 +215,7 @@ class Durability:
             durable.new = False
             return
         if result.saved is Saved.FENCED:
-            self.counters["fenced"] += 1
+            self.store.counters["fenced"] += 1
             durable.failure = self._moved(session.id, result.owner)
             why = f"instance {result.owner} took it over"
         else:
