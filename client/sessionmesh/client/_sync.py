@@ -84,10 +84,7 @@ class SyncProxy:
         self.cleanup_auto_session()
 
     def _run(self, work: Callable[[], Awaitable[T]]) -> T:
-        async def run() -> T:
-            return await work()
-
-        return self._portal.call(run)
+        return self._portal.call(work)  # the portal awaits what the callable returns
 
 
 class SyncClient:
