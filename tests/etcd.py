@@ -6,39 +6,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
-import socket
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import pytest
 from aetcd import rpc
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.procs import free_port, system_tool
 
 
 def etcd_binary() -> str:
-    found = shutil.which("etcd")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("etcd is not installed (.ci/run installs the etcd-server package)")
-        pytest.skip("etcd is not installed (apt-get install etcd-server)")
-    return found
+    return system_tool("etcd", "etcd-server")
 
 
 class Cluster:
     def __init__(self, root: Path, size: int) -> None:
         self.root = root
         self.names = [f"m{i}" for i in range(size)]
-        self.client_ports = {n: _free_port() for n in self.names}
-        self.peer_ports = {n: _free_port() for n in self.names}
+        self.client_ports = {n: free_port() for n in self.names}
+        self.peer_ports = {n: free_port() for n in self.names}
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self._logs: dict[str, int] = {}
 

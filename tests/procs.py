@@ -11,7 +11,9 @@ import contextlib
 import json
 import os
 import selectors
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +21,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from sessionmesh import mesh
 
@@ -28,6 +32,24 @@ CLI = [sys.executable, "-m", "sessionmesh.server._cli"]
 READY_WITHIN = 30.0
 
 Ready = dict[str, Any]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def system_tool(name: str, package: str) -> str:
+    """The path of a program the distribution installs (``scripts/test`` does, as root): a
+    missing one fails the run in CI, which must prove what needs it, and skips elsewhere."""
+    found = shutil.which(name)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed (scripts/test installs the {package} package)")
+        pytest.skip(f"{name} is not installed (apt-get install {package})")
+    return found
 
 
 def _failed(args: tuple[str, ...], stderr: Any) -> AssertionError:

@@ -6,31 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
-import socket
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis.asyncio as aredis
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.procs import free_port, system_tool
 
 
 def redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed (.ci/run installs the redis-server package)")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    return found
+    return system_tool("redis-server", "redis-server")
 
 
 class Redis:
@@ -38,7 +26,7 @@ class Redis:
         self, root: Path, *, append_only: bool, tls: tuple[str, str, str] | None = None
     ) -> None:
         self.root = root
-        self.port = _free_port()
+        self.port = free_port()
         self.append_only = append_only
         #: (certificate, key, CA) files: serve TLS only, and require client certificates.
         self.tls = tls

@@ -8,7 +8,6 @@ import json
 import os
 import selectors
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ from sessionmesh import mesh
 from sessionmesh.testing import eventually
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
-from tests.procs import CLI, ROOT, exited, process_blocking, serve, wait_until
+from tests.procs import CLI, ROOT, exited, process_blocking, serve, system_tool, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -441,11 +440,7 @@ def test_log_lines_as_json_for_machines(tmp_path: Path) -> None:
 
 
 def test_top_shows_the_mesh_live_in_a_terminal() -> None:
-    tmux = shutil.which("tmux")
-    if tmux is None:
-        if os.environ.get("CI"):
-            pytest.fail("tmux is not installed (scripts/test installs it)")
-        pytest.skip("tmux is not installed")
+    tmux = system_tool("tmux", "tmux")
     with process_blocking("run", str(ROOT / "examples/counter.py"), "--registry-port", "0") as (
         _,
         ready,
