@@ -128,62 +128,59 @@ class _Running:
     async def __aenter__(self) -> Counted | None:
         dispatcher = self.dispatcher
         dispatcher.calls_served += 1
-        self.watch = watch = dispatcher.observed(self.plan)
+        plan = self.plan
+        self.watch = watch = dispatcher.observed(plan)
         counted = watch.__enter__() if watch is not None else None
+        self.scope: AbstractAsyncContextManager[None] | None = None
         try:
-            await self._enter()
+            turn = plan.turn
+            if turn is not None:
+                session = turn.enter_now() or await turn.__aenter__()
+                if session.closed:
+                    turn.leave()
+                    raise gone(session)
+            self.token: Token[Session | None] = _current.set(plan.session)
+            deadline = tightened(plan.deadline, self.limit)
+            self.deadline_token = DEADLINE.set(deadline) if deadline is not None else None
+            if plan.bound.dependencies:
+                try:
+                    self.scope = self.dispatcher.injector.scope(
+                        plan.bound, plan.session, plan.kwargs
+                    )
+                    await self.scope.__aenter__()
+                except BaseException:
+                    self._leave()
+                    raise
         except BaseException as exc:
             if watch is not None:
                 watch.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return counted
 
-    async def _enter(self) -> None:
-        plan = self.plan
-        turn = plan.turn
-        if turn is not None:
-            session = await turn.__aenter__()
-            if session.closed:
-                turn.leave()
-                raise gone(session)
-        self.token: Token[Session | None] = _current.set(plan.session)
-        deadline = tightened(plan.deadline, self.limit)
-        self.deadline_token = DEADLINE.set(deadline) if deadline is not None else None
-        try:
-            self.scope = self.dispatcher.injector.scope(plan.bound, plan.session, plan.kwargs)
-            await self.scope.__aenter__()
-        except BaseException:
-            self._leave()
-            raise
-
     async def __aexit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         watch = self.watch
-        if watch is None:
-            await self._exit(ev)
-            return
         try:
-            await self._exit(ev)
+            try:
+                if self.scope is not None:
+                    await self.scope.__aexit__(et, ev, tb)
+            finally:
+                self._leave()
+            if isinstance(ev, asyncio.CancelledError) and ev.args == (CLOSED_UNDER_CALL,):
+                # Not the caller going away: the session closed under the call. Say so.
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                session = self.plan.session
+                assert session is not None
+                raise session_closed(session.id) from None
         except BaseException as raised:  # what the caller is told, not what the tool raised
-            watch.__exit__(type(raised), raised, raised.__traceback__)
+            if watch is not None:
+                watch.__exit__(type(raised), raised, raised.__traceback__)
             raise
-        watch.__exit__(et, ev, tb)
-
-    async def _exit(self, ev: BaseException | None) -> None:
-        et, tb = (type(ev), ev.__traceback__) if ev is not None else (None, None)
-        try:
-            await self.scope.__aexit__(et, ev, tb)
-        finally:
-            self._leave()
-        if isinstance(ev, asyncio.CancelledError) and ev.args == (CLOSED_UNDER_CALL,):
-            # Not the caller going away: the session closed under the call. Say so.
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            session = self.plan.session
-            assert session is not None
-            raise session_closed(session.id) from None
+        if watch is not None:
+            watch.__exit__(et, ev, tb)
 
     def _leave(self) -> None:
         _current.reset(self.token)
@@ -407,8 +404,11 @@ class Dispatcher:
             session = plan.session
             if session is not None and session.durable is not None:
                 return await self._run_durable(plan, session)
+            timeout = bound.spec.options.timeout
             try:
-                async with asyncio.timeout(bound.spec.options.timeout):
+                if timeout is None:
+                    return await bound.invoke(plan.kwargs)
+                async with asyncio.timeout(timeout):
                     return await bound.invoke(plan.kwargs)
             except Exception as exc:
                 raise self.tool_failed(plan, exc) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections.abc as cabc
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal, Union, get_args, get_origin
 
 from sessionmesh.wire.codec import NotJsonLike
@@ -106,6 +107,46 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     else:
         return value  # an annotation we cannot check from JSON: the tool gets the value as is
     raise ArgumentError(path, f"argument {path!r} must be {_type_name(tp)}, got {_describe(value)}")
+
+
+def _int(value: Any, path: str) -> Any:
+    return value if value.__class__ is int else coerce(value, int, path)
+
+
+def _float(value: Any, path: str) -> Any:
+    return value if value.__class__ is float else coerce(value, float, path)
+
+
+def _str(value: Any, path: str) -> Any:
+    return value if value.__class__ is str else coerce(value, str, path)
+
+
+def _bool(value: Any, path: str) -> Any:
+    return value if value.__class__ is bool else coerce(value, bool, path)
+
+
+def _as_is(value: Any, path: str) -> Any:
+    return value
+
+
+#: The common annotations: the decoded value is already of the exact type, checked by its
+#: class alone; anything else goes the general way.
+_EXACT: dict[Any, Callable[[Any, str], Any]] = {
+    int: _int,
+    float: _float,
+    str: _str,
+    bool: _bool,
+    Any: _as_is,
+    object: _as_is,
+}
+
+
+def coercer(tp: Any) -> Callable[[Any, str], Any]:
+    """``coerce`` for one annotation, decided once (per tool, not per call)."""
+    exact = _EXACT.get(tp)
+    if exact is not None:
+        return exact
+    return lambda value, path: coerce(value, tp, path)
 
 
 class Rich:

@@ -156,6 +156,10 @@ class Turn:
         self._future = session._enqueue()
         self._entered = False
 
+    def enter_now(self) -> Session | None:
+        """Hold the turn if it is this call's already (no wait); else None: ``async with``."""
+        return self._hold() if self._future is None else None
+
     async def __aenter__(self) -> Session:
         if self._future is not None:
             try:
@@ -163,6 +167,9 @@ class Turn:
             except BaseException:
                 self.abandon()  # cancelled, perhaps just as the turn was handed over
                 raise
+        return self._hold()
+
+    def _hold(self) -> Session:
         self._entered = True
         session = self.session
         session.active += 1

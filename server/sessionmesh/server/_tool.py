@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, overload
 
 from sessionmesh.client import Dependency, McpAgent, ProxyOptions
 from sessionmesh.client.errors import UsageError
-from sessionmesh.server._params import ArgumentError, Rich, coerce, schema_for
+from sessionmesh.server._params import ArgumentError, Rich, coercer, schema_for
 from sessionmesh.server._session import Session
 from sessionmesh.wire.codec import is_json
 
@@ -92,6 +92,7 @@ class BoundTool:
 
     __slots__ = (
         "_arg_names",
+        "_checks",
         "dependencies",
         "executor",
         "input_param",
@@ -149,6 +150,12 @@ class BoundTool:
             p.role == "session" and _strip_optional(p.annotation) is p.annotation for p in params
         ) or (spec.options.session_required and not self.dependencies)
         self._arg_names = frozenset(p.name for p in params if p.role == "arg")
+        #: Each argument's name, whether it is required, and its check (decided once).
+        self._checks = tuple(
+            (p.name, p.required, p.rich.validate if p.rich is not None else coercer(p.annotation))
+            for p in params
+            if p.role == "arg"
+        )
         #: Where a plain (``def``) tool runs: the agent's thread pool once it serves.
         self.executor: concurrent.futures.Executor | None = None
         self.schema = self._schema()
@@ -183,8 +190,8 @@ class BoundTool:
 
     def bind(self, arguments: Mapping[str, Any], session: Session | None) -> dict[str, Any]:
         """Keyword arguments for the function; raises ArgumentError naming the bad parameter."""
-        unknown = arguments.keys() - self._arg_names
-        if unknown:
+        if not self._arg_names.issuperset(arguments):
+            unknown = arguments.keys() - self._arg_names
             name = sorted(unknown)[0]
             expected = ", ".join(sorted(self._arg_names)) or "none"
             raise ArgumentError(
@@ -193,21 +200,13 @@ class BoundTool:
             )
         kwargs: dict[str, Any] = dict.fromkeys(self.session_params, session)
         errors: list[ArgumentError] | None = None  # made only when an argument is bad
-        for p in self.params:
-            if p.role != "arg":
-                continue
+        for name, required, check in self._checks:
             try:
-                if p.name in arguments:
-                    value = arguments[p.name]
-                    rich = p.rich
-                    kwargs[p.name] = (
-                        coerce(value, p.annotation, p.name)
-                        if rich is None
-                        else rich.validate(value, p.name)
-                    )
-                elif p.required:
+                if name in arguments:
+                    kwargs[name] = check(arguments[name], name)
+                elif required:
                     raise ArgumentError(
-                        p.name, f"missing argument {p.name!r} for tool {self.spec.name!r}"
+                        name, f"missing argument {name!r} for tool {self.spec.name!r}"
                     )
             except ArgumentError as error:
                 errors = [*(errors or ()), error]
