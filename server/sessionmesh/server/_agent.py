@@ -326,7 +326,7 @@ class Agent:
             durability = self._dispatcher.durability
             self.metrics = AgentMetrics(
                 self._store,
-                lambda: len(servicer._exchange_readers),
+                lambda: len(servicer._streams),
                 durability.calls if durability is not None else None,
             )
             self.metrics.serve(self.host, self.metrics_port, self.tls, insecure=self.insecure)

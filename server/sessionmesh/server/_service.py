@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +66,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
         self.max_calls_per_stream = max_calls_per_stream
         self.auth = auth if auth is not None else Authenticator()
         self.store = dispatcher.store
-        self._exchange_readers: set[asyncio.Task[None]] = set()
+        self._streams: set[_Stream] = set()
         self.tool_descriptions = [_describe(b) for b in dispatcher.bound_tools]
         self._list_tools = pb.ListToolsResponse(
             agent_name=dispatcher.agent_name,
@@ -108,101 +107,110 @@ class Servicer(pb_grpc.SessionServiceServicer):
         request_iterator: AsyncIterator[pb.ExchangeRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        calls = _InFlight()
-        loop = asyncio.get_running_loop()
         principal = await self.auth.caller(context)
-        # Reading runs in its own task so that draining can stop it (the stream is long-lived)
-        # and still let the calls it started finish and answer.
-        reader = loop.create_task(self._read_exchange(request_iterator, context, calls, principal))
-        self._exchange_readers.add(reader)
+        stream = _Stream(request_iterator, context, principal)
+        # Reading runs in tasks of its own so that draining can stop it (the stream is
+        # long-lived) and still let the calls it started finish and answer.
+        stream.reader = asyncio.get_running_loop().create_task(self._serve(stream))
+        self._streams.add(stream)
         failure: Fail | None = None
         try:
             try:
-                await reader
-            except asyncio.CancelledError:
-                me = asyncio.current_task()
-                if me is not None and me.cancelling():
-                    raise  # the RPC itself is cancelled: the client is gone
+                await stream.ended
             except Fail as fail:
                 failure = fail  # an undecodable message: the stream cannot go on
-            if calls.tasks:  # half-closed, draining or failed: finish what was sent, answered
-                await asyncio.wait(list(calls.tasks))
+            if stream.tasks:  # half-closed, draining or failed: finish what was sent, answered
+                await asyncio.wait(list(stream.tasks))
             if failure is not None:  # and only then end the stream, always with a status
                 await context.abort_with_status(failure.status())
         finally:
-            self._exchange_readers.discard(reader)
-            reader.cancel()
-            for task in list(calls.tasks):
+            self._streams.discard(stream)
+            stream.stop_reading()
+            loop = asyncio.get_running_loop()
+            for task in list(stream.tasks):
                 loop.call_soon(task.cancel)
 
-    async def _read_exchange(
-        self,
-        request_iterator: AsyncIterator[pb.ExchangeRequest],
-        context: grpc.aio.ServicerContext[Any, Any],
-        calls: _InFlight,
-        principal: str,
-    ) -> None:
-        write = asyncio.Lock()  # one write at a time on the stream
-        running = calls.unanswered
-        loop = asyncio.get_running_loop()
-        async for message in request_iterator:
-            if isinstance(message, Undecodable):
-                raise message.fail()  # the stream cannot go on: Exchange ends it with this
-            if message.cancel:
-                task = running.get(message.id)
-                if task is not None:
-                    # Soon, not now: a task cancelled before its first step would skip
-                    # the code that gives up its place in the session's line.
-                    loop.call_soon(task.cancel)
-                continue
-            answer = pb.ExchangeResponse(id=message.id)
-            if len(running) >= self.max_calls_per_stream:
-                # Each call in flight holds memory: one client cannot take it all.
-                full = Fail(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    Reason.TOO_MANY_CALLS,
-                    f"this Exchange stream has {len(running)} calls in flight, the agent's "
-                    "limit (max_calls_per_stream): wait for answers, or send more as unary Calls",
-                )
-                await _send_failure(answer, full, context, write)
-                continue
-            if message.id in running:
-                # Its answer would be taken for the first one's: refuse it, run nothing.
-                duplicate = invalid_stream(
-                    f"call id {message.id} is already in flight on this Exchange stream; "
-                    "ids must be unique among the calls not yet answered"
-                )
-                await _send_failure(answer, duplicate, context, write)
-                continue
-            try:
-                plan = self.dispatcher.plan(
-                    message.call, message.session_id, message.create_session, principal
-                )
-            except Fail as fail:
-                task = loop.create_task(_send_failure(answer, fail, context, write, calls))
+    async def _serve(self, stream: _Stream) -> None:
+        """Read the stream up to the next message that starts a call, hand the reading on
+        to a new task and run that call in this one: the call starts at once, not a loop
+        turn later in a task of its own, and there is still one task per call."""
+        running = stream.unanswered
+        try:
+            while True:
+                try:
+                    message = await anext(stream.requests)
+                except StopAsyncIteration:
+                    stream.end()  # the client half-closed
+                    return
+                if isinstance(message, Undecodable):
+                    raise message.fail()  # the stream cannot go on: Exchange ends it with this
+                if message.cancel:
+                    task = running.get(message.id)
+                    if task is not None:
+                        # Soon, not now: a call cancelled in the middle of this step would
+                        # miss the code that gives up its place in the session's line.
+                        asyncio.get_running_loop().call_soon(task.cancel)
+                    continue
+                answer = pb.ExchangeResponse(id=message.id)
+                if len(running) >= self.max_calls_per_stream:
+                    # Each call in flight holds memory: one client cannot take it all.
+                    full = Fail(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        Reason.TOO_MANY_CALLS,
+                        f"this Exchange stream has {len(running)} calls in flight, the agent's "
+                        "limit (max_calls_per_stream): wait for answers, or send more as "
+                        "unary Calls",
+                    )
+                    await _send_failure(answer, full, stream)
+                    continue
+                if message.id in running:
+                    # Its answer would be taken for the first one's: refuse it, run nothing.
+                    duplicate = invalid_stream(
+                        f"call id {message.id} is already in flight on this Exchange stream; "
+                        "ids must be unique among the calls not yet answered"
+                    )
+                    await _send_failure(answer, duplicate, stream)
+                    continue
+                break
+        except asyncio.CancelledError:
+            stream.end()  # draining, or the stream is over
+            raise
+        except Exception as exc:
+            stream.end(exc)
+            return
+        refusal: Fail | None = None
+        try:
+            plan = self.dispatcher.plan(
+                message.call, message.session_id, message.create_session, stream.principal
+            )
+        except Fail as fail:
+            refusal = fail
+        else:
+            if message.metadata:
+                plan.carrier = message.metadata
+        me = asyncio.current_task()
+        assert me is not None
+        stream.reader = asyncio.get_running_loop().create_task(self._serve(stream))
+        stream.add(message.id, me)  # this task is the call's now
+        try:
+            if refusal is None:
+                await self._exchange(message, plan, answer, stream)
             else:
-                if message.metadata:
-                    plan.carrier = message.metadata
-                task = loop.create_task(
-                    self._exchange(message, plan, answer, context, write, calls)
-                )
-            calls.add(message.id, task)
+                await _send_failure(answer, refusal, stream, answered=True)
+        except Exception as exc:  # the answer could not be written: the stream is broken
+            stream.end(exc)
+        finally:
+            stream.done(message.id, me)
 
     def drain(self) -> None:
         """Take no new sessions or calls: Exchange streams stop reading and end once the
         calls they carry are answered (the client then sees the stream end)."""
         self.dispatcher.draining = True
-        for reader in list(self._exchange_readers):
-            reader.cancel()
+        for stream in list(self._streams):
+            stream.stop_reading()
 
     async def _exchange(
-        self,
-        message: pb.ExchangeRequest,
-        plan: Plan,
-        answer: pb.ExchangeResponse,
-        context: grpc.aio.ServicerContext[Any, Any],
-        write: asyncio.Lock,
-        calls: _InFlight,
+        self, message: pb.ExchangeRequest, plan: Plan, answer: pb.ExchangeResponse, stream: _Stream
     ) -> None:
         if plan.new_id:
             answer.session_id = plan.new_id
@@ -219,11 +227,11 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 result = await self.dispatcher.execute(plan)
             fill(answer.result, plan.bound, result)
         except Fail as fail:
-            await _send_failure(answer, fail, context, write, calls)  # `error` replaces result
+            await _send_failure(answer, fail, stream, answered=True)  # `error` replaces result
             return
-        calls.answering(message.id)
-        async with write:
-            await context.write(answer)
+        stream.answering(message.id)
+        async with stream.write:
+            await stream.context.write(answer)
 
     async def StreamCall(  # type: ignore[override]  # writes with context.write
         self,
@@ -418,44 +426,74 @@ def _trace_headers(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str
 
 
 async def _send_failure(
-    answer: pb.ExchangeResponse,
-    fail: Fail,
-    context: grpc.aio.ServicerContext[Any, Any],
-    write: asyncio.Lock,
-    calls: _InFlight | None = None,
+    answer: pb.ExchangeResponse, fail: Fail, stream: _Stream, *, answered: bool = False
 ) -> None:
-    """Answer with ``fail``; ``calls`` when the answer is a registered call's."""
+    """Answer with ``fail``; ``answered``: the answer is a registered call's."""
     error = answer.error
     error.code = fail.code.value[0]
     error.message = fail.message
     error.details.extend(fail.details())
-    if calls is not None:
-        calls.answering(answer.id)
-    async with write:
-        await context.write(answer)
+    if answered:
+        stream.answering(answer.id)
+    async with stream.write:
+        await stream.context.write(answer)
 
 
-class _InFlight:
-    """The calls of one Exchange stream: those not answered yet (the per-stream limit counts
-    them; a cancel finds them) and every call's task until it ends (the stream waits for
-    them). A call counts as answered once its answer is handed to the stream: the client
-    may send its next call the moment it reads it, before the task has ended."""
+class _Stream:
+    """One Exchange stream: the task reading it now, the calls not answered yet (the
+    per-stream limit counts them; a cancel finds them) and every call's task until it ends
+    (the stream waits for them). A call counts as answered once its answer is handed to the
+    stream: the client may send its next call the moment it reads it."""
 
-    __slots__ = ("tasks", "unanswered")
+    __slots__ = (
+        "context",
+        "ended",
+        "principal",
+        "reader",
+        "requests",
+        "tasks",
+        "unanswered",
+        "write",
+    )
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        requests: AsyncIterator[pb.ExchangeRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+        principal: str,
+    ) -> None:
+        self.requests = aiter(requests)
+        self.context = context
+        self.principal = principal
+        self.write = asyncio.Lock()  # one write at a time on the stream
+        self.reader: asyncio.Task[None] | None = None
+        #: Done when reading is over: the client half-closed, the agent drains, or (an
+        #: exception) a message could not be read.
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.unanswered: dict[int, asyncio.Task[None]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+
+    def end(self, error: Exception | None = None) -> None:
+        if self.ended.done():
+            return
+        if error is None:
+            self.ended.set_result(None)
+        else:
+            self.ended.set_exception(error)
+
+    def stop_reading(self) -> None:
+        self.end()
+        if self.reader is not None:
+            self.reader.cancel()  # a reader cancelled before its first step never runs
 
     def add(self, call_id: int, task: asyncio.Task[None]) -> None:
         self.unanswered[call_id] = task
         self.tasks.add(task)
-        task.add_done_callback(functools.partial(self._ended, call_id))
 
     def answering(self, call_id: int) -> None:
         self.unanswered.pop(call_id, None)
 
-    def _ended(self, call_id: int, task: asyncio.Task[None]) -> None:
+    def done(self, call_id: int, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         if self.unanswered.get(call_id) is task:
             del self.unanswered[call_id]
