@@ -11,6 +11,7 @@ import grpc
 
 from sessionmesh.client import tracing
 from sessionmesh.server._dispatch import Dispatcher, Plan, fill
+from sessionmesh.server._eager import Eager
 from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream, not_json
 from sessionmesh.server._handlers import Undecodable
 from sessionmesh.server._security import Authenticator
@@ -125,23 +126,31 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 await context.abort_with_status(failure.status())
         finally:
             self._streams.discard(stream)
-            stream.stop_reading()
+            stream.stopping = True
+            stream.reader.cancel()
             loop = asyncio.get_running_loop()
             for task in list(stream.tasks):
                 loop.call_soon(task.cancel)
 
     async def _serve(self, stream: _Stream) -> None:
-        """Read the stream up to the next message that starts a call, hand the reading on
-        to a new task and run that call in this one: the call starts at once, not a loop
-        turn later in a task of its own, and there is still one task per call."""
+        """Read the stream and run its calls. A call that ends without waiting (most do) is
+        answered from here, before the next message is read, as a plain echo server would.
+        One that waits keeps this task to its end (its turn, timeouts and task groups name
+        this task) and a new task takes over the reading."""
         running = stream.unanswered
         try:
             while True:
+                if stream.stopping:  # draining: read no more
+                    stream.end()
+                    return
+                stream.reading = True
                 try:
                     message = await anext(stream.requests)
                 except StopAsyncIteration:
                     stream.end()  # the client half-closed
                     return
+                finally:
+                    stream.reading = False
                 if isinstance(message, Undecodable):
                     raise message.fail()  # the stream cannot go on: Exchange ends it with this
                 if message.cancel:
@@ -154,49 +163,48 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 answer = pb.ExchangeResponse(id=message.id)
                 if len(running) >= self.max_calls_per_stream:
                     # Each call in flight holds memory: one client cannot take it all.
-                    full = Fail(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        Reason.TOO_MANY_CALLS,
-                        f"this Exchange stream has {len(running)} calls in flight, the agent's "
-                        "limit (max_calls_per_stream): wait for answers, or send more as "
-                        "unary Calls",
+                    _failed(
+                        answer,
+                        Fail(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            Reason.TOO_MANY_CALLS,
+                            f"this Exchange stream has {len(running)} calls in flight, the "
+                            "agent's limit (max_calls_per_stream): wait for answers, or send "
+                            "more as unary Calls",
+                        ),
                     )
-                    await _send_failure(answer, full, stream)
-                    continue
-                if message.id in running:
+                elif message.id in running:
                     # Its answer would be taken for the first one's: refuse it, run nothing.
-                    duplicate = invalid_stream(
-                        f"call id {message.id} is already in flight on this Exchange stream; "
-                        "ids must be unique among the calls not yet answered"
+                    _failed(
+                        answer,
+                        invalid_stream(
+                            f"call id {message.id} is already in flight on this Exchange "
+                            "stream; ids must be unique among the calls not yet answered"
+                        ),
                     )
-                    await _send_failure(answer, duplicate, stream)
-                    continue
-                break
+                else:
+                    try:
+                        call = Eager(self._run(message, answer, stream.principal))
+                    except asyncio.CancelledError:  # its own: an earlier run's, cancelled
+                        _failed(answer, Fail(grpc.StatusCode.CANCELLED, "", "Cancelled"))
+                    else:
+                        if not call.done:
+                            break  # it waits: this task is the call's from now on
+                await stream.send(answer)
         except asyncio.CancelledError:
             stream.end()  # draining, or the stream is over
             raise
         except Exception as exc:
             stream.end(exc)
             return
-        refusal: Fail | None = None
-        try:
-            plan = self.dispatcher.plan(
-                message.call, message.session_id, message.create_session, stream.principal
-            )
-        except Fail as fail:
-            refusal = fail
-        else:
-            if message.metadata:
-                plan.carrier = message.metadata
         me = asyncio.current_task()
         assert me is not None
         stream.reader = asyncio.get_running_loop().create_task(self._serve(stream))
-        stream.add(message.id, me)  # this task is the call's now
+        stream.add(message.id, me)
         try:
-            if refusal is None:
-                await self._exchange(message, plan, answer, stream)
-            else:
-                await _send_failure(answer, refusal, stream, answered=True)
+            await call
+            stream.answering(message.id)
+            await stream.send(answer)
         except Exception as exc:  # the answer could not be written: the stream is broken
             stream.end(exc)
         finally:
@@ -209,12 +217,18 @@ class Servicer(pb_grpc.SessionServiceServicer):
         for stream in list(self._streams):
             stream.stop_reading()
 
-    async def _exchange(
-        self, message: pb.ExchangeRequest, plan: Plan, answer: pb.ExchangeResponse, stream: _Stream
+    async def _run(
+        self, message: pb.ExchangeRequest, answer: pb.ExchangeResponse, principal: str
     ) -> None:
-        if plan.new_id:
-            answer.session_id = plan.new_id
+        """Run one call of an Exchange stream and write its outcome into ``answer``."""
         try:
+            plan = self.dispatcher.plan(
+                message.call, message.session_id, message.create_session, principal
+            )
+            if message.metadata:
+                plan.carrier = message.metadata
+            if plan.new_id:
+                answer.session_id = plan.new_id
             if message.HasField("timeout"):
                 seconds = message.timeout.ToNanoseconds() / 1e9
                 plan.expires_in(seconds)
@@ -227,11 +241,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 result = await self.dispatcher.execute(plan)
             fill(answer.result, plan.bound, result)
         except Fail as fail:
-            await _send_failure(answer, fail, stream, answered=True)  # `error` replaces result
-            return
-        stream.answering(message.id)
-        async with stream.write:
-            await stream.context.write(answer)
+            _failed(answer, fail)  # `error` replaces result
 
     async def StreamCall(  # type: ignore[override]  # writes with context.write
         self,
@@ -425,32 +435,28 @@ def _trace_headers(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str
     }
 
 
-async def _send_failure(
-    answer: pb.ExchangeResponse, fail: Fail, stream: _Stream, *, answered: bool = False
-) -> None:
-    """Answer with ``fail``; ``answered``: the answer is a registered call's."""
+def _failed(answer: pb.ExchangeResponse, fail: Fail) -> None:
+    """Make ``answer`` say ``fail``."""
+    answer.ClearField("result")
     error = answer.error
     error.code = fail.code.value[0]
     error.message = fail.message
     error.details.extend(fail.details())
-    if answered:
-        stream.answering(answer.id)
-    async with stream.write:
-        await stream.context.write(answer)
 
 
 class _Stream:
-    """One Exchange stream: the task reading it now, the calls not answered yet (the
-    per-stream limit counts them; a cancel finds them) and every call's task until it ends
-    (the stream waits for them). A call counts as answered once its answer is handed to the
-    stream: the client may send its next call the moment it reads it."""
+    """One Exchange stream: the task reading it now, the calls not answered yet that wait
+    in tasks of their own (the per-stream limit counts them; a cancel finds them) and those
+    tasks until they end (the stream waits for them)."""
 
     __slots__ = (
         "context",
         "ended",
         "principal",
         "reader",
+        "reading",
         "requests",
+        "stopping",
         "tasks",
         "unanswered",
         "write",
@@ -467,6 +473,8 @@ class _Stream:
         self.principal = principal
         self.write = asyncio.Lock()  # one write at a time on the stream
         self.reader: asyncio.Task[None] | None = None
+        self.reading = False  # the reader waits for the next message
+        self.stopping = False  # read no more (draining)
         #: Done when reading is over: the client half-closed, the agent drains, or (an
         #: exception) a message could not be read.
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -482,15 +490,23 @@ class _Stream:
             self.ended.set_exception(error)
 
     def stop_reading(self) -> None:
-        self.end()
-        if self.reader is not None:
-            self.reader.cancel()  # a reader cancelled before its first step never runs
+        """Read no more. A reader waiting for a message stops now; one that is answering a
+        call stops once the answer is written."""
+        self.stopping = True
+        if self.reading and self.reader is not None:
+            self.reader.cancel()
+
+    async def send(self, answer: pb.ExchangeResponse) -> None:
+        async with self.write:
+            await self.context.write(answer)
 
     def add(self, call_id: int, task: asyncio.Task[None]) -> None:
         self.unanswered[call_id] = task
         self.tasks.add(task)
 
     def answering(self, call_id: int) -> None:
+        """Its answer is being handed to the stream: the client may send its next call the
+        moment it reads it, so it no longer counts against the limit."""
         self.unanswered.pop(call_id, None)
 
     def done(self, call_id: int, task: asyncio.Task[None]) -> None:
