@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -118,6 +120,34 @@ async def test_tool_timeout_and_call_deadline() -> None:
             await client.proxy("overrun")()
         with pytest.raises(CallTimeout):
             await client.proxy("wait_forever", timeout=0.2)()
+
+
+class _Mute(pb_grpc.SessionServiceServicer):
+    """An agent that takes calls and never answers (frozen, say)."""
+
+    async def Exchange(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[pb.ExchangeRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        async for _ in request_iterator:
+            pass
+
+
+async def test_a_call_to_an_agent_that_never_answers_ends_at_its_timeout() -> None:
+    server = grpc.aio.server()
+    pb_grpc.add_SessionServiceServicer_to_server(_Mute(), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with asyncio.timeout(10), mesh.connect(f"127.0.0.1:{port}") as client:
+            proxy = client.proxy("anything", timeout=0.1)
+            with pytest.raises(CallTimeout, match=r"no answer within 0\.1 s"):
+                await proxy()
+            with pytest.raises(CallTimeout):  # the stream is still usable, the timer per call
+                await proxy()
+    finally:
+        await server.stop(0)
 
 
 async def test_bad_proxy_options_are_usage_errors() -> None:

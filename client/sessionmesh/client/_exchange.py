@@ -30,6 +30,11 @@ from sessionmesh.wire.tasks import cancel_and_wait
 _DEADLINE_SLACK = 1.0
 
 
+def _expire(future: asyncio.Future[pb.ExchangeResponse], deadline: float) -> None:
+    if not future.done():
+        future.set_exception(CallTimeout(f"no answer within {deadline} s"))
+
+
 class Exchange:
     __slots__ = ("_call", "_cancels", "_ids", "_lock", "_pending", "_reader", "broken")
 
@@ -83,10 +88,14 @@ class Exchange:
         try:
             if deadline is None:
                 return await future
+            # A timer on the future itself: asyncio.wait_for costs a wrapper and callbacks.
+            timer = asyncio.get_running_loop().call_later(
+                deadline + _DEADLINE_SLACK, _expire, future, deadline
+            )
             try:
-                return await asyncio.wait_for(future, deadline + _DEADLINE_SLACK)
-            except TimeoutError:
-                raise CallTimeout(f"no answer within {deadline} s") from None
+                return await future
+            finally:
+                timer.cancel()
         except asyncio.CancelledError:
             if self._pending.pop(call_id, None) is not None:
                 # The caller is gone; tell the agent without making it wait for the write.
