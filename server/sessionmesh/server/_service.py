@@ -183,8 +183,15 @@ class Servicer(pb_grpc.SessionServiceServicer):
                         ),
                     )
                 else:
+                    # The caller's deadline counts from arrival; it is armed only if the
+                    # call waits (one that ends in its first step cannot overrun it).
+                    until = (
+                        asyncio.get_running_loop().time() + message.timeout.ToNanoseconds() / 1e9
+                        if message.HasField("timeout")
+                        else None
+                    )
                     try:
-                        call = Eager(self._run(message, answer, stream.principal))
+                        call = Eager(self._run(message, answer, stream.principal, until))
                     except asyncio.CancelledError:  # its own: an earlier run's, cancelled
                         _failed(answer, Fail(grpc.StatusCode.CANCELLED, "", "Cancelled"))
                     else:
@@ -202,7 +209,11 @@ class Servicer(pb_grpc.SessionServiceServicer):
         stream.reader = asyncio.get_running_loop().create_task(self._serve(stream))
         stream.add(message.id, me)
         try:
-            await call
+            try:
+                async with asyncio.timeout_at(until):
+                    await call
+            except TimeoutError:
+                _failed(answer, Fail(grpc.StatusCode.DEADLINE_EXCEEDED, "", "Deadline Exceeded"))
             stream.answering(message.id)
             await stream.send(answer)
         except Exception as exc:  # the answer could not be written: the stream is broken
@@ -218,7 +229,11 @@ class Servicer(pb_grpc.SessionServiceServicer):
             stream.stop_reading()
 
     async def _run(
-        self, message: pb.ExchangeRequest, answer: pb.ExchangeResponse, principal: str
+        self,
+        message: pb.ExchangeRequest,
+        answer: pb.ExchangeResponse,
+        principal: str,
+        deadline: float | None,
     ) -> None:
         """Run one call of an Exchange stream and write its outcome into ``answer``."""
         try:
@@ -229,17 +244,8 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 plan.carrier = message.metadata
             if plan.new_id:
                 answer.session_id = plan.new_id
-            if message.HasField("timeout"):
-                seconds = message.timeout.ToNanoseconds() / 1e9
-                plan.expires_in(seconds)
-                try:
-                    async with asyncio.timeout(seconds):
-                        result = await self.dispatcher.execute(plan)
-                except TimeoutError:
-                    raise Fail(grpc.StatusCode.DEADLINE_EXCEEDED, "", "Deadline Exceeded") from None
-            else:
-                result = await self.dispatcher.execute(plan)
-            fill(answer.result, plan.bound, result)
+            plan.deadline = deadline
+            fill(answer.result, plan.bound, await self.dispatcher.execute(plan))
         except Fail as fail:
             _failed(answer, fail)  # `error` replaces result
 
