@@ -175,8 +175,8 @@ async def test_calls_in_one_session_run_one_at_a_time_in_arrival_order() -> None
 
     async with running_agent(step) as (agent, client):
         proxy = client.proxy("step")
-        # Explicit session ids make every call its own unary RPC, so they reach the agent
-        # independently and queue on the session's lock.
+        # The calls share the client's Exchange stream: each reaches the agent while
+        # call 0 runs and queues there on the session's line.
         sid = await proxy.create_session()
         session = agent.sessions.get(sid)
         first = asyncio.create_task(proxy.call_with_session(session_id=sid, seq=0))
@@ -215,6 +215,39 @@ async def test_concurrent_calls_through_one_auto_session_keep_their_order() -> N
     assert list(results) == list(range(20))
     assert order == [-1, *range(20)]
     assert peak == 1
+
+
+async def test_one_client_sends_a_sessions_calls_in_order_while_others_go_past() -> None:
+    release = asyncio.Event()
+    order: list[str] = []
+
+    @mesh.tool(session_required=True)
+    async def note(session: mesh.Session, label: str, hold: bool = False) -> str:
+        order.append(label)
+        if hold:
+            await release.wait()
+        return label
+
+    async with running_agent(note) as (_, client):
+        async with (
+            client.proxy("note", session_required=True) as mine,
+            client.proxy("note", session_required=True) as other,
+        ):
+            await mine(label="open")
+            await other(label="open other")
+            first = asyncio.ensure_future(mine(label="a", hold=True))
+            await eventually(lambda: "a" in order, what="a running")
+            burst = asyncio.ensure_future(
+                asyncio.gather(*(mine(label=label) for label in ("b", "c", "d")))
+            )
+            # Another session is not held up by the first one's long call ...
+            assert await other(label="x") == "x"
+            assert not burst.done()
+            release.set()
+            # ... and the first one's calls ran in the order they were made.
+            assert await first == "a"
+            assert await burst == ["b", "c", "d"]
+    assert order == ["open", "open other", "a", "x", "b", "c", "d"]
 
 
 async def test_two_sessions_run_in_parallel() -> None:
