@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import Iterator, Mapping
+from typing import Any
 
+import grpc
 import pytest
 
 from sessionmesh import mesh
@@ -76,6 +79,43 @@ async def test_a_waiting_call_times_out_as_its_own_and_the_stream_goes_on() -> N
         with pytest.raises(mesh.errors.ToolTimeout):
             await client.proxy("stuck")()
         assert await client.proxy("quick")() == "ok"
+
+
+class _Broken(Mapping[str, int]):
+    """A mapping whose items cannot be read: turning it into an answer fails inside the
+    agent, not in the tool."""
+
+    def __getitem__(self, key: str) -> int:
+        raise RuntimeError("unreadable")
+
+    def __iter__(self) -> Iterator[str]:
+        raise RuntimeError("unreadable")
+
+    def __len__(self) -> int:
+        return 1
+
+
+async def test_a_call_that_fails_inside_the_agent_gets_internal_and_harms_no_other(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @mesh.tool
+    async def broken(wait: bool = False) -> Any:
+        if wait:
+            await asyncio.sleep(0)  # the same failure, after the call has waited
+        return _Broken()
+
+    @mesh.tool
+    async def fine() -> str:
+        return "fine"
+
+    async with running_agent(broken, fine) as (_, client):
+        for wait in (False, True):
+            failed = r"the agent failed on this call \(RuntimeError"
+            with pytest.raises(mesh.errors.RemoteError, match=failed) as info:
+                await asyncio.wait_for(client.proxy("broken")(wait=wait), 10)
+            assert info.value.code == grpc.StatusCode.INTERNAL
+            assert await client.proxy("fine")() == "fine"  # the same stream goes on
+    assert "failed inside the agent" in caplog.text
 
 
 async def _steps(log: list[str]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,8 @@ from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY, STREAM_WIN
 from sessionmesh.wire.limits import DEFAULT_MAX_CALLS_PER_STREAM
 from sessionmesh.wire.names import is_durable, short
 from sessionmesh.wire.reasons import Reason
+
+log = logging.getLogger("sessionmesh.agent")
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -194,6 +197,8 @@ class Servicer(pb_grpc.SessionServiceServicer):
                         call = Eager(self._run(message, answer, stream.principal, until))
                     except asyncio.CancelledError:  # its own: an earlier run's, cancelled
                         _failed(answer, Fail(grpc.StatusCode.CANCELLED, "", "Cancelled"))
+                    except Exception as exc:  # a fault of the agent's: this call's alone
+                        _failed(answer, _internal(message, exc))
                     else:
                         if not call.done:
                             break  # it waits: this task is the call's from now on
@@ -209,11 +214,14 @@ class Servicer(pb_grpc.SessionServiceServicer):
         stream.reader = asyncio.get_running_loop().create_task(self._serve(stream))
         stream.add(message.id, me)
         try:
+            deadline = asyncio.timeout_at(until)
             try:
-                async with asyncio.timeout_at(until):
+                async with deadline:
                     await call
-            except TimeoutError:
-                _failed(answer, Fail(grpc.StatusCode.DEADLINE_EXCEEDED, "", "Deadline Exceeded"))
+            except Exception as exc:
+                if isinstance(exc, TimeoutError) and deadline.expired():
+                    exc = Fail(grpc.StatusCode.DEADLINE_EXCEEDED, "", "Deadline Exceeded")
+                _failed(answer, exc if isinstance(exc, Fail) else _internal(message, exc))
             stream.answering(message.id)
             await stream.send(answer)
         except Exception as exc:  # the answer could not be written: the stream is broken
@@ -439,6 +447,16 @@ def _trace_headers(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str
         for key, value in context.invocation_metadata() or ()
         if key in ("traceparent", "tracestate")
     }
+
+
+def _internal(message: pb.ExchangeRequest, exc: Exception) -> Fail:
+    """A call that failed inside the agent, not in its tool: logged, and answered as such."""
+    log.error("call of %r failed inside the agent", message.call.tool, exc_info=exc)
+    return Fail(
+        grpc.StatusCode.INTERNAL,
+        "",
+        f"the agent failed on this call ({type(exc).__name__}: {exc}); it is logged there",
+    )
 
 
 def _failed(answer: pb.ExchangeResponse, fail: Fail) -> None:
