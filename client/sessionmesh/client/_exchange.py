@@ -94,6 +94,9 @@ class Exchange:
             )
             try:
                 return await future
+            except CallTimeout:
+                self._pending.pop(call_id, None)  # an answer after this finds nobody
+                raise
             finally:
                 timer.cancel()
         except asyncio.CancelledError:
