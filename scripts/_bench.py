@@ -32,6 +32,7 @@ import grpc
 from _bench_durable import env_with, redis_server, store_of_env, takeover_ms
 from _bench_scale import STORE as SCALE_STORE
 from _bench_scale import close_idle, idle_flatness, open_idle, raw_unary, wide
+from _bench_tool import ARGS, bump
 from google.protobuf import json_format
 
 from sessionmesh import mesh
@@ -40,19 +41,7 @@ from sessionmesh.testing import eventually
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 
-# A Struct of 3 fields, as in the baseline figures.
-ARGS: dict[str, Any] = {"increment": 1, "note": "bench", "flag": True}
-
 # -- the servers (child process) ------------------------------------------------------------
-
-
-@mesh.tool(session_required=True)
-async def bump(
-    session: mesh.Session, increment: int = 1, note: str = "", flag: bool = False
-) -> int:
-    count: int = session.state.get("count", 0) + increment
-    session.state["count"] = count
-    return count
 
 
 @mesh.tool

@@ -25,22 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from _bench_tool import ARGS, bump
 
 from sessionmesh import mesh
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS: dict[str, Any] = {"increment": 1, "note": "bench", "flag": True}
-
-
-@mesh.tool(session_required=True)
-async def bump(
-    session: mesh.Session, increment: int = 1, note: str = "", flag: bool = False
-) -> int:
-    count: int = session.state.get("count", 0) + increment
-    session.state["count"] = count
-    return count
 
 
 async def serve_agent() -> None:
@@ -93,17 +84,6 @@ def worktree(rev: str) -> Iterator[Path]:
             )
 
 
-async def p50(call: Callable[[], Awaitable[Any]], n: int) -> float:
-    for _ in range(200):
-        await call()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter_ns()
-        await call()
-        times.append(time.perf_counter_ns() - t0)
-    return statistics.median(times) / 1000
-
-
 async def throughput(client: mesh.AgentClient, sessions: int = 64, per: int = 40) -> float:
     proxies = [client.proxy("bump", session_required=True) for _ in range(sessions)]
     await asyncio.gather(*(p(**ARGS) for p in proxies))
@@ -128,6 +108,8 @@ def summary(name: str, ratios: list[float]) -> str:
 
 
 async def measure(echo_at: str, before: str, after: str, pairs: int, n: int) -> None:
+    from _bench import _p50  # the measuring side only: served agents need no more than bump
+
     channel = grpc.aio.insecure_channel(echo_at)
     request = pb.ExchangeRequest(id=1, call=pb.CallRequest(tool="bump"))
     request.call.arguments.update(ARGS)
@@ -150,7 +132,7 @@ async def measure(echo_at: str, before: str, after: str, pairs: int, n: int) -> 
             took: dict[str, list[float]] = {name: [] for name in sides}
             for i in range(pairs):  # alternating order, so drift hits every side alike
                 for name in list(sides) if i % 2 == 0 else list(sides)[::-1]:
-                    took[name].append(await p50(sides[name], n))
+                    took[name].append(await _p50(sides[name], n))
         rates: dict[str, list[float]] = {"before": [], "after": []}
         for i in range(max(3, pairs // 2)):
             for name in ("before", "after") if i % 2 == 0 else ("after", "before"):
