@@ -120,15 +120,21 @@ def owner_first(agents: list[Agent], session_id: str) -> list[Agent]:
     return sorted(agents, key=lambda agent: not session_id.startswith(agent.instance_id))
 
 
+def opened(proxy: mesh.Proxy, agents: list[Agent]) -> tuple[str, list[Agent]]:
+    """The proxy's auto session (open by now), and the agents with its owner first."""
+    sid = proxy.session_id
+    assert sid is not None
+    return sid, owner_first(agents, sid)
+
+
 async def test_a_session_continues_on_another_replica_when_its_owner_stops(
     store: Redis, reg: str
 ) -> None:
     async with replicas(store, reg, 2) as (agents, client):
         async with client.proxy("session_counter", session_required=True) as counter:
             assert [await counter(increment=n) for n in (1, 2, 3)] == [1, 3, 6]
-            sid = counter.session_id
-            assert sid is not None and is_durable(sid)
-            owner, other = owner_first(agents, sid)
+            sid, (owner, other) = opened(counter, agents)
+            assert is_durable(sid)
             await owner.stop()  # a graceful stop releases it: the session lives on in Redis
             assert await counter(increment=4) == 10
             assert sid in other.sessions
@@ -147,9 +153,7 @@ async def test_a_stale_owner_is_fenced_and_the_caller_follows_the_new_one(
     async with replicas(store, reg, 2) as (agents, client):
         counter = client.proxy("session_counter", session_required=True)
         assert await counter(increment=5) == 5
-        sid = counter.session_id
-        assert sid is not None
-        owner, other = owner_first(agents, sid)
+        sid, (owner, other) = opened(counter, agents)
         # Another caller (grpcurl-like: the id alone) sends a call to the other replica:
         # it adopts the session from the store, and the first owner's copy is now stale.
         assert await raw_call(other, sid, "increment", increment=100) == 105
@@ -170,9 +174,7 @@ async def test_a_retried_call_after_a_takeover_returns_its_saved_outcome(
     async with replicas(store, reg, 2) as (agents, client):
         async with client.proxy("session_counter", session_required=True) as counter:
             assert await counter(increment=1) == 1
-            sid = counter.session_id
-            assert sid is not None
-            owner, other = owner_first(agents, sid)
+            sid, (owner, other) = opened(counter, agents)
             # A call with a call id runs on the owner and is saved; its answer is "lost".
             assert await raw_call(owner, sid, "increment", "retry-me", increment=10) == 11
             # The retry goes to the other replica (say the owner died meanwhile): it
@@ -327,9 +329,7 @@ async def test_calls_in_flight_at_a_takeover_keep_their_order_on_one_new_owner(
     async with replicas(store, reg, 3) as (agents, client):
         async with client.proxy("session_counter", session_required=True) as counter:
             assert await counter(increment=1) == 1
-            sid = counter.session_id
-            assert sid is not None
-            owner, *others = owner_first(agents, sid)
+            sid, (owner, *others) = opened(counter, agents)
             await owner.stop()
             counts = await asyncio.gather(*(counter(increment=1) for _ in range(20)))
             assert counts == list(range(2, 22))  # arrival order, each applied once
