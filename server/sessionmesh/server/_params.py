@@ -109,33 +109,23 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     raise ArgumentError(path, f"argument {path!r} must be {_type_name(tp)}, got {_describe(value)}")
 
 
-def _int(value: Any, path: str) -> Any:
-    return value if value.__class__ is int else coerce(value, int, path)
+def _exact(tp: type) -> Callable[[Any, str], Any]:
+    """The check for a JSON scalar type: a decoded value of exactly that class passes as it
+    is; anything else goes the general way (conversion, or the error message)."""
 
+    def check(value: Any, path: str) -> Any:
+        return value if value.__class__ is tp else coerce(value, tp, path)
 
-def _float(value: Any, path: str) -> Any:
-    return value if value.__class__ is float else coerce(value, float, path)
-
-
-def _str(value: Any, path: str) -> Any:
-    return value if value.__class__ is str else coerce(value, str, path)
-
-
-def _bool(value: Any, path: str) -> Any:
-    return value if value.__class__ is bool else coerce(value, bool, path)
+    return check
 
 
 def _as_is(value: Any, path: str) -> Any:
     return value
 
 
-#: The common annotations: the decoded value is already of the exact type, checked by its
-#: class alone; anything else goes the general way.
+#: The common annotations, checked by class alone.
 _EXACT: dict[Any, Callable[[Any, str], Any]] = {
-    int: _int,
-    float: _float,
-    str: _str,
-    bool: _bool,
+    **{tp: _exact(tp) for tp in (int, float, str, bool)},
     Any: _as_is,
     object: _as_is,
 }
