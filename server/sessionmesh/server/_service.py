@@ -164,27 +164,9 @@ class Servicer(pb_grpc.SessionServiceServicer):
                         asyncio.get_running_loop().call_soon(task.cancel)
                     continue
                 answer = pb.ExchangeResponse(id=message.id)
-                if len(running) >= self.max_calls_per_stream:
-                    # Each call in flight holds memory: one client cannot take it all.
-                    _failed(
-                        answer,
-                        Fail(
-                            grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            Reason.TOO_MANY_CALLS,
-                            f"this Exchange stream has {len(running)} calls in flight, the "
-                            "agent's limit (max_calls_per_stream): wait for answers, or send "
-                            "more as unary Calls",
-                        ),
-                    )
-                elif message.id in running:
-                    # Its answer would be taken for the first one's: refuse it, run nothing.
-                    _failed(
-                        answer,
-                        invalid_stream(
-                            f"call id {message.id} is already in flight on this Exchange "
-                            "stream; ids must be unique among the calls not yet answered"
-                        ),
-                    )
+                refusal = self._refusal(message.id, running)
+                if refusal is not None:
+                    _failed(answer, refusal)
                 else:
                     # The caller's deadline counts from arrival; it is armed only if the
                     # call waits (one that ends in its first step cannot overrun it).
@@ -228,6 +210,24 @@ class Servicer(pb_grpc.SessionServiceServicer):
             stream.end(exc)
         finally:
             stream.done(message.id, me)
+
+    def _refusal(self, call_id: int, running: dict[int, asyncio.Task[None]]) -> Fail | None:
+        """Why a stream cannot take call ``call_id`` (it then runs nothing), or None."""
+        if len(running) >= self.max_calls_per_stream:
+            # Each call in flight holds memory: one client cannot take it all.
+            return Fail(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Reason.TOO_MANY_CALLS,
+                f"this Exchange stream has {len(running)} calls in flight, the agent's limit "
+                "(max_calls_per_stream): wait for answers, or send more as unary Calls",
+            )
+        if call_id in running:
+            # Its answer would be taken for the first one's.
+            return invalid_stream(
+                f"call id {call_id} is already in flight on this Exchange stream; ids must "
+                "be unique among the calls not yet answered"
+            )
+        return None
 
     def drain(self) -> None:
         """Take no new sessions or calls: Exchange streams stop reading and end once the
