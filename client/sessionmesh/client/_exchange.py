@@ -64,27 +64,14 @@ class Exchange:
         call_id = message.id = next(self._ids)
         future: asyncio.Future[pb.ExchangeResponse] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
-        try:
-            async with self._lock:  # one write at a time
+        # One write at a time. A write that fails keeps the lock until its caller knows why,
+        # so that the calls queued behind it fail after it and after the calls already sent,
+        # in the order they were made: retried elsewhere, a session's calls keep their order.
+        async with self._lock:
+            try:
                 await self._call.write(message)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-            # A write fails only on a broken stream, and grpc then reports a status it made
-            # up (INTERNAL): the reader's error, if it saw the break first, says more.
-            self._pending.pop(call_id, None)
-            if not future.done():
-                # The reader hears the status the agent ended the stream with (a refused
-                # caller, say): wait for it briefly rather than guess.
-                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
-            if future.done() and not future.cancelled():
-                error = future.exception()
-                assert isinstance(error, RemoteError)
-            else:
-                future.cancel()
-                error = self.broken or AgentUnavailable("the exchange stream to the agent broke")
-                if self.broken is None:
-                    self.broken = error
-            raise error.copy() from exc
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+                raise (await self._unsent(call_id, future)) from exc
         try:
             if deadline is None:
                 return await future
@@ -106,6 +93,28 @@ class Exchange:
                 self._cancels.add(task)
                 task.add_done_callback(self._cancels.discard)
             raise
+
+    async def _unsent(
+        self, call_id: int, future: asyncio.Future[pb.ExchangeResponse]
+    ) -> RemoteError:
+        """Why a call's write failed. A write fails only on a broken stream, and grpc then
+        reports a status it made up (INTERNAL): the reader's error, if it saw the break
+        first, says more."""
+        self._pending.pop(call_id, None)
+        if not future.done():
+            # The reader hears the status the agent ended the stream with (a refused
+            # caller, say): wait for it briefly rather than guess.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
+        if future.done() and not future.cancelled():
+            error = future.exception()
+            assert isinstance(error, RemoteError)
+        else:
+            future.cancel()
+            error = self.broken or AgentUnavailable("the exchange stream to the agent broke")
+            if self.broken is None:
+                self.broken = error
+        return error.copy()
 
     async def _cancel(self, call_id: int) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
