@@ -10,7 +10,7 @@ import pytest
 
 from sessionmesh import mesh
 from sessionmesh.client.errors import CallTimeout
-from sessionmesh.testing import eventually
+from sessionmesh.testing import eventually, running_agent
 
 pytestmark = pytest.mark.anyio
 
@@ -84,3 +84,40 @@ async def test_a_caller_cancelling_cancels_the_calls_its_call_made(
         await call
     await eventually(lambda: seen.cancelled == 1, what="the last agent's call is cancelled")
     await eventually(lambda: len(c.sessions) == 0, what="the downstream session is closed")
+
+
+async def test_a_caller_cancelled_while_its_call_is_written_harms_no_other_call() -> None:
+    """grpc.aio cancels a whole stream when a write is cancelled halfway; the calls sharing
+    the Exchange stream must not notice that one caller went away at that moment."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @mesh.tool(session_required=True)
+    async def held(session: mesh.Session) -> str:
+        started.set()
+        await release.wait()
+        return "answered"
+
+    @mesh.tool(session_required=True)
+    async def count(session: mesh.Session) -> int:
+        session.state["n"] = session.state.get("n", 0) + 1
+        return int(session.state["n"])
+
+    async with running_agent(held, count) as (_, client):
+        async with (
+            client.proxy("held", session_required=True) as waiting,
+            client.proxy("count", session_required=True) as counter,
+        ):
+            assert await counter() == 1  # both sessions open, on the one shared stream
+            other = asyncio.create_task(waiting())
+            await asyncio.wait_for(started.wait(), 10)
+            for _ in range(20):
+                # One step runs the call up to its first wait, the write of its message.
+                gone = asyncio.create_task(counter())
+                await asyncio.sleep(0)
+                gone.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await gone
+            release.set()
+            assert await asyncio.wait_for(other, 10) == "answered"
+            # The session saw each cancelled call at most once, and goes on.
+            assert 2 <= await counter() <= 22

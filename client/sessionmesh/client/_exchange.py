@@ -8,6 +8,7 @@ matched to calls by id; the agent keeps each session's calls in the order they w
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 from typing import cast
@@ -24,6 +25,7 @@ from sessionmesh.client.errors import (
 )
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
+from sessionmesh.wire.eager import Eager
 from sessionmesh.wire.tasks import cancel_and_wait
 
 #: Extra time the client waits past a call's own deadline (which the agent enforces).
@@ -36,7 +38,7 @@ def _expire(future: asyncio.Future[pb.ExchangeResponse], deadline: float) -> Non
 
 
 class Exchange:
-    __slots__ = ("_call", "_cancels", "_ids", "_lock", "_pending", "_reader", "broken")
+    __slots__ = ("_call", "_ids", "_outbox", "_pending", "_reader", "_writer", "broken")
 
     def __init__(self, stub: pb_grpc.SessionServiceAsyncStub) -> None:
         self._call: grpc.aio.StreamStreamCall[pb.ExchangeRequest, pb.ExchangeResponse] = (
@@ -44,11 +46,12 @@ class Exchange:
         )
         self._pending: dict[int, asyncio.Future[pb.ExchangeResponse]] = {}
         self._ids = itertools.count(1)
-        self._lock = asyncio.Lock()
         self.broken: RemoteError | None = None
-        # Both kinds of task belong to this exchange: aclose() ends them.
+        # Both tasks belong to this exchange: aclose() ends them.
         self._reader = asyncio.get_running_loop().create_task(self._read())
-        self._cancels: set[asyncio.Task[None]] = set()
+        #: Finishes the write in progress, then writes what queued behind it, in order.
+        self._writer: asyncio.Task[None] | None = None
+        self._outbox: collections.deque[pb.ExchangeRequest] = collections.deque()
 
     @property
     def in_flight(self) -> int:
@@ -64,14 +67,7 @@ class Exchange:
         call_id = message.id = next(self._ids)
         future: asyncio.Future[pb.ExchangeResponse] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
-        # One write at a time. A write that fails keeps the lock until its caller knows why,
-        # so that the calls queued behind it fail after it and after the calls already sent,
-        # in the order they were made: retried elsewhere, a session's calls keep their order.
-        async with self._lock:
-            try:
-                await self._call.write(message)
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-                raise (await self._unsent(call_id, future)) from exc
+        self._send(message)
         try:
             if deadline is None:
                 return await future
@@ -83,43 +79,64 @@ class Exchange:
                 return await future
             except CallTimeout:
                 self._pending.pop(call_id, None)  # an answer after this finds nobody
+                self._unqueue(message)  # and one still queued is not sent
                 raise
             finally:
                 timer.cancel()
         except asyncio.CancelledError:
-            if self._pending.pop(call_id, None) is not None:
-                # The caller is gone; tell the agent without making it wait for the write.
-                task = asyncio.get_running_loop().create_task(self._cancel(call_id))
-                self._cancels.add(task)
-                task.add_done_callback(self._cancels.discard)
+            if self._pending.pop(call_id, None) is not None and not self._unqueue(message):
+                # Sent: tell the agent, which may be running it.
+                self._send(pb.ExchangeRequest(id=call_id, cancel=True))
             raise
 
-    async def _unsent(
-        self, call_id: int, future: asyncio.Future[pb.ExchangeResponse]
-    ) -> RemoteError:
-        """Why a call's write failed. A write fails only on a broken stream, and grpc then
-        reports a status it made up (INTERNAL): the reader's error, if it saw the break
-        first, says more."""
-        self._pending.pop(call_id, None)
-        if not future.done():
-            # The reader hears the status the agent ended the stream with (a refused
-            # caller, say): wait for it briefly rather than guess.
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
-        if future.done() and not future.cancelled():
-            error = future.exception()
-            assert isinstance(error, RemoteError)
+    def _send(self, message: pb.ExchangeRequest) -> None:
+        """Write ``message`` after those sent before it; never waits. The caller awaits its
+        answer, not the write: a write cancelled halfway cancels the whole stream in
+        grpc.aio, so no caller's cancellation may reach one. The first write on an idle
+        stream starts here and now (no hop); the writer task sees it complete."""
+        if self._writer is not None:
+            self._outbox.append(message)
+            return
+        first: Eager[None] | None
+        try:
+            first = Eager(self._call.write(message))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            first = None  # the stream has ended: the writer finds out how
         else:
-            future.cancel()
-            error = self.broken or AgentUnavailable("the exchange stream to the agent broke")
-            if self.broken is None:
-                self.broken = error
-        return error.copy()
+            if first.done:
+                return
+        self._writer = asyncio.get_running_loop().create_task(self._write(first))
 
-    async def _cancel(self, call_id: int) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            async with self._lock:
-                await self._call.write(pb.ExchangeRequest(id=call_id, cancel=True))
+    def _unqueue(self, message: pb.ExchangeRequest) -> bool:
+        """Take back a message not written yet; False if it was (or is being) written."""
+        outbox = self._outbox
+        for i, queued in enumerate(outbox):
+            if queued is message:
+                del outbox[i]
+                return True
+        return False
+
+    async def _write(self, first: Eager[None] | None) -> None:
+        try:
+            if first is None:
+                raise asyncio.InvalidStateError
+            await first
+            outbox = self._outbox
+            while outbox:
+                await self._call.write(outbox.popleft())
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # A write fails only on a broken stream, and grpc then reports a status it made
+            # up (INTERNAL): the reader hears the status the agent ended the stream with (a
+            # refused caller, say). Every call not answered fails with that, in the order
+            # the calls were made, so that retried elsewhere a session's calls keep it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
+            if self.broken is None:
+                self._fail(AgentUnavailable("the exchange stream to the agent broke"))
+        finally:
+            self._writer = None
+            if self.broken is not None:
+                self._outbox.clear()  # their calls have failed
 
     async def _read(self) -> None:
         error: RemoteError
@@ -153,13 +170,13 @@ class Exchange:
                 future.set_exception(error.copy())
 
     async def aclose(self) -> None:
-        """Half-close, let the agent answer what is in flight, then stop reading."""
-        if self._cancels:  # cancellations are quick writes: let them go out first
-            await asyncio.wait(list(self._cancels), timeout=1.0)
-        if self.broken is None:
+        """Half-close once what is queued is written (cancellations included), let the agent
+        answer what is in flight, then stop reading."""
+        if self._writer is not None:
+            await asyncio.wait([self._writer], timeout=1.0)
+        if self.broken is None and self._writer is None:
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                async with self._lock:
-                    await self._call.done_writing()
+                await self._call.done_writing()
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
-        await cancel_and_wait(self._reader, *self._cancels)
+        await cancel_and_wait(self._reader, *([self._writer] if self._writer else []))

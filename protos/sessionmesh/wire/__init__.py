@@ -1,5 +1,6 @@
 """The wire contract beside the generated code: what both sides must agree on that the
 ``.proto`` files cannot say (metadata keys, error reasons, the Struct codec, the status
-encoding, session-id rules, channel limits), and the one piece of grpc.aio mechanics both
-sides need to stop cleanly (tasks.py). Client and server import it; it imports neither.
+encoding, session-id rules, channel limits), and the asyncio mechanics both sides need:
+stopping a task inside a grpc.aio call (tasks.py), running a coroutine's first step at
+once (eager.py). Client and server import it; it imports neither.
 """

@@ -12,7 +12,6 @@ import grpc
 
 from sessionmesh.client import tracing
 from sessionmesh.server._dispatch import Dispatcher, Plan, fill
-from sessionmesh.server._eager import Eager
 from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream, not_json
 from sessionmesh.server._handlers import Undecodable
 from sessionmesh.server._security import Authenticator
@@ -21,6 +20,7 @@ from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, Flow, pu
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.codec import NotJsonLike, set_value
+from sessionmesh.wire.eager import Eager
 from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY, STREAM_WINDOW_KEY
 from sessionmesh.wire.limits import DEFAULT_MAX_CALLS_PER_STREAM
 from sessionmesh.wire.names import is_durable, short

@@ -8,6 +8,10 @@ coroutine captures there (``asyncio.current_task()``: a session's turn, ``asynci
 a task group) stays true, so the rule is: a coroutine that waits is awaited to its end in
 the task that ran its first step. Each runs in a copy of the context, as in a task of its
 own: what one call sets in a context variable never leaks into the next.
+
+A coroutine that captures nothing of its task may be finished by another: the client starts
+an Exchange write in the caller's task (no hop before the bytes leave) and lets a writer
+task await its completion (a caller cancelled then cannot cancel the shared stream).
 """
 
 from __future__ import annotations
