@@ -178,7 +178,7 @@ def from_value(v: Value) -> Any:
             return int(n)
         return n
     if kind == "struct_value":
-        return {k: from_value(x) for k, x in v.struct_value.fields.items()}
+        return from_struct(v.struct_value)
     if kind == "list_value":
         return [from_value(x) for x in v.list_value.values]
     if kind == "bool_value":
@@ -187,7 +187,10 @@ def from_value(v: Value) -> Any:
 
 
 def from_struct(s: Struct) -> dict[str, Any]:
-    return {k: from_value(x) for k, x in s.fields.items()}
+    fields = s.fields
+    # By key, not .items(): a map's items() is a Python-level generator (0.8 of 3.8 µs for
+    # three arguments).
+    return {k: from_value(fields[k]) for k in fields}
 
 
 _PLAIN = (str, bool, int, float, type(None), Any, object, list, tuple, dict)
