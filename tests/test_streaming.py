@@ -7,6 +7,7 @@ import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
 
 from sessionmesh import mesh
@@ -18,6 +19,9 @@ from sessionmesh.client.errors import (
     UsageError,
 )
 from sessionmesh.testing import eventually, running_agent
+from sessionmesh.v1 import session_service_pb2 as pb
+from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
+from sessionmesh.wire.codec import from_value
 from tests.tools import increment, running_total, stream_count
 
 pytestmark = pytest.mark.anyio
@@ -240,3 +244,67 @@ async def test_awaiting_a_stream_says_what_to_write_instead() -> None:
         streaming = client.proxy("stream_count", session_required=True, streaming=True)
         with pytest.raises(UsageError, match="async for chunk in"):
             await streaming(n=1)
+
+
+async def _raw_stream(address: str, tool: str, args: dict[str, Any], max_batch: int) -> list[Any]:
+    """The messages of one StreamCall read with plain grpc stubs: each one's chunks."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        start = pb.StreamCallRequest()
+        start.start.call.tool = tool
+        start.start.call.arguments.update(args)
+        start.start.max_batch = max_batch
+        call = pb_grpc.SessionServiceStub(channel).StreamCall()
+        await call.write(start)
+        await call.done_writing()
+        messages: list[Any] = []
+        async for message in call:
+            if message.WhichOneof("kind") == "chunks":
+                messages.append([from_value(v) for v in message.chunks.values])
+            else:
+                assert message.WhichOneof("kind") == "chunk"
+                messages.append(from_value(message.chunk))
+        return messages
+
+
+async def test_a_tool_faster_than_the_wire_sends_its_chunks_in_batches() -> None:
+    @mesh.tool(buffer_size=1_000_000)
+    async def burst(n: int, size: int = 0) -> AsyncIterator[Any]:
+        for i in range(n):
+            yield "x" * size if size else i
+
+    async with running_agent(burst) as (agent, _):
+        # A client that takes batches gets what the tool yields while a write is in flight
+        # together, in order: the first chunk alone (nothing was being written), then full
+        # batches, as the tool never waits.
+        batched = await _raw_stream(agent.address, "burst", {"n": 2000}, max_batch=64)
+        assert [c for m in batched for c in m] == list(range(2000))
+        assert batched[0] == [0]
+        assert max(len(m) for m in batched) == 64
+        assert len(batched) == 1 + -(-1999 // 64)
+        # Big chunks close a batch at about 64 KiB; a chunk bigger than that goes alone.
+        big = await _raw_stream(agent.address, "burst", {"n": 40, "size": 20_000}, 64)
+        assert [len(c) for m in big for c in m] == [20_000] * 40
+        assert max(len(m) for m in big) == 3
+        huge = await _raw_stream(agent.address, "burst", {"n": 3, "size": 1_000_000}, 64)
+        assert [[len(c) for c in m] for m in huge] == [[1_000_000]] * 3
+        # grpcurl, other languages' stubs, anyone who does not ask: a chunk per message.
+        single = await _raw_stream(agent.address, "burst", {"n": 100}, max_batch=0)
+        assert single == list(range(100))
+
+
+async def test_a_chunk_never_waits_for_others_to_join_it() -> None:
+    release = asyncio.Event()
+
+    @mesh.tool
+    async def drip() -> AsyncIterator[int]:
+        yield 1
+        yield 2  # while 1 is being written: it waits in a batch ...
+        await release.wait()  # ... which leaves as soon as 1 is out, though the tool waits
+        yield 3
+
+    async with running_agent(drip) as (_, client):
+        async with client.proxy("drip").stream() as chunks:
+            assert await asyncio.wait_for(anext(chunks), 10) == 1
+            assert await asyncio.wait_for(anext(chunks), 10) == 2
+            release.set()
+            assert await asyncio.wait_for(anext(chunks), 10) == 3

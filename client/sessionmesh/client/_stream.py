@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterable, AsyncIterator, Generator
 from typing import TYPE_CHECKING, Any
 
@@ -17,10 +18,16 @@ from sessionmesh.wire.names import is_durable
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from google.protobuf.struct_pb2 import Value
+
     from sessionmesh.client._proxy import BaseProxy
     from sessionmesh.client._transport import StreamCall
 
 _INPUT_END = pb.StreamCallRequest(input_end=pb.InputEnd())
+
+#: Chunks this client takes in one message: the agent sends those a tool yields while the
+#: previous message is being written together (StreamStart.max_batch).
+MAX_BATCH = 256
 
 
 class ChunkStream:
@@ -40,6 +47,7 @@ class ChunkStream:
         "_input",
         "_messages",
         "_proxy",
+        "_ready",
         "_session_id",
         "_span",
         "_tool",
@@ -70,6 +78,8 @@ class ChunkStream:
         self._session_id = ""
         self._span: Any = None  # the stream's span, when tracing is on
         self._chunks = 0
+        #: The chunks of a batch not read yet.
+        self._ready: collections.deque[Value] = collections.deque()
 
     def __aiter__(self) -> ChunkStream:
         return self
@@ -107,6 +117,7 @@ class ChunkStream:
         endpoint, sid, creating = await proxy.route()
         start = pb.StreamCallRequest()
         start.start.window = self._window
+        start.start.max_batch = MAX_BATCH
         start.start.call.tool = self._tool
         try:
             encode_arguments(start.start.call.arguments, self._args)
@@ -166,6 +177,24 @@ class ChunkStream:
     async def __anext__(self) -> Any:
         if self._done:
             raise StopAsyncIteration
+        ready = self._ready
+        value = ready.popleft() if ready else await self._receive()
+        if self._window:
+            self._unacked += 1
+            if self._unacked * 2 >= self._window:
+                credit, self._unacked = self._unacked, 0
+                async with self._write_lock:
+                    # The agent may have finished already; the next read tells how it ended.
+                    await self._send(pb.StreamCallRequest(credit=credit))
+        self._chunks += 1
+        return from_value(value)
+
+    async def _send(self, message: pb.StreamCallRequest) -> None:
+        assert self._call is not None
+        await self._call.send(message)
+
+    async def _receive(self) -> Value:
+        """The next message's first chunk (the rest of a batch waits in ``_ready``)."""
         call = self._call or await self._open()
         assert self._messages is not None
         try:
@@ -182,7 +211,14 @@ class ChunkStream:
             if error is exc:
                 raise
             raise error from exc
-        if message.HasField("end"):
+        kind = message.WhichOneof("kind")
+        if kind == "chunks":
+            values = message.chunks.values
+            if values:
+                self._ready.extend(values[1:])
+                return values[0]
+            return await self._receive()
+        if kind == "end":
             # The tool is done. Half-close (the agent waits for it, so no credit we send
             # races the end), then read the status: EOF, or the error it ended with.
             self._window = 0
@@ -190,16 +226,8 @@ class ChunkStream:
                 if self._feeder is not None:
                     self._feeder.cancel()
                 await call.done_writing()
-            return await self.__anext__()
-        if self._window:
-            self._unacked += 1
-            if self._unacked * 2 >= self._window:
-                credit, self._unacked = self._unacked, 0
-                async with self._write_lock:
-                    # The agent may have finished already; the next read tells how it ended.
-                    await call.send(pb.StreamCallRequest(credit=credit))
-        self._chunks += 1
-        return from_value(message.chunk)
+            return await self._receive()
+        return message.chunk
 
     def _finish(self, error: BaseException | None = None) -> None:
         self._done = True

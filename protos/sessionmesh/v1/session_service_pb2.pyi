@@ -331,10 +331,17 @@ class StreamStart(_message.Message):
 
     CALL_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_FIELD_NUMBER: _builtins.int
     window: _builtins.int
     """Flow control window in chunks. 0: the server streams as fast as HTTP/2
     allows and a half-close ends the input. N > 0: the server sends at most N
     chunks beyond the credit granted so far.
+    """
+    max_batch: _builtins.int
+    """The most chunks the client takes in one message (`chunks`). 0 or 1: one chunk per
+    message (`chunk`), as every client gets unless it asks. With N > 1 the agent sends the
+    chunks a tool yields while the previous message is still being written together, up to
+    N (and about 64 KiB) at a time; a chunk never waits for others to join it.
     """
     @_builtins.property
     def call(self) -> Global___CallRequest: ...
@@ -343,10 +350,11 @@ class StreamStart(_message.Message):
         *,
         call: Global___CallRequest | None = ...,
         window: _builtins.int = ...,
+        max_batch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "max_batch", b"max_batch", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -375,6 +383,7 @@ class StreamCallResponse(_message.Message):
 
     CHUNK_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def chunk(self) -> _struct_pb2.Value:
         """One item the tool produced."""
@@ -386,17 +395,22 @@ class StreamCallResponse(_message.Message):
         no credit the client is still sending races the end of the call.
         """
 
+    @_builtins.property
+    def chunks(self) -> _struct_pb2.ListValue:
+        """Several items, in order: only to a client that set StreamStart.max_batch > 1."""
+
     def __init__(
         self,
         *,
         chunk: _struct_pb2.Value | None = ...,
         end: Global___StreamEnd | None = ...,
+        chunks: _struct_pb2.ListValue | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "end", b"end", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "chunks", b"chunks", "end", b"end", "kind", b"kind"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "end", b"end", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "chunks", b"chunks", "end", b"end", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["chunk", "end"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["chunk", "end", "chunks"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -16,7 +16,7 @@ from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream, 
 from sessionmesh.server._handlers import Undecodable
 from sessionmesh.server._security import Authenticator
 from sessionmesh.server._session import SessionNotFoundError
-from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, Flow, pump
+from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, Batcher, Flow, pump
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.codec import NotJsonLike, set_value
@@ -285,6 +285,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
             abandon = plan.abandon
             bound = plan.bound
             flow = Flow(min(start.window, bound.spec.options.buffer_size) if start.window else 0)
+            flow.max_batch = start.max_batch
             headers = []
             if plan.new_id:
                 headers.append((SESSION_ID_KEY, plan.new_id))
@@ -338,24 +339,33 @@ class Servicer(pb_grpc.SessionServiceServicer):
                     write = context.write
                     rich = bound.result
                     chunks = bound.iterate(plan.kwargs)
+                    batcher = Batcher(write, flow.max_batch) if flow.max_batch > 1 else None
                     try:
                         async for item in chunks:
-                            message = pb.StreamCallResponse()
-                            try:
-                                if rich is not None:
-                                    item = rich.jsonable(item)
-                                set_value(message.chunk, item)
-                            except NotJsonLike as exc:
-                                raise not_json(bound.spec.name, "yielded", exc) from None
                             if flow.window:
                                 if flow.sent >= flow.allowed:
                                     await flow.credit()
                                 flow.sent += 1
-                            await write(message)
+                            try:
+                                if rich is not None:
+                                    item = rich.jsonable(item)
+                                if batcher is not None:
+                                    await batcher.add(item)
+                                else:
+                                    message = pb.StreamCallResponse()
+                                    set_value(message.chunk, item)
+                                    await write(message)
+                            except NotJsonLike as exc:
+                                raise not_json(bound.spec.name, "yielded", exc) from None
                             if counted is not None:
                                 counted.chunks += 1
                     finally:
                         await chunks.aclose()
+                        if batcher is not None:
+                            # What the tool yielded goes out before its end, or its failure.
+                            await batcher.flush()
+                    if batcher is not None and batcher.error is not None:
+                        raise batcher.error
             except (asyncio.CancelledError, Fail):
                 self.dispatcher.unsaved(plan)  # cut off or refused: as if it never ran
                 raise

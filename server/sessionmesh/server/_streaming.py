@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -13,19 +13,35 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from sessionmesh.server._errors import Fail, invalid_stream
 from sessionmesh.server._handlers import Undecodable
 from sessionmesh.v1 import session_service_pb2 as pb
-from sessionmesh.wire.codec import from_value
+from sessionmesh.wire.codec import from_value, set_value
+from sessionmesh.wire.eager import Eager
 
 #: How long a finished flow-controlled stream waits for the client's half-close.
 HALF_CLOSE_WAIT = 5.0
 
 END_MESSAGE = pb.StreamCallResponse(end=pb.StreamEnd())
 
+#: The most chunks in one message, whatever the client takes (StreamStart.max_batch).
+MAX_BATCH = 1024
+#: A batch is closed at about this size: big chunks travel one (or a few) to a message.
+BATCH_BYTES = 64 * 1024
+
 
 class Flow:
     """One StreamCall's client side: credit-based flow control (StreamStart.window), the
     tool's input stream, and a protocol error the pump found."""
 
-    __slots__ = ("_receive", "_send", "allowed", "changed", "error", "finished", "sent", "window")
+    __slots__ = (
+        "_receive",
+        "_send",
+        "allowed",
+        "changed",
+        "error",
+        "finished",
+        "max_batch",
+        "sent",
+        "window",
+    )
 
     def __init__(self, window: int) -> None:
         self.window = window
@@ -36,6 +52,8 @@ class Flow:
         self._receive: MemoryObjectReceiveStream[Any] | None = None
         self.error: Fail | None = None
         self.finished = False
+        #: Chunks the client takes in one message (StreamStart.max_batch; 0 or 1: one).
+        self.max_batch = 0
 
     def open_inputs(self, buffer_size: int) -> MemoryObjectReceiveStream[Any]:
         """The tool's input stream: items the client sends, at most ``buffer_size`` ahead of
@@ -100,3 +118,102 @@ async def pump(
     finally:
         if send is not None:
             send.close()  # a half-close ends the input too
+
+
+class Batcher:
+    """The chunks of a StreamCall whose client takes several per message (max_batch > 1).
+
+    A chunk is written at once when nothing is being written; chunks the tool yields while
+    a write is in flight wait for it and leave together in the next message. So a chunk
+    never waits for others to join it, and a tool that yields faster than the wire drains
+    pays for a message per batch, not per chunk. The tool waits only when a full batch is
+    already waiting (max_batch chunks, or about BATCH_BYTES).
+    """
+
+    __slots__ = ("_bytes", "_max", "_next", "_room", "_values", "_write", "_writer", "error")
+
+    def __init__(
+        self, write: Callable[[pb.StreamCallResponse], Coroutine[Any, Any, None]], max_batch: int
+    ) -> None:
+        self._write = write
+        self._max = min(max_batch, MAX_BATCH)
+        self._next: pb.StreamCallResponse | None = None  # the batch being filled
+        self._values: Any = None  # its chunks
+        self._bytes = 0
+        #: Finishes the write in progress, then writes the batch that filled meanwhile.
+        self._writer: asyncio.Task[None] | None = None
+        self._room: asyncio.Future[None] | None = None  # the tool, waiting for a full batch
+        #: Why a write failed; the stream cannot go on.
+        self.error: BaseException | None = None
+
+    async def add(self, item: object) -> None:
+        """Send one chunk (NotJsonLike if it has no JSON form: nothing is sent)."""
+        if self.error is not None:
+            raise self.error
+        if self._next is None:
+            self._open()
+        values = self._values
+        value = values.add()
+        try:
+            set_value(value, item)
+        except BaseException:
+            del values[-1]
+            raise
+        size = value.ByteSize()
+        if self._bytes + size > BATCH_BYTES and len(values) > 1:
+            # It would make the waiting batch too big: it opens the next one.
+            del values[-1]
+            await self._full()
+            self._open()
+            set_value(self._values.add(), item)
+        self._bytes += size
+        if self._writer is None:
+            self._start()
+        elif len(self._values) >= self._max or self._bytes >= BATCH_BYTES:
+            await self._full()
+
+    def _open(self) -> None:
+        self._next = pb.StreamCallResponse()
+        self._values = self._next.chunks.values
+        self._bytes = 0
+
+    def _take(self) -> pb.StreamCallResponse:
+        message, self._next, self._values = self._next, None, None
+        assert message is not None
+        room, self._room = self._room, None
+        if room is not None and not room.done():
+            room.set_result(None)
+        return message
+
+    def _start(self) -> None:
+        # The write starts here, in the tool's task (no hop); the writer task sees it
+        # complete, so that the tool runs on meanwhile.
+        write = Eager(self._write(self._take()))
+        if not write.done:
+            self._writer = asyncio.get_running_loop().create_task(self._drain(write))
+
+    async def _drain(self, first: Eager[None]) -> None:
+        try:
+            await first
+            while self._next is not None:
+                await self._write(self._take())
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self._writer = None
+            room, self._room = self._room, None
+            if room is not None and not room.done():
+                room.set_result(None)
+
+    async def _full(self) -> None:
+        """Wait until the writer takes the waiting batch."""
+        while self._next is not None and self._writer is not None:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+        if self.error is not None:
+            raise self.error
+
+    async def flush(self) -> None:
+        """Wait until every chunk added is written, or a write failed (``error``)."""
+        if self._writer is not None:
+            await self._writer
