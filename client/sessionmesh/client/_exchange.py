@@ -8,7 +8,6 @@ matched to calls by id; the agent keeps each session's calls in the order they w
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 from typing import cast
@@ -25,7 +24,8 @@ from sessionmesh.client.errors import (
 )
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
-from sessionmesh.wire.eager import Eager
+from sessionmesh.wire.keys import EXCHANGE_BATCH_KEY
+from sessionmesh.wire.outbox import Outbox
 from sessionmesh.wire.tasks import cancel_and_wait
 
 #: Extra time the client waits past a call's own deadline (which the agent enforces).
@@ -37,21 +37,29 @@ def _expire(future: asyncio.Future[pb.ExchangeResponse], deadline: float) -> Non
         future.set_exception(CallTimeout(f"no answer within {deadline} s"))
 
 
+def _pack(messages: list[pb.ExchangeRequest]) -> pb.ExchangeRequest:
+    # A new envelope: the callers' own messages stay as they are (a retry sends one again).
+    envelope = pb.ExchangeRequest()
+    envelope.CopyFrom(messages[0])
+    envelope.more.extend(messages[1:])
+    return envelope
+
+
 class Exchange:
-    __slots__ = ("_call", "_ids", "_outbox", "_pending", "_reader", "_writer", "broken")
+    __slots__ = ("_call", "_ids", "_outbox", "_pending", "_reader", "broken")
 
     def __init__(self, stub: pb_grpc.SessionServiceAsyncStub) -> None:
+        # Answers may come several to a message; calls go so once the agent says it takes them.
         self._call: grpc.aio.StreamStreamCall[pb.ExchangeRequest, pb.ExchangeResponse] = (
-            stub.Exchange()
+            stub.Exchange(metadata=((EXCHANGE_BATCH_KEY, "1"),))
         )
         self._pending: dict[int, asyncio.Future[pb.ExchangeResponse]] = {}
         self._ids = itertools.count(1)
         self.broken: RemoteError | None = None
-        # Both tasks belong to this exchange: aclose() ends them.
+        # Callers never await a write: one cancelled halfway would end the shared stream.
+        self._outbox: Outbox[pb.ExchangeRequest] = Outbox(self._call.write, self._unsent)
+        # Both tasks (the reader, the outbox's writer) belong to this exchange: aclose() ends them.
         self._reader = asyncio.get_running_loop().create_task(self._read())
-        #: Finishes the write in progress, then writes what queued behind it, in order.
-        self._writer: asyncio.Task[None] | None = None
-        self._outbox: collections.deque[pb.ExchangeRequest] = collections.deque()
 
     @property
     def in_flight(self) -> int:
@@ -67,7 +75,8 @@ class Exchange:
         call_id = message.id = next(self._ids)
         future: asyncio.Future[pb.ExchangeResponse] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
-        self._send(message)
+        outbox = self._outbox
+        outbox.send(message)
         try:
             if deadline is None:
                 return await future
@@ -79,77 +88,46 @@ class Exchange:
                 return await future
             except CallTimeout:
                 self._pending.pop(call_id, None)  # an answer after this finds nobody
-                self._unqueue(message)  # and one still queued is not sent
+                outbox.unqueue(message)  # and one still queued is not sent
                 raise
             finally:
                 timer.cancel()
         except asyncio.CancelledError:
-            if self._pending.pop(call_id, None) is not None and not self._unqueue(message):
+            if self._pending.pop(call_id, None) is not None and not outbox.unqueue(message):
                 # Sent: tell the agent, which may be running it.
-                self._send(pb.ExchangeRequest(id=call_id, cancel=True))
+                outbox.send(pb.ExchangeRequest(id=call_id, cancel=True))
             raise
 
-    def _send(self, message: pb.ExchangeRequest) -> None:
-        """Write ``message`` after those sent before it; never waits. The caller awaits its
-        answer, not the write: a write cancelled halfway cancels the whole stream in
-        grpc.aio, so no caller's cancellation may reach one. The first write on an idle
-        stream starts here and now (no hop); the writer task sees it complete."""
-        if self._writer is not None:
-            self._outbox.append(message)
-            return
-        first: Eager[None] | None
-        try:
-            first = Eager(self._call.write(message))
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            first = None  # the stream has ended: the writer finds out how
-        else:
-            if first.done:
-                return
-        self._writer = asyncio.get_running_loop().create_task(self._write(first))
-
-    def _unqueue(self, message: pb.ExchangeRequest) -> bool:
-        """Take back a message not written yet; False if it was (or is being) written."""
-        outbox = self._outbox
-        for i, queued in enumerate(outbox):
-            if queued is message:
-                del outbox[i]
-                return True
-        return False
-
-    async def _write(self, first: Eager[None] | None) -> None:
-        try:
-            if first is None:
-                raise asyncio.InvalidStateError
-            await first
-            outbox = self._outbox
-            while outbox:
-                await self._call.write(outbox.popleft())
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            # A write fails only on a broken stream, and grpc then reports a status it made
-            # up (INTERNAL): the reader hears the status the agent ended the stream with (a
-            # refused caller, say). Every call not answered fails with that, in the order
-            # the calls were made, so that retried elsewhere a session's calls keep it.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
-            if self.broken is None:
-                self._fail(AgentUnavailable("the exchange stream to the agent broke"))
-        finally:
-            self._writer = None
-            if self.broken is not None:
-                self._outbox.clear()  # their calls have failed
+    async def _unsent(self, _: BaseException) -> None:
+        """A write failed. A write fails only on a broken stream, and grpc then reports a
+        status it made up (INTERNAL): the reader hears the status the agent ended the stream
+        with (a refused caller, say). Every call not answered fails with that, in the order
+        the calls were made, so that retried elsewhere a session's calls keep it."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._reader), 1.0)
+        if self.broken is None:
+            self._fail(AgentUnavailable("the exchange stream to the agent broke"))
 
     async def _read(self) -> None:
         error: RemoteError
+        pending = self._pending
         try:
+            headers = await self._call.initial_metadata()
+            if headers is not None and headers.get(EXCHANGE_BATCH_KEY) == "1":
+                self._outbox.pack = _pack
             while True:
                 answer = await self._call.read()
                 if answer is grpc.aio.EOF:
                     error = AgentUnavailable("the agent ended the exchange stream")
                     break
                 answer = cast(pb.ExchangeResponse, answer)
-                future = self._pending.pop(answer.id, None)
+                future = pending.pop(answer.id, None)
                 if future is not None and not future.done():
                     future.set_result(answer)
+                for more in answer.more:
+                    future = pending.pop(more.id, None)
+                    if future is not None and not future.done():
+                        future.set_result(more)
         except grpc.aio.AioRpcError as exc:
             # The stream carries no call's own failure (those come in answers): whatever
             # ended it, the calls on it could not reach the agent, unless the agent refused
@@ -172,11 +150,13 @@ class Exchange:
     async def aclose(self) -> None:
         """Half-close once what is queued is written (cancellations included), let the agent
         answer what is in flight, then stop reading."""
-        if self._writer is not None:
-            await asyncio.wait([self._writer], timeout=1.0)
-        if self.broken is None and self._writer is None:
+        outbox = self._outbox
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(outbox.flush(), 1.0)
+        if self.broken is None and outbox.writer is None:
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 await self._call.done_writing()
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
-        await cancel_and_wait(self._reader, *([self._writer] if self._writer else []))
+        writer = outbox.writer
+        await cancel_and_wait(self._reader, *([writer] if writer is not None else []))

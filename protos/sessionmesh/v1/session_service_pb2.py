@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$sessionmesh/v1/session_service.proto\x12\x0esessionmesh.v1\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"[\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12/\n\x0cidle_timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"$\n\x14\x43reateSessionRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\"A\n\x15\x43reateSessionResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.sessionmesh.v1.Session\"X\n\x0b\x43\x61llRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\"6\n\x0c\x43\x61llResponse\x12&\n\x06result\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\"\xa2\x02\n\x0f\x45xchangeRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12)\n\x04\x63\x61ll\x18\x02 \x01(\x0b\x32\x1b.sessionmesh.v1.CallRequest\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x16\n\x0e\x63reate_session\x18\x04 \x01(\x08\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06\x63\x61ncel\x18\x06 \x01(\x08\x12?\n\x08metadata\x18\x07 \x03(\x0b\x32-.sessionmesh.v1.ExchangeRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x93\x01\n\x10\x45xchangeResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12(\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12*\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.sessionmesh.v1.CallErrorH\x00\x42\t\n\x07outcome\"Q\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any\"\xb3\x01\n\x11StreamCallRequest\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.sessionmesh.v1.StreamStartH\x00\x12\'\n\x05input\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12-\n\tinput_end\x18\x03 \x01(\x0b\x32\x18.sessionmesh.v1.InputEndH\x00\x12\x10\n\x06\x63redit\x18\x04 \x01(\rH\x00\x42\x06\n\x04kind\"[\n\x0bStreamStart\x12)\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x1b.sessionmesh.v1.CallRequest\x12\x0e\n\x06window\x18\x02 \x01(\r\x12\x11\n\tmax_batch\x18\x03 \x01(\r\"\n\n\x08InputEnd\"\x9d\x01\n\x12StreamCallResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12(\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x19.sessionmesh.v1.StreamEndH\x00\x12,\n\x06\x63hunks\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.ListValueH\x00\x42\x06\n\x04kind\"\x0b\n\tStreamEnd\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x14\x43loseSessionResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"\x12\n\x10ListToolsRequest\"a\n\x11ListToolsResponse\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12#\n\x05tools\x18\x03 \x03(\x0b\x32\x14.sessionmesh.v1.Tool\"\xff\x01\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x32\n\x11parameters_schema\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tstreaming\x18\x07 \x01(\x08\x12\x18\n\x10session_required\x18\x08 \x01(\x08\x12\x10\n\x08stateful\x18\t \x01(\x08\x12.\n\routput_schema\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\"\x15\n\x13ListSessionsRequest\"p\n\x14ListSessionsResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12-\n\x08sessions\x18\x02 \x03(\x0b\x32\x1b.sessionmesh.v1.SessionInfo\x12\x14\n\x0c\x63\x61lls_served\x18\x03 \x01(\x04\"\x9a\x01\n\x0bSessionInfo\x12\x10\n\x08short_id\x18\x01 \x01(\t\x12\'\n\x04idle\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cidle_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06\x61\x63tive\x18\x04 \x01(\x08\x12\x0f\n\x07waiting\x18\x05 \x01(\r2\xe5\x04\n\x0eSessionService\x12\\\n\rCreateSession\x12$.sessionmesh.v1.CreateSessionRequest\x1a%.sessionmesh.v1.CreateSessionResponse\x12\x41\n\x04\x43\x61ll\x12\x1b.sessionmesh.v1.CallRequest\x1a\x1c.sessionmesh.v1.CallResponse\x12W\n\nStreamCall\x12!.sessionmesh.v1.StreamCallRequest\x1a\".sessionmesh.v1.StreamCallResponse(\x01\x30\x01\x12Q\n\x08\x45xchange\x12\x1f.sessionmesh.v1.ExchangeRequest\x1a .sessionmesh.v1.ExchangeResponse(\x01\x30\x01\x12Y\n\x0c\x43loseSession\x12#.sessionmesh.v1.CloseSessionRequest\x1a$.sessionmesh.v1.CloseSessionResponse\x12P\n\tListTools\x12 .sessionmesh.v1.ListToolsRequest\x1a!.sessionmesh.v1.ListToolsResponse\x12Y\n\x0cListSessions\x12#.sessionmesh.v1.ListSessionsRequest\x1a$.sessionmesh.v1.ListSessionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$sessionmesh/v1/session_service.proto\x12\x0esessionmesh.v1\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"[\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12/\n\x0cidle_timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"$\n\x14\x43reateSessionRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\"A\n\x15\x43reateSessionResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.sessionmesh.v1.Session\"X\n\x0b\x43\x61llRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\"6\n\x0c\x43\x61llResponse\x12&\n\x06result\x18\x01 \x01(\x0b\x32\x16.google.protobuf.Value\"\xd1\x02\n\x0f\x45xchangeRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12)\n\x04\x63\x61ll\x18\x02 \x01(\x0b\x32\x1b.sessionmesh.v1.CallRequest\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x16\n\x0e\x63reate_session\x18\x04 \x01(\x08\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06\x63\x61ncel\x18\x06 \x01(\x08\x12?\n\x08metadata\x18\x07 \x03(\x0b\x32-.sessionmesh.v1.ExchangeRequest.MetadataEntry\x12-\n\x04more\x18\x08 \x03(\x0b\x32\x1f.sessionmesh.v1.ExchangeRequest\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc3\x01\n\x10\x45xchangeResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12(\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12*\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.sessionmesh.v1.CallErrorH\x00\x12.\n\x04more\x18\x05 \x03(\x0b\x32 .sessionmesh.v1.ExchangeResponseB\t\n\x07outcome\"Q\n\tCallError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any\"\xb3\x01\n\x11StreamCallRequest\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.sessionmesh.v1.StreamStartH\x00\x12\'\n\x05input\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12-\n\tinput_end\x18\x03 \x01(\x0b\x32\x18.sessionmesh.v1.InputEndH\x00\x12\x10\n\x06\x63redit\x18\x04 \x01(\rH\x00\x42\x06\n\x04kind\"[\n\x0bStreamStart\x12)\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32\x1b.sessionmesh.v1.CallRequest\x12\x0e\n\x06window\x18\x02 \x01(\r\x12\x11\n\tmax_batch\x18\x03 \x01(\r\"\n\n\x08InputEnd\"\x9d\x01\n\x12StreamCallResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12(\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x19.sessionmesh.v1.StreamEndH\x00\x12,\n\x06\x63hunks\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.ListValueH\x00\x42\x06\n\x04kind\"\x0b\n\tStreamEnd\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x14\x43loseSessionResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\"\x12\n\x10ListToolsRequest\"a\n\x11ListToolsResponse\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12#\n\x05tools\x18\x03 \x03(\x0b\x32\x14.sessionmesh.v1.Tool\"\xff\x01\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x32\n\x11parameters_schema\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tstreaming\x18\x07 \x01(\x08\x12\x18\n\x10session_required\x18\x08 \x01(\x08\x12\x10\n\x08stateful\x18\t \x01(\x08\x12.\n\routput_schema\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\"\x15\n\x13ListSessionsRequest\"p\n\x14ListSessionsResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12-\n\x08sessions\x18\x02 \x03(\x0b\x32\x1b.sessionmesh.v1.SessionInfo\x12\x14\n\x0c\x63\x61lls_served\x18\x03 \x01(\x04\"\x9a\x01\n\x0bSessionInfo\x12\x10\n\x08short_id\x18\x01 \x01(\t\x12\'\n\x04idle\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cidle_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06\x61\x63tive\x18\x04 \x01(\x08\x12\x0f\n\x07waiting\x18\x05 \x01(\r2\xe5\x04\n\x0eSessionService\x12\\\n\rCreateSession\x12$.sessionmesh.v1.CreateSessionRequest\x1a%.sessionmesh.v1.CreateSessionResponse\x12\x41\n\x04\x43\x61ll\x12\x1b.sessionmesh.v1.CallRequest\x1a\x1c.sessionmesh.v1.CallResponse\x12W\n\nStreamCall\x12!.sessionmesh.v1.StreamCallRequest\x1a\".sessionmesh.v1.StreamCallResponse(\x01\x30\x01\x12Q\n\x08\x45xchange\x12\x1f.sessionmesh.v1.ExchangeRequest\x1a .sessionmesh.v1.ExchangeResponse(\x01\x30\x01\x12Y\n\x0c\x43loseSession\x12#.sessionmesh.v1.CloseSessionRequest\x1a$.sessionmesh.v1.CloseSessionResponse\x12P\n\tListTools\x12 .sessionmesh.v1.ListToolsRequest\x1a!.sessionmesh.v1.ListToolsResponse\x12Y\n\x0cListSessions\x12#.sessionmesh.v1.ListSessionsRequest\x1a$.sessionmesh.v1.ListSessionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,39 +47,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CALLRESPONSE']._serialized_start=433
   _globals['_CALLRESPONSE']._serialized_end=487
   _globals['_EXCHANGEREQUEST']._serialized_start=490
-  _globals['_EXCHANGEREQUEST']._serialized_end=780
-  _globals['_EXCHANGEREQUEST_METADATAENTRY']._serialized_start=733
-  _globals['_EXCHANGEREQUEST_METADATAENTRY']._serialized_end=780
-  _globals['_EXCHANGERESPONSE']._serialized_start=783
-  _globals['_EXCHANGERESPONSE']._serialized_end=930
-  _globals['_CALLERROR']._serialized_start=932
-  _globals['_CALLERROR']._serialized_end=1013
-  _globals['_STREAMCALLREQUEST']._serialized_start=1016
-  _globals['_STREAMCALLREQUEST']._serialized_end=1195
-  _globals['_STREAMSTART']._serialized_start=1197
-  _globals['_STREAMSTART']._serialized_end=1288
-  _globals['_INPUTEND']._serialized_start=1290
-  _globals['_INPUTEND']._serialized_end=1300
-  _globals['_STREAMCALLRESPONSE']._serialized_start=1303
-  _globals['_STREAMCALLRESPONSE']._serialized_end=1460
-  _globals['_STREAMEND']._serialized_start=1462
-  _globals['_STREAMEND']._serialized_end=1473
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1475
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1516
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1518
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1556
-  _globals['_LISTTOOLSREQUEST']._serialized_start=1558
-  _globals['_LISTTOOLSREQUEST']._serialized_end=1576
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=1578
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=1675
-  _globals['_TOOL']._serialized_start=1678
-  _globals['_TOOL']._serialized_end=1933
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1935
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1956
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1958
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=2070
-  _globals['_SESSIONINFO']._serialized_start=2073
-  _globals['_SESSIONINFO']._serialized_end=2227
-  _globals['_SESSIONSERVICE']._serialized_start=2230
-  _globals['_SESSIONSERVICE']._serialized_end=2843
+  _globals['_EXCHANGEREQUEST']._serialized_end=827
+  _globals['_EXCHANGEREQUEST_METADATAENTRY']._serialized_start=780
+  _globals['_EXCHANGEREQUEST_METADATAENTRY']._serialized_end=827
+  _globals['_EXCHANGERESPONSE']._serialized_start=830
+  _globals['_EXCHANGERESPONSE']._serialized_end=1025
+  _globals['_CALLERROR']._serialized_start=1027
+  _globals['_CALLERROR']._serialized_end=1108
+  _globals['_STREAMCALLREQUEST']._serialized_start=1111
+  _globals['_STREAMCALLREQUEST']._serialized_end=1290
+  _globals['_STREAMSTART']._serialized_start=1292
+  _globals['_STREAMSTART']._serialized_end=1383
+  _globals['_INPUTEND']._serialized_start=1385
+  _globals['_INPUTEND']._serialized_end=1395
+  _globals['_STREAMCALLRESPONSE']._serialized_start=1398
+  _globals['_STREAMCALLRESPONSE']._serialized_end=1555
+  _globals['_STREAMEND']._serialized_start=1557
+  _globals['_STREAMEND']._serialized_end=1568
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1570
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1611
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1613
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1651
+  _globals['_LISTTOOLSREQUEST']._serialized_start=1653
+  _globals['_LISTTOOLSREQUEST']._serialized_end=1671
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=1673
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=1770
+  _globals['_TOOL']._serialized_start=1773
+  _globals['_TOOL']._serialized_end=2028
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=2030
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=2051
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=2053
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=2165
+  _globals['_SESSIONINFO']._serialized_start=2168
+  _globals['_SESSIONINFO']._serialized_end=2322
+  _globals['_SESSIONSERVICE']._serialized_start=2325
+  _globals['_SESSIONSERVICE']._serialized_end=2938
 # @@protoc_insertion_point(module_scope)

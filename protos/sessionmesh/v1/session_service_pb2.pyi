@@ -177,6 +177,7 @@ class ExchangeRequest(_message.Message):
     TIMEOUT_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Chosen by the client, unique among its calls in flight; echoed in the response."""
     session_id: _builtins.str
@@ -199,6 +200,13 @@ class ExchangeRequest(_message.Message):
         (`traceparent`, `tracestate`) so that each call on the shared stream is traced.
         """
 
+    @_builtins.property
+    def more(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExchangeRequest]:
+        """More calls in this message, each handled exactly as if it came in a message of its own,
+        after this one, in order. Only to an agent that announced `x-exchange-batch: 1` in its
+        response headers (it does when the client's request headers carry it).
+        """
+
     def __init__(
         self,
         *,
@@ -209,10 +217,11 @@ class ExchangeRequest(_message.Message):
         timeout: _duration_pb2.Duration | None = ...,
         cancel: _builtins.bool = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        more: _abc.Iterable[Global___ExchangeRequest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "cancel", b"cancel", "create_session", b"create_session", "id", b"id", "metadata", b"metadata", "session_id", b"session_id", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "cancel", b"cancel", "create_session", b"create_session", "id", b"id", "metadata", b"metadata", "more", b"more", "session_id", b"session_id", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -226,6 +235,7 @@ class ExchangeResponse(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     session_id: _builtins.str
     """The session the request opened, if it asked to."""
@@ -235,6 +245,12 @@ class ExchangeResponse(_message.Message):
     def error(self) -> Global___CallError:
         """The call's failure: the same status and details a failed Call has."""
 
+    @_builtins.property
+    def more(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExchangeResponse]:
+        """More answers in this message, in order: only to a client whose request headers carried
+        `x-exchange-batch: 1`. The agent batches the answers ready while a write is in flight.
+        """
+
     def __init__(
         self,
         *,
@@ -242,10 +258,11 @@ class ExchangeResponse(_message.Message):
         session_id: _builtins.str = ...,
         result: _struct_pb2.Value | None = ...,
         error: Global___CallError | None = ...,
+        more: _abc.Iterable[Global___ExchangeResponse] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "outcome", b"outcome", "result", b"result", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "more", b"more", "outcome", b"outcome", "result", b"result", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015

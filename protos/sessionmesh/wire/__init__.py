@@ -2,5 +2,6 @@
 ``.proto`` files cannot say (metadata keys, error reasons, the Struct codec, the status
 encoding, session-id rules, channel limits), and the asyncio mechanics both sides need:
 stopping a task inside a grpc.aio call (tasks.py), running a coroutine's first step at
-once (eager.py). Client and server import it; it imports neither.
+once (eager.py), writing to a shared stream without awaiting the write, in batches under
+load (outbox.py). Client and server import it; it imports neither.
 """

@@ -12,5 +12,9 @@ SESSION_CREATE_KEY: Final = "x-session-create"
 #: StreamCall response header: the window the agent grants (the asked one, capped by the
 #: tool's buffer_size); the client grants credit against it.
 STREAM_WINDOW_KEY: Final = "x-stream-window"
+#: Exchange request header ``1``: this client takes several answers in one message
+#: (``ExchangeResponse.more``); the agent's response header ``1``: it takes several calls
+#: in one message (``ExchangeRequest.more``). Either side batches only once told.
+EXCHANGE_BATCH_KEY: Final = "x-exchange-batch"
 #: Trailer carrying a serialized ``google.rpc.Status`` with the ErrorInfo (gRPC's own key).
 STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"

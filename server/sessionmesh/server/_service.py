@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -21,12 +22,24 @@ from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.codec import NotJsonLike, set_value
 from sessionmesh.wire.eager import Eager
-from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY, STREAM_WINDOW_KEY
+from sessionmesh.wire.keys import (
+    EXCHANGE_BATCH_KEY,
+    SESSION_CREATE_KEY,
+    SESSION_ID_KEY,
+    STREAM_WINDOW_KEY,
+)
 from sessionmesh.wire.limits import DEFAULT_MAX_CALLS_PER_STREAM
 from sessionmesh.wire.names import is_durable, short
+from sessionmesh.wire.outbox import take_batch
 from sessionmesh.wire.reasons import Reason
 
 log = logging.getLogger("sessionmesh.agent")
+
+#: Answers in one message, at most, to a client that takes batches.
+_MAX_BATCH = 64
+#: Answers waiting for the task that writes, at most: then the one answering waits too (and
+#: the reader reads no more calls), so a client that does not read cannot pile them up.
+_MAX_QUEUED = 256
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -113,6 +126,11 @@ class Servicer(pb_grpc.SessionServiceServicer):
     ) -> None:
         principal = await self.auth.caller(context)
         stream = _Stream(request_iterator, context, principal)
+        headers = context.invocation_metadata() or ()
+        if any(k == EXCHANGE_BATCH_KEY and v == "1" for k, v in headers):
+            # This client takes several answers to a message: tell it that calls may come so.
+            stream.batches = True
+            await context.send_initial_metadata(((EXCHANGE_BATCH_KEY, "1"),))
         # Reading runs in tasks of its own so that draining can stop it (the stream is
         # long-lived) and still let the calls it started finish and answer.
         stream.reader = asyncio.get_running_loop().create_task(self._serve(stream))
@@ -142,20 +160,28 @@ class Servicer(pb_grpc.SessionServiceServicer):
         this task) and a new task takes over the reading."""
         running = stream.unanswered
         try:
+            backlog = stream.backlog
             while True:
-                if stream.stopping:  # draining: read no more
-                    stream.end()
-                    return
-                stream.reading = True
-                try:
-                    message = await anext(stream.requests)
-                except StopAsyncIteration:
-                    stream.end()  # the client half-closed
-                    return
-                finally:
-                    stream.reading = False
-                if isinstance(message, Undecodable):
-                    raise message.fail()  # the stream cannot go on: Exchange ends it with this
+                if backlog:  # the rest of a batch: received, so answered even when draining
+                    message = backlog.popleft()
+                else:
+                    if stream.queued:  # answers held for a batch: out before waiting to read
+                        await stream.flush()
+                    if stream.stopping:  # draining: read no more
+                        stream.end()
+                        return
+                    stream.reading = True
+                    try:
+                        message = await anext(stream.requests)
+                    except StopAsyncIteration:
+                        stream.end()  # the client half-closed
+                        return
+                    finally:
+                        stream.reading = False
+                    if isinstance(message, Undecodable):
+                        raise message.fail()  # the stream cannot go on: Exchange ends it
+                if message.more:  # calls in the same message: next, in order
+                    backlog.extendleft(reversed(message.more))
                 if message.cancel:
                     task = running.get(message.id)
                     if task is not None:
@@ -184,7 +210,10 @@ class Servicer(pb_grpc.SessionServiceServicer):
                     else:
                         if not call.done:
                             break  # it waits: this task is the call's from now on
-                await stream.send(answer)
+                if backlog and stream.batches and len(stream.queued) < _MAX_BATCH:
+                    stream.queued.append(answer)  # leaves with the answers to the batch's rest
+                else:
+                    await stream.send(answer)
         except asyncio.CancelledError:
             stream.end()  # draining, or the stream is over
             raise
@@ -484,16 +513,20 @@ class _Stream:
     tasks until they end (the stream waits for them)."""
 
     __slots__ = (
+        "backlog",
+        "batches",
         "context",
         "ended",
         "principal",
+        "queued",
         "reader",
         "reading",
         "requests",
+        "room",
         "stopping",
         "tasks",
         "unanswered",
-        "write",
+        "writing",
     )
 
     def __init__(
@@ -505,7 +538,14 @@ class _Stream:
         self.requests = aiter(requests)
         self.context = context
         self.principal = principal
-        self.write = asyncio.Lock()  # one write at a time on the stream
+        #: The client takes several answers in one message (ExchangeResponse.more).
+        self.batches = False
+        #: Calls received in one message with others (ExchangeRequest.more), not run yet.
+        self.backlog: collections.deque[pb.ExchangeRequest] = collections.deque()
+        # One task writes at a time; answers handed over meanwhile wait here for it.
+        self.writing = False
+        self.queued: collections.deque[pb.ExchangeResponse] = collections.deque()
+        self.room: asyncio.Future[None] | None = None  # a task waiting for the queue to drain
         self.reader: asyncio.Task[None] | None = None
         self.reading = False  # the reader waits for the next message
         self.stopping = False  # read no more (draining)
@@ -531,8 +571,40 @@ class _Stream:
             self.reader.cancel()
 
     async def send(self, answer: pb.ExchangeResponse) -> None:
-        async with self.write:
-            await self.context.write(answer)
+        """Write an answer. While another task writes, the answer waits for it and goes out
+        after what it writes (with the others waiting, in one message when the client takes
+        batches): under load a write costs once per batch, and nobody waits for a lock."""
+        self.queued.append(answer)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write the answers waiting, unless another task is writing (it writes them)."""
+        queued = self.queued
+        if self.writing:
+            while len(queued) >= _MAX_QUEUED and self.writing:  # bound what piles up
+                self.room = asyncio.get_running_loop().create_future()
+                await self.room
+            return
+        self.writing = True
+        try:
+            write = self.context.write
+            while queued:
+                if self.batches and len(queued) > 1:
+                    batch = take_batch(queued, _MAX_BATCH)
+                    answer = batch[0]
+                    answer.more.extend(batch[1:])
+                else:
+                    answer = queued.popleft()
+                self._wake()
+                await write(answer)
+        finally:
+            self.writing = False
+            self._wake()
+
+    def _wake(self) -> None:
+        room, self.room = self.room, None
+        if room is not None and not room.done():
+            room.set_result(None)
 
     def add(self, call_id: int, task: asyncio.Task[None]) -> None:
         self.unanswered[call_id] = task
