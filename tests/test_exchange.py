@@ -137,3 +137,28 @@ async def test_many_sessions_at_once_over_one_batched_stream_keep_each_sessions_
         finally:
             for proxy in proxies:
                 await proxy.cleanup_auto_session()
+
+
+async def test_each_call_of_a_batch_is_refused_or_run_on_its_own() -> None:
+    async with running_agent(increment) as (agent, _):
+        async with grpc.aio.insecure_channel(agent.address) as channel:
+            call = pb_grpc.SessionServiceStub(channel).Exchange(metadata=_ASK)
+            batch = _call(1, session_id="nosuchsession")  # refused: no such session
+            nope = _call(2, create=True)
+            nope.call.tool = "nope"  # refused: no such tool
+            opens = _call(3, create=True)
+            opens.more.append(_call(4, create=True))  # a batch inside a batch: flattened
+            batch.more.extend([nope, opens])
+            await call.write(batch)
+            answers, _ = await _answers(call, 4)
+            outcome = {
+                a.id: a.error.code if a.HasField("error") else from_value(a.result) for a in answers
+            }
+            assert outcome == {
+                1: grpc.StatusCode.NOT_FOUND.value[0],
+                2: grpc.StatusCode.NOT_FOUND.value[0],
+                3: 1,
+                4: 1,
+            }
+            assert len({a.session_id for a in answers if a.id in (3, 4)}) == 2
+            await call.done_writing()
