@@ -58,7 +58,7 @@ class Exchange:
         self.broken: RemoteError | None = None
         # Callers never await a write: one cancelled halfway would end the shared stream.
         self._outbox: Outbox[pb.ExchangeRequest] = Outbox(self._call.write, self._unsent)
-        # Both tasks (the reader, the outbox's writer) belong to this exchange: aclose() ends them.
+        # The reader belongs to this exchange: aclose() ends it.
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @property
@@ -153,10 +153,10 @@ class Exchange:
         outbox = self._outbox
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(outbox.flush(), 1.0)
-        if self.broken is None and outbox.writer is None:
+        if self.broken is None and not outbox.busy:
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 await self._call.done_writing()
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
-        writer = outbox.writer
-        await cancel_and_wait(self._reader, *([writer] if writer is not None else []))
+        failing = outbox.failing
+        await cancel_and_wait(self._reader, *([failing] if failing is not None else []))

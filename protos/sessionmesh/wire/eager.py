@@ -9,9 +9,9 @@ a task group) stays true, so the rule is: a coroutine that waits is awaited to i
 the task that ran its first step. Each runs in a copy of the context, as in a task of its
 own: what one call sets in a context variable never leaks into the next.
 
-A coroutine that captures nothing of its task may be finished by another: the client starts
-an Exchange write in the caller's task (no hop before the bytes leave) and lets a writer
-task await its completion (a caller cancelled then cannot cancel the shared stream).
+A coroutine that captures nothing of its task may be finished by another: a StreamCall's
+write starts in the tool's task (no hop before the bytes leave) and a writer task awaits
+its completion while the tool runs on (server/_streaming.py).
 """
 
 from __future__ import annotations
