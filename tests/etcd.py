@@ -90,8 +90,20 @@ class Cluster:
             if leader_id in ids:
                 return ids[leader_id]
             if loop.time() > deadline:
-                raise AssertionError(f"no etcd leader within {within} s")
+                raise AssertionError(f"no etcd leader within {within} s\n{self.describe()}")
             await asyncio.sleep(0.05)
+
+    def describe(self) -> str:
+        """Each member's state and the end of its log: why a cluster did not come up."""
+        lines = []
+        for name in self.names:
+            proc = self.procs.get(name)
+            state = "not running" if proc is None else f"exit code {proc.returncode}"
+            log = self.root / f"{name}.log"
+            tail = log.read_text(errors="replace").splitlines()[-8:] if log.exists() else []
+            lines.append(f"{name} ({state}, client {self.address(name)}):")
+            lines += [f"    {line[:300]}" for line in tail]
+        return "\n".join(lines)
 
     async def stop(self) -> None:
         for name in list(self.procs):
@@ -100,12 +112,27 @@ class Cluster:
 
 @contextlib.asynccontextmanager
 async def cluster(size: int = 3) -> AsyncIterator[Cluster]:
-    with tempfile.TemporaryDirectory(prefix="sessionmesh-etcd-") as root:
-        running = Cluster(Path(root), size)
+    with contextlib.ExitStack() as dirs:
+        for attempt in (1, 2):
+            root = dirs.enter_context(tempfile.TemporaryDirectory(prefix="sessionmesh-etcd-"))
+            running = Cluster(Path(root), size)
+            try:
+                for name in running.names:
+                    await running.start(name)
+                await running.leader()
+            except AssertionError as exc:
+                await running.stop()
+                if attempt == 2:
+                    raise
+                # etcd's own bootstrap, not what the tests check: once more on fresh ports
+                # (one taken between choosing and binding would do this), and say why.
+                print(f"etcd cluster did not come up, starting a new one: {exc}")
+                continue
+            except BaseException:
+                await running.stop()
+                raise
+            break
         try:
-            for name in running.names:
-                await running.start(name)
-            await running.leader()
             yield running
         finally:
             await running.stop()
