@@ -183,15 +183,12 @@ class ChunkStream:
             self._unacked += 1
             if self._unacked * 2 >= self._window:
                 credit, self._unacked = self._unacked, 0
+                assert self._call is not None
                 async with self._write_lock:
                     # The agent may have finished already; the next read tells how it ended.
-                    await self._send(pb.StreamCallRequest(credit=credit))
+                    await self._call.send(pb.StreamCallRequest(credit=credit))
         self._chunks += 1
         return from_value(value)
-
-    async def _send(self, message: pb.StreamCallRequest) -> None:
-        assert self._call is not None
-        await self._call.send(message)
 
     async def _receive(self) -> Value:
         """The next message's first chunk (the rest of a batch waits in ``_ready``)."""
