@@ -1,5 +1,5 @@
 """Calls on one Exchange stream run their first step in the task that reads the stream
-(``wire/eager.py``): what a call holds must still name its own task, what it sets must
+(``server/_eager.py``): what a call holds must still name its own task, what it sets must
 not leak into the next call, and a call that waits must not hold up the others."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from sessionmesh import mesh
+from sessionmesh.server._eager import Eager
 from sessionmesh.testing import running_agent
-from sessionmesh.wire.eager import Eager
 
 pytestmark = pytest.mark.anyio
 

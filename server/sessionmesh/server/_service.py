@@ -13,6 +13,7 @@ import grpc
 
 from sessionmesh.client import tracing
 from sessionmesh.server._dispatch import Dispatcher, Plan, fill
+from sessionmesh.server._eager import Eager
 from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream, not_json
 from sessionmesh.server._handlers import Undecodable
 from sessionmesh.server._security import Authenticator
@@ -21,7 +22,6 @@ from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, Batcher,
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.codec import NotJsonLike, set_value
-from sessionmesh.wire.eager import Eager
 from sessionmesh.wire.keys import (
     EXCHANGE_BATCH_KEY,
     SESSION_CREATE_KEY,

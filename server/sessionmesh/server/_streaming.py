@@ -10,11 +10,11 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from sessionmesh.server._eager import Eager
 from sessionmesh.server._errors import Fail, invalid_stream
 from sessionmesh.server._handlers import Undecodable
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value, set_value
-from sessionmesh.wire.eager import Eager
 
 #: How long a finished flow-controlled stream waits for the client's half-close.
 HALF_CLOSE_WAIT = 5.0
