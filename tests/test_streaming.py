@@ -308,3 +308,18 @@ async def test_a_chunk_never_waits_for_others_to_join_it() -> None:
             assert await asyncio.wait_for(anext(chunks), 10) == 2
             release.set()
             assert await asyncio.wait_for(anext(chunks), 10) == 3
+
+
+async def test_a_stream_open_when_its_client_closes_raises_a_usage_error() -> None:
+    # grpc ends a call cut off by its channel closing with CancelledError, in a task nobody
+    # cancelled: raised as it is, it would make the reader's task look cancelled.
+    async with running_agent(increment, stream_count) as (agent, _):
+        client = mesh.connect(agent.address)
+        async with client:
+            proxy = client.proxy("stream_count", session_required=True)
+            stream = proxy.stream(n=1000)
+            assert (await anext(stream))["i"] == 1
+        with pytest.raises(UsageError, match="client was closed while it was open"):
+            async for _ in stream:
+                pass
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]

@@ -48,3 +48,27 @@ def test_it_works_inside_a_running_event_loop_as_in_jupyter(counter: str) -> Non
             return result
 
     assert asyncio.run(notebook_cell()) == 6
+
+
+def test_a_stream_left_open_when_its_client_closes_ends_with_it(counter: str) -> None:
+    with mesh.connect_sync(counter) as client:
+        # Two sessions: a stream holds its session's turn until it ends.
+        one, other = (client.proxy("stream_count", session_required=True) for _ in "12")
+        read_on, left = one.stream(n=1000), other.stream(n=1000)
+        assert next(read_on)["i"] == next(left)["i"] == 1
+    with pytest.raises(UsageError, match="client was closed while it was open"):
+        next(read_on)
+    left.close()  # as a garbage collection would: quietly, the client's loop still there
+
+
+def test_every_blocking_client_runs_on_one_loop_that_outlives_them(counter: str) -> None:
+    # grpc delivers a call's last events after its channel closed, through whichever loop
+    # wakes first: a loop closed by then makes that loop raise (seen as an error in
+    # another test's loop). So the loop stays, and the next client uses it.
+    loops = []
+    for _ in range(2):
+        with mesh.connect_sync(counter) as client:
+            assert {t["name"] for t in client.list_tools()} >= {"increment"}
+            loops.append(client._portal.call(asyncio.get_running_loop))
+    assert loops[0] is loops[1]
+    assert loops[0].is_running() and not loops[0].is_closed()

@@ -19,7 +19,12 @@ from sessionmesh.client._exchange import Exchange
 from sessionmesh.client._security import PLAINTEXT, Credentials
 from sessionmesh.client._status import from_rpc_error, from_status
 from sessionmesh.client._transport import Answer, Endpoint, StreamCall
-from sessionmesh.client.errors import AgentUnavailable, PermissionDenied, Unauthenticated
+from sessionmesh.client.errors import (
+    AgentUnavailable,
+    PermissionDenied,
+    Unauthenticated,
+    UsageError,
+)
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
 from sessionmesh.v1 import session_service_pb2 as pb
@@ -181,6 +186,11 @@ class GrpcEndpoint(Endpoint):
         await self.channel.close()
 
 
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class GrpcStreamCall(StreamCall):
     __slots__ = ("_call", "_responses", "session_id", "window")
 
@@ -223,7 +233,13 @@ class GrpcStreamCall(StreamCall):
         return self._responses
 
     def failure(self, exc: BaseException) -> BaseException:
-        return from_rpc_error(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
+        if isinstance(exc, grpc.aio.AioRpcError):
+            return from_rpc_error(exc)
+        if isinstance(exc, asyncio.CancelledError) and not _cancelling():
+            # grpc ends a call cancelled under its reader (the client closed its channel)
+            # with CancelledError, in a task nobody cancelled: that task must not think so.
+            return UsageError("this stream's client was closed while it was open; connect again")
+        return exc
 
     def cancel(self) -> None:
         if not self._call.done():

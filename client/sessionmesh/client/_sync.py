@@ -4,31 +4,96 @@ The async client runs on an event loop of its own, in a thread (anyio's blocking
 every call blocks the caller until its answer comes. It works the same from a plain
 script and from inside a running event loop (Jupyter), since it never touches the
 caller's loop.
+
+One such loop serves every blocking client of the process and is never closed: grpc
+delivers a call's last events after its channel is closed, through whichever loop it
+wakes first, and raises in that loop (another client's, the caller's) if the call's own
+loop is closed by then.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+import asyncio
+import os
+import queue
+import threading
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+from anyio.from_thread import BlockingPortal
 
 from sessionmesh.client._client import AgentClient, MeshClient, connect
-from sessionmesh.client._loop import use_uvloop
+from sessionmesh.client._loop import run
 from sessionmesh.client._proxy import Proxy
 from sessionmesh.client._security import TLS
+from sessionmesh.client._stream import ChunkStream
 from sessionmesh.client.errors import UsageError
 
 T = TypeVar("T")
 
 
+class _LoopThread:
+    """The event loop every blocking client runs on, in a daemon thread."""
+
+    def __init__(self) -> None:
+        started: queue.SimpleQueue[BlockingPortal | BaseException] = queue.SimpleQueue()
+        self.thread = threading.Thread(
+            target=self._serve, args=(started,), name="sessionmesh-sync", daemon=True
+        )
+        self.thread.start()
+        portal = started.get()
+        if isinstance(portal, BaseException):
+            raise portal
+        self.portal = portal
+
+    def _serve(self, started: queue.SimpleQueue[BlockingPortal | BaseException]) -> None:
+        async def main() -> None:
+            async with BlockingPortal() as portal:
+                self.loop = asyncio.get_running_loop()
+                started.put(portal)
+                await portal.sleep_until_stopped()
+
+        try:
+            run(main())  # on uvloop when installed (sessionmesh[fast])
+        except BaseException as exc:  # the starting thread raises it
+            started.put(exc)
+
+    def close(self, chunks: ChunkStream) -> None:
+        """Close a stream from any thread: from the loop's own (its garbage collection
+        finalized the iterator reading the stream) it cannot wait, so it does not."""
+        if threading.current_thread() is self.thread:
+            self.loop.create_task(chunks.aclose())
+        else:
+            self.portal.call(chunks.aclose)
+
+
+_lock = threading.Lock()
+_shared: _LoopThread | None = None
+
+
+def _loop_thread() -> _LoopThread:
+    global _shared
+    with _lock:
+        if _shared is None:
+            _shared = _LoopThread()
+        return _shared
+
+
+def _forget_in_child() -> None:
+    global _shared, _lock
+    _shared, _lock = None, threading.Lock()  # a forked child has no copy of the thread
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 class SyncProxy:
     """A proxy whose calls block and return the result: ``counter(increment=1)``."""
 
-    def __init__(self, portal: BlockingPortal, proxy: Proxy) -> None:
-        self._portal = portal
+    def __init__(self, loop: _LoopThread, proxy: Proxy) -> None:
+        self._loop = loop
+        self._portal = loop.portal
         self._proxy = proxy
 
     def __repr__(self) -> str:
@@ -44,13 +109,13 @@ class SyncProxy:
     def call_tool(self, tool: str, args: Mapping[str, Any] | None = None) -> Any:
         return self._run(lambda: self._proxy.call_tool(tool, args))
 
-    def stream(self, **kwargs: Any) -> Iterator[Any]:
-        """The tool's chunks, one by one, as they come."""
+    def stream(self, **kwargs: Any) -> Generator[Any, None, None]:
+        """The tool's chunks, one by one, as they come; ``.close()`` stops the stream."""
         return self.call_tool_auto(None, kwargs)
 
     def call_tool_auto(
         self, tool: str | None = None, args: Mapping[str, Any] | None = None
-    ) -> Iterator[Any]:
+    ) -> Generator[Any, None, None]:
         chunks = self._proxy.call_tool_auto(tool, args)
         try:
             while True:
@@ -59,7 +124,7 @@ class SyncProxy:
                 except StopAsyncIteration:
                     return
         finally:
-            self._portal.call(chunks.aclose)
+            self._loop.close(chunks)
 
     def create_session(self) -> str:
         return self._run(self._proxy.create_session)
@@ -90,19 +155,17 @@ class SyncProxy:
 class SyncClient:
     """``mesh.connect_sync(...)``: an agent's or the mesh's client whose proxies block."""
 
-    def __init__(
-        self, client: AgentClient | MeshClient, portal: BlockingPortal, stop: contextlib.ExitStack
-    ) -> None:
+    def __init__(self, client: AgentClient | MeshClient, loop: _LoopThread) -> None:
         self._client = client
-        self._portal = portal
-        self._stop = stop
+        self._loop = loop
+        self._portal = loop.portal
 
     def proxy(self, capability: str, **options: Any) -> SyncProxy:
         """A blocking proxy; the same keywords as the async client's ``proxy`` (a blocking
         proxy streams with ``.stream()`` / ``.call_tool_auto()``)."""
         if options.pop("streaming", False):
             raise UsageError("a blocking proxy streams with .stream(...): drop streaming=True")
-        return SyncProxy(self._portal, self._client.proxy(capability, streaming=False, **options))
+        return SyncProxy(self._loop, self._client.proxy(capability, streaming=False, **options))
 
     def list_tools(self) -> list[dict[str, Any]]:
         if not isinstance(self._client, AgentClient):
@@ -115,8 +178,9 @@ class SyncClient:
         return self._client.instances()
 
     def close(self) -> None:
-        """Close every auto session still open, the connections, then the loop thread."""
-        self._stop.close()
+        """Close every auto session still open, then the connections (the loop thread
+        stays for the next blocking client)."""
+        self._portal.call(self._client.aclose)
 
     def __enter__(self) -> SyncClient:
         return self
@@ -143,25 +207,15 @@ def connect_sync(
             with client.proxy("session_counter", session_required=True) as counter:
                 print(counter(increment=1), counter(increment=2))  # 1, 3: one session
     """
-    stop = contextlib.ExitStack()
-    portal = stop.enter_context(start_blocking_portal("asyncio", {"use_uvloop": use_uvloop()}))
-    try:
 
-        async def open_client() -> AgentClient | MeshClient:
-            if registry is not None and address is None:
-                mesh_client = connect(registry=registry, tls=tls, token=token, **settings)
-                return await mesh_client.__aenter__()
-            if address is None:
-                raise UsageError(
-                    "connect_sync() takes an agent address or registry=, one of the two"
-                )
-            agent_client = connect(address, tls=tls, token=token, **settings)
-            return await agent_client.__aenter__()
+    async def open_client() -> AgentClient | MeshClient:
+        if registry is not None and address is None:
+            mesh_client = connect(registry=registry, tls=tls, token=token, **settings)
+            return await mesh_client.__aenter__()
+        if address is None:
+            raise UsageError("connect_sync() takes an agent address or registry=, one of the two")
+        agent_client = connect(address, tls=tls, token=token, **settings)
+        return await agent_client.__aenter__()
 
-        client = portal.call(open_client)
-        # Last in, first out: the client closes (its sessions too) before the loop thread.
-        stop.callback(portal.call, client.aclose)
-    except BaseException:
-        stop.close()
-        raise
-    return SyncClient(client, portal, stop)
+    loop = _loop_thread()
+    return SyncClient(loop.portal.call(open_client), loop)
