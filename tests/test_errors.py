@@ -11,7 +11,9 @@ import grpc
 import pytest
 
 from sessionmesh import mesh
+from sessionmesh.client._status import from_rpc_error
 from sessionmesh.client.errors import (
+    AgentUnavailable,
     CallTimeout,
     InvalidArguments,
     RemoteError,
@@ -192,6 +194,24 @@ def test_two_tools_with_one_name_are_refused() -> None:
 
     with pytest.raises(UsageError, match="two tools answer to 'echo'"):
         mesh.Agent([echo, other])
+
+
+def test_a_status_grpc_makes_up_for_a_failed_write_is_a_broken_connection() -> None:
+    # When a write fails (the agent died mid-stream), grpc.aio replaces the call's status
+    # with this INTERNAL of its own; a read then raises it. The agent never said so.
+    made_up = grpc.aio.AioRpcError(
+        grpc.StatusCode.INTERNAL,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details="Internal error from Core",
+        debug_error_string='Failed "execute_batch": (<SendMessageOperation>,)',
+    )
+    assert isinstance(from_rpc_error(made_up), AgentUnavailable)
+    said = grpc.aio.AioRpcError(
+        grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(), details="bad state"
+    )
+    error = from_rpc_error(said)  # an INTERNAL the agent sent stays what it is
+    assert type(error) is RemoteError and error.code == grpc.StatusCode.INTERNAL
 
 
 def test_error_hierarchy() -> None:

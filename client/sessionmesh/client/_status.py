@@ -60,9 +60,19 @@ _BY_CODE: dict[grpc.StatusCode, type[RemoteError]] = {
 }
 
 
+#: What grpc.aio makes the status of a call when one of its writes fails (the connection
+#: is gone), in place of the status the peer would have sent: not the agent's word.
+_WRITE_FAILED = (grpc.StatusCode.INTERNAL, "Internal error from Core")
+
+
 def from_rpc_error(exc: grpc.aio.AioRpcError) -> RemoteError:
     """A failed RPC as a sessionmesh error (its status details carry the ErrorInfo)."""
     code = exc.code()
+    if (code, exc.details()) == _WRITE_FAILED and not exc.trailing_metadata():
+        return AgentUnavailable(
+            "the connection to the agent broke (a write to it failed)",
+            code=grpc.StatusCode.UNAVAILABLE,
+        )
     return from_status(code, exc.details() or code.name, status.details_in(exc.trailing_metadata()))
 
 
