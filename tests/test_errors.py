@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,9 +28,10 @@ from sessionmesh.client.errors import (
     ToolTimeout,
     UsageError,
 )
-from sessionmesh.testing import running_agent
+from sessionmesh.testing import eventually, running_agent
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
+from tests.procs import ROOT
 from tests.tools import add, echo, fail, increment, not_json, overrun, wait_forever
 
 pytestmark = pytest.mark.anyio
@@ -214,6 +219,29 @@ def test_a_status_grpc_makes_up_for_a_failed_write_is_a_broken_connection() -> N
     assert type(error) is RemoteError and error.code == grpc.StatusCode.INTERNAL
 
 
+async def test_an_agent_that_cannot_listen_says_why_and_leaves_nothing_running(
+    reg: str,
+) -> None:
+    async with running_agent(echo) as (first, _):
+        threads, tasks = set(threading.enumerate()), asyncio.all_tasks()
+        second = mesh.Agent([echo], port=first.port, registry=reg, metrics_port=0)
+        with pytest.raises(
+            UsageError, match=rf"listen on 127\.0\.0\.1:{first.port}: the port is in use"
+        ):
+            await second.start()
+        # Its metrics server (a thread) and mesh client (tasks) were started before the
+        # bind failed: they are gone, and the agent starts anew once given a free port.
+        await eventually(lambda: set(threading.enumerate()) <= threads, what="no thread left")
+        await eventually(lambda: asyncio.all_tasks() <= tasks, what="no task left")
+        second.port = 0
+        await second.start()
+        try:
+            async with mesh.connect(second.address) as client:
+                assert await client.proxy("echo")(value=1) == 1
+        finally:
+            await second.stop()
+
+
 def test_error_hierarchy() -> None:
     assert issubclass(ToolTimeout, ToolFailed) and issubclass(ToolTimeout, CallTimeout)
     assert issubclass(SessionNotFound, RemoteError)
@@ -300,10 +328,32 @@ async def test_the_tool_name_form_says_which_form_was_taken() -> None:
 
 
 def test_a_proxy_called_without_await_and_no_loop_fails_at_once() -> None:
-    async def made_in_a_loop() -> mesh.Proxy:
-        async with running_agent(increment) as (_, client):
-            return client.proxy("session_counter", session_required=True)
+    # In a process of its own: grpc delivers a closed loop's late events through the loops
+    # still open, and the one of this test session would raise "Event loop is closed".
+    code = """
+import asyncio
+from sessionmesh import mesh
+from sessionmesh.client.errors import UsageError
+from sessionmesh.testing import eventually, running_agent
+from tests.tools import increment
 
-    proxy = asyncio.run(made_in_a_loop())
-    with pytest.raises(UsageError, match="event loop is not running: call it with `await`"):
-        _ = proxy(increment=1)  # no loop here: refused at once, not a never-awaited warning
+async def made_in_a_loop() -> mesh.Proxy:
+    async with running_agent(increment) as (_, client):
+        return client.proxy("session_counter", session_required=True)
+
+proxy = asyncio.run(made_in_a_loop())
+try:
+    proxy(increment=1)  # no loop here: refused at once, not a never-awaited warning
+except UsageError as refused:
+    print(refused)
+"""
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert "event loop is not running: call it with `await`" in out.stdout, out.stderr
+    assert "never awaited" not in out.stderr

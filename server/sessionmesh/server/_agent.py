@@ -279,9 +279,24 @@ class Agent:
         return self._store
 
     async def start(self) -> str:
-        """Bind and start serving; returns ``host:port``."""
+        """Bind and start serving; returns ``host:port``. A start that fails (a port in
+        use, say) leaves nothing running: the agent may be started again."""
         if self._server is not None:
             raise UsageError("the agent is already started")
+        try:
+            return await self._start()
+        except BaseException:
+            server, self._server = self._server, None
+            if server is not None:
+                await server.stop(0)
+            if self._registration is not None:
+                await self._registration.stop()
+                self._registration = None
+            await self._release()
+            self.mesh, self.metrics = None, None
+            raise
+
+    async def _start(self) -> str:
         self._store = SessionStore(
             self.instance_id,
             default_ttl=self.session_ttl,
@@ -300,8 +315,10 @@ class Agent:
                 tls=self.credentials.tls,
                 token=self.credentials.token,
             )
-            self._resolver = self._resolver or RegistryResolver(self.mesh)
-        self._injector = Injector(self._resolver)
+        resolver = self._resolver
+        if resolver is None and self.mesh is not None:
+            resolver = RegistryResolver(self.mesh)
+        self._injector = Injector(resolver)
         self._dispatcher = Dispatcher(
             agent_name=self.name,
             tools=self.tools,
@@ -447,11 +464,20 @@ class Agent:
         if self._registration is not None:
             await self._registration.stop()
         await server.stop(self.grace if grace is None else grace)
-        assert self._dispatcher is not None
-        await self._dispatcher.stop()
-        await self._store.stop()
-        if self._dispatcher.durability is not None:
-            await self._dispatcher.durability.stop()
+        await self._release()
+        self._server = None
+        log.info("agent %s (instance %s) stopped", self.name, self.instance_id)
+
+    async def _release(self) -> None:
+        """Free what starting made, in order: calls, sessions, the store, dependencies,
+        the mesh client, tool threads, the metrics port (also after a failed start)."""
+        dispatcher = self._dispatcher
+        if dispatcher is not None:
+            await dispatcher.stop()
+        if self._store is not None:
+            await self._store.stop()
+        if dispatcher is not None and dispatcher.durability is not None:
+            await dispatcher.durability.stop()
         if self._injector is not None:
             await self._injector.aclose()
         if self.mesh is not None:
@@ -460,10 +486,8 @@ class Agent:
             # Tools still running in a thread cannot be stopped; do not wait for them.
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
-        self._server = None
         if self.metrics is not None:
             self.metrics.stop()
-        log.info("agent %s (instance %s) stopped", self.name, self.instance_id)
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

@@ -189,11 +189,6 @@ async def _registry(args: argparse.Namespace) -> int:
         address = await registry.start()
     except UsageError as exc:
         raise SystemExit(f"sessionmesh: {exc}") from None
-    except RuntimeError as exc:
-        raise SystemExit(
-            f"sessionmesh: cannot serve the registry on {args.host}:{args.port} ({exc}): is "
-            "the port taken, by another registry or `sessionmesh run`? Use --port."
-        ) from None
     print(json.dumps({"registry": address}), flush=True)
     say(f"registry serving on {address}")
     await signals.stop.wait()
@@ -233,10 +228,10 @@ async def _run(args: argparse.Namespace) -> int:
             raise SystemExit(f"sessionmesh: {exc}") from None
         try:
             address = await registry.start()
-        except RuntimeError:
+        except UsageError as exc:
             raise SystemExit(
-                f"sessionmesh: port {args.registry_port} is taken: is another `sessionmesh run` "
-                "or registry running? Use --registry-port, or --registry to join it."
+                f"sessionmesh: the embedded registry: {exc}. Is another `sessionmesh run` or "
+                "registry running? Use --registry-port, or --registry to join it."
             ) from None
         say(f"embedded registry on {address}")
     procs: list[asyncio.subprocess.Process] = []

@@ -53,13 +53,19 @@ class Exporter:
                 f"metrics on {host} would be readable from other machines in plaintext: give "
                 "--tls-cert/--tls-key, bind loopback, or pass --insecure"
             )
-        server, _ = self.prometheus.start_http_server(
-            port,
-            addr=host,
-            registry=self.registry,
-            certfile=tls.cert if secure and tls else None,
-            keyfile=tls.key if secure and tls else None,
-        )
+        try:
+            server, _ = self.prometheus.start_http_server(
+                port,
+                addr=host,
+                registry=self.registry,
+                certfile=tls.cert if secure and tls else None,
+                keyfile=tls.key if secure and tls else None,
+            )
+        except OSError as exc:
+            raise UsageError(
+                f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; choose another "
+                "--metrics-port (0 picks a free one)"
+            ) from None
         self._server = server
         self.address = f"{host}:{server.server_address[1]}"
         return self.address

@@ -399,12 +399,20 @@ class Registry:
         rpb_grpc.add_RegistryServiceServicer_to_server(self._servicer, server)
         standard = StandardServices(server, SERVICE_NAME)
         self.port = bind(server, self.host, self.port, self.tls, insecure=self.insecure)
-        await self.store.start()
-        if self.metrics_port is not None:
-            self.metrics = RegistryMetrics(self.store.instances)
-            self.metrics.serve(self.host, self.metrics_port, self.tls, insecure=self.insecure)
-        await server.start()
-        await standard.serving()
+        try:
+            await self.store.start()
+            if self.metrics_port is not None:
+                self.metrics = RegistryMetrics(self.store.instances)
+                self.metrics.serve(self.host, self.metrics_port, self.tls, insecure=self.insecure)
+            await server.start()
+            await standard.serving()
+        except BaseException:  # nothing half-started stays: the port, the store's links
+            await server.stop(0)
+            await self.store.stop()
+            if self.metrics is not None:
+                self.metrics.stop()
+                self.metrics = None
+            raise
         self._server = server
         log.info("registry serving on %s", self.address)
         return self.address

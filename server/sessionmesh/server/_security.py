@@ -51,7 +51,7 @@ def bind(server: grpc.aio.Server, host: str, port: int, tls: TLS | None, *, inse
     (or when ``insecure`` says so). Returns the port bound."""
     address = f"{host}:{port}"
     if tls is not None and tls.serves:
-        return server.add_secure_port(address, server_credentials(tls))
+        return _listening(address, lambda: server.add_secure_port(address, server_credentials(tls)))
     if tls is not None and tls.client_ca:
         raise UsageError(
             "--tls-client-ca asks for mutual TLS, which needs this server's own certificate: "
@@ -63,7 +63,18 @@ def bind(server: grpc.aio.Server, host: str, port: int, tls: TLS | None, *, inse
             "read and forge calls: give --tls-cert and --tls-key (tls=mesh.TLS(cert=..., "
             "key=...)), or pass --insecure (insecure=True) to serve plaintext anyway"
         )
-    return server.add_insecure_port(address)
+    return _listening(address, lambda: server.add_insecure_port(address))
+
+
+def _listening(address: str, add_port: Callable[[], int]) -> int:
+    try:
+        return add_port()
+    except RuntimeError:  # grpc says only "Failed to bind" (its log says why)
+        raise UsageError(
+            f"cannot listen on {address}: the port is in use (another process listens "
+            "there), or the host is not an address of this machine; choose another port "
+            "(0 picks a free one)"
+        ) from None
 
 
 def server_credentials(tls: TLS) -> grpc.ServerCredentials:
