@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.names import is_durable
 from tests.pki import Pki
 from tests.redis_server import Redis, redis_server
-from tests.tools import increment, peek, stream_count
+from tests.tools import add, increment, peek, stream_count
 
 pytestmark = [pytest.mark.anyio]
 
@@ -231,6 +233,23 @@ async def test_calls_fail_typed_while_the_store_is_down_and_succeed_when_it_is_b
             await store.start()
             assert await retrying(increment=1) == 3
             await durable.cleanup_auto_session()
+
+
+async def test_an_agent_whose_store_is_down_at_start_says_so_and_serves(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        url = f"redis://127.0.0.1:{held.getsockname()[1]}/0"
+        with caplog.at_level(logging.WARNING, logger="sessionmesh.agent"):
+            async with (
+                Agent([*TOOLS, add], name="counter", session_store=url) as agent,
+                mesh.connect(agent.address) as client,
+            ):
+                assert f"until the store answers: session store {url}" in caplog.text
+                assert await client.proxy("add")(a=1, b=1) == 2  # no session: served
+                with pytest.raises(SessionStoreUnavailable):
+                    await client.proxy("session_counter", session_required=True)(increment=1)
 
 
 async def test_a_closed_or_expired_session_is_lost_everywhere(store: Redis, reg: str) -> None:

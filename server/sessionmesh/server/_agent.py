@@ -22,7 +22,7 @@ from sessionmesh.server._etcd import EtcdRegistration
 from sessionmesh.server._handlers import add_to_server
 from sessionmesh.server._inject import Injector, RegistryResolver, Resolver, StaticResolver
 from sessionmesh.server._metrics import AgentMetrics
-from sessionmesh.server._records import check_url, open_records
+from sessionmesh.server._records import StoreUnavailable, check_url, open_records
 from sessionmesh.server._registration import Registration
 from sessionmesh.server._security import Authenticator, Verifier, bind
 from sessionmesh.server._service import Servicer
@@ -380,6 +380,18 @@ class Agent:
             # is down just means none yet (the watch keeps trying).
             with contextlib.suppress(MeshError):
                 await self.mesh.ready(within=2.0)
+        durability = self._dispatcher.durability
+        if durability is not None:
+            # A store that is down is no reason not to serve (calls without a session work,
+            # and it may come back), but say so now rather than at the first session call.
+            try:
+                await durability.records.ping()
+            except StoreUnavailable as exc:
+                log.warning(
+                    "calls in sessions fail with SessionStoreUnavailable until the store "
+                    "answers: %s",
+                    exc,
+                )
         self._say_what_is_missing()
         log.info("agent %s (instance %s) serving on %s", self.name, self.instance_id, self.address)
         return self.address

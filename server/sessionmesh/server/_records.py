@@ -20,7 +20,7 @@ from sessionmesh.client.errors import UsageError
 from sessionmesh.server._security import is_loopback
 
 if TYPE_CHECKING:
-    pass
+    from collections.abc import Awaitable, Callable
 
 
 class StoreUnavailable(Exception):
@@ -90,6 +90,9 @@ class SessionRecords(abc.ABC):
     async def delete_any(self, session_id: str, principal: str) -> bool:
         """Remove the record of ``principal``'s session whoever owns it (CloseSession on an
         instance without a copy); whether there was one."""
+
+    async def ping(self) -> None:  # noqa: B027 - optional hook
+        """Raise StoreUnavailable if the store does not answer now."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -208,20 +211,33 @@ class RedisRecords(SessionRecords):
         return self._prefix + hashlib.sha256(session_id.encode()).hexdigest()[:32]
 
     async def _run(self, script: _Script, session_id: str, *args: Any) -> Any:
-        """Run ``script`` on the session's key: a store that does not answer (down,
-        unreachable, too slow) is StoreUnavailable; a fresh server learns the script."""
-        conn = self._idle.pop() if self._idle else self._pool.make_connection()
+        """Run ``script`` on the session's key; a fresh server learns the script."""
         key = self.key(session_id)
+
+        async def talk(conn: Any) -> Any:
+            try:
+                await conn.send_packed_command(_pack(b"EVALSHA", script.sha, 1, key, args), False)
+                return await conn.read_response()
+            except self._no_script:
+                await conn.send_packed_command(_pack(b"EVAL", script.source, 1, key, args))
+                return await conn.read_response()
+
+        return await self._talk(talk)
+
+    async def ping(self) -> None:
+        async def talk(conn: Any) -> Any:
+            await conn.send_packed_command(b"*1\r\n$4\r\nPING\r\n", False)
+            return await conn.read_response()
+
+        await self._talk(talk)
+
+    async def _talk(self, talk: Callable[[Any], Awaitable[Any]]) -> Any:
+        """``talk`` on a free connection: a store that does not answer (down, unreachable,
+        too slow) is StoreUnavailable."""
+        conn = self._idle.pop() if self._idle else self._pool.make_connection()
         try:
             async with asyncio.timeout(STORE_TIMEOUT):
-                try:
-                    await conn.send_packed_command(
-                        _pack(b"EVALSHA", script.sha, 1, key, args), False
-                    )
-                    reply = await conn.read_response()
-                except self._no_script:
-                    await conn.send_packed_command(_pack(b"EVAL", script.source, 1, key, args))
-                    reply = await conn.read_response()
+                reply = await talk(conn)
         except TimeoutError:
             await conn.disconnect()
             raise StoreUnavailable(
