@@ -72,3 +72,14 @@ def test_every_blocking_client_runs_on_one_loop_that_outlives_them(counter: str)
             loops.append(client._portal.call(asyncio.get_running_loop))
     assert loops[0] is loops[1]
     assert loops[0].is_running() and not loops[0].is_closed()
+
+
+def test_a_blocking_stream_finalized_on_the_loops_own_thread_closes(counter: str) -> None:
+    with mesh.connect_sync(counter) as client:
+        with client.proxy("stream_count", session_required=True) as proxy:
+            chunks = proxy.stream(n=1000)
+            assert next(chunks)["i"] == 1
+            # As a garbage collection there would: the loop cannot wait for itself.
+            client._portal.call(chunks.close)
+            # The stream held the session's turn; closed, it lets the next call in.
+            assert proxy("session_counter", {"increment": 1})["count"] == 1

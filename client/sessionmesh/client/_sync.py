@@ -1,6 +1,6 @@
 """``mesh.connect_sync``: the client for scripts and notebooks, no ``await`` anywhere.
 
-The async client runs on an event loop of its own, in a thread (anyio's blocking portal);
+The async client runs on an event loop in a thread (anyio's blocking portal);
 every call blocks the caller until its answer comes. It works the same from a plain
 script and from inside a running event loop (Jupyter), since it never touches the
 caller's loop.
@@ -41,6 +41,7 @@ class _LoopThread:
         self.thread = threading.Thread(
             target=self._serve, args=(started,), name="sessionmesh-sync", daemon=True
         )
+        self._closing: set[asyncio.Task[None]] = set()  # held: the loop keeps tasks weakly
         self.thread.start()
         portal = started.get()
         if isinstance(portal, BaseException):
@@ -63,7 +64,9 @@ class _LoopThread:
         """Close a stream from any thread: from the loop's own (its garbage collection
         finalized the iterator reading the stream) it cannot wait, so it does not."""
         if threading.current_thread() is self.thread:
-            self.loop.create_task(chunks.aclose())
+            task = self.loop.create_task(chunks.aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         else:
             self.portal.call(chunks.aclose)
 
