@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from sessionmesh import mesh
-from sessionmesh.testing import running_agent
+from sessionmesh.testing import eventually, running_agent
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.codec import from_value
@@ -162,3 +162,36 @@ async def test_each_call_of_a_batch_is_refused_or_run_on_its_own() -> None:
             }
             assert len({a.session_id for a in answers if a.id in (3, 4)}) == 2
             await call.done_writing()
+
+
+async def test_answers_piled_up_behind_a_client_that_does_not_read_all_go_out() -> None:
+    # The client reads nothing for a while: the agent's write waits on it, the answers of
+    # calls that end meanwhile pile up past the bound and their tasks wait for room. Every
+    # one of them must be woken once the client reads, or the stream could never end.
+    release = asyncio.Event()
+    started = 0
+
+    @mesh.tool
+    async def held(size: int) -> str:
+        nonlocal started
+        started += 1
+        await release.wait()
+        return "x" * size
+
+    count = 400
+    async with running_agent(held) as (agent, _):
+        async with grpc.aio.insecure_channel(agent.address) as channel:
+            call = pb_grpc.SessionServiceStub(channel).Exchange()
+            for i in range(1, count + 1):
+                message = pb.ExchangeRequest(id=i)
+                message.call.tool = "held"
+                message.call.arguments["size"] = 16_384
+                await call.write(message)
+            # Every call has started (and waits) once the agent holds them all.
+            await eventually(lambda: started == count, what="every call held")
+            release.set()
+            answers, _ = await _answers(call, count)
+            assert sorted(a.id for a in answers) == list(range(1, count + 1))
+            await call.done_writing()
+            async with asyncio.timeout(10):  # the stream ends once every call has ended
+                assert await call.code() == grpc.StatusCode.OK

@@ -8,7 +8,7 @@ outbox steps the write's coroutine from the completion callbacks of what it wait
 Task would, without a Task per write (one per call is measurable here). What was sent
 meanwhile follows, in order. When the peer takes several messages in one (``pack``),
 everything waiting leaves in one write, up to ``max_count`` messages and about
-``max_bytes``: under load a write costs once per batch, not once per message.
+MAX_BATCH_BYTES: under load a write costs once per batch, not once per message.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
+
+from sessionmesh.wire.tasks import pulse
 
 M = TypeVar("M", bound=Message)
 
@@ -50,7 +52,7 @@ class Outbox(Generic[M]):
         self._on_error = on_error  # awaited in a task of its own once a write failed
         self._queue: collections.deque[M] = collections.deque()
         self._busy = False  # a write is in flight
-        self._changed: asyncio.Future[None] | None = None  # someone waits for progress
+        self._changed = asyncio.Event()  # pulsed at each step: what waiters wait for moved
         self._failing: asyncio.Task[None] | None = None
         #: Several messages as one, when the peer takes batches; None: one at a time.
         self.pack: Callable[[list[M]], M] | None = None
@@ -94,22 +96,12 @@ class Outbox(Generic[M]):
     async def room(self, limit: int) -> None:
         """Wait until fewer than ``limit`` messages wait (a bound on what piles up)."""
         while len(self._queue) >= limit and self._busy:
-            await self._progress()
+            await self._changed.wait()
 
     async def flush(self) -> None:
         """Wait until everything sent is written, or a failed write has been looked into."""
         while self._busy:
-            await self._progress()
-
-    def _progress(self) -> asyncio.Future[None]:
-        if self._changed is None:
-            self._changed = asyncio.get_running_loop().create_future()
-        return self._changed
-
-    def _wake(self) -> None:
-        changed, self._changed = self._changed, None
-        if changed is not None and not changed.done():
-            changed.set_result(None)
+            await self._changed.wait()
 
     def _step(self, write: Coroutine[Any, Any, None], _: object) -> None:
         """Run the write on to its next wait, as a Task would after a wake-up."""
@@ -119,10 +111,10 @@ class Outbox(Generic[M]):
             except StopIteration:
                 if not self._queue:
                     self._busy = False
-                    self._wake()
+                    pulse(self._changed)
                     return
                 write = self._write(self._next())  # the next write starts right away
-                self._wake()
+                pulse(self._changed)
                 continue
             except (Exception, asyncio.CancelledError) as exc:  # the stream ended under it
                 self._failed(exc)
@@ -146,7 +138,7 @@ class Outbox(Generic[M]):
             self._queue.clear()  # sent while the failure was looked into: never written
             self._busy = False
             self._failing = None
-            self._wake()
+            pulse(self._changed)
 
     def _next(self) -> M:
         queue = self._queue

@@ -1,4 +1,5 @@
-"""Stopping a task that may be inside a grpc.aio call.
+"""Stopping a task that may be inside a grpc.aio call; waking the tasks that wait for a
+shared writer.
 
 grpc.aio can absorb a cancellation: a task cancelled while a call awaits its own start-up
 task sees that inner task swallow the CancelledError and carries on as if nothing
@@ -26,3 +27,12 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
     for task in tasks:
         if not task.cancelled():
             task.exception()  # seen: asyncio would log it when the task is collected
+
+
+def pulse(event: asyncio.Event) -> None:
+    """Wake every task waiting on ``event`` now, and leave it unset: each checks again what
+    it waits for and, if need be, waits for the next pulse. (One future shared by the
+    waiters would be cancelled for all of them when one waiter is; a future per waiter kept
+    in one slot wakes only the last.)"""
+    event.set()
+    event.clear()

@@ -32,6 +32,7 @@ from sessionmesh.wire.limits import DEFAULT_MAX_CALLS_PER_STREAM
 from sessionmesh.wire.names import is_durable, short
 from sessionmesh.wire.outbox import take_batch
 from sessionmesh.wire.reasons import Reason
+from sessionmesh.wire.tasks import pulse
 
 log = logging.getLogger("sessionmesh.agent")
 
@@ -545,7 +546,7 @@ class _Stream:
         # One task writes at a time; answers handed over meanwhile wait here for it.
         self.writing = False
         self.queued: collections.deque[pb.ExchangeResponse] = collections.deque()
-        self.room: asyncio.Future[None] | None = None  # a task waiting for the queue to drain
+        self.room = asyncio.Event()  # pulsed as the queue drains: tasks wait on it for room
         self.reader: asyncio.Task[None] | None = None
         self.reading = False  # the reader waits for the next message
         self.stopping = False  # read no more (draining)
@@ -582,8 +583,7 @@ class _Stream:
         queued = self.queued
         if self.writing:
             while len(queued) >= _MAX_QUEUED and self.writing:  # bound what piles up
-                self.room = asyncio.get_running_loop().create_future()
-                await self.room
+                await self.room.wait()
             return
         self.writing = True
         try:
@@ -595,16 +595,11 @@ class _Stream:
                     answer.more.extend(batch[1:])
                 else:
                     answer = queued.popleft()
-                self._wake()
+                pulse(self.room)
                 await write(answer)
         finally:
             self.writing = False
-            self._wake()
-
-    def _wake(self) -> None:
-        room, self.room = self.room, None
-        if room is not None and not room.done():
-            room.set_result(None)
+            pulse(self.room)
 
     def add(self, call_id: int, task: asyncio.Task[None]) -> None:
         self.unanswered[call_id] = task

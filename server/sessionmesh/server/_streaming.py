@@ -15,6 +15,8 @@ from sessionmesh.server._errors import Fail, invalid_stream
 from sessionmesh.server._handlers import Undecodable
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value, set_value
+from sessionmesh.wire.outbox import MAX_BATCH_BYTES
+from sessionmesh.wire.tasks import pulse
 
 #: How long a finished flow-controlled stream waits for the client's half-close.
 HALF_CLOSE_WAIT = 5.0
@@ -23,8 +25,6 @@ END_MESSAGE = pb.StreamCallResponse(end=pb.StreamEnd())
 
 #: The most chunks in one message, whatever the client takes (StreamStart.max_batch).
 MAX_BATCH = 1024
-#: A batch is closed at about this size: big chunks travel one (or a few) to a message.
-BATCH_BYTES = 64 * 1024
 
 
 class Flow:
@@ -127,7 +127,7 @@ class Batcher:
     a write is in flight wait for it and leave together in the next message. So a chunk
     never waits for others to join it, and a tool that yields faster than the wire drains
     pays for a message per batch, not per chunk. The tool waits only when a full batch is
-    already waiting (max_batch chunks, or about BATCH_BYTES).
+    already waiting (max_batch chunks, or about MAX_BATCH_BYTES).
     """
 
     __slots__ = ("_bytes", "_max", "_next", "_room", "_values", "_write", "_writer", "error")
@@ -142,7 +142,7 @@ class Batcher:
         self._bytes = 0
         #: Finishes the write in progress, then writes the batch that filled meanwhile.
         self._writer: asyncio.Task[None] | None = None
-        self._room: asyncio.Future[None] | None = None  # the tool, waiting for a full batch
+        self._room = asyncio.Event()  # pulsed when the writer takes a batch, or stops
         #: Why a write failed; the stream cannot go on.
         self.error: BaseException | None = None
 
@@ -160,7 +160,7 @@ class Batcher:
             del values[-1]
             raise
         size = value.ByteSize()
-        if self._bytes + size > BATCH_BYTES and len(values) > 1:
+        if self._bytes + size > MAX_BATCH_BYTES and len(values) > 1:
             # It would make the waiting batch too big: it opens the next one.
             del values[-1]
             await self._full()
@@ -169,7 +169,7 @@ class Batcher:
         self._bytes += size
         if self._writer is None:
             self._start()
-        elif len(self._values) >= self._max or self._bytes >= BATCH_BYTES:
+        elif len(self._values) >= self._max or self._bytes >= MAX_BATCH_BYTES:
             await self._full()
 
     def _open(self) -> None:
@@ -180,9 +180,7 @@ class Batcher:
     def _take(self) -> pb.StreamCallResponse:
         message, self._next, self._values = self._next, None, None
         assert message is not None
-        room, self._room = self._room, None
-        if room is not None and not room.done():
-            room.set_result(None)
+        pulse(self._room)
         return message
 
     def _start(self) -> None:
@@ -201,15 +199,12 @@ class Batcher:
             self.error = exc
         finally:
             self._writer = None
-            room, self._room = self._room, None
-            if room is not None and not room.done():
-                room.set_result(None)
+            pulse(self._room)
 
     async def _full(self) -> None:
         """Wait until the writer takes the waiting batch."""
         while self._next is not None and self._writer is not None:
-            self._room = asyncio.get_running_loop().create_future()
-            await self._room
+            await self._room.wait()
         if self.error is not None:
             raise self.error
 
