@@ -69,7 +69,7 @@ def test_every_blocking_client_runs_on_one_loop_that_outlives_them(counter: str)
     for _ in range(2):
         with mesh.connect_sync(counter) as client:
             assert {t["name"] for t in client.list_tools()} >= {"increment"}
-            loops.append(client._portal.call(asyncio.get_running_loop))
+            loops.append(client._loop.portal.call(asyncio.get_running_loop))
     assert loops[0] is loops[1]
     assert loops[0].is_running() and not loops[0].is_closed()
 
@@ -80,6 +80,6 @@ def test_a_blocking_stream_finalized_on_the_loops_own_thread_closes(counter: str
             chunks = proxy.stream(n=1000)
             assert next(chunks)["i"] == 1
             # As a garbage collection there would: the loop cannot wait for itself.
-            client._portal.call(chunks.close)
+            client._loop.portal.call(chunks.close)
             # The stream held the session's turn; closed, it lets the next call in.
             assert proxy("session_counter", {"increment": 1})["count"] == 1

@@ -96,7 +96,6 @@ class SyncProxy:
 
     def __init__(self, loop: _LoopThread, proxy: Proxy) -> None:
         self._loop = loop
-        self._portal = loop.portal
         self._proxy = proxy
 
     def __repr__(self) -> str:
@@ -123,7 +122,7 @@ class SyncProxy:
         try:
             while True:
                 try:
-                    yield self._portal.call(chunks.__anext__)
+                    yield self._loop.portal.call(chunks.__anext__)
                 except StopAsyncIteration:
                     return
         finally:
@@ -152,7 +151,7 @@ class SyncProxy:
         self.cleanup_auto_session()
 
     def _run(self, work: Callable[[], Awaitable[T]]) -> T:
-        return self._portal.call(work)  # the portal awaits what the callable returns
+        return self._loop.portal.call(work)  # the portal awaits what the callable returns
 
 
 class SyncClient:
@@ -161,7 +160,6 @@ class SyncClient:
     def __init__(self, client: AgentClient | MeshClient, loop: _LoopThread) -> None:
         self._client = client
         self._loop = loop
-        self._portal = loop.portal
 
     def proxy(self, capability: str, **options: Any) -> SyncProxy:
         """A blocking proxy; the same keywords as the async client's ``proxy`` (a blocking
@@ -173,7 +171,7 @@ class SyncClient:
     def list_tools(self) -> list[dict[str, Any]]:
         if not isinstance(self._client, AgentClient):
             raise UsageError("list_tools() is per agent: connect_sync('host:port')")
-        return self._portal.call(self._client.list_tools)
+        return self._loop.portal.call(self._client.list_tools)
 
     def instances(self) -> list[Any]:
         if not isinstance(self._client, MeshClient):
@@ -183,7 +181,7 @@ class SyncClient:
     def close(self) -> None:
         """Close every auto session still open, then the connections (the loop thread
         stays for the next blocking client)."""
-        self._portal.call(self._client.aclose)
+        self._loop.portal.call(self._client.aclose)
 
     def __enter__(self) -> SyncClient:
         return self

@@ -286,13 +286,10 @@ class Agent:
         try:
             return await self._start()
         except BaseException:
-            server, self._server = self._server, None
-            if server is not None:
-                await server.stop(0)
-            if self._registration is not None:
-                await self._registration.stop()
-                self._registration = None
-            await self._release()
+            if self._server is not None:
+                await self.stop(0)  # serving already (registering failed, say)
+            else:
+                await self._release()
             self.mesh, self.metrics = None, None
             raise
 

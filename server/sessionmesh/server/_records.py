@@ -211,33 +211,27 @@ class RedisRecords(SessionRecords):
         return self._prefix + hashlib.sha256(session_id.encode()).hexdigest()[:32]
 
     async def _run(self, script: _Script, session_id: str, *args: Any) -> Any:
-        """Run ``script`` on the session's key; a fresh server learns the script."""
-        key = self.key(session_id)
+        """Run ``script`` on the session's key."""
+        return await self._talk(self._eval, script, self.key(session_id), args)
 
-        async def talk(conn: Any) -> Any:
-            try:
-                await conn.send_packed_command(_pack(b"EVALSHA", script.sha, 1, key, args), False)
-                return await conn.read_response()
-            except self._no_script:
-                await conn.send_packed_command(_pack(b"EVAL", script.source, 1, key, args))
-                return await conn.read_response()
-
-        return await self._talk(talk)
-
-    async def ping(self) -> None:
-        async def talk(conn: Any) -> Any:
-            await conn.send_packed_command(b"*1\r\n$4\r\nPING\r\n", False)
+    async def _eval(self, conn: Any, script: _Script, key: str, args: tuple[Any, ...]) -> Any:
+        try:
+            await conn.send_packed_command(_pack(b"EVALSHA", script.sha, 1, key, args), False)
+            return await conn.read_response()
+        except self._no_script:  # a fresh server learns the script
+            await conn.send_packed_command(_pack(b"EVAL", script.source, 1, key, args))
             return await conn.read_response()
 
-        await self._talk(talk)
+    async def ping(self) -> None:
+        await self._talk(_ping)
 
-    async def _talk(self, talk: Callable[[Any], Awaitable[Any]]) -> Any:
-        """``talk`` on a free connection: a store that does not answer (down, unreachable,
-        too slow) is StoreUnavailable."""
+    async def _talk(self, talk: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """``talk(connection, *args)`` on a free connection: a store that does not answer
+        (down, unreachable, too slow) is StoreUnavailable."""
         conn = self._idle.pop() if self._idle else self._pool.make_connection()
         try:
             async with asyncio.timeout(STORE_TIMEOUT):
-                reply = await talk(conn)
+                reply = await talk(conn, *args)
         except TimeoutError:
             await conn.disconnect()
             raise StoreUnavailable(
@@ -299,6 +293,11 @@ class RedisRecords(SessionRecords):
         for conn in idle:
             await conn.disconnect()
         await self._pool.disconnect()
+
+
+async def _ping(conn: Any) -> Any:
+    await conn.send_packed_command(b"*1\r\n$4\r\nPING\r\n", False)
+    return await conn.read_response()
 
 
 def _pack(command: bytes, script: str, keys: int, key: str, args: tuple[Any, ...]) -> bytes:
