@@ -447,3 +447,32 @@ async def test_plain_tools_run_on_the_agents_own_threads_as_many_as_it_says() ->
         assert await asyncio.gather(*calls) == [1, 1, 1, 1]
     assert most == 2  # the other two waited for a thread
     assert names and all(n.startswith("sessionmesh-pool") for n in names)
+
+
+async def test_a_thread_tool_that_timed_out_keeps_its_sessions_turn_until_it_ends() -> None:
+    # A thread cannot be stopped: the caller is told ToolTimeout, and the session's next
+    # call waits until the thread has really ended, so it never sees a half-written state.
+    gate = threading.Event()
+
+    @mesh.tool(session_required=True, timeout=0.2)
+    def write(session: mesh.Session, value: int) -> list[int]:
+        if value == 1:
+            gate.wait(10)  # past its timeout, until the test lets it go on
+        log: list[int] = session.state.setdefault("log", [])
+        log.append(value)
+        return list(log)
+
+    async with running_agent(write) as (agent, client):
+        proxy = client.proxy("write")
+        sid = await proxy.create_session()
+        session = agent.sessions.get(sid)
+        try:
+            with pytest.raises(mesh.errors.ToolTimeout):
+                await proxy.call_with_session(session_id=sid, value=1)
+            second = asyncio.create_task(proxy.call_with_session(session_id=sid, value=2))
+            await eventually(lambda: session.waiting == 1, what="call 2 waiting its turn")
+            assert session.state.get("log", []) == []
+            assert not second.done()
+        finally:
+            gate.set()
+        assert await second == [1, 2]

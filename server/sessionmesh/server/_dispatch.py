@@ -432,6 +432,9 @@ class Dispatcher:
             raise
         except Exception as exc:
             failure = self.tool_failed(plan, exc)
+            if session._thread is not None:
+                # A thread that timed out still writes the state: save what it leaves.
+                await session._thread.wait()
             await durability.save(session, plan.call_id, failure)
             raise failure from None
         await durability.save(session, plan.call_id, result, bound)

@@ -9,6 +9,7 @@ import contextvars
 import heapq
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,7 @@ class Session:
         "_holder",
         "_line",
         "_state",
+        "_thread",
         "active",
         "closed",
         "durable",
@@ -78,6 +80,8 @@ class Session:
         self._line: collections.deque[asyncio.Future[None]] | None = None
         self._state: dict[str, Any] | None = None
         self._callbacks: list[CloseCallback] | None = None
+        #: The worker thread of the call in its turn (a plain ``def`` tool), while it runs.
+        self._thread: Worker | None = None
         #: For a session kept in a session store: its fence and saved copy (``_durable.py``).
         self.durable: Any = None
 
@@ -182,12 +186,55 @@ class Turn:
         self.leave()
 
     def leave(self) -> None:
-        """End the turn (what leaving ``async with`` does), from code that cannot await."""
+        """End the turn (what leaving ``async with`` does), from code that cannot await.
+        A worker thread of the call that still runs (its tool timed out or was cancelled:
+        a thread cannot be stopped) keeps the turn until it ends, so the next call of the
+        session never runs beside it."""
         session = self.session
         session.active -= 1
         session._holder = None
         session.last_used = time.monotonic()
+        thread, session._thread = session._thread, None
+        if thread is not None and thread.then(session._release):
+            return
         session._release()
+
+
+class Worker:
+    """A plain tool's run on a worker thread, as its session's turn sees it: the turn may
+    end on the event loop while the thread still runs, and is then handed on only when the
+    thread ends. Made on the loop, ended by the thread; a lock orders the two."""
+
+    __slots__ = ("_after", "_ended", "_lock", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._ended = False
+        self._after: Callable[[], None] | None = None
+
+    def ended(self) -> None:
+        """The thread's last act: run what waits for it, on the loop."""
+        with self._lock:
+            self._ended = True
+            after = self._after
+        if after is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing waits
+                self._loop.call_soon_threadsafe(after)
+
+    def then(self, callback: Callable[[], None]) -> bool:
+        """Run ``callback`` on the loop once the thread ends; False (not kept) if it has."""
+        with self._lock:
+            if self._ended:
+                return False
+            self._after = callback
+            return True
+
+    async def wait(self) -> None:
+        """Until the thread has ended."""
+        done = self._loop.create_future()
+        if self.then(lambda: done.done() or done.set_result(None)):
+            await done
 
     def abandon(self) -> None:
         """Give up the place without running (the call failed or was cancelled before its

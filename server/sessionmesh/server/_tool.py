@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, overload
 from sessionmesh.client import Dependency, McpAgent, ProxyOptions
 from sessionmesh.client.errors import UsageError
 from sessionmesh.server._params import ArgumentError, Rich, coercer, schema_for
-from sessionmesh.server._session import Session
+from sessionmesh.server._session import Session, Worker, _current
 from sessionmesh.wire.codec import is_json
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -227,9 +227,15 @@ class BoundTool:
         return await self._in_thread(functools.partial(spec.fn, **kwargs))
 
     def _in_thread(self, fn: Callable[[], T]) -> asyncio.Future[T]:
-        """``asyncio.to_thread``, on the agent's own pool."""
+        """``asyncio.to_thread``, on the agent's own pool. In a session, the session's turn
+        lasts until the thread ends, even when the call is answered first (a timeout)."""
+        loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
-        return asyncio.get_running_loop().run_in_executor(self.executor, context.run, fn)
+        session = _current.get()
+        if session is None:
+            return loop.run_in_executor(self.executor, context.run, fn)
+        worker = session._thread = Worker(loop)
+        return loop.run_in_executor(self.executor, _until_ended, worker, context, fn)
 
     def iterate(self, kwargs: dict[str, Any]) -> AsyncGenerator[Any, None]:
         """The tool's chunks; a tool that does not stream gives one chunk, its result."""
@@ -251,6 +257,13 @@ class BoundTool:
                 gen.close()
         else:
             yield await self.invoke(kwargs)
+
+
+def _until_ended(worker: Worker, context: contextvars.Context, fn: Callable[[], T]) -> T:
+    try:
+        return context.run(fn)
+    finally:
+        worker.ended()
 
 
 def _param_names(spec: ToolSpec) -> set[str]:
