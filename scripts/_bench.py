@@ -314,7 +314,7 @@ def sdk_provider() -> Any:
 async def traced_vs_not(addresses: dict[str, str], pairs: int, n: int) -> dict[str, Any]:
     """A session call traced on both sides (the caller here, and an agent whose process
     traces: SDK recording, batch export) vs the same untraced, alternating."""
-    from sessionmesh.client import tracing
+    from sessionmesh import tracing
 
     provider = sdk_provider()
     async with (
@@ -341,7 +341,7 @@ async def traced_vs_not(addresses: dict[str, str], pairs: int, n: int) -> dict[s
 
 async def serve_traced() -> None:
     """A second serving process whose agent traces every call."""
-    from sessionmesh.client import tracing
+    from sessionmesh import tracing
 
     tracing.enable(sdk_provider())
     agent = mesh.Agent([bump], name="bench-traced")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from sessionmesh.wire import status
+
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 
@@ -37,10 +39,12 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
 
 PUBLIC_MODULES = [
     "sessionmesh.mesh",
+    "sessionmesh.errors",
+    "sessionmesh.tracing",
+    "sessionmesh.core",
+    "sessionmesh.core.cli",
     "sessionmesh.client",
-    "sessionmesh.client.errors",
     "sessionmesh.client.cli",
-    "sessionmesh.client.tracing",
     "sessionmesh.server",
     "sessionmesh.testing",
 ]
@@ -66,11 +70,14 @@ def test_exported_names_are_exactly_the_public_ones(module: str) -> None:
     assert not unlisted, f"{module} has public names missing from __all__: {sorted(unlisted)}"
 
 
-def test_errors_exports_only_the_hierarchy() -> None:
-    from sessionmesh.client import errors
+def test_errors_exports_only_the_hierarchy_and_its_code() -> None:
+    from sessionmesh import errors
 
     for name in errors.__all__:
         value = getattr(errors, name)
+        if name == "Code":  # what .code is: the wire's status code, not grpc's enum
+            assert value is status.Code
+            continue
         assert isinstance(value, type) and issubclass(value, errors.MeshError), name
 
 
@@ -88,12 +95,50 @@ def _run(code: str) -> str:
 
 def test_client_never_imports_server() -> None:
     code = (
-        "import sys, sessionmesh.client, sessionmesh.client.errors, sessionmesh.client.cli; "
+        "import sys, sessionmesh.client, sessionmesh.errors, sessionmesh.client.cli; "
         "print(any(m.startswith('sessionmesh.server') for m in sys.modules))"
     )
     assert _run(code) == "False"
     for path in (ROOT / "client").rglob("*.py"):
         assert "sessionmesh.server" not in path.read_text(), path
+
+
+def test_the_core_belongs_to_neither_side() -> None:
+    code = (
+        "import sys, sessionmesh.core, sessionmesh.core.cli, sessionmesh.core._reasons, "
+        "sessionmesh.errors, sessionmesh.tracing; "
+        "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('sessionmesh.')}))"
+    )
+    assert _run(code) == "['core', 'errors', 'tracing', 'v1', 'wire']"
+    for path in (ROOT / "core").rglob("*.py"):
+        text = path.read_text()
+        assert "sessionmesh.client" not in text and "sessionmesh.server" not in text, path
+
+
+def test_the_tree_says_who_depends_on_whom() -> None:
+    # Each source root holds one layer; the facade (mesh, testing) is the only one that
+    # joins the caller's side and the agent's.
+    roots = {p.name for p in ROOT.iterdir() if (p / "sessionmesh").is_dir()}
+    assert roots == {"protos", "core", "client", "server", "facade"}
+    assert {p.name for p in (ROOT / "facade" / "sessionmesh").glob("*.py")} == {
+        "mesh.py",
+        "testing.py",
+        "_memory.py",
+    }
+
+
+def test_grpc_status_codes_are_named_at_the_edges_only() -> None:
+    # Everything above the transports speaks the wire's Code; grpc's enum is read where a
+    # gRPC call failed (the client's edge) and nowhere else.
+    hand_written = [
+        p
+        for root in ("protos/sessionmesh/wire", "core", "client", "server", "facade")
+        for p in (ROOT / root).rglob("*.py")
+    ]
+    naming = sorted(p.name for p in hand_written if "grpc.StatusCode" in p.read_text())
+    assert len(naming) <= 3, naming
+    dispatcher = (ROOT / "server" / "sessionmesh" / "server" / "_dispatch.py").read_text()
+    assert "import grpc" not in dispatcher
 
 
 def test_a_caller_of_mesh_connect_does_not_load_the_agent_runtime() -> None:
@@ -115,10 +160,32 @@ print("sessionmesh.server" in sys.modules)
     assert _run(code).splitlines() == ["[]", "True"]
 
 
+def test_declaring_tools_does_not_load_the_agent_runtime() -> None:
+    # Callers import tool functions for typed proxies: declaring must stay light.
+    code = """
+import sys
+from sessionmesh import mesh
+
+@mesh.tool(session_required=True, dependencies=["other"])
+def increment(session: mesh.Session, other: mesh.McpAgent | None = None, by: int = 1) -> int:
+    return by
+
+@mesh.agent(name="counter", port=0)
+class Counter: ...
+
+runtime = ("_agent", "_service", "_dispatch", "_standard", "_inject", "_registry", "_tool")
+loaded = [m for m in sys.modules if m.rpartition(".")[2] in runtime and "sessionmesh" in m]
+loaded += [m for m in sys.modules if m.startswith(("grpc_health.", "grpc_reflection."))]
+print(sorted(loaded))
+"""
+    assert _run(code) == "[]"
+
+
 def test_server_uses_only_public_names_of_the_client() -> None:
     offenders = [
         f"{path.relative_to(ROOT)}: {line.strip()}"
-        for path in (ROOT / "server").rglob("*.py")
+        for root in ("server", "facade")
+        for path in (ROOT / root).rglob("*.py")
         for line in path.read_text().splitlines()
         if re.match(r"\s*(from|import) sessionmesh\.client(\.\w+)*\._", line)
         or re.match(r"\s*from sessionmesh\.client(\.\w+)* import _", line)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from sessionmesh import mesh
-from sessionmesh.client.errors import CallTimeout
+from sessionmesh.errors import CallTimeout
 from sessionmesh.testing import eventually, running_agent
 
 pytestmark = pytest.mark.anyio

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sessionmesh.client import Dependency
-from sessionmesh.client._dependency import version_matches
-from sessionmesh.client.errors import UsageError
+from sessionmesh.core import Dependency
+from sessionmesh.core._dependency import version_matches
+from sessionmesh.errors import UsageError
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import session_service_pb2 as pb
 

@@ -18,8 +18,9 @@ import grpc
 import pytest
 
 from sessionmesh import mesh
-from sessionmesh.client.errors import (
+from sessionmesh.errors import (
     CallTimeout,
+    Code,
     SessionNotFound,
     SessionStoreUnavailable,
     StateNotJson,
@@ -219,7 +220,7 @@ async def test_calls_fail_typed_while_the_store_is_down_and_succeed_when_it_is_b
             await store.kill()
             with pytest.raises(SessionStoreUnavailable) as caught:
                 await durable(increment=1)
-            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+            assert caught.value.code == Code.UNAVAILABLE
             assert "nothing was saved" in caught.value.message
             # Non-durable sessions of another agent are unaffected.
             async with Agent(TOOLS, name="plain") as plain, mesh.connect(plain.address) as c:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from sessionmesh import mesh
-from sessionmesh.client.errors import SessionElsewhere
+from sessionmesh.errors import SessionElsewhere
 from sessionmesh.testing import eventually
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire.names import owner_of

@@ -16,9 +16,10 @@ import pytest
 
 from sessionmesh import mesh
 from sessionmesh.client._status import from_rpc_error
-from sessionmesh.client.errors import (
+from sessionmesh.errors import (
     AgentUnavailable,
     CallTimeout,
+    Code,
     InvalidArguments,
     RemoteError,
     ResourceExhausted,
@@ -41,7 +42,7 @@ async def test_unknown_tool_lists_the_known_ones() -> None:
     async with running_agent(add, echo) as (_, client):
         with pytest.raises(ToolNotFound, match=r"no tool .nope.*add, echo") as info:
             await client.proxy("nope")()
-        assert info.value.code == grpc.StatusCode.NOT_FOUND
+        assert info.value.code == Code.NOT_FOUND
         assert info.value.reason == "TOOL_NOT_FOUND"
 
 
@@ -50,7 +51,7 @@ async def test_unknown_session_id() -> None:
         forged = agent.instance_id + ".AAAAAAAAAAAAAAAAAAAAAA"
         with pytest.raises(SessionNotFound) as info:
             await client.proxy("increment").call_with_session(session_id=forged)
-        assert info.value.code == grpc.StatusCode.NOT_FOUND
+        assert info.value.code == Code.NOT_FOUND
         assert info.value.session_id == forged
         assert len(agent.sessions) == 0  # nothing was opened in its place
 
@@ -74,7 +75,7 @@ async def test_invalid_arguments_name_the_parameter(
         with pytest.raises(InvalidArguments, match=text) as info:
             await client.proxy("add")(**args)
         assert info.value.field == field
-        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.code == Code.INVALID_ARGUMENT
 
 
 async def test_arguments_are_coerced_as_json_numbers() -> None:
@@ -117,7 +118,7 @@ async def test_oversize_message_gets_resource_exhausted() -> None:
     async with running_agent(echo, max_message_bytes=64 * 1024) as (_, client):
         with pytest.raises(ResourceExhausted) as info:
             await client.proxy("echo")(value="x" * 100_000)
-        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.code == Code.RESOURCE_EXHAUSTED
         assert await client.proxy("echo")(value="small") == "small"
 
 
@@ -216,7 +217,7 @@ def test_a_status_grpc_makes_up_for_a_failed_write_is_a_broken_connection() -> N
         grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(), details="bad state"
     )
     error = from_rpc_error(said)  # an INTERNAL the agent sent stays what it is
-    assert type(error) is RemoteError and error.code == grpc.StatusCode.INTERNAL
+    assert type(error) is RemoteError and error.code == Code.INTERNAL
 
 
 async def test_an_agent_that_cannot_listen_says_why_and_leaves_nothing_running(
@@ -333,7 +334,7 @@ def test_a_proxy_called_without_await_and_no_loop_fails_at_once() -> None:
     code = """
 import asyncio
 from sessionmesh import mesh
-from sessionmesh.client.errors import UsageError
+from sessionmesh.errors import UsageError
 from sessionmesh.testing import eventually, running_agent
 from tests.tools import increment
 

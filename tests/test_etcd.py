@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from sessionmesh import mesh
-from sessionmesh.client.errors import SessionLost, UsageError
+from sessionmesh.errors import SessionLost, UsageError
 from sessionmesh.testing import eventually
 from tests.etcd import Cluster, cluster
 from tests.procs import CLI, ROOT, open_sessions, process, registry, serve

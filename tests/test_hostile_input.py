@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from sessionmesh import mesh
-from sessionmesh.client.errors import InvalidArguments, ToolFailed
+from sessionmesh.errors import InvalidArguments, ToolFailed
 from sessionmesh.testing import eventually, running_agent
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc

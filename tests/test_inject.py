@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from sessionmesh import mesh
-from sessionmesh.client.errors import CallTimeout, ToolFailed, UsageError
+from sessionmesh.errors import CallTimeout, ToolFailed, UsageError
 from sessionmesh.testing import eventually, running_agent
 from tests.tools import increment, stream_count
 

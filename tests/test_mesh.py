@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from sessionmesh import mesh
-from sessionmesh.client.errors import (
+from sessionmesh.errors import (
     AgentUnavailable,
     SessionElsewhere,
     SessionLost,

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sessionmesh import mesh
-from sessionmesh.client.errors import InvalidArguments, ToolFailed
+from sessionmesh.errors import InvalidArguments, ToolFailed
 from sessionmesh.testing import eventually, running_agent
 from tests.procs import ROOT, process_blocking, wait_until
 from tests.redis_server import redis_server

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from sessionmesh.client import AgentClient, EndpointTransport
-from sessionmesh.client.errors import (
+from sessionmesh.errors import (
     InvalidArguments,
     SessionLost,
     SessionNotFound,

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from sessionmesh import mesh
-from sessionmesh.client.errors import AgentUnavailable
+from sessionmesh.errors import AgentUnavailable
 from sessionmesh.testing import running_agent
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc

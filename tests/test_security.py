@@ -16,9 +16,10 @@ import grpc
 import pytest
 
 from sessionmesh import mesh
-from sessionmesh.client.cli import REGISTRY_ENV
-from sessionmesh.client.errors import (
+from sessionmesh.core.cli import REGISTRY_ENV
+from sessionmesh.errors import (
     AgentUnavailable,
+    Code,
     PermissionDenied,
     SessionElsewhere,
     SessionNotFound,
@@ -185,7 +186,7 @@ async def test_tools_with_allow_lists_and_admins(pki: Pki, tmp_path: Path) -> No
             with pytest.raises(PermissionDenied, match=f"{BOB} may not call 'alice_only'") as info:
                 await bob.proxy("alice_only")()
             assert info.value.reason == "PERMISSION_DENIED"
-            assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+            assert info.value.code == Code.PERMISSION_DENIED
             async with alice.proxy("session_counter", session_required=True) as a:
                 await a(increment=1)
                 async with bob.proxy("session_counter", session_required=True) as b:
@@ -405,7 +406,6 @@ async def test_a_client_dials_only_the_addresses_the_registry_lists(reg: str) ->
     @mesh.tool
     async def lure() -> None:
         raise Fail(
-            grpc.StatusCode.FAILED_PRECONDITION,
             "SESSION_ELSEWHERE",
             f"the session lives at {elsewhere}",
             {"session_id": "x", "owner_instance": "evil", "owner_endpoint": elsewhere},

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from sessionmesh import mesh
-from sessionmesh.client.errors import (
+from sessionmesh.errors import (
     CallTimeout,
     SessionNotFound,
     ToolFailed,

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from sessionmesh import mesh
-from sessionmesh.client.errors import SessionLost, ToolNotFound, UsageError
+from sessionmesh.errors import SessionLost, ToolNotFound, UsageError
 from tests.procs import ROOT, process_blocking
 
 

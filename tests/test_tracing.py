@@ -16,9 +16,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from sessionmesh import mesh
-from sessionmesh.client import tracing
-from sessionmesh.client.errors import ToolFailed
+from sessionmesh import mesh, tracing
+from sessionmesh.errors import ToolFailed
 from sessionmesh.testing import eventually, running_agent
 from tests.procs import serve
 from tests.tools import fail, increment, stream_count

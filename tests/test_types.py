@@ -14,7 +14,7 @@ import pytest
 from typing_extensions import TypedDict  # pydantic's kind, on Python 3.11 too
 
 from sessionmesh import mesh
-from sessionmesh.client.errors import InvalidArguments
+from sessionmesh.errors import InvalidArguments
 from sessionmesh.testing import running_agent
 
 pytestmark = pytest.mark.anyio

@@ -1,21 +1,20 @@
-"""The sessionmesh client: connect to an agent and call its tools through proxies."""
+"""The sessionmesh client: connect to an agent and call its tools through proxies.
+
+What the client shares with the server (``TLS``, ``ProxyOptions``, ``Dependency``, ``run``)
+is ``sessionmesh.core``'s; errors are ``sessionmesh.errors``; ``from sessionmesh import
+mesh`` gathers every name a user needs.
+"""
 
 from __future__ import annotations
 
-from sessionmesh.client import errors
 from sessionmesh.client._client import AgentClient, MeshClient, connect
-from sessionmesh.client._dependency import Dependency
-from sessionmesh.client._grpc import GrpcEndpoint
-from sessionmesh.client._loop import run
 from sessionmesh.client._proxy import (
     BaseProxy,
     McpAgent,
     Proxy,
-    ProxyOptions,
     StreamingProxy,
     TypedProxy,
 )
-from sessionmesh.client._security import TLS, Credentials
 from sessionmesh.client._stream import ChunkStream
 from sessionmesh.client._sync import SyncClient, SyncProxy, connect_sync
 from sessionmesh.client._transport import (
@@ -27,20 +26,15 @@ from sessionmesh.client._transport import (
 )
 
 __all__ = [
-    "TLS",
     "AgentClient",
     "Answer",
     "BaseProxy",
     "ChunkStream",
-    "Credentials",
-    "Dependency",
     "Endpoint",
     "EndpointTransport",
-    "GrpcEndpoint",
     "McpAgent",
     "MeshClient",
     "Proxy",
-    "ProxyOptions",
     "StreamCall",
     "StreamingProxy",
     "SyncClient",
@@ -49,6 +43,4 @@ __all__ = [
     "TypedProxy",
     "connect",
     "connect_sync",
-    "errors",
-    "run",
 ]

@@ -20,8 +20,8 @@ import logging
 import secrets
 from typing import TYPE_CHECKING, NamedTuple
 
-from sessionmesh.client import tracing
-from sessionmesh.client.errors import (
+from sessionmesh import tracing
+from sessionmesh.errors import (
     RemoteError,
     SessionLost,
     SessionOwnerLost,

@@ -6,20 +6,20 @@ import enum
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
-from sessionmesh.client._dependency import Dependency
 from sessionmesh.client._grpc import GrpcEndpoint
 from sessionmesh.client._mesh import EndpointPool, MeshTransport, RegistryWatch
 from sessionmesh.client._proxy import (
     Proxy,
-    ProxyOptions,
     StreamingProxy,
     TypedProxy,
     make_proxy,
     tool_of,
 )
-from sessionmesh.client._security import TLS, Credentials
 from sessionmesh.client._transport import EndpointTransport, Transport
-from sessionmesh.client.errors import UsageError
+from sessionmesh.core._credentials import TLS, Credentials
+from sessionmesh.core._dependency import Dependency
+from sessionmesh.core._options import ProxyOptions
+from sessionmesh.errors import UsageError
 from sessionmesh.wire.codec import from_struct
 from sessionmesh.wire.etcd import SCHEMES as ETCD_SCHEMES
 from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES

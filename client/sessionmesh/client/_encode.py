@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-import grpc
 from google.protobuf.struct_pb2 import Struct, Value
 
-from sessionmesh.client.errors import InvalidArguments, UsageError
+from sessionmesh.errors import Code, InvalidArguments, UsageError
 from sessionmesh.wire.codec import NotJsonLike, TooDeep, set_struct, set_value
 from sessionmesh.wire.reasons import Reason
 
@@ -22,7 +21,7 @@ def _encode(what: str, setter: Callable[[M, V], None], out: M, value: V) -> None
     except TooDeep as exc:
         raise InvalidArguments(
             f"{what} {exc}: the agent could not decode it, so it is not sent",
-            code=grpc.StatusCode.INVALID_ARGUMENT,
+            code=Code.INVALID_ARGUMENT,
             reason=Reason.INVALID_ARGUMENTS,
             metadata={"field": exc.path},
         ) from None

@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from sessionmesh.client._security import Credentials
-from sessionmesh.client.errors import AgentUnavailable, UsageError
+from sessionmesh.client._status import from_rpc_error
+from sessionmesh.core._credentials import Credentials
+from sessionmesh.errors import AgentUnavailable, UsageError
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire import etcd
 from sessionmesh.wire.etcd import EtcdTarget, prefix_end
@@ -58,7 +59,7 @@ class EtcdSource:
         except grpc.aio.AioRpcError as exc:
             raise AgentUnavailable(
                 f"etcd at {self.target.url} is unreachable ({exc.code().name}: {exc.details()})",
-                code=exc.code(),
+                code=from_rpc_error(exc).code,
             ) from exc
         for kv in snapshot.kvs:
             yield rpb.WatchResponse(change=Change.CHANGE_ADDED, instance=_instance(kv.value))

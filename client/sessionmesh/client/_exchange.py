@@ -15,7 +15,7 @@ from typing import cast
 import grpc
 
 from sessionmesh.client._status import from_rpc_error
-from sessionmesh.client.errors import (
+from sessionmesh.errors import (
     AgentUnavailable,
     CallTimeout,
     PermissionDenied,

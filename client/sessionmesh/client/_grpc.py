@@ -14,12 +14,13 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.struct_pb2 import Value
 
-from sessionmesh.client import tracing
+from sessionmesh import tracing
 from sessionmesh.client._exchange import Exchange
-from sessionmesh.client._security import PLAINTEXT, Credentials
-from sessionmesh.client._status import from_rpc_error, from_status
+from sessionmesh.client._status import from_rpc_error
 from sessionmesh.client._transport import Answer, Endpoint, StreamCall
-from sessionmesh.client.errors import (
+from sessionmesh.core._credentials import PLAINTEXT, Credentials
+from sessionmesh.core._reasons import from_status
+from sessionmesh.errors import (
     AgentUnavailable,
     PermissionDenied,
     Unauthenticated,
@@ -266,7 +267,7 @@ class RegistryChannel:
             raise AgentUnavailable(
                 f"the registry at {self.address} is unreachable ({exc.code().name}: "
                 f"{exc.details()})",
-                code=exc.code(),
+                code=error.code,
             ) from exc
 
     async def aclose(self) -> None:

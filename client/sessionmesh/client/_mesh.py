@@ -15,13 +15,13 @@ import random
 import time
 from collections.abc import Callable
 
-from sessionmesh.client._dependency import Dependency
 from sessionmesh.client._etcd import EtcdSource
 from sessionmesh.client._etcd import parse as parse_etcd
 from sessionmesh.client._grpc import GrpcEndpoint, RegistryChannel
-from sessionmesh.client._security import PLAINTEXT, Credentials
 from sessionmesh.client._transport import Endpoint, Transport
-from sessionmesh.client.errors import (
+from sessionmesh.core._credentials import PLAINTEXT, Credentials
+from sessionmesh.core._dependency import Dependency
+from sessionmesh.errors import (
     AgentUnavailable,
     PermissionDenied,
     RemoteError,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 import logging
 import random
@@ -11,12 +10,13 @@ import typing
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, get_args, get_origin, overload
 
-from sessionmesh.client import tracing
+from sessionmesh import tracing
 from sessionmesh.client._auto_session import AutoSession, Route
 from sessionmesh.client._encode import encode_arguments
-from sessionmesh.client._status import in_python_terms
 from sessionmesh.client._stream import ChunkStream
-from sessionmesh.client.errors import (
+from sessionmesh.core._options import ProxyOptions
+from sessionmesh.core._reasons import in_python_terms
+from sessionmesh.errors import (
     AgentUnavailable,
     CallTimeout,
     RemoteError,
@@ -42,44 +42,6 @@ log = logging.getLogger("sessionmesh.proxy")
 
 #: Calls bigger than this (encoded) skip the shared Exchange stream (GrpcEndpoint.call).
 EXCHANGE_MAX_BYTES = 64 * 1024
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ProxyOptions:
-    """How a proxy calls. Every field has an effect; see ``Proxy``."""
-
-    session_required: bool = False
-    stateful: bool = False
-    auto_session_management: bool = True
-    timeout: float | None = None
-    retry_count: int = 0
-    retry_delay: float = 0.5
-    streaming: bool = False
-    stream_timeout: float | None = None
-    buffer_size: int = 64
-
-    def __post_init__(self) -> None:
-        if self.retry_count < 0:
-            raise UsageError("retry_count must be >= 0")
-        if self.retry_delay < 0:
-            raise UsageError("retry_delay must be >= 0 seconds")
-        if self.buffer_size < 1:
-            raise UsageError("buffer_size must be >= 1 (chunks in flight)")
-        for name in ("timeout", "stream_timeout"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UsageError(f"{name} must be > 0 seconds, or None")
-
-    @property
-    def auto_session(self) -> bool:
-        return self.session_required and self.auto_session_management
-
-    def replace(self, **changes: Any) -> ProxyOptions:
-        """These options with ``changes``; an unknown name is a UsageError."""
-        try:
-            return dataclasses.replace(self, **changes)
-        except TypeError as exc:
-            raise UsageError(f"unknown proxy option: {exc}") from None
 
 
 def _split_call(
@@ -153,7 +115,7 @@ class BaseProxy:
     With ``session_required=True`` (and ``auto_session_management``, the default) the first
     call opens a session, later calls reuse it on the instance that owns it, and
     ``cleanup_auto_session()`` or leaving ``async with proxy:`` closes it. A call that finds
-    the session gone raises :class:`~sessionmesh.client.errors.SessionLost`; the proxy then
+    the session gone raises :class:`~sessionmesh.errors.SessionLost`; the proxy then
     refuses further calls until it is cleaned up, so state is never silently reset.
 
     Example::

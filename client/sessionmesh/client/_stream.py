@@ -7,9 +7,9 @@ import collections
 from collections.abc import AsyncIterable, AsyncIterator, Generator
 from typing import TYPE_CHECKING, Any
 
-from sessionmesh.client import tracing
+from sessionmesh import tracing
 from sessionmesh.client._encode import encode_arguments, encode_input
-from sessionmesh.client.errors import MeshError, UsageError
+from sessionmesh.errors import MeshError, UsageError
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value
 from sessionmesh.wire.deadline import bounded

@@ -24,11 +24,11 @@ from typing import Any, TypeVar
 from anyio.from_thread import BlockingPortal
 
 from sessionmesh.client._client import AgentClient, MeshClient, connect
-from sessionmesh.client._loop import run
 from sessionmesh.client._proxy import Proxy
-from sessionmesh.client._security import TLS
 from sessionmesh.client._stream import ChunkStream
-from sessionmesh.client.errors import UsageError
+from sessionmesh.core._credentials import TLS
+from sessionmesh.core._loop import run
+from sessionmesh.errors import UsageError
 
 T = TypeVar("T")
 

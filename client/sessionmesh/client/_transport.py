@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from sessionmesh.client.errors import UsageError
+from sessionmesh.errors import UsageError
 from sessionmesh.wire.names import owner_of
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from google.protobuf.struct_pb2 import Value
 
     from sessionmesh.client._auto_session import AutoSession
-    from sessionmesh.client.errors import RemoteError
+    from sessionmesh.errors import RemoteError
     from sessionmesh.v1 import session_service_pb2 as pb
 
 T = TypeVar("T")

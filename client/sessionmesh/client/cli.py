@@ -9,97 +9,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import sys
 from typing import Any
 
 from sessionmesh.client._client import MeshClient, connect, tool_info
-from sessionmesh.client._security import TLS, TLS_ENV, TOKEN_ENV
-from sessionmesh.client.errors import MeshError, RemoteError, UsageError
+from sessionmesh.core.cli import (
+    DEFAULT_REGISTRY_PORT,
+    REGISTRY_ENV,
+    registry_address,
+    say,
+    security_options,
+    tls_from,
+    token_from,
+)
+from sessionmesh.errors import MeshError, RemoteError, UsageError
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire.names import answers_to
 
-REGISTRY_ENV = "SESSIONMESH_REGISTRY"
-DEFAULT_REGISTRY_PORT = 50050
 COMMANDS = ("list", "call", "sessions", "open", "close", "top")
 
-__all__ = [
-    "COMMANDS",
-    "DEFAULT_REGISTRY_PORT",
-    "REGISTRY_ENV",
-    "TLS_ENV",
-    "TOKEN_ENV",
-    "add",
-    "registry_address",
-    "say",
-    "security_options",
-    "tls_from",
-    "token_from",
-]
-
-
-def say(message: str) -> None:
-    """A notice for the person running the command (a JSON line with --log-format json)."""
-    if os.environ.get("SESSIONMESH_LOG_FORMAT") == "json":
-        line = json.dumps({"level": "NOTICE", "logger": "sessionmesh", "message": message})
-        print(line, file=sys.stderr, flush=True)
-    else:
-        print(f"sessionmesh: {message}", file=sys.stderr, flush=True)
-
-
-def registry_address(args: argparse.Namespace, *, required: bool) -> str | None:
-    """--registry, else $SESSIONMESH_REGISTRY, else (if required) the default local one."""
-    address: str | None = getattr(args, "registry", None) or os.environ.get(REGISTRY_ENV)
-    if required and not address:
-        address = f"127.0.0.1:{DEFAULT_REGISTRY_PORT}"
-    return address
-
-
-def security_options(p: argparse.ArgumentParser, *, serves: bool) -> None:
-    """The TLS flags (each defaults to its SESSIONMESH_TLS_* variable) and --token."""
-    group = p.add_argument_group("security")
-    group.add_argument(
-        "--tls-cert",
-        metavar="FILE",
-        help=f"this process's certificate chain, PEM: {'served, and ' if serves else ''}"
-        f"presented as a client certificate (${TLS_ENV['cert']})",
-    )
-    group.add_argument(
-        "--tls-key", metavar="FILE", help=f"the key of --tls-cert, PEM (${TLS_ENV['key']})"
-    )
-    group.add_argument(
-        "--tls-ca",
-        metavar="FILE",
-        help=f"verify the servers we dial against this CA, PEM (${TLS_ENV['ca']}); with "
-        "neither it nor --tls-cert, we dial plaintext",
-    )
-    if serves:
-        group.add_argument(
-            "--tls-client-ca",
-            metavar="FILE",
-            help="require client certificates from this CA: mutual TLS, and callers known "
-            f"by their certificate (${TLS_ENV['client_ca']})",
-        )
-    group.add_argument(
-        "--token",
-        default=None,
-        help=f"a bearer token to send with every call, over TLS only (${TOKEN_ENV})",
-    )
-
-
-def tls_from(args: argparse.Namespace) -> TLS | None:
-    """The TLS the flags describe, each flag falling back to its environment variable."""
-    return TLS.from_env(
-        {
-            name: getattr(args, f"tls_{field}", None) or os.environ.get(name, "")
-            for field, name in TLS_ENV.items()
-        }
-    )
-
-
-def token_from(args: argparse.Namespace) -> str | None:
-    token: str | None = getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None
-    return token
+__all__ = ["COMMANDS", "add"]
 
 
 async def _mesh(args: argparse.Namespace) -> MeshClient:

@@ -6,6 +6,7 @@ runs with debug on). Agents encode with :func:`encode`; clients decode with :fun
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping, Sequence
 
 import grpc
@@ -18,7 +19,28 @@ from sessionmesh.wire.reasons import ERROR_DOMAIN
 #: Longest message or metadata value sent: error texts quote user input.
 MAX_TEXT = 2000
 
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+class Code(enum.IntEnum):
+    """A status code as the wire carries it (gRPC's numbering): what a failed call says,
+    on every side, without naming grpc's own enum."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -50,13 +72,11 @@ def encode(
     return details
 
 
-def to_grpc_status(
-    code: grpc.StatusCode, message: str, details: Sequence[any_pb2.Any]
-) -> grpc.Status:
+def to_grpc_status(code: Code, message: str, details: Sequence[any_pb2.Any]) -> grpc.Status:
     """For ``context.abort_with_status``: the status of a unary or streaming RPC."""
     from grpc_status import rpc_status  # only agents send statuses
 
-    status = status_pb2.Status(code=code.value[0], message=message[:MAX_TEXT], details=details)
+    status = status_pb2.Status(code=int(code), message=message[:MAX_TEXT], details=details)
     return rpc_status.to_status(status)
 
 
@@ -88,6 +108,9 @@ def details_in(trailers: grpc.aio.Metadata | None) -> Sequence[any_pb2.Any]:
     return ()
 
 
-def status_code(number: int) -> grpc.StatusCode:
-    """The StatusCode for a numeric code (UNKNOWN for one gRPC does not define)."""
-    return _CODES.get(number, grpc.StatusCode.UNKNOWN)
+def status_code(number: int) -> Code:
+    """The code for a number (UNKNOWN for one gRPC does not define)."""
+    try:
+        return Code(number)
+    except ValueError:
+        return Code.UNKNOWN

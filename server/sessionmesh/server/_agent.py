@@ -9,13 +9,15 @@ import logging
 import secrets
 import socket
 from types import ModuleType, TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from sessionmesh.client import TLS, Credentials, MeshClient
-from sessionmesh.client.errors import MeshError, UsageError
+from sessionmesh.client import MeshClient
+from sessionmesh.core import TLS, Credentials
+from sessionmesh.errors import MeshError, UsageError
 from sessionmesh.server import _recall as recall
+from sessionmesh.server._declare import AGENT_ATTR, ToolSpec, spec_of, tools_in
 from sessionmesh.server._dispatch import Dispatcher
 from sessionmesh.server._durable import Durability
 from sessionmesh.server._etcd import EtcdRegistration
@@ -28,7 +30,7 @@ from sessionmesh.server._security import Authenticator, Verifier, bind
 from sessionmesh.server._service import Servicer
 from sessionmesh.server._session import SessionStore
 from sessionmesh.server._standard import StandardServices
-from sessionmesh.server._tool import BoundTool, ToolSpec, each_once, spec_of, tools_in
+from sessionmesh.server._tool import BoundTool, each_once
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire import etcd
@@ -45,74 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sessionmesh.agent")
 
-AGENT_ATTR = "__sessionmesh_agent__"
 #: Threads for plain (``def``) tools, per agent: how many can block at once.
 DEFAULT_THREADS = 32
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionService"].full_name
-
-C = TypeVar("C", bound=type)
-
-
-def agent(name: str | None = None, **settings: Any) -> Callable[[C], C]:
-    """Name the agent a file defines and set how it serves (``host``, ``port``,
-    ``session_ttl``, ``max_sessions``, ``grace``, ``debug``, ``max_message_bytes``, ``peers``,
-    ``registry``, ``advertise``, ``drain_timeout``, ``threads``, ``remembered_calls``,
-    ``remembered_bytes``, and the security ones: ``tls``, ``insecure``, ``token``,
-    ``auth_tokens``, ``authenticate``, ``admins``, ``max_sessions_per_principal``; and the
-    limits ``max_streams_per_connection``, ``max_calls_per_stream``; ``metrics_port``;
-    ``session_store``, a ``redis://`` URL that makes sessions durable).
-
-    Example::
-
-        @mesh.agent(name="counter", port=50051, session_ttl=60)
-        class Counter: ...
-    """
-    unknown = set(settings) - _AGENT_SETTINGS
-    if unknown:
-        raise UsageError(f"unknown @mesh.agent setting(s): {', '.join(sorted(unknown))}")
-
-    def decorate(cls: C) -> C:
-        methods = [attr for attr, value in vars(cls).items() if spec_of(value) is not None]
-        if methods:
-            raise UsageError(
-                f"@mesh.tool {', '.join(methods)} is inside the @mesh.agent class "
-                f"{cls.__name__}: tools are module-level functions (the class only names the "
-                "agent and holds its settings); move them out of the class"
-            )
-        setattr(cls, AGENT_ATTR, {"name": name or cls.__name__, **settings})
-        return cls
-
-    return decorate
-
-
-_AGENT_SETTINGS = {
-    "registry",
-    "threads",
-    "remembered_calls",
-    "remembered_bytes",
-    "advertise",
-    "drain_timeout",
-    "host",
-    "port",
-    "session_ttl",
-    "max_sessions",
-    "grace",
-    "debug",
-    "max_message_bytes",
-    "peers",
-    "tls",
-    "insecure",
-    "token",
-    "auth_tokens",
-    "authenticate",
-    "admins",
-    "max_sessions_per_principal",
-    "max_streams_per_connection",
-    "max_calls_per_stream",
-    "lost_after",
-    "metrics_port",
-    "session_store",
-}
 
 
 class Agent:

@@ -16,10 +16,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from sessionmesh.client import TLS, Credentials, tracing
+from sessionmesh import tracing
 from sessionmesh.client import cli as client_commands
-from sessionmesh.client import run as run_loop
-from sessionmesh.client.cli import (
+from sessionmesh.core import TLS, Credentials
+from sessionmesh.core import run as run_loop
+from sessionmesh.core.cli import (
+    DEFAULT_REGISTRY_PORT,
     REGISTRY_ENV,
     TOKEN_ENV,
     registry_address,
@@ -28,7 +30,7 @@ from sessionmesh.client.cli import (
     tls_from,
     token_from,
 )
-from sessionmesh.client.errors import MeshError, UsageError
+from sessionmesh.errors import MeshError, UsageError
 from sessionmesh.server._agent import Agent
 from sessionmesh.server._etcd import EtcdStore
 from sessionmesh.server._registry import LOST_AFTER, Registry, RegistryStore
@@ -46,8 +48,6 @@ from sessionmesh.server._tool import each_once
 from sessionmesh.wire.etcd import SCHEMES as ETCD_SCHEMES
 
 log = logging.getLogger("sessionmesh.cli")
-
-DEFAULT_REGISTRY_PORT = client_commands.DEFAULT_REGISTRY_PORT
 
 
 def load_file(path: str) -> ModuleType:

@@ -10,9 +10,7 @@ import logging
 import traceback
 from typing import TYPE_CHECKING, Any
 
-import grpc
-
-from sessionmesh.client import tracing
+from sessionmesh import tracing
 from sessionmesh.server._durable import Durable, Replayed, gone
 from sessionmesh.server._errors import (
     Fail,
@@ -234,7 +232,6 @@ class Dispatcher:
     def new_session(self, bound: BoundTool | None, principal: str = "") -> Session:
         if self.draining:
             raise Fail(
-                grpc.StatusCode.UNAVAILABLE,
                 Reason.SHUTTING_DOWN,
                 f"agent {self.agent_name!r} is shutting down and takes no new sessions",
             )
@@ -244,9 +241,7 @@ class Dispatcher:
                 bound.spec.session_ttl if bound else None, principal, durable=durable
             )
         except TooManySessionsError as exc:
-            raise Fail(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_SESSIONS, str(exc)
-            ) from None
+            raise Fail(Reason.TOO_MANY_SESSIONS, str(exc)) from None
         if durable:
             session.durable = Durable()
         return session
@@ -287,7 +282,6 @@ class Dispatcher:
             return plan
         elif bound.requires_session:
             raise Fail(
-                grpc.StatusCode.FAILED_PRECONDITION,
                 Reason.SESSION_REQUIRED,
                 f"tool {bound.spec.name!r} needs a session: send '{SESSION_ID_KEY}: <id>' from "
                 f"CreateSession, or '{SESSION_CREATE_KEY}: 1' to open one with this call",
@@ -310,9 +304,7 @@ class Dispatcher:
         try:
             return self.durability.adopt(session_id, principal)
         except TooManySessionsError as exc:
-            raise Fail(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_MANY_SESSIONS, str(exc)
-            ) from None
+            raise Fail(Reason.TOO_MANY_SESSIONS, str(exc)) from None
 
     def _not_here(self, session_id: str) -> Fail:
         """A session this instance does not have: elsewhere (name the owner) or nowhere."""
@@ -321,7 +313,6 @@ class Dispatcher:
             endpoint = self.locate(owner)
             if endpoint is not None:
                 return Fail(
-                    grpc.StatusCode.FAILED_PRECONDITION,
                     Reason.SESSION_ELSEWHERE,
                     f"session {short(session_id)}... lives on instance {owner} at {endpoint}; "
                     "send its calls there (a session never moves)",
@@ -368,7 +359,6 @@ class Dispatcher:
             )
             log.warning("tool %s %s %s%s", bound.spec.name, what, where, who)
             return Fail(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
                 Reason.TOOL_TIMEOUT,
                 f"tool {bound.spec.name!r} {what}",
                 {"type": "TimeoutError", "message": str(exc)},
@@ -376,7 +366,6 @@ class Dispatcher:
         kind = type(exc).__name__
         log.warning("tool %s raised %s %s%s", bound.spec.name, kind, where, who, exc_info=exc)
         return Fail(
-            grpc.StatusCode.UNKNOWN,
             Reason.TOOL_FAILED,
             f"tool {bound.spec.name!r} raised {kind}: {exc}",
             {"type": kind, "message": str(exc)},

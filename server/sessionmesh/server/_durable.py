@@ -15,7 +15,6 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import grpc
 from google.protobuf.struct_pb2 import Value
 
 from sessionmesh.server._errors import Fail, not_json, session_not_found
@@ -23,6 +22,7 @@ from sessionmesh.server._records import Save, Saved, SessionRecords, StoreUnavai
 from sessionmesh.wire.codec import NotJsonLike, set_value
 from sessionmesh.wire.names import short
 from sessionmesh.wire.reasons import Reason
+from sessionmesh.wire.status import Code
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -66,7 +66,6 @@ class Replayed(NamedTuple):
 
 def store_unavailable(session_id: str, exc: BaseException | str) -> Fail:
     return Fail(
-        grpc.StatusCode.UNAVAILABLE,
         Reason.SESSION_STORE_UNAVAILABLE,
         f"session {short(session_id)}...: its session store did not answer ({exc}); nothing "
         "was saved and the session keeps its last saved state. Retry the call.",
@@ -154,10 +153,7 @@ class Durability:
         if saved[:1] == b"f":
             fields = json.loads(saved[1:])
             raise Fail(
-                grpc.StatusCode[fields["code"]],
-                fields["reason"],
-                fields["message"],
-                fields["metadata"],
+                fields["reason"], fields["message"], fields["metadata"], code=Code[fields["code"]]
             )
         return Replayed(Value.FromString(saved[1:]))
 
@@ -227,7 +223,6 @@ class Durability:
     def _moved(self, session_id: str, owner: str) -> Fail:
         endpoint = (self.locate(owner) if self.locate is not None else None) or ""
         return Fail(
-            grpc.StatusCode.FAILED_PRECONDITION,
             Reason.SESSION_ELSEWHERE,
             f"session {short(session_id)}... was taken over by instance {owner}"
             f"{' at ' + endpoint if endpoint else ''}; this copy was stale and did nothing "
@@ -248,7 +243,6 @@ class Durability:
         key, why = _first_unsaveable(state)
         self.revert(session)
         raise Fail(
-            grpc.StatusCode.FAILED_PRECONDITION,
             Reason.STATE_NOT_JSON,
             f"session.state[{key!r}] {why}: a durable session's state must be JSON (dict "
             "with str keys, list, str, int, float, bool, None). The call is refused and the "

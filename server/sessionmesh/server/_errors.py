@@ -4,31 +4,35 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import grpc
-
+from sessionmesh.core._reasons import code_of
 from sessionmesh.wire import status
 from sessionmesh.wire.names import short
 from sessionmesh.wire.reasons import Reason
+from sessionmesh.wire.status import Code
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    import grpc
     from google.protobuf import any_pb2
 
 
 class Fail(Exception):
-    """An expected failure of a call, with the status and ErrorInfo the client will see."""
+    """An expected failure of a call, with the status and ErrorInfo the client will see. The
+    code is the reason's (``sessionmesh.core._reasons``) unless ``code`` says otherwise; a
+    failure with no reason of ours (``""``) must give one."""
 
     def __init__(
         self,
-        code: grpc.StatusCode,
         reason: str,
         message: str,
         metadata: Mapping[str, str] | None = None,
+        *,
+        code: Code | None = None,
         debug: str = "",
     ) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = code if code is not None else code_of(reason)
         self.reason = reason
         self.message = message[: status.MAX_TEXT]
         self.metadata = dict(metadata or {})
@@ -37,14 +41,13 @@ class Fail(Exception):
     def details(self) -> list[any_pb2.Any]:
         return status.encode(self.reason, self.metadata, self.debug)
 
-    def status(self) -> grpc.Status:
+    def status(self) -> grpc.Status:  # grpc, for the type checker only
         """For ``context.abort_with_status``: the code, message and details of a Call."""
         return status.to_grpc_status(self.code, self.message, self.details())
 
 
 def session_not_found(session_id: str) -> Fail:
     return Fail(
-        grpc.StatusCode.NOT_FOUND,
         Reason.SESSION_NOT_FOUND,
         f"session {short(session_id)}... is not open on this agent: it was closed, expired, or "
         "never existed. Open a new session; its state is gone.",
@@ -54,17 +57,16 @@ def session_not_found(session_id: str) -> Fail:
 
 def session_closed(session_id: str) -> Fail:
     return Fail(
-        grpc.StatusCode.CANCELLED,
         Reason.SESSION_NOT_FOUND,
         f"session {short(session_id)}... was closed while this call ran in it; the call was "
         "cancelled. Open a new session; its state is gone.",
         {"session_id": session_id},
+        code=Code.CANCELLED,
     )
 
 
 def tool_not_found(name: str, known: list[str]) -> Fail:
     return Fail(
-        grpc.StatusCode.NOT_FOUND,
         Reason.TOOL_NOT_FOUND,
         f"no tool {name!r} on this agent; it has: {', '.join(known) or 'no tools'}",
         {"tool": name},
@@ -72,20 +74,18 @@ def tool_not_found(name: str, known: list[str]) -> Fail:
 
 
 def invalid_arguments(field: str, message: str) -> Fail:
-    return Fail(
-        grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_ARGUMENTS, message, {"field": field}
-    )
+    return Fail(Reason.INVALID_ARGUMENTS, message, {"field": field})
 
 
 def invalid_stream(message: str) -> Fail:
-    return Fail(grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_STREAM, message)
+    return Fail(Reason.INVALID_STREAM, message)
 
 
 def not_json(tool: str, verb: str, exc: Exception) -> Fail:
     """A result, chunk or input item the wire cannot carry: no JSON form, or too deep."""
     return Fail(
-        grpc.StatusCode.INTERNAL,
         Reason.TOOL_FAILED,
         f"tool {tool!r} {verb} a value the wire cannot carry: {exc}",
         {"type": type(exc).__name__, "message": str(exc)},
+        code=Code.INTERNAL,
     )

@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from sessionmesh.client import Credentials, MeshClient
-from sessionmesh.client.errors import UsageError
+from sessionmesh.client import MeshClient
+from sessionmesh.core import Credentials
+from sessionmesh.errors import UsageError
 from sessionmesh.server._registry import RegistryStore
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire import etcd

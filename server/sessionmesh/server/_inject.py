@@ -7,14 +7,8 @@ import contextlib
 import typing
 from typing import Any, Protocol
 
-from sessionmesh.client import (
-    AgentClient,
-    BaseProxy,
-    Dependency,
-    MeshClient,
-    ProxyOptions,
-    connect,
-)
+from sessionmesh.client import AgentClient, BaseProxy, MeshClient, connect
+from sessionmesh.core import Dependency, ProxyOptions
 
 if typing.TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from sessionmesh.client import TLS
-from sessionmesh.client.errors import UsageError
+from sessionmesh.core import TLS
+from sessionmesh.errors import UsageError
 from sessionmesh.server._security import is_loopback
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from sessionmesh.client import tracing
+from sessionmesh import tracing
 from sessionmesh.server._errors import Fail
 from sessionmesh.wire.names import short
 

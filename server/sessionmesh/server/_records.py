@@ -15,8 +15,8 @@ import hashlib
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
-from sessionmesh.client import TLS
-from sessionmesh.client.errors import UsageError
+from sessionmesh.core import TLS
+from sessionmesh.errors import UsageError
 from sessionmesh.server._security import is_loopback
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from sessionmesh.client import Credentials
+from sessionmesh.core import Credentials
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
 from sessionmesh.wire.limits import channel_options

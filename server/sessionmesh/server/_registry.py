@@ -19,8 +19,10 @@ from typing import Any, TypeVar
 
 import grpc
 
-from sessionmesh.client import TLS
-from sessionmesh.client.errors import UsageError
+from sessionmesh.core import TLS
+from sessionmesh.core._reasons import code_of
+from sessionmesh.errors import UsageError
+from sessionmesh.server._errors import invalid_stream
 from sessionmesh.server._metrics import RegistryMetrics
 from sessionmesh.server._security import (
     Authenticator,
@@ -186,8 +188,8 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
         if first is None or isinstance(first, _Silence):
             return
         if first.WhichOneof("kind") != "instance" or not first.instance.instance_id:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the first Register message must be an instance"
+            await context.abort_with_status(
+                invalid_stream("the first Register message must be an instance").status()
             )
         refused = self._may_register(principal, first.instance)
         if refused is not None:
@@ -255,7 +257,7 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
             # Why it was removed, should it read it; it is told again if it registers anew.
             await context.abort_with_status(
                 status.to_grpc_status(
-                    grpc.StatusCode.FAILED_PRECONDITION,
+                    code_of(Reason.INSTANCE_LOST),
                     f"{name} stayed unreachable for {self.lost_after:g} s and was removed; "
                     "its sessions were reported lost to their callers",
                     status.encode(Reason.INSTANCE_LOST, {"instance_id": instance.instance_id}),

@@ -13,8 +13,8 @@ from typing import Any
 
 import grpc
 
-from sessionmesh.client import TLS
-from sessionmesh.client.errors import UsageError
+from sessionmesh.core import TLS
+from sessionmesh.errors import UsageError
 from sessionmesh.server._errors import Fail
 from sessionmesh.wire.reasons import Reason
 
@@ -247,8 +247,8 @@ class Authenticator:
 
 
 def unauthenticated(message: str) -> Fail:
-    return Fail(grpc.StatusCode.UNAUTHENTICATED, Reason.UNAUTHENTICATED, message)
+    return Fail(Reason.UNAUTHENTICATED, message)
 
 
 def denied(message: str) -> Fail:
-    return Fail(grpc.StatusCode.PERMISSION_DENIED, Reason.PERMISSION_DENIED, message)
+    return Fail(Reason.PERMISSION_DENIED, message)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from sessionmesh.client import tracing
+from sessionmesh import tracing
 from sessionmesh.server._dispatch import Dispatcher, Plan, fill
 from sessionmesh.server._eager import Eager
 from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream, not_json
@@ -32,6 +32,7 @@ from sessionmesh.wire.limits import DEFAULT_MAX_CALLS_PER_STREAM
 from sessionmesh.wire.names import is_durable, short
 from sessionmesh.wire.outbox import take_batch
 from sessionmesh.wire.reasons import Reason
+from sessionmesh.wire.status import Code
 from sessionmesh.wire.tasks import pulse
 
 log = logging.getLogger("sessionmesh.agent")
@@ -205,7 +206,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
                     try:
                         call = Eager(self._run(message, answer, stream.principal, until))
                     except asyncio.CancelledError:  # its own: an earlier run's, cancelled
-                        _failed(answer, Fail(grpc.StatusCode.CANCELLED, "", "Cancelled"))
+                        _failed(answer, Fail("", "Cancelled", code=Code.CANCELLED))
                     except Exception as exc:  # a fault of the agent's: this call's alone
                         _failed(answer, _internal(message, exc))
                     else:
@@ -232,7 +233,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
                     await call
             except Exception as exc:
                 if isinstance(exc, TimeoutError) and deadline.expired():
-                    exc = Fail(grpc.StatusCode.DEADLINE_EXCEEDED, "", "Deadline Exceeded")
+                    exc = Fail("", "Deadline Exceeded", code=Code.DEADLINE_EXCEEDED)
                 _failed(answer, exc if isinstance(exc, Fail) else _internal(message, exc))
             stream.answering(message.id)
             await stream.send(answer)
@@ -246,7 +247,6 @@ class Servicer(pb_grpc.SessionServiceServicer):
         if len(running) >= self.max_calls_per_stream:
             # Each call in flight holds memory: one client cannot take it all.
             return Fail(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
                 Reason.TOO_MANY_CALLS,
                 f"this Exchange stream has {len(running)} calls in flight, the agent's limit "
                 "(max_calls_per_stream): wait for answers, or send more as unary Calls",
@@ -493,9 +493,9 @@ def _internal(message: pb.ExchangeRequest, exc: Exception) -> Fail:
     """A call that failed inside the agent, not in its tool: logged, and answered as such."""
     log.error("call of %r failed inside the agent", message.call.tool, exc_info=exc)
     return Fail(
-        grpc.StatusCode.INTERNAL,
         "",
         f"the agent failed on this call ({type(exc).__name__}: {exc}); it is logged there",
+        code=Code.INTERNAL,
     )
 
 
@@ -503,7 +503,7 @@ def _failed(answer: pb.ExchangeResponse, fail: Fail) -> None:
     """Make ``answer`` say ``fail``."""
     answer.ClearField("result")
     error = answer.error
-    error.code = fail.code.value[0]
+    error.code = fail.code
     error.message = fail.message
     error.details.extend(fail.details())
 

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import functools
 import heapq
 import inspect
 import logging
@@ -14,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from sessionmesh.client import tracing
+from sessionmesh import tracing
 from sessionmesh.wire.names import new_session_id, short
 from sessionmesh.wire.tasks import cancel_and_wait
 
@@ -199,6 +200,18 @@ class Turn:
             return
         session._release()
 
+    def abandon(self) -> None:
+        """Give up the place without running (the call failed or was cancelled before its
+        turn); a no-op once it has entered."""
+        if self._entered:
+            return
+        self._entered = True
+        future = self._future
+        if future is None or (future.done() and not future.cancelled()):
+            self.session._release()  # the turn was this call's: pass it on
+        else:
+            future.cancel()
+
 
 class Worker:
     """A plain tool's run on a worker thread, as its session's turn sees it: the turn may
@@ -211,42 +224,35 @@ class Worker:
         self._loop = loop
         self._lock = threading.Lock()
         self._ended = False
-        self._after: Callable[[], None] | None = None
+        self._after: list[Callable[[], None]] = []
 
     def ended(self) -> None:
         """The thread's last act: run what waits for it, on the loop."""
         with self._lock:
             self._ended = True
             after = self._after
-        if after is not None:
+        for callback in after:
             with contextlib.suppress(RuntimeError):  # the loop has closed: nothing waits
-                self._loop.call_soon_threadsafe(after)
+                self._loop.call_soon_threadsafe(callback)
 
     def then(self, callback: Callable[[], None]) -> bool:
         """Run ``callback`` on the loop once the thread ends; False (not kept) if it has."""
         with self._lock:
             if self._ended:
                 return False
-            self._after = callback
+            self._after.append(callback)
             return True
 
     async def wait(self) -> None:
         """Until the thread has ended."""
-        done = self._loop.create_future()
-        if self.then(lambda: done.done() or done.set_result(None)):
+        done: asyncio.Future[None] = self._loop.create_future()
+        if self.then(functools.partial(_resolve, done)):
             await done
 
-    def abandon(self) -> None:
-        """Give up the place without running (the call failed or was cancelled before its
-        turn); a no-op once it has entered."""
-        if self._entered:
-            return
-        self._entered = True
-        future = self._future
-        if future is None or (future.done() and not future.cancelled()):
-            self.session._release()  # the turn was this call's: pass it on
-        else:
-            future.cancel()
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class SessionNotFoundError(LookupError):

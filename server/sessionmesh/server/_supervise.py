@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sessionmesh.client.cli import say
+from sessionmesh.core.cli import say
 from sessionmesh.wire.tasks import cancel_and_wait
 
 

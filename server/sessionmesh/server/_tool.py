@@ -1,4 +1,5 @@
-"""``@mesh.tool``: what a tool declares, and how a call's arguments are bound to it."""
+"""A declared tool made ready to serve: its parameters resolved, a call's arguments bound and
+checked, and the function run (in a worker thread for a plain ``def``)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import functools
 import inspect
 import types
 import typing
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, overload
+from collections.abc import AsyncGenerator, Callable, Mapping
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-from sessionmesh.client import Dependency, McpAgent, ProxyOptions
-from sessionmesh.client.errors import UsageError
+from sessionmesh.client import McpAgent
+from sessionmesh.core import Dependency
+from sessionmesh.errors import UsageError
+from sessionmesh.server._declare import Kind, ToolSpec
 from sessionmesh.server._params import ArgumentError, Rich, coercer, schema_for
 from sessionmesh.server._session import Session, Worker, _current
 from sessionmesh.wire.codec import is_json
@@ -23,19 +26,7 @@ from sessionmesh.wire.codec import is_json
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
-TOOL_ATTR = "__sessionmesh_tool__"
-
 Role = Literal["arg", "session", "dependency", "input"]
-#: How a tool runs; decided once at declaration, not on every call.
-Kind = Literal["coroutine", "async_gen", "sync_gen", "plain"]
-
-
-def _kind(fn: Callable[..., Any]) -> Kind:
-    if inspect.isasyncgenfunction(fn):
-        return "async_gen"
-    if inspect.isgeneratorfunction(fn):
-        return "sync_gen"
-    return "coroutine" if inspect.iscoroutinefunction(fn) else "plain"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -48,30 +39,6 @@ class Param:
     dependency: Dependency | None = None
     #: Its pydantic validation, for a type richer than JSON.
     rich: Rich | None = None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ToolSpec:
-    """Everything ``@mesh.tool`` declared about one function.
-
-    ``options`` holds the keywords about sessions and calls, checked once: the agent
-    enforces them on this tool (session_required, timeout, stream_timeout, buffer_size) and
-    they configure the proxies injected for its dependencies."""
-
-    fn: Callable[..., Any]
-    name: str
-    capability: str
-    description: str
-    tags: tuple[str, ...]
-    version: str | None
-    dependencies: tuple[Dependency, ...]
-    options: ProxyOptions
-    session_ttl: float | None
-    kind: Kind
-    #: The principals that may call it (None: whoever the agent lets in).
-    allow: frozenset[str] | None = None
-    #: How its injected dependency proxies are configured (``options`` without streaming).
-    proxy_options: ProxyOptions = dataclasses.field(default_factory=ProxyOptions)
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -270,155 +237,9 @@ def _param_names(spec: ToolSpec) -> set[str]:
     return set(inspect.signature(spec.fn).parameters)
 
 
-@overload
-def tool(capability: F) -> F: ...
-@overload
-def tool(
-    capability: str | None = None,
-    *,
-    name: str | None = None,
-    description: str | None = None,
-    tags: Sequence[str] = (),
-    version: str | None = None,
-    dependencies: Sequence[str | Mapping[str, Any]] = (),
-    session_required: bool = False,
-    stateful: bool = False,
-    auto_session_management: bool = True,
-    timeout: float | None = None,
-    retry_count: int = 0,
-    retry_delay: float | None = None,
-    streaming: bool | None = None,
-    stream_timeout: float | None = None,
-    buffer_size: int = 64,
-    session_ttl: float | None = None,
-    allow: Sequence[str] | None = None,
-) -> Callable[[F], F]: ...
-def tool(
-    capability: str | F | None = None,
-    *,
-    name: str | None = None,
-    description: str | None = None,
-    tags: Sequence[str] = (),
-    version: str | None = None,
-    dependencies: Sequence[str | Mapping[str, Any]] = (),
-    session_required: bool = False,
-    stateful: bool = False,
-    auto_session_management: bool = True,
-    timeout: float | None = None,
-    retry_count: int = 0,
-    retry_delay: float | None = None,
-    streaming: bool | None = None,
-    stream_timeout: float | None = None,
-    buffer_size: int = 64,
-    session_ttl: float | None = None,
-    allow: Sequence[str] | None = None,
-) -> F | Callable[[F], F]:
-    """Declare a function as a tool of this agent.
-
-    The tool is called by its function name or by ``capability``. Keywords about sessions and
-    calls apply twice: the agent enforces them on this tool (``session_required``,
-    ``timeout``, ``stream_timeout``, ``buffer_size``, ``session_ttl``) and they configure the
-    proxies injected for ``dependencies`` (``session_required``, ``stateful``,
-    ``auto_session_management``, ``timeout``, ``retry_count``, ``retry_delay``,
-    ``stream_timeout``, ``buffer_size``). ``allow`` lists the principals that may call it
-    (the agent must authenticate its callers: client certificates or tokens).
-
-    ``streaming`` is the tool's own: a generator function streams (the default follows the
-    function); ``streaming=True`` on a plain function lists it as streaming and serves its
-    result as a stream of one chunk. It never changes the injected proxies: they return a
-    result when called (``await dep(...)``, or ``dep(...)`` in a plain ``def`` tool) and
-    stream with ``dep.stream(...)`` / ``dep.call_tool_auto(tool, args)``.
-
-    Example::
-
-        @mesh.tool(capability="session_counter", session_required=True, stateful=True)
-        def increment(session: mesh.Session, increment: int = 1) -> int:
-            session.state["count"] = session.state.get("count", 0) + increment
-            return session.state["count"]
-    """
-    if callable(capability):
-        return tool()(capability)
-
-    if session_ttl is not None and session_ttl <= 0:
-        raise UsageError("session_ttl must be > 0 seconds, or None")
-    if isinstance(allow, str):
-        raise UsageError("allow= takes a list of principals, e.g. allow=['spiffe://a/b']")
-    options = ProxyOptions(
-        session_required=session_required,
-        stateful=stateful,
-        auto_session_management=auto_session_management,
-        timeout=timeout,
-        retry_count=retry_count,
-        retry_delay=0.5 if retry_delay is None else retry_delay,
-        streaming=bool(streaming),
-        stream_timeout=stream_timeout,
-        buffer_size=buffer_size,
-    )  # checks every value, once
-    deps = tuple(Dependency.parse(d) for d in dependencies)
-    if not deps:
-        # These only configure the proxies injected for dependencies: accepted without
-        # any, they would silently do nothing.
-        idle = [
-            label
-            for label, given in (
-                ("retry_count", retry_count != 0),
-                ("retry_delay", retry_delay is not None),
-                ("auto_session_management", auto_session_management is not True),
-            )
-            if given
-        ]
-        if idle:
-            raise UsageError(
-                f"{', '.join(idle)} configure the proxies injected for dependencies, and this "
-                "tool declares none: add dependencies=[...] or drop them"
-            )
-
-    def decorate(fn: F) -> F:
-        kind = _kind(fn)
-        gen = kind in ("async_gen", "sync_gen")
-        own = options.replace(streaming=gen) if streaming is None else options
-        spec = ToolSpec(
-            fn=fn,
-            name=name or fn.__name__,
-            capability=capability or name or fn.__name__,
-            description=description or inspect.getdoc(fn) or "",
-            tags=tuple(tags),
-            version=version,
-            dependencies=deps,
-            options=own,
-            session_ttl=session_ttl,
-            kind=kind,
-            # `streaming` is the tool's own: its dependencies get plain proxies, which
-            # stream with .stream() / .call_tool_auto() when asked.
-            proxy_options=own.replace(streaming=False) if own.streaming else own,
-            allow=None if allow is None else frozenset(allow),
-        )
-        setattr(fn, TOOL_ATTR, spec)
-        return fn
-
-    return decorate
-
-
 def each_once(index: Mapping[str, BoundTool]) -> list[BoundTool]:
     """The tools of an index (which holds each under its name and its capability), once."""
     return list({id(b): b for b in index.values()}.values())
-
-
-def spec_of(obj: object) -> ToolSpec | None:
-    spec = getattr(obj, TOOL_ATTR, None)
-    return spec if isinstance(spec, ToolSpec) else None
-
-
-def tools_in(namespace: Mapping[str, object]) -> list[ToolSpec]:
-    """The tools declared in a module's namespace, in definition order."""
-    seen: set[int] = set()
-    found: list[ToolSpec] = []
-    for obj in namespace.values():
-        spec = spec_of(obj)
-        if spec is not None and id(spec) not in seen:
-            seen.add(id(spec))
-            found.append(spec)
-    return found
 
 
 def _rich(tp: Any) -> Rich | None:

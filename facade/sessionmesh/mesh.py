@@ -2,8 +2,9 @@
 
 Declare tools with ``@mesh.tool``, name the agent with ``@mesh.agent``, receive the session
 with a ``mesh.Session`` parameter, receive dependencies as ``mesh.McpAgent`` proxies, and call
-agents with ``mesh.connect``. A process that only calls agents never loads the agent
-runtime: its names (``tool``, ``agent``, ``Agent``, ...) are imported on first use.
+agents with ``mesh.connect``. A process that only calls agents, or declares tools (to
+import them for typed proxies), never loads the agent runtime: server names are imported
+on first use, each from its own module (``tool`` and ``agent`` from the light ``_declare``).
 """
 
 from __future__ import annotations
@@ -11,21 +12,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from sessionmesh import errors
 from sessionmesh.client import (
-    TLS,
     AgentClient,
     ChunkStream,
-    Dependency,
     McpAgent,
     MeshClient,
     Proxy,
-    ProxyOptions,
     StreamingProxy,
     connect,
     connect_sync,
-    errors,
-    run,
 )
+from sessionmesh.core import TLS, Dependency, ProxyOptions, run
 from sessionmesh.wire.deadline import time_remaining
 from sessionmesh.wire.names import short as short_id
 

@@ -19,13 +19,13 @@ from anyio.streams.memory import MemoryObjectSendStream
 from google.protobuf.struct_pb2 import Value
 
 from sessionmesh.client import Answer, Endpoint, StreamCall, Transport
-from sessionmesh.client.errors import AgentUnavailable, RemoteError, SessionOwnerLost
+from sessionmesh.errors import AgentUnavailable, RemoteError, SessionOwnerLost
 from sessionmesh.server._agent import index_tools
+from sessionmesh.server._declare import ToolSpec
 from sessionmesh.server._dispatch import Dispatcher, Plan, fill
 from sessionmesh.server._errors import Fail
 from sessionmesh.server._inject import Injector
 from sessionmesh.server._session import SessionStore
-from sessionmesh.server._tool import ToolSpec
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value
 from sessionmesh.wire.names import owner_of, short

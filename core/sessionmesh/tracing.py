@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
-from sessionmesh.client.errors import UsageError
+from sessionmesh.errors import UsageError
 
 __all__ = [
     "client_span",

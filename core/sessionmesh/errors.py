@@ -1,4 +1,5 @@
-"""The exceptions sessionmesh raises. gRPC statuses become them in one place: ``_status.py``.
+"""The exceptions sessionmesh raises. A failed call's status becomes one of them in one
+place (``sessionmesh.core._reasons``, the table of reasons); ``.code`` is a :class:`Code`.
 
 MeshError                        everything below
 ├── UsageError                   a programming mistake: e.g. a closed client used again
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import grpc
+from sessionmesh.wire.status import Code
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -41,6 +42,7 @@ __all__ = [
     "AgentUnavailable",
     "CallCancelled",
     "CallTimeout",
+    "Code",
     "InvalidArguments",
     "MeshError",
     "PermissionDenied",
@@ -77,13 +79,13 @@ class RemoteError(MeshError):
     """An agent answered with an error status."""
 
     #: The status code an error of this class has when it was not given one.
-    default_code = grpc.StatusCode.UNKNOWN
+    default_code = Code.UNKNOWN
 
     def __init__(
         self,
         message: str,
         *,
-        code: grpc.StatusCode | None = None,
+        code: Code | None = None,
         reason: str = "",
         metadata: Mapping[str, str] | None = None,
         debug: str = "",
@@ -98,11 +100,11 @@ class RemoteError(MeshError):
 
     @classmethod
     def from_status(
-        cls, code: grpc.StatusCode, message: str, details: Sequence[any_pb2.Any] = ()
+        cls, code: Code, message: str, details: Sequence[any_pb2.Any] = ()
     ) -> RemoteError:
         """The error a status stands for (its details carry the ErrorInfo): the class is
         chosen by the reason, else the code, whichever class this is called on."""
-        from sessionmesh.client._status import from_status  # the one mapping
+        from sessionmesh.core._reasons import from_status  # the one mapping
 
         return from_status(code, message, details)
 
@@ -199,13 +201,13 @@ class Unauthenticated(RemoteError):
     """The server does not know who is calling: no client certificate or bearer token, or
     one it does not accept."""
 
-    default_code = grpc.StatusCode.UNAUTHENTICATED
+    default_code = Code.UNAUTHENTICATED
 
 
 class PermissionDenied(RemoteError):
     """The server knows the caller and does not allow it this call."""
 
-    default_code = grpc.StatusCode.PERMISSION_DENIED
+    default_code = Code.PERMISSION_DENIED
 
 
 class TransportError(RemoteError):
@@ -215,7 +217,7 @@ class TransportError(RemoteError):
 class CallTimeout(TransportError):
     """The call's deadline passed before an answer came."""
 
-    default_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_code = Code.DEADLINE_EXCEEDED
 
 
 class ToolTimeout(ToolFailed, CallTimeout):
@@ -225,7 +227,7 @@ class ToolTimeout(ToolFailed, CallTimeout):
 class AgentUnavailable(TransportError):
     """The agent cannot be reached, or is shutting down."""
 
-    default_code = grpc.StatusCode.UNAVAILABLE
+    default_code = Code.UNAVAILABLE
 
 
 class SessionOwnerUnavailable(SessionLost, AgentUnavailable):
@@ -242,4 +244,4 @@ class SessionStoreUnavailable(AgentUnavailable):
 class CallCancelled(TransportError):
     """The call was cancelled."""
 
-    default_code = grpc.StatusCode.CANCELLED
+    default_code = Code.CANCELLED

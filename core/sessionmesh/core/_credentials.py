@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from sessionmesh.client.errors import UsageError
+from sessionmesh.errors import UsageError
 from sessionmesh.wire.etcd import EtcdAddressError, EtcdTarget
 from sessionmesh.wire.etcd import channel_options as etcd_channel_options
 

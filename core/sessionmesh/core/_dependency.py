@@ -9,7 +9,7 @@ from typing import Any
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from sessionmesh.client.errors import UsageError
+from sessionmesh.errors import UsageError
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire.names import answers_to
 
