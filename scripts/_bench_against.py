@@ -4,8 +4,8 @@ Both agents serve the same tool, each in a process of its own (REV's code from a
 git worktree), and one client here calls them in alternating pairs, next to a bare grpc.aio
 bidi echo, the floor. That isolates one change's effect, which a full bench run cannot
 tell from the noise of two shared cores (one run's floor pairs swing from 1.2x to 1.8x).
-The client is this tree's for both: what differs is the agent. REV must have this layout
-(source roots protos/, client/, server/).
+The client is this tree's for both: what differs is the agent. REV's source roots are
+whichever of protos/, core/, client/, server/ and facade/ it has.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The namespace's source roots, in any revision (older ones have no core/ or facade/).
+SOURCE_ROOTS = ("protos", "core", "client", "server", "facade")
 
 
 async def serve_agent() -> None:
@@ -55,7 +57,8 @@ async def serve_echo() -> None:
 @contextlib.contextmanager
 def serving(role: str, roots: Path) -> Iterator[str]:
     """A child process serving ``role`` with the code under ``roots``; its address."""
-    path = os.pathsep.join(str(roots / d) for d in ("protos", "client", "server"))
+    found = [roots / d for d in SOURCE_ROOTS if (roots / d).is_dir()]
+    path = os.pathsep.join(str(d) for d in found)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([path, str(ROOT / "scripts")])}
     child = subprocess.Popen(
         [sys.executable, __file__, f"--serve-{role}"], stdout=subprocess.PIPE, text=True, env=env

@@ -187,7 +187,7 @@ async def test_the_call_id_memory_is_bounded_in_bytes_and_keeps_the_recent_calls
             for n in range(20):  # 20 MiB of results with call ids
                 await call(n)
             assert runs == 20
-            recall = agent._dispatcher.recall  # type: ignore[union-attr]
+            recall = agent._runner.recall  # type: ignore[union-attr]
             assert recall.bytes <= limit < 20 << 20  # bounded, not all 20 MiB kept
             await call(19)  # the latest: answered from memory, not run again
             assert runs == 20

@@ -1,8 +1,9 @@
 """An agent in this process behind the client's Endpoint seam: no sockets, no gRPC.
 
-The real dispatcher runs the calls (sessions, ordering, call-id memory, argument binding),
-so a proxy's session logic can be tested against it in microseconds, with faults a test
-switches on: an unreachable instance, an instance gone from the mesh.
+The agent's own runner runs the calls, as it does behind gRPC (sessions, ordering, call-id
+memory, argument binding, timeouts, streams with flow control), so a proxy's session logic
+can be tested against it in microseconds, with faults a test switches on: an unreachable
+instance, an instance gone from the mesh.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from sessionmesh.client import Answer, Endpoint, StreamCall, Transport
 from sessionmesh.errors import AgentUnavailable, RemoteError, SessionOwnerLost
 from sessionmesh.server._agent import index_tools
 from sessionmesh.server._declare import ToolSpec
-from sessionmesh.server._dispatch import Dispatcher, Plan, fill
+from sessionmesh.server._dispatch import Plan
 from sessionmesh.server._errors import Fail
 from sessionmesh.server._inject import Injector
+from sessionmesh.server._runner import Runner
 from sessionmesh.server._session import SessionStore
 from sessionmesh.v1 import session_service_pb2 as pb
-from sessionmesh.wire.codec import from_value
+from sessionmesh.wire.codec import from_value, set_value
 from sessionmesh.wire.names import owner_of, short
 
 _END = object()
@@ -35,12 +37,6 @@ _END = object()
 
 def _error(fail: Fail) -> RemoteError:
     return RemoteError.from_status(fail.code, fail.message, fail.details())
-
-
-def _value(plan: Plan, result: Any, verb: str = "returned") -> Value:
-    value = Value()
-    fill(value, plan.bound, result, verb)
-    return value
 
 
 class MemoryEndpoint(Endpoint):
@@ -61,7 +57,7 @@ class MemoryEndpoint(Endpoint):
         self.address = f"memory:{instance_id}"
         self.instance_id = instance_id
         self.store = SessionStore(instance_id, default_ttl=session_ttl, max_sessions=max_sessions)
-        self.dispatcher = Dispatcher(
+        self.runner = Runner(
             agent_name=instance_id,
             tools=index_tools(tools),
             store=self.store,
@@ -80,14 +76,15 @@ class MemoryEndpoint(Endpoint):
     ) -> Answer:
         self._reach()
         try:
-            plan = self.dispatcher.plan(message.call, message.session_id, message.create_session)
+            plan = self.runner.plan(message.call, message.session_id, message.create_session)
         except Fail as fail:
             return Answer("", Value(), _error(fail))
         plan.expires_in(deadline)
+        value = Value()
         try:
             async with asyncio.timeout(deadline):
-                result = await self.dispatcher.execute(plan)
-            return Answer(plan.new_id, _value(plan, result), None)
+                await self.runner.answer(plan, value)
+            return Answer(plan.new_id, value, None)
         except Fail as fail:
             return Answer(plan.new_id, Value(), _error(fail))
         except BaseException:
@@ -106,8 +103,8 @@ class MemoryEndpoint(Endpoint):
     async def create_session(self, tool: str, deadline: float | None) -> str:
         self._reach()
         try:
-            bound = self.dispatcher.tool(tool) if tool else None
-            return self.dispatcher.new_session(bound).id
+            bound = self.runner.tool(tool) if tool else None
+            return self.runner.new_session(bound).id
         except Fail as fail:
             raise _error(fail) from None
 
@@ -117,7 +114,7 @@ class MemoryEndpoint(Endpoint):
 
     async def list_tools(self, deadline: float | None) -> pb.ListToolsResponse:
         self._reach()
-        names = self.dispatcher.tool_names
+        names = self.runner.tool_names
         return pb.ListToolsResponse(
             agent_name=self.instance_id,
             instance_id=self.instance_id,
@@ -143,7 +140,7 @@ class MemoryStreamCall(StreamCall):
         self._session = session_id
         self._create = create
         self._deadline = deadline
-        self._out: asyncio.Queue[Any] = asyncio.Queue()
+        self._out: asyncio.Queue[Any] | None = None
         self._inputs: MemoryObjectSendStream[Any] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -151,42 +148,32 @@ class MemoryStreamCall(StreamCall):
         endpoint = self._endpoint
         endpoint._reach()
         try:
-            plan = endpoint.dispatcher.plan(start.start.call, self._session, self._create)
+            plan = endpoint.runner.plan(start.start.call, self._session, self._create)
         except Fail as fail:
             raise _error(fail) from None
         self.session_id = plan.new_id or None
         plan.expires_in(self._deadline)
         bound = plan.bound
+        # Chunks wait for the reader past buffer_size, as a flow-controlled StreamCall's do.
+        self._out = asyncio.Queue(bound.spec.options.buffer_size)
         if bound.input_param:
             self._inputs, receive = anyio.create_memory_object_stream[Any](math.inf)
             plan.kwargs[bound.input_param] = receive
         self._task = asyncio.get_running_loop().create_task(self._run(plan))
 
     async def _run(self, plan: Plan) -> None:
-        dispatcher = self._endpoint.dispatcher
-        bound = plan.bound
+        out = self._out
+        assert out is not None
         try:
-            limit = bound.spec.options.stream_timeout
-            async with (
-                asyncio.timeout(self._deadline),
-                dispatcher.running(plan, limit) as counted,
-            ):
-                try:
-                    async for item in bound.iterate(plan.kwargs):
-                        await self._out.put(_value(plan, item, "yielded"))
-                        if counted is not None:
-                            counted.chunks += 1
-                except (Fail, asyncio.CancelledError):
-                    raise
-                except Exception as exc:
-                    raise dispatcher.tool_failed(plan, exc) from None
+            async with asyncio.timeout(self._deadline):
+                await self._endpoint.runner.stream(plan, _QueueSink(out))
         except Fail as fail:
-            await self._out.put(_error(fail))
+            await out.put(_error(fail))
         except BaseException:
             plan.abandon()
             raise
         else:
-            await self._out.put(_END)
+            await out.put(_END)
 
     async def send(self, message: pb.StreamCallRequest) -> bool:
         if self._task is None or self._task.done():
@@ -204,7 +191,9 @@ class MemoryStreamCall(StreamCall):
             self._inputs.close()
 
     async def messages(self) -> AsyncIterator[pb.StreamCallResponse]:
-        while (item := await self._out.get()) is not _END:
+        out = self._out
+        assert out is not None, "open() first"
+        while (item := await out.get()) is not _END:
             if isinstance(item, RemoteError):
                 raise item
             response = pb.StreamCallResponse()
@@ -214,6 +203,23 @@ class MemoryStreamCall(StreamCall):
     def cancel(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+
+class _QueueSink:
+    """A stream's chunks as the runner puts them, on the queue its reader takes them from."""
+
+    __slots__ = ("_out",)
+
+    def __init__(self, out: asyncio.Queue[Any]) -> None:
+        self._out = out
+
+    async def put(self, item: Any) -> None:
+        value = Value()
+        set_value(value, item)
+        await self._out.put(value)
+
+    async def flush(self) -> BaseException | None:
+        return None
 
 
 class MemoryTransport(Transport):

@@ -18,7 +18,6 @@ from sessionmesh.core import TLS, Credentials
 from sessionmesh.errors import MeshError, UsageError
 from sessionmesh.server import _recall as recall
 from sessionmesh.server._declare import AGENT_ATTR, ToolSpec, spec_of, tools_in
-from sessionmesh.server._dispatch import Dispatcher
 from sessionmesh.server._durable import Durability
 from sessionmesh.server._etcd import EtcdRegistration
 from sessionmesh.server._handlers import add_to_server
@@ -26,6 +25,7 @@ from sessionmesh.server._inject import Injector, RegistryResolver, Resolver, Sta
 from sessionmesh.server._metrics import AgentMetrics
 from sessionmesh.server._records import StoreUnavailable, check_url, open_records
 from sessionmesh.server._registration import Registration
+from sessionmesh.server._runner import Runner
 from sessionmesh.server._security import Authenticator, Verifier, bind
 from sessionmesh.server._service import Servicer
 from sessionmesh.server._session import SessionStore
@@ -170,7 +170,7 @@ class Agent:
         self._interceptors = tuple(interceptors)
         self._server: grpc.aio.Server | None = None
         self._store: SessionStore | None = None
-        self._dispatcher: Dispatcher | None = None
+        self._runner: Runner | None = None
         self._servicer: Servicer | None = None
         self._injector: Injector | None = None
         self._health: StandardServices | None = None
@@ -253,7 +253,7 @@ class Agent:
         if resolver is None and self.mesh is not None:
             resolver = RegistryResolver(self.mesh)
         self._injector = Injector(resolver)
-        self._dispatcher = Dispatcher(
+        self._runner = Runner(
             agent_name=self.name,
             tools=self.tools,
             store=self._store,
@@ -271,17 +271,17 @@ class Agent:
                 else None
             ),
         )
-        self._servicer = Servicer(self._dispatcher, self.auth, self.max_calls_per_stream)
+        self._servicer = Servicer(self._runner, self.auth, self.max_calls_per_stream)
         if self.metrics_port is not None:
-            servicer = self._servicer
-            durability = self._dispatcher.durability
+            exchanges = self._servicer.exchanges
+            durability = self._runner.durability
             self.metrics = AgentMetrics(
                 self._store,
-                lambda: len(servicer._streams),
+                lambda: len(exchanges),
                 durability.calls if durability is not None else None,
             )
             self.metrics.serve(self.host, self.metrics_port, self.tls, insecure=self.insecure)
-            self._dispatcher.metrics = self.metrics
+            self._runner.metrics = self.metrics
         server = grpc.aio.server(
             options=server_options(self.max_message_bytes, self.max_streams_per_connection),
             interceptors=self._interceptors,
@@ -314,7 +314,7 @@ class Agent:
             # is down just means none yet (the watch keeps trying).
             with contextlib.suppress(MeshError):
                 await self.mesh.ready(within=2.0)
-        durability = self._dispatcher.durability
+        durability = self._runner.durability
         if durability is not None:
             # A store that is down is no reason not to serve (calls without a session work,
             # and it may come back), but say so now rather than at the first session call.
@@ -365,7 +365,7 @@ class Agent:
         )
 
     def _state(self) -> rpb.InstanceState.ValueType:
-        draining = self._dispatcher is not None and self._dispatcher.draining
+        draining = self._runner is not None and self._runner.draining
         return rpb.INSTANCE_STATE_DRAINING if draining else rpb.INSTANCE_STATE_SERVING
 
     def _heartbeat(self) -> rpb.Heartbeat:
@@ -383,9 +383,9 @@ class Agent:
         """Take no new sessions (the registry marks this instance draining, so callers go
         elsewhere) and wait up to ``within`` (``drain_timeout``) for open sessions to close.
         Calls in open sessions, and calls without one, are still served."""
-        if self._dispatcher is None or self._store is None:
+        if self._runner is None or self._store is None:
             return
-        self._dispatcher.draining = True
+        self._runner.draining = True
         if self._registration is not None:
             self._registration.nudge()
         if self._health is not None:
@@ -417,13 +417,13 @@ class Agent:
     async def _release(self) -> None:
         """Free what starting made, in order: calls, sessions, the store, dependencies,
         the mesh client, tool threads, the metrics port (also after a failed start)."""
-        dispatcher = self._dispatcher
-        if dispatcher is not None:
-            await dispatcher.stop()
+        runner = self._runner
+        if runner is not None:
+            await runner.stop()
         if self._store is not None:
             await self._store.stop()
-        if dispatcher is not None and dispatcher.durability is not None:
-            await dispatcher.durability.stop()
+        if runner is not None and runner.durability is not None:
+            await runner.durability.stop()
         if self._injector is not None:
             await self._injector.aclose()
         if self.mesh is not None:

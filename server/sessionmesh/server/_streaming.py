@@ -212,3 +212,38 @@ class Batcher:
         """Wait until every chunk added is written, or a write failed (``error``)."""
         if self._writer is not None:
             await self._writer
+
+
+class ChunkSink:
+    """A StreamCall's chunks on their way to the client (the runner's ``Sink``): each waits
+    for the client's credit when the stream is flow-controlled, and goes in a message of
+    its own, or batched while a write is in flight when the client takes batches."""
+
+    __slots__ = ("_batcher", "_flow", "_write")
+
+    def __init__(
+        self, write: Callable[[pb.StreamCallResponse], Coroutine[Any, Any, None]], flow: Flow
+    ) -> None:
+        self._write = write
+        self._flow = flow
+        self._batcher = Batcher(write, flow.max_batch) if flow.max_batch > 1 else None
+
+    async def put(self, item: Any) -> None:
+        flow = self._flow
+        if flow.window:
+            if flow.sent >= flow.allowed:
+                await flow.credit()
+            flow.sent += 1
+        if self._batcher is not None:
+            await self._batcher.add(item)
+        else:
+            message = pb.StreamCallResponse()
+            set_value(message.chunk, item)
+            await self._write(message)
+
+    async def flush(self) -> BaseException | None:
+        batcher = self._batcher
+        if batcher is None:
+            return None
+        await batcher.flush()
+        return batcher.error
