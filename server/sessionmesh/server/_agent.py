@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from sessionmesh.client import MeshClient
-from sessionmesh.core import TLS, Credentials
+from sessionmesh.core import Credentials
 from sessionmesh.errors import MeshError, UsageError
 from sessionmesh.server import _recall as recall
 from sessionmesh.server._declare import AGENT_ATTR, ToolSpec, spec_of, tools_in
@@ -26,18 +26,15 @@ from sessionmesh.server._metrics import AgentMetrics
 from sessionmesh.server._records import StoreUnavailable, check_url, open_records
 from sessionmesh.server._registration import Registration
 from sessionmesh.server._runner import Runner
-from sessionmesh.server._security import Authenticator, Verifier, bind
+from sessionmesh.server._security import Authenticator, bind
 from sessionmesh.server._service import Servicer
 from sessionmesh.server._session import SessionStore
+from sessionmesh.server._settings import AgentSettings
 from sessionmesh.server._standard import StandardServices
 from sessionmesh.server._tool import BoundTool, each_once
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import session_service_pb2 as pb
-from sessionmesh.wire import etcd
 from sessionmesh.wire.limits import (
-    DEFAULT_MAX_CALLS_PER_STREAM,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_MAX_STREAMS_PER_CONNECTION,
     server_options,
 )
 from sessionmesh.wire.names import names
@@ -47,8 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sessionmesh.agent")
 
-#: Threads for plain (``def``) tools, per agent: how many can block at once.
-DEFAULT_THREADS = 32
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionService"].full_name
 
 
@@ -65,84 +60,26 @@ class Agent:
     def __init__(
         self,
         tools: Iterable[Callable[..., Any] | ToolSpec],
+        settings: AgentSettings | None = None,
+        /,
         *,
-        name: str = "agent",
-        host: str = "127.0.0.1",
-        port: int = 0,
-        session_ttl: float = 300.0,
-        max_sessions: int = 100_000,
-        grace: float = 5.0,
-        debug: bool = False,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        peers: Mapping[str, str] | None = None,
-        registry: str | None = None,
-        advertise: str | None = None,
-        drain_timeout: float = 30.0,
-        threads: int = DEFAULT_THREADS,
-        remembered_calls: int = recall.MAX_CALLS,
-        remembered_bytes: int = recall.MAX_BYTES,
         resolver: Resolver | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-        tls: TLS | None = None,
-        insecure: bool = False,
-        token: str | None = None,
-        auth_tokens: str | Mapping[str, str] | None = None,
-        authenticate: Verifier | None = None,
-        admins: Iterable[str] = (),
-        max_sessions_per_principal: int | None = None,
-        max_streams_per_connection: int = DEFAULT_MAX_STREAMS_PER_CONNECTION,
-        max_calls_per_stream: int = DEFAULT_MAX_CALLS_PER_STREAM,
-        lost_after: float | None = None,
-        metrics_port: int | None = None,
-        session_store: str | None = None,
+        **changes: Any,
     ) -> None:
-        if session_ttl <= 0:
-            raise UsageError("session_ttl must be > 0 seconds")
-        if max_sessions < 1:
-            raise UsageError("max_sessions must be >= 1")
-        if threads < 1:
-            raise UsageError("threads must be >= 1 (plain def tools run in them)")
-        if remembered_calls < 0 or remembered_bytes < 0:
-            raise UsageError("remembered_calls and remembered_bytes must be >= 0")
-        if max_sessions_per_principal is not None and max_sessions_per_principal < 1:
-            raise UsageError("max_sessions_per_principal must be >= 1, or None")
-        if max_streams_per_connection < 1 or max_calls_per_stream < 1:
-            raise UsageError("max_streams_per_connection and max_calls_per_stream must be >= 1")
-        self.max_streams_per_connection = max_streams_per_connection
-        self.max_calls_per_stream = max_calls_per_stream
-        try:
-            on_etcd = etcd.parse(registry) if registry else None
-        except etcd.EtcdAddressError as exc:
-            raise UsageError(str(exc)) from None
-        if lost_after is not None and on_etcd is None:
-            raise UsageError(
-                "lost_after (--lost-after) is the etcd lease of an agent registered in etcd; "
-                "a registry process has its own (sessionmesh registry --lost-after)"
-            )
-        #: With etcd: the lease TTL, after which an agent that stopped answering is lost.
-        self.lost_after = 5.0 if lost_after is None else lost_after
-        #: Serve Prometheus metrics on this port of ``host`` (0: a free one); None: off.
-        self.metrics_port = metrics_port
-        #: Durable sessions: kept in this store (``redis://HOST:PORT/DB``), they outlive
-        #: this instance. None: sessions live in this process only.
-        self.session_store = session_store or None
-        if self.session_store is not None:
-            check_url(self.session_store, insecure=insecure)
+        """``settings`` (or keywords: the fields of :class:`AgentSettings`, which override
+        it) say how it serves; ``resolver`` finds its dependencies when neither peers nor a
+        registry do; ``interceptors`` see every RPC."""
+        self.settings = s = (settings or AgentSettings()).replace(**changes)
+        if s.session_store is not None:
+            check_url(s.session_store, insecure=s.insecure)
         self.metrics: AgentMetrics | None = None
         #: What this agent dials its registry and its dependencies with.
-        self.credentials = Credentials(tls, token)
-        self.tls = tls
-        self.insecure = insecure
-        self.auth = Authenticator.serving(tls, auth_tokens, authenticate, admins)
-        self.max_sessions_per_principal = max_sessions_per_principal
-        self.name = name
-        self.host = host
-        self.port = port
-        self.session_ttl = session_ttl
-        self.max_sessions = max_sessions
-        self.grace = grace
-        self.debug = debug
-        self.max_message_bytes = max_message_bytes
+        self.credentials = Credentials(s.tls, s.token)
+        self.auth = Authenticator.serving(s.tls, s.auth_tokens, s.authenticate, s.admins)
+        self.name = s.name
+        self.host = s.host
+        self.port = s.port  # the bound one once started
         self.instance_id = secrets.token_hex(4)
         self.tools = index_tools(tools)
         guarded = sorted({b.spec.name for b in self.tools.values() if b.spec.allow is not None})
@@ -152,16 +89,8 @@ class Agent:
                 "who calls it: give it --tls-client-ca (client certificates), --auth-tokens "
                 "or authenticate="
             )
-        self.registry = registry
-        self.advertise = advertise
-        self.drain_timeout = drain_timeout
-        self.threads = threads
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self.remembered_calls = remembered_calls
-        self.remembered_bytes = remembered_bytes
-        if peers and registry:
-            raise UsageError("give peers or a registry, not both")
-        self.peers = dict(peers) if peers else None
+        peers = dict(s.peers) if s.peers else None
         self._custom_resolver = resolver is not None
         self._resolver = resolver or (StaticResolver(peers) if peers else None)
         #: The agent's own client of the mesh (with a registry): dependencies, owners.
@@ -177,19 +106,19 @@ class Agent:
 
     @classmethod
     def from_module(cls, module: ModuleType | Mapping[str, Any], **overrides: Any) -> Agent:
-        """The agent a module declares: its ``@mesh.tool`` functions, ``@mesh.agent`` settings."""
+        """The agent a module declares: its ``@mesh.tool`` functions, its ``@mesh.agent``
+        settings (named after the module without one), changed by ``overrides``."""
         namespace = vars(module) if isinstance(module, ModuleType) else module
-        settings: dict[str, Any] = {}
+        settings = AgentSettings()
+        if isinstance(module, ModuleType):
+            settings = settings.replace(name=module.__name__.rpartition(".")[2])
         for obj in namespace.values():
-            if isinstance(obj, type) and AGENT_ATTR in vars(obj):
-                settings = dict(getattr(obj, AGENT_ATTR))
-        if "name" not in settings and isinstance(module, ModuleType):
-            settings["name"] = module.__name__.rpartition(".")[2]
-        settings.update({k: v for k, v in overrides.items() if v is not None})
+            if isinstance(obj, type) and isinstance(vars(obj).get(AGENT_ATTR), AgentSettings):
+                settings = vars(obj)[AGENT_ATTR]
         tools = tools_in(namespace)
         if not tools:
             raise UsageError("no @mesh.tool functions found")
-        return cls(tools, **settings)
+        return cls(tools, settings, **overrides)
 
     @property
     def address(self) -> str:
@@ -202,9 +131,13 @@ class Agent:
         """The address others dial (what the registry lists): ``advertise`` (its port the
         bound one when it names none), else the bound address; a wildcard bind (0.0.0.0)
         is never advertised as such, but as this host's name."""
-        if self.advertise:
-            _, sep, port = self.advertise.rpartition(":")
-            return self.advertise if sep and port.isdigit() else f"{self.advertise}:{self.port}"
+        if self.settings.advertise:
+            _, sep, port = self.settings.advertise.rpartition(":")
+            return (
+                self.settings.advertise
+                if sep and port.isdigit()
+                else f"{self.settings.advertise}:{self.port}"
+            )
         if self.host in ("0.0.0.0", "::", ""):  # a check, not a bind
             return f"{socket.gethostname()}:{self.port}"
         return self.address
@@ -233,19 +166,19 @@ class Agent:
     async def _start(self) -> str:
         self._store = SessionStore(
             self.instance_id,
-            default_ttl=self.session_ttl,
-            max_sessions=self.max_sessions,
-            max_per_principal=self.max_sessions_per_principal,
+            default_ttl=self.settings.session_ttl,
+            max_sessions=self.settings.max_sessions,
+            max_per_principal=self.settings.max_sessions_per_principal,
         )
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            self.threads, thread_name_prefix=f"sessionmesh-{self.name}"
+            self.settings.threads, thread_name_prefix=f"sessionmesh-{self.name}"
         )
         for bound in self.tools.values():
             bound.executor = self._executor
-        if self.registry is not None:
+        if self.settings.registry is not None:
             self.mesh = MeshClient(
-                self.registry,
-                max_message_bytes=self.max_message_bytes,
+                self.settings.registry,
+                max_message_bytes=self.settings.max_message_bytes,
                 tls=self.credentials.tls,
                 token=self.credentials.token,
             )
@@ -258,21 +191,21 @@ class Agent:
             tools=self.tools,
             store=self._store,
             injector=self._injector,
-            debug=self.debug,
+            debug=self.settings.debug,
             locate=self._locate,
-            recall=recall.Recall(self.remembered_calls, self.remembered_bytes),
+            recall=recall.Recall(self.settings.remembered_calls, self.settings.remembered_bytes),
             durability=(
                 Durability(
-                    open_records(self.session_store, self.name, self.tls),
+                    open_records(self.settings.session_store, self.name, self.settings.tls),
                     self._store,
                     self._locate,
                 )
-                if self.session_store is not None
+                if self.settings.session_store is not None
                 else None
             ),
         )
-        self._servicer = Servicer(self._runner, self.auth, self.max_calls_per_stream)
-        if self.metrics_port is not None:
+        self._servicer = Servicer(self._runner, self.auth, self.settings.max_calls_per_stream)
+        if self.settings.metrics_port is not None:
             exchanges = self._servicer.exchanges
             durability = self._runner.durability
             self.metrics = AgentMetrics(
@@ -280,29 +213,42 @@ class Agent:
                 lambda: len(exchanges),
                 durability.calls if durability is not None else None,
             )
-            self.metrics.serve(self.host, self.metrics_port, self.tls, insecure=self.insecure)
+            self.metrics.serve(
+                self.host,
+                self.settings.metrics_port,
+                self.settings.tls,
+                insecure=self.settings.insecure,
+            )
             self._runner.metrics = self.metrics
         server = grpc.aio.server(
-            options=server_options(self.max_message_bytes, self.max_streams_per_connection),
+            options=server_options(
+                self.settings.max_message_bytes, self.settings.max_streams_per_connection
+            ),
             interceptors=self._interceptors,
         )
         add_to_server(self._servicer, server)
         self._health = StandardServices(server, SERVICE_NAME)
-        self.port = bind(server, self.host, self.port, self.tls, insecure=self.insecure)
+        self.port = bind(
+            server, self.host, self.port, self.settings.tls, insecure=self.settings.insecure
+        )
         await server.start()
         self._server = server
         self._store.start()
         await self._health.serving()
-        if self.registry is not None:
+        if self.settings.registry is not None:
             assert self.mesh is not None
-            on_etcd = etcd.parse(self.registry)
+            on_etcd = self.settings.on_etcd
             self._registration = (
                 EtcdRegistration(
-                    on_etcd, self._describe, self._declared_lost, self.credentials, self.lost_after
+                    on_etcd,
+                    self._describe,
+                    self._declared_lost,
+                    self.credentials,
+                    self.settings.lease,
                 )
                 if on_etcd is not None
                 else Registration(
-                    self.registry,
+                    self.settings.registry,
                     self._describe,
                     self._heartbeat,
                     self._declared_lost,
@@ -337,9 +283,9 @@ class Agent:
                 if self.mesh is not None:
                     if self.mesh.providers(dependency):
                         continue
-                    where = f"no agent in the registry at {self.registry} provides it yet"
-                elif self.peers is not None:
-                    if dependency.capability in self.peers:
+                    where = f"no agent in the registry at {self.settings.registry} provides it yet"
+                elif self.settings.peers is not None:
+                    if dependency.capability in self.settings.peers:
                         continue
                     where = "no --peer (peers=) names it"
                 elif not self._custom_resolver:
@@ -393,7 +339,7 @@ class Agent:
         log.info("agent %s draining: %d open session(s)", self.name, len(self._store))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
-                self._store.empty.wait(), self.drain_timeout if within is None else within
+                self._store.empty.wait(), self.settings.drain_timeout if within is None else within
             )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -409,7 +355,7 @@ class Agent:
         await self._health.not_serving()
         if self._registration is not None:
             await self._registration.stop()
-        await server.stop(self.grace if grace is None else grace)
+        await server.stop(self.settings.grace if grace is None else grace)
         await self._release()
         self._server = None
         log.info("agent %s (instance %s) stopped", self.name, self.instance_id)

@@ -34,6 +34,12 @@ from sessionmesh.errors import MeshError, UsageError
 from sessionmesh.server._agent import Agent
 from sessionmesh.server._etcd import EtcdStore
 from sessionmesh.server._registry import LOST_AFTER, Registry, RegistryStore
+from sessionmesh.server._settings import (
+    AUTH_TOKENS_ENV,
+    SESSION_STORE_ENV,
+    auth_tokens_from,
+    from_flags,
+)
 from sessionmesh.server._supervise import (
     Output,
     Signals,
@@ -81,40 +87,10 @@ def _where(exc: BaseException, file: Path) -> str:
     return f"{file}:{line}" if line else str(file)
 
 
-def _peers(items: Sequence[str]) -> dict[str, str]:
-    peers: dict[str, str] = {}
-    for item in items:
-        capability, sep, address = item.partition("=")
-        if not sep or not capability or not address:
-            raise SystemExit(f"sessionmesh: --peer takes CAPABILITY=HOST:PORT, got {item!r}")
-        peers[capability] = address
-    return peers
-
-
 async def _serve(args: argparse.Namespace) -> int:
     module = load_file(args.file)
     try:
-        agent = Agent.from_module(
-            module,
-            name=args.name,
-            host=args.host,
-            port=args.port,
-            debug=args.debug or None,
-            session_ttl=args.session_ttl,
-            peers=_peers(args.peer) or None,
-            registry=registry_address(args, required=False),
-            drain_timeout=args.drain_timeout,
-            tls=tls_from(args),
-            insecure=args.insecure or None,
-            token=token_from(args),
-            auth_tokens=auth_tokens_from(args),
-            admins=args.admin or None,
-            max_sessions_per_principal=args.max_sessions_per_principal,
-            lost_after=args.lost_after,
-            advertise=args.advertise,
-            metrics_port=args.metrics_port,
-            session_store=args.session_store,
-        )
+        agent = Agent.from_module(module, **from_flags(args))
     except UsageError as exc:
         raise SystemExit(f"sessionmesh: {args.file}: {exc}") from None
     signals = Signals()
@@ -144,10 +120,10 @@ async def _serve(args: argparse.Namespace) -> int:
     print(json.dumps(ready), flush=True)
     say(f"agent {agent.name} (instance {agent.instance_id}) serving on {address}")
     await signals.stop.wait()
-    if agent.registry and not signals.hurry.is_set():
+    if agent.settings.registry and not signals.hurry.is_set():
         say(
-            f"agent {agent.name} draining (up to {agent.drain_timeout:g} s for open sessions; "
-            "again to stop now)"
+            f"agent {agent.name} draining (up to {agent.settings.drain_timeout:g} s for open "
+            "sessions; again to stop now)"
         )
         await unless(signals.hurry, agent.drain())
     say(f"agent {agent.name} stopping")
@@ -301,14 +277,6 @@ def _security_env(tls: TLS | None, token: str | None, auth_tokens: str | None) -
     return env
 
 
-AUTH_TOKENS_ENV = "SESSIONMESH_AUTH_TOKENS"
-
-
-def auth_tokens_from(args: argparse.Namespace) -> str | None:
-    tokens: str | None = getattr(args, "auth_tokens", None) or os.environ.get(AUTH_TOKENS_ENV)
-    return tokens or None
-
-
 def serving_security(p: argparse.ArgumentParser, *, insecure: bool = True) -> None:
     """The TLS flags, --token (to dial with) and what a server accepts."""
     security_options(p, serves=True)
@@ -338,14 +306,11 @@ def metrics_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-SESSION_STORE_ENV = "SESSIONMESH_SESSION_STORE"
-
-
 def session_store_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--session-store",
         metavar="URL",
-        default=os.environ.get(SESSION_STORE_ENV) or None,
+        default=None,
         help="make sessions durable: kept in this store (redis://HOST:PORT/DB), they "
         "survive their owner and continue on another replica; needs sessionmesh[redis] "
         f"(${SESSION_STORE_ENV})",

@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar, overload
 
 from sessionmesh.core import Dependency, ProxyOptions
 from sessionmesh.errors import UsageError
+from sessionmesh.server._settings import AgentSettings, check_names
 
 F = TypeVar("F", bound=Callable[..., Any])
 C = TypeVar("C", bound=type)
@@ -202,22 +203,16 @@ def tools_in(namespace: Mapping[str, object]) -> list[ToolSpec]:
 
 
 def agent(name: str | None = None, **settings: Any) -> Callable[[C], C]:
-    """Name the agent a file defines and set how it serves (``host``, ``port``,
-    ``session_ttl``, ``max_sessions``, ``grace``, ``debug``, ``max_message_bytes``, ``peers``,
-    ``registry``, ``advertise``, ``drain_timeout``, ``threads``, ``remembered_calls``,
-    ``remembered_bytes``, and the security ones: ``tls``, ``insecure``, ``token``,
-    ``auth_tokens``, ``authenticate``, ``admins``, ``max_sessions_per_principal``; and the
-    limits ``max_streams_per_connection``, ``max_calls_per_stream``; ``metrics_port``;
-    ``session_store``, a ``redis://`` URL that makes sessions durable).
+    """Name the agent a file defines and set how it serves: the keywords are the fields of
+    :class:`AgentSettings` (``host``, ``port``, ``session_ttl``, ``registry``, ``tls``,
+    ``session_store``, ...), checked here, at once.
 
     Example::
 
         @mesh.agent(name="counter", port=50051, session_ttl=60)
         class Counter: ...
     """
-    unknown = set(settings) - _AGENT_SETTINGS
-    if unknown:
-        raise UsageError(f"unknown @mesh.agent setting(s): {', '.join(sorted(unknown))}")
+    check_names(settings, "@mesh.agent setting")
 
     def decorate(cls: C) -> C:
         methods = [attr for attr, value in vars(cls).items() if spec_of(value) is not None]
@@ -227,37 +222,7 @@ def agent(name: str | None = None, **settings: Any) -> Callable[[C], C]:
                 f"{cls.__name__}: tools are module-level functions (the class only names the "
                 "agent and holds its settings); move them out of the class"
             )
-        setattr(cls, AGENT_ATTR, {"name": name or cls.__name__, **settings})
+        setattr(cls, AGENT_ATTR, AgentSettings(name=name or cls.__name__, **settings))
         return cls
 
     return decorate
-
-
-_AGENT_SETTINGS = {
-    "registry",
-    "threads",
-    "remembered_calls",
-    "remembered_bytes",
-    "advertise",
-    "drain_timeout",
-    "host",
-    "port",
-    "session_ttl",
-    "max_sessions",
-    "grace",
-    "debug",
-    "max_message_bytes",
-    "peers",
-    "tls",
-    "insecure",
-    "token",
-    "auth_tokens",
-    "authenticate",
-    "admins",
-    "max_sessions_per_principal",
-    "max_streams_per_connection",
-    "max_calls_per_stream",
-    "lost_after",
-    "metrics_port",
-    "session_store",
-}
