@@ -197,6 +197,9 @@ def test_the_contract_package_depends_on_neither_side() -> None:
     for path in (PROTOS / "sessionmesh" / "wire").rglob("*.py"):
         text = path.read_text()
         assert "sessionmesh.client" not in text and "sessionmesh.server" not in text, path
+        assert "sessionmesh.core" not in text, path
+        # The contract is data and rules; running things (tasks, loops) is the core's.
+        assert "import asyncio" not in text, path
 
 
 #: The client's edge to gRPC: the only modules that may hold a stub or see an RpcError.

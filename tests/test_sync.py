@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -83,3 +85,32 @@ def test_a_blocking_stream_finalized_on_the_loops_own_thread_closes(counter: str
             client._loop.portal.call(chunks.close)
             # The stream held the session's turn; closed, it lets the next call in.
             assert proxy("session_counter", {"increment": 1})["count"] == 1
+
+
+def test_clients_left_with_streams_open_leave_no_late_event_for_a_closed_loop(
+    counter: str,
+) -> None:
+    # A script of several asyncio.run()s, each leaving its client with a stream open: the
+    # client ends the stream and waits for grpc before closing its channel, so no late
+    # event of that stream reaches a loop asyncio.run has closed by then.
+    code = f"""
+import asyncio
+from sessionmesh import mesh
+
+async def main() -> None:
+    async with mesh.connect({counter!r}) as client:
+        proxy = client.proxy("stream_count", session_required=True)
+        async for chunk in proxy.stream(n=1000):
+            assert chunk["i"] == 1
+            break  # the stream stays open: the client closes with it
+
+for _ in range(30):
+    asyncio.run(main())
+print("done")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert (out.returncode, out.stdout.strip()) == (0, "done"), out.stderr
+    assert "Event loop is closed" not in out.stderr
+    assert "Traceback" not in out.stderr

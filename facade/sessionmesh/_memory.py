@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import math
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
@@ -20,6 +21,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from google.protobuf.struct_pb2 import Value
 
 from sessionmesh.client import Answer, Endpoint, StreamCall, Transport
+from sessionmesh.core._tasks import Tasks
 from sessionmesh.errors import AgentUnavailable, RemoteError, SessionOwnerLost
 from sessionmesh.server._agent import index_tools
 from sessionmesh.server._declare import ToolSpec
@@ -31,6 +33,8 @@ from sessionmesh.server._session import SessionStore
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value, set_value
 from sessionmesh.wire.names import owner_of, short
+
+log = logging.getLogger("sessionmesh.testing")
 
 _END = object()
 
@@ -65,6 +69,8 @@ class MemoryEndpoint(Endpoint):
         )
         self.unreachable = False
         self.calls = 0
+        #: The streams running here: the endpoint ends them when it closes.
+        self.streams = Tasks(f"memory endpoint {instance_id}", log)
 
     def _reach(self) -> None:
         if self.unreachable:
@@ -129,6 +135,7 @@ class MemoryEndpoint(Endpoint):
         return response
 
     async def aclose(self) -> None:
+        await self.streams.aclose()
         await self.store.stop()
 
 
@@ -159,7 +166,7 @@ class MemoryStreamCall(StreamCall):
         if bound.input_param:
             self._inputs, receive = anyio.create_memory_object_stream[Any](math.inf)
             plan.kwargs[bound.input_param] = receive
-        self._task = asyncio.get_running_loop().create_task(self._run(plan))
+        self._task = endpoint.streams.start(self._run(plan))
 
     async def _run(self, plan: Plan) -> None:
         out = self._out

@@ -24,7 +24,7 @@ from sessionmesh.client import (
     connect_sync,
 )
 from sessionmesh.core import TLS, Dependency, ProxyOptions, run
-from sessionmesh.wire.deadline import time_remaining
+from sessionmesh.core._deadline import time_remaining
 from sessionmesh.wire.names import short as short_id
 
 if TYPE_CHECKING:

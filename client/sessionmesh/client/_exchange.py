@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 from typing import cast
 
 import grpc
 
 from sessionmesh.client._status import from_rpc_error
+from sessionmesh.core._outbox import Outbox
+from sessionmesh.core._tasks import Tasks
 from sessionmesh.errors import (
     AgentUnavailable,
     CallTimeout,
@@ -25,8 +28,6 @@ from sessionmesh.errors import (
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.keys import EXCHANGE_BATCH_KEY
-from sessionmesh.wire.outbox import Outbox
-from sessionmesh.wire.tasks import cancel_and_wait
 
 #: Extra time the client waits past a call's own deadline (which the agent enforces).
 _DEADLINE_SLACK = 1.0
@@ -45,8 +46,11 @@ def _pack(messages: list[pb.ExchangeRequest]) -> pb.ExchangeRequest:
     return envelope
 
 
+log = logging.getLogger("sessionmesh.client")
+
+
 class Exchange:
-    __slots__ = ("_call", "_ids", "_outbox", "_pending", "_reader", "broken")
+    __slots__ = ("_call", "_ids", "_outbox", "_pending", "_reader", "_tasks", "broken")
 
     def __init__(self, stub: pb_grpc.SessionServiceAsyncStub) -> None:
         # Answers may come several to a message; calls go so once the agent says it takes them.
@@ -56,10 +60,14 @@ class Exchange:
         self._pending: dict[int, asyncio.Future[pb.ExchangeResponse]] = {}
         self._ids = itertools.count(1)
         self.broken: RemoteError | None = None
+        # The reader, and the task looking into a failed write, belong to this exchange:
+        # aclose() ends them.
+        self._tasks = Tasks("an Exchange stream", log)
         # Callers never await a write: one cancelled halfway would end the shared stream.
-        self._outbox: Outbox[pb.ExchangeRequest] = Outbox(self._call.write, self._unsent)
-        # The reader belongs to this exchange: aclose() ends it.
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self._outbox: Outbox[pb.ExchangeRequest] = Outbox(
+            self._call.write, self._unsent, self._tasks
+        )
+        self._reader = self._tasks.start(self._read())
 
     @property
     def in_flight(self) -> int:
@@ -158,5 +166,4 @@ class Exchange:
                 await self._call.done_writing()
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(self._reader), 5.0)
-        failing = outbox.failing
-        await cancel_and_wait(self._reader, *([failing] if failing is not None else []))
+        await self._tasks.aclose()

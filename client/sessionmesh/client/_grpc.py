@@ -104,6 +104,8 @@ class GrpcEndpoint(Endpoint):
         self.address = address
         self.instance_id = instance_id
         self.channel = channel(address, max_message_bytes, options, credentials)
+        #: StreamCalls not ended yet: closing ends them first (see aclose).
+        self._streams: set[grpc.aio.StreamStreamCall[Any, Any]] = set()
         self._stub = pb_grpc.SessionServiceStub(self.channel)
         # Call, taking the request already encoded (a big call is encoded once, not twice).
         self._call_bytes: grpc.aio.UnaryUnaryMultiCallable[bytes, pb.CallResponse] = (
@@ -157,7 +159,10 @@ class GrpcEndpoint(Endpoint):
         headers: Mapping[str, str] | None = None,
     ) -> StreamCall:
         md = _headers(session_id, create, headers)
-        return GrpcStreamCall(self._stub.StreamCall(metadata=md, timeout=deadline))
+        call = self._stub.StreamCall(metadata=md, timeout=deadline)
+        self._streams.add(call)
+        call.add_done_callback(self._streams.discard)
+        return GrpcStreamCall(call)
 
     async def create_session(self, tool: str, deadline: float | None) -> str:
         response = await _unary(
@@ -181,10 +186,28 @@ class GrpcEndpoint(Endpoint):
         return await _unary(self._stub.ListSessions, pb.ListSessionsRequest(), timeout=deadline)
 
     async def aclose(self) -> None:
-        """Close the exchange stream gracefully, then the channel."""
+        """Close the exchange stream gracefully; end the streams still open (cancelled: the
+        agent cancels their tools) and wait until grpc is done with them; then close the
+        channel. grpc delivers a call's last events on whichever loop polls next, so a
+        channel closed under a live call can reach a loop that is closed by then."""
         if self._exchange is not None:
             await self._exchange.aclose()
+        streams = list(self._streams)
+        for call in streams:
+            call.cancel()
+        if streams:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_ended(streams), _STREAM_END_WAIT)
         await self.channel.close()
+
+
+#: How long closing waits for grpc to finish the streams it cancelled.
+_STREAM_END_WAIT = 2.0
+
+
+async def _ended(calls: list[grpc.aio.StreamStreamCall[Any, Any]]) -> None:
+    for call in calls:
+        await call.code()  # cancelled: it ends at once, with no wait on the agent
 
 
 def _cancelling() -> bool:

@@ -15,12 +15,15 @@ import random
 import time
 from collections.abc import Callable
 
+import anyio
+
 from sessionmesh.client._etcd import EtcdSource
 from sessionmesh.client._etcd import parse as parse_etcd
 from sessionmesh.client._grpc import GrpcEndpoint, RegistryChannel
 from sessionmesh.client._transport import Endpoint, Transport
 from sessionmesh.core._credentials import PLAINTEXT, Credentials
 from sessionmesh.core._dependency import Dependency
+from sessionmesh.core._tasks import Tasks, race
 from sessionmesh.errors import (
     AgentUnavailable,
     PermissionDenied,
@@ -31,7 +34,6 @@ from sessionmesh.errors import (
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES
 from sessionmesh.wire.names import is_durable, short
-from sessionmesh.wire.tasks import cancel_and_wait
 
 log = logging.getLogger("sessionmesh.mesh")
 
@@ -62,22 +64,20 @@ class RegistryWatch:
         self._channel: RegistryChannel | EtcdSource = (
             EtcdSource(etcd, credentials) if etcd else RegistryChannel(address, credentials)
         )
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = Tasks(f"the registry watch of {address}", log)
+        self._started = False
         self._grace: list[asyncio.TimerHandle] = []  # see _replace
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        if not self._started:
+            self._started = True
+            self._tasks.start(self._run())
 
     async def ready(self, within: float = 10.0) -> None:
         """Wait for the first full view of the registry."""
         self.start()
-        ready = asyncio.ensure_future(self._ready.wait())
-        refused = asyncio.ensure_future(self._refused.wait())
-        try:
-            await asyncio.wait([ready, refused], timeout=within, return_when="FIRST_COMPLETED")
-        finally:
-            await cancel_and_wait(ready, refused)
+        with anyio.move_on_after(within):
+            await race(self._ready.wait, self._refused.wait)
         if self._ready.is_set():
             return
         error = self.last_error
@@ -157,9 +157,8 @@ class RegistryWatch:
     async def aclose(self) -> None:
         for handle in self._grace:
             handle.cancel()
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-            self._task = None
+        await self._tasks.aclose()
+        self._started = False
         await self._channel.aclose()
 
 
@@ -179,8 +178,9 @@ class EndpointPool:
         # Round robin, shared by every proxy of the client, from a random start: short-lived
         # clients (a CLI call each) would otherwise all open their session on the first one.
         self.turns = itertools.count(random.randrange(1 << 16))
-        #: Endpoints the registry dropped, each with the task that closes it later.
-        self._retiring: dict[GrpcEndpoint, asyncio.Task[None]] = {}
+        #: Endpoints the registry dropped, closed a little later by tasks of the pool's.
+        self._retiring: set[GrpcEndpoint] = set()
+        self._tasks = Tasks("the client's endpoint pool", log)
         self.closed = False
         watch.listeners.append(self._on_change)
 
@@ -206,19 +206,19 @@ class EndpointPool:
             endpoint = self._endpoints.pop(instance.instance_id, None)
             self.failed_at.pop(instance.instance_id, None)
             if endpoint is not None:
-                task = asyncio.get_running_loop().create_task(self._retire(endpoint))
-                self._retiring[endpoint] = task
+                self._retiring.add(endpoint)
+                self._tasks.start(self._retire(endpoint))
 
     async def _retire(self, endpoint: GrpcEndpoint) -> None:
         await asyncio.sleep(RETIRE_AFTER)  # a policy delay: calls in flight fail on their own
-        del self._retiring[endpoint]
+        self._retiring.discard(endpoint)
         await endpoint.aclose()
 
     async def aclose(self) -> None:
         self.closed = True
         endpoints, self._endpoints = self._endpoints, {}
-        retiring, self._retiring = self._retiring, {}
-        await cancel_and_wait(*retiring.values())
+        await self._tasks.aclose()
+        retiring, self._retiring = self._retiring, set()
         for endpoint in [*endpoints.values(), *retiring]:
             await endpoint.aclose()
 

@@ -14,6 +14,7 @@ from sessionmesh import tracing
 from sessionmesh.client._auto_session import AutoSession, Route
 from sessionmesh.client._encode import encode_arguments
 from sessionmesh.client._stream import ChunkStream
+from sessionmesh.core._deadline import bounded
 from sessionmesh.core._options import ProxyOptions
 from sessionmesh.core._reasons import in_python_terms
 from sessionmesh.errors import (
@@ -29,7 +30,6 @@ from sessionmesh.errors import (
 )
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value, is_json
-from sessionmesh.wire.deadline import bounded
 from sessionmesh.wire.names import is_durable, short
 from sessionmesh.wire.reasons import Reason
 

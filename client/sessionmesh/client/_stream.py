@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from collections.abc import AsyncIterable, AsyncIterator, Generator
 from typing import TYPE_CHECKING, Any
 
 from sessionmesh import tracing
 from sessionmesh.client._encode import encode_arguments, encode_input
+from sessionmesh.core._deadline import bounded
+from sessionmesh.core._tasks import Tasks
 from sessionmesh.errors import MeshError, UsageError
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value
-from sessionmesh.wire.deadline import bounded
 from sessionmesh.wire.names import is_durable
+
+log = logging.getLogger("sessionmesh.client")
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -50,6 +54,7 @@ class ChunkStream:
         "_ready",
         "_session_id",
         "_span",
+        "_tasks",
         "_tool",
         "_unacked",
         "_window",
@@ -71,7 +76,8 @@ class ChunkStream:
         self._messages: AsyncIterator[pb.StreamCallResponse] | None = None
         self._window = proxy.settings.buffer_size
         self._unacked = 0
-        self._feeder: asyncio.Task[None] | None = None
+        self._feeder: asyncio.Task[None] | None = None  # sends the input stream
+        self._tasks = Tasks("a stream's input", log)
         self._write_lock = asyncio.Lock()
         self._done = False
         self._failure: MeshError | None = None  # an input item refused before sending
@@ -147,7 +153,7 @@ class ChunkStream:
             self._window = min(self._window, call.window)
         self._session_id = sid or call.session_id or ""
         if self._input is not None:
-            self._feeder = asyncio.get_running_loop().create_task(self._feed(call, self._input))
+            self._feeder = self._tasks.start(self._feed(call, self._input))
         else:
             await self._end_input(call)
         return call
@@ -239,6 +245,7 @@ class ChunkStream:
         self._finish(None if self._done else asyncio.CancelledError())
         if self._call is not None:
             self._call.cancel()
+        await self._tasks.aclose()
 
     def __del__(self) -> None:
         if self._call is not None:

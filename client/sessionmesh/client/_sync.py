@@ -14,6 +14,7 @@ loop is closed by then.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import threading
@@ -28,9 +29,13 @@ from sessionmesh.client._proxy import Proxy
 from sessionmesh.client._stream import ChunkStream
 from sessionmesh.core._credentials import TLS
 from sessionmesh.core._loop import run
+from sessionmesh.core._tasks import Tasks
 from sessionmesh.errors import UsageError
 
 T = TypeVar("T")
+
+
+log = logging.getLogger("sessionmesh.client")
 
 
 class _LoopThread:
@@ -41,7 +46,8 @@ class _LoopThread:
         self.thread = threading.Thread(
             target=self._serve, args=(started,), name="sessionmesh-sync", daemon=True
         )
-        self._closing: set[asyncio.Task[None]] = set()  # held: the loop keeps tasks weakly
+        #: Closes started on the loop's own thread, which cannot wait for them.
+        self._closing = Tasks("the blocking clients' loop", log)
         self.thread.start()
         portal = started.get()
         if isinstance(portal, BaseException):
@@ -64,9 +70,7 @@ class _LoopThread:
         """Close a stream from any thread: from the loop's own (its garbage collection
         finalized the iterator reading the stream) it cannot wait, so it does not."""
         if threading.current_thread() is self.thread:
-            task = self.loop.create_task(chunks.aclose())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._closing.start(chunks.aclose())
         else:
             self.portal.call(chunks.aclose)
 

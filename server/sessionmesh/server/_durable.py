@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from google.protobuf.struct_pb2 import Value
 
+from sessionmesh.core._tasks import Tasks
 from sessionmesh.server._errors import Fail, not_json, session_not_found
 from sessionmesh.server._records import Save, Saved, SessionRecords, StoreUnavailable
 from sessionmesh.wire.codec import NotJsonLike, set_value
@@ -94,7 +95,8 @@ class Durability:
         self.store = store
         self.instance_id = store.instance_id
         self.locate = locate
-        self._adopting: set[asyncio.Task[None]] = set()
+        #: Adoptions loading their sessions from the store (each in the session's first turn).
+        self._adopting = Tasks("session adoptions", log)
         store.durable_closing = self._closing
         #: Sessions adopted from the store, and copies found stale (fenced), are counted
         #: with the store's session events (metrics read them there).
@@ -110,9 +112,7 @@ class Durability:
         it gone (as a forged id would be) if the store has no such session for them."""
         session = self.store.adopt(session_id, principal)
         session.durable = Durable(0, new=False)
-        task = asyncio.get_running_loop().create_task(self._load(session, session.turn()))
-        self._adopting.add(task)
-        task.add_done_callback(self._adopting.discard)
+        self._adopting.start(self._load(session, session.turn()))
         return session
 
     async def _load(self, session: Session, turn: Turn) -> None:
@@ -283,8 +283,7 @@ class Durability:
             raise store_unavailable(session_id, exc) from None
 
     async def stop(self) -> None:
-        for task in list(self._adopting):
-            task.cancel()
+        await self._adopting.aclose()
         await self.records.aclose()
 
 

@@ -20,11 +20,11 @@ import grpc
 
 from sessionmesh.client import MeshClient
 from sessionmesh.core import Credentials
+from sessionmesh.core._tasks import Tasks
 from sessionmesh.errors import UsageError
 from sessionmesh.server._registry import RegistryStore
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire import etcd
-from sessionmesh.wire.tasks import cancel_and_wait
 
 log = logging.getLogger("sessionmesh.registration")
 
@@ -51,12 +51,12 @@ class EtcdRegistration:
         self._declared_lost = declared_lost
         self.ttl = max(MIN_TTL, math.ceil(ttl))
         self._nudged = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = Tasks("the etcd registration", log)
         self._lease = 0
         self.registered = asyncio.Event()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._tasks.start(self._run())
 
     def nudge(self) -> None:
         """Write the instance now (its state changed)."""
@@ -135,9 +135,7 @@ class EtcdRegistration:
 
     async def stop(self) -> None:
         """Deregister at once: revoking the lease deletes the key."""
-        if self._task is not None:
-            await cancel_and_wait(self._task)
-            self._task = None
+        await self._tasks.aclose()
         if self._lease:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await self._api.LeaseStub(self._channel).LeaseRevoke(
@@ -170,7 +168,7 @@ class EtcdStore(RegistryStore):
         self._channel: grpc.aio.Channel | None = None
         #: instance id -> (its lease, the Instance this registry last put).
         self._mine: dict[str, tuple[int, rpb.Instance]] = {}
-        self._keepalive: asyncio.Task[None] | None = None
+        self._tasks = Tasks("the etcd registry store", log)
 
     async def start(self) -> None:
         self._channel = self._credentials.etcd_channel(self._target)
@@ -179,7 +177,7 @@ class EtcdStore(RegistryStore):
         )
         self._view.watch.listeners.append(self._tell)
         await self._view.ready(within=10)
-        self._keepalive = asyncio.get_running_loop().create_task(self._keep_alive())
+        self._tasks.start(self._keep_alive())
 
     async def put(self, instance: rpb.Instance) -> None:
         assert self._channel is not None
@@ -237,8 +235,7 @@ class EtcdStore(RegistryStore):
 
     async def stop(self) -> None:
         # Leases are not revoked: agents re-registering with another registry keep their keys.
-        if self._keepalive is not None:
-            await cancel_and_wait(self._keepalive)
+        await self._tasks.aclose()
         if self._view is not None:
             await self._view.aclose()
         if self._channel is not None:

@@ -10,15 +10,15 @@ import collections
 import logging
 from typing import TYPE_CHECKING, Any
 
+from sessionmesh.core._outbox import take_batch
+from sessionmesh.core._tasks import pulse
 from sessionmesh.server._eager import Eager
 from sessionmesh.server._errors import Fail, invalid_stream
 from sessionmesh.server._handlers import Undecodable
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.keys import EXCHANGE_BATCH_KEY
-from sessionmesh.wire.outbox import take_batch
 from sessionmesh.wire.reasons import Reason
 from sessionmesh.wire.status import Code
-from sessionmesh.wire.tasks import pulse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -68,6 +68,9 @@ class Exchanges:
             await context.send_initial_metadata(((EXCHANGE_BATCH_KEY, "1"),))
         # Reading runs in tasks of its own so that draining can stop it (the stream is
         # long-lived) and still let the calls it started finish and answer.
+        # A bare task, owned by this handler: it ends it below, and waits for the calls it
+        # started (stream.tasks). Reading hands over from task to task (a call that waits
+        # keeps the reader's task), so no group could hold them for the stream's lifetime.
         stream.reader = asyncio.get_running_loop().create_task(self._serve(stream))
         self._streams.add(stream)
         failure: Fail | None = None
@@ -157,6 +160,8 @@ class Exchanges:
             return
         me = asyncio.current_task()
         assert me is not None
+        # The reading goes on in a new task (the hot path's one hop, only for a call that
+        # waits); this one is now the call's, in stream.tasks until it has answered.
         stream.reader = asyncio.get_running_loop().create_task(self._serve(stream))
         stream.add(message.id, me)
         try:

@@ -7,13 +7,14 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+import anyio
 import grpc
 
 from sessionmesh.core import Credentials
+from sessionmesh.core._tasks import Tasks, beside
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
 from sessionmesh.wire.limits import channel_options
-from sessionmesh.wire.tasks import cancel_and_wait
 
 log = logging.getLogger("sessionmesh.registration")
 
@@ -36,7 +37,8 @@ class Registration:
         self._declared_lost = declared_lost
         self._channel = (credentials or Credentials()).channel(registry, channel_options())
         self._nudged = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = Tasks(f"the registration with {registry}", log)
+        self._started = False
         self._call: grpc.aio.StreamStreamCall[rpb.RegisterRequest, rpb.RegisterResponse] | None = (
             None
         )
@@ -44,7 +46,8 @@ class Registration:
         self._stopping = False
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._started = True
+        self._tasks.start(self._run())
 
     def nudge(self) -> None:
         """Send a heartbeat now (the state changed)."""
@@ -82,11 +85,8 @@ class Registration:
                 backoff = 0.05
                 # The registry sends nothing more: reading shows at once when it ends the
                 # registration (or the stream breaks), while a task sends the heartbeats.
-                beats = asyncio.get_running_loop().create_task(self._beat(call, interval))
-                try:
+                async with beside(self._beat(call, interval)):
                     await call.read()
-                finally:
-                    await cancel_and_wait(beats)  # a failed write: the read told us why
                 if self._stopping:
                     return  # the goodbye of stop(): the registry ended it as asked
                 raise ConnectionError("the registry ended the registration")
@@ -109,15 +109,18 @@ class Registration:
         interval: float,
     ) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._nudged.wait(), interval)
+            with anyio.move_on_after(interval):
+                await self._nudged.wait()
             self._nudged.clear()
-            await call.write(rpb.RegisterRequest(heartbeat=self._heartbeat()))
+            try:
+                await call.write(rpb.RegisterRequest(heartbeat=self._heartbeat()))
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                return  # the stream broke: the read tells why
 
     async def stop(self) -> None:
         """Deregister at once (a half-close tells the registry this is a clean goodbye)."""
         self._stopping = True
-        if self._task is not None:
+        if self._started:
             call = self._call
             if call is not None and self.registered.is_set():
                 # Half-close and wait for the registry to end the stream: a clean goodbye.
@@ -126,6 +129,6 @@ class Registration:
                 ):
                     await asyncio.wait_for(call.done_writing(), 1.0)
                     await asyncio.wait_for(call.code(), 1.0)
-            await cancel_and_wait(self._task)
-            self._task = None
+            await self._tasks.aclose()
+            self._started = False
         await self._channel.close()

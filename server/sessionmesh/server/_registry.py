@@ -17,10 +17,12 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
+import anyio
 import grpc
 
 from sessionmesh.core import TLS
 from sessionmesh.core._reasons import code_of
+from sessionmesh.core._tasks import beside, race
 from sessionmesh.errors import UsageError
 from sessionmesh.server._errors import invalid_stream
 from sessionmesh.server._metrics import RegistryMetrics
@@ -38,7 +40,6 @@ from sessionmesh.wire import status
 from sessionmesh.wire.limits import server_options
 from sessionmesh.wire.names import answers_to
 from sessionmesh.wire.reasons import Reason
-from sessionmesh.wire.tasks import cancel_and_wait
 
 log = logging.getLogger("sessionmesh.registry")
 
@@ -156,11 +157,8 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
         messages: asyncio.Queue[rpb.RegisterRequest | None] = asyncio.Queue()
         # One task reads the stream (None: it ended); waiting for a message with a timeout
         # then never cancels a read half-way.
-        reader = asyncio.get_running_loop().create_task(_read(request_iterator, messages))
-        try:
+        async with beside(_read(request_iterator, messages)):
             await self._register(messages, lease, context, principal)
-        finally:
-            reader.cancel()
 
     def _may_register(self, principal: str, instance: rpb.Instance) -> str | None:
         """Why ``principal`` may not register ``instance``, or None if it may."""
@@ -305,17 +303,13 @@ async def _next(
     stopping. Never loses an item: it is not cancelled from outside while it holds one."""
     if stopping.is_set():
         return None
-    get = asyncio.ensure_future(queue.get())
-    stopped = asyncio.ensure_future(stopping.wait())
-    try:
-        await asyncio.wait([get, stopped], timeout=within, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        await cancel_and_wait(stopped)
-        if not get.done():
-            await cancel_and_wait(get)  # a Queue.get cancelled while waiting takes nothing
-    if get.cancelled():
-        return None if stopping.is_set() else SILENCE
-    return get.result()
+    done: dict[int, Any] = {}
+    with anyio.move_on_after(within):
+        done = await race(queue.get, stopping.wait)  # a get cut off waiting takes nothing
+    if 0 in done:
+        item: T = done[0]
+        return item
+    return None if stopping.is_set() else SILENCE
 
 
 async def _read(

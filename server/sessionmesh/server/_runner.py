@@ -15,6 +15,8 @@ import traceback
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sessionmesh import tracing
+from sessionmesh.core._deadline import DEADLINE, tightened
+from sessionmesh.core._tasks import Tasks
 from sessionmesh.server._dispatch import Dispatcher, Plan
 from sessionmesh.server._durable import Replayed, gone
 from sessionmesh.server._errors import Fail, not_json, session_closed
@@ -22,10 +24,8 @@ from sessionmesh.server._observe import Counted, observing
 from sessionmesh.server._recall import Remembered
 from sessionmesh.server._session import CLOSED_UNDER_CALL, Session, _current
 from sessionmesh.wire.codec import NotJsonLike, set_value
-from sessionmesh.wire.deadline import DEADLINE, tightened
 from sessionmesh.wire.names import short
 from sessionmesh.wire.reasons import Reason
-from sessionmesh.wire.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager, AbstractContextManager
@@ -135,7 +135,7 @@ class Runner(Dispatcher):
     def __init__(self, **settings: Any) -> None:
         super().__init__(**settings)
         #: Calls with a call id run in tasks of their own, outliving their RPC: stop() ends them.
-        self._detached: set[asyncio.Task[Any]] = set()
+        self._detached = Tasks(f"agent {self.agent_name}'s calls", log, expected=(Fail,))
 
     async def answer(self, plan: Plan, out: Value) -> None:
         """Run a call and write its result into ``out`` (the adapter's answer); failures
@@ -282,7 +282,7 @@ class Runner(Dispatcher):
     async def stop(self) -> None:
         """Cancel the calls still running in tasks of their own (their callers are gone,
         or the agent's grace period is over) and wait until they have ended."""
-        await cancel_and_wait(*self._detached)
+        await self._detached.aclose()
 
     def _forget_unsaved(self, plan: Plan, done: asyncio.Future[Any]) -> None:
         """A durable call whose save failed (store down, or this copy was stale) changed
@@ -316,12 +316,9 @@ class Runner(Dispatcher):
                 raise
         # With a call id the tool must run once even if the caller goes away (its connection
         # dropped): it runs in its own task and a retry awaits the same outcome.
-        task = asyncio.get_running_loop().create_task(self._run(plan))
-        task.add_done_callback(_consume)
+        task = self._detached.start(self._run(plan))
         if session is not None and session.durable is not None:
             task.add_done_callback(lambda done: self._forget_unsaved(plan, done))
-        self._detached.add(task)
-        task.add_done_callback(self._detached.discard)
         self._remember(plan, task)
         return await asyncio.shield(task)
 
@@ -343,9 +340,3 @@ def fill(out: Value, bound: BoundTool, result: Any, verb: str = "returned") -> N
         set_value(out, result)
     except NotJsonLike as exc:
         raise not_json(bound.spec.name, verb, exc) from None
-
-
-def _consume(task: asyncio.Future[Any]) -> None:
-    # Outcomes are kept for retries; mark failures as seen so asyncio does not log them.
-    if not task.cancelled():
-        task.exception()

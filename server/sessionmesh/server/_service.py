@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from sessionmesh import tracing
+from sessionmesh.core._tasks import cancel_and_wait
 from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream
 from sessionmesh.server._exchange import Exchanges
 from sessionmesh.server._handlers import Undecodable
@@ -158,6 +159,8 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 plan.kwargs[bound.input_param] = flow.open_inputs(bound.spec.options.buffer_size)
             me = asyncio.current_task()
             assert me is not None
+            # The pump reads on while the tool runs (credit, input) and past its end (the
+            # half-close); this handler owns it and waits for it on every way out.
             pumping = asyncio.get_running_loop().create_task(pump(requests, flow, me))
             try:
                 await self.runner.stream(plan, ChunkSink(context.write, flow))
@@ -175,7 +178,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
             if abandon is not None:
                 abandon()
             if pumping is not None:
-                pumping.cancel()
+                await cancel_and_wait(pumping)
             raise
         if flow is not None and flow.window and pumping is not None:
             # Tell the client it is over and wait (briefly) for its half-close, so no credit
@@ -185,7 +188,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 await context.write(END_MESSAGE)
                 await asyncio.wait_for(asyncio.shield(pumping), HALF_CLOSE_WAIT)
         if pumping is not None:
-            pumping.cancel()
+            await cancel_and_wait(pumping)
         if failure is not None:
             await context.abort_with_status(failure.status())
 

@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from sessionmesh import tracing
+from sessionmesh.core._tasks import Tasks
 from sessionmesh.wire.names import new_session_id, short
-from sessionmesh.wire.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -284,8 +284,11 @@ class SessionStore:
         self._wakeup = asyncio.Event()
         self.empty = asyncio.Event()  # set while no session is open
         self.empty.set()
-        self._reaper: asyncio.Task[None] | None = None
-        self._closing: set[asyncio.Task[bool]] = set()
+        self._reaping = False
+        #: The reaper (stopped at stop), and closes started by code that cannot wait for
+        #: them (finished at stop).
+        self._reaper = Tasks(f"the session reaper of instance {instance_id}", log)
+        self._closing = Tasks(f"the sessions of instance {instance_id}", log)
         self.counters = {"created": 0, "closed": 0, "expired": 0, "lost": 0, "released": 0}
         #: For durable sessions: remove the stored record; False when another instance owns
         #: the session now (then it is not over, and its close callbacks do not run here).
@@ -301,8 +304,9 @@ class SessionStore:
         return list(self._sessions.values())
 
     def start(self) -> None:
-        if self._reaper is None:
-            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        if not self._reaping:
+            self._reaping = True
+            self._reaper.start(self._reap())
 
     def create(
         self, ttl: float | None = None, principal: str = "", *, durable: bool = False
@@ -406,9 +410,7 @@ class SessionStore:
 
     def close_soon(self, session_id: str, why: str) -> None:
         """Close a session from code that cannot wait for it (say, a cancelled call)."""
-        task = asyncio.get_running_loop().create_task(self.close(session_id, why=f"closed: {why}"))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._closing.start(self.close(session_id, why=f"closed: {why}"))
 
     async def close_all(self, *, why: str = "closed at shutdown") -> None:
         """Close every session; durable ones are released instead (they live on in their
@@ -420,11 +422,9 @@ class SessionStore:
                 await self.close(sid, why=why)
 
     async def stop(self) -> None:
-        if self._reaper is not None:
-            await cancel_and_wait(self._reaper)
-            self._reaper = None
-        if self._closing:
-            await asyncio.wait(list(self._closing))
+        await self._reaper.aclose()
+        self._reaping = False
+        await self._closing.wait()  # closes are finished, not cut off
         await self.close_all()
 
     async def _reap(self) -> None:

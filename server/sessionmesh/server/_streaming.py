@@ -10,13 +10,13 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from sessionmesh.core._outbox import MAX_BATCH_BYTES
+from sessionmesh.core._tasks import pulse
 from sessionmesh.server._eager import Eager
 from sessionmesh.server._errors import Fail, invalid_stream
 from sessionmesh.server._handlers import Undecodable
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value, set_value
-from sessionmesh.wire.outbox import MAX_BATCH_BYTES
-from sessionmesh.wire.tasks import pulse
 
 #: How long a finished flow-controlled stream waits for the client's half-close.
 HALF_CLOSE_WAIT = 5.0
@@ -188,6 +188,8 @@ class Batcher:
         # complete, so that the tool runs on meanwhile.
         write = Eager(self._write(self._take()))
         if not write.done:
+            # Bare, owned by this batcher: flush() awaits it before the stream ends. A
+            # task per write in flight (not per chunk) is the price of the tool running on.
             self._writer = asyncio.get_running_loop().create_task(self._drain(write))
 
     async def _drain(self, first: Eager[None]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -14,8 +15,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
+
+from sessionmesh.core._tasks import Tasks, race
 from sessionmesh.core.cli import say
-from sessionmesh.wire.tasks import cancel_and_wait
+
+log = logging.getLogger("sessionmesh.run")
 
 
 class Signals:
@@ -36,14 +41,13 @@ class Signals:
 
 
 async def unless(hurry: asyncio.Event, work: Awaitable[None]) -> bool:
-    """Run ``work`` unless (or until) ``hurry`` is set; True if it ran to the end."""
-    task = asyncio.ensure_future(work)
-    hurried = asyncio.ensure_future(hurry.wait())
-    await asyncio.wait([task, hurried], return_when=asyncio.FIRST_COMPLETED)
-    finished = task.done() and not task.cancelled()
-    await cancel_and_wait(task, hurried)
-    if finished:
-        task.result()  # what the work raised, if anything
+    """Run ``work`` unless (or until) ``hurry`` is set; True if it ran to the end. What the
+    work raised is raised."""
+
+    async def run() -> None:
+        await work
+
+    await race(run, hurry.wait)
     return not hurry.is_set()
 
 
@@ -79,7 +83,7 @@ class Output:
 
     def __init__(self) -> None:
         self.labels: dict[asyncio.subprocess.Process, str] = {}
-        self.pumps: set[asyncio.Task[None]] = set()
+        self.pumps = Tasks("run's output", log)
         self._colours: dict[str, str] = {}
 
     def follow(self, proc: asyncio.subprocess.Process, name: str) -> None:
@@ -95,9 +99,7 @@ class Output:
     def _pump(
         self, proc: asyncio.subprocess.Process, stream: asyncio.StreamReader, out: Any
     ) -> None:
-        task = asyncio.get_running_loop().create_task(self._lines(proc, stream, out))
-        self.pumps.add(task)
-        task.add_done_callback(self.pumps.discard)
+        self.pumps.start(self._lines(proc, stream, out))
 
     async def _lines(
         self, proc: asyncio.subprocess.Process, stream: asyncio.StreamReader, out: Any
@@ -116,9 +118,9 @@ class Output:
 
     async def aclose(self) -> None:
         """Pass on what the exited agents still had to say, then stop."""
-        if self.pumps:
-            await asyncio.wait(list(self.pumps), timeout=2)
-        await cancel_and_wait(*self.pumps)
+        with anyio.move_on_after(2):
+            await self.pumps.wait()
+        await self.pumps.aclose()
 
 
 def each(files: Sequence[str], replicas: int) -> list[str]:
@@ -166,9 +168,13 @@ class Supervisor:
         self.replacing: set[asyncio.subprocess.Process] = set()  # stopped by us, on purpose
 
     async def run(self, signals: Signals) -> None:
-        exits = {asyncio.ensure_future(p.wait()): p for p in self.files}
-        stopping = asyncio.ensure_future(signals.stop.wait())
-        changes: asyncio.Task[set[str]] | None = self._next_change() if self.watch else None
+        # What the loop waits on, each in a task this method owns and ends on its way out.
+        waits = Tasks("run's supervisor", log)
+        exits: dict[asyncio.Future[Any], asyncio.subprocess.Process] = {
+            waits.start(p.wait()): p for p in self.files
+        }
+        stopping = waits.start(signals.stop.wait())
+        changes = waits.start(self._changed()) if self.watch else None
         try:
             while (exits or changes) and not signals.stop.is_set():
                 waiting = [stopping, *exits, *([changes] if changes else [])]
@@ -178,16 +184,14 @@ class Supervisor:
                         say(f"{self.files[proc]} changed: restarting its agent")
                         self.replacing.add(proc)
                         proc.send_signal(signal.SIGTERM)
-                    changes = self._next_change()
+                    changes = waits.start(self._changed())
                 for future in [f for f in done if f in exits]:
-                    proc = exits.pop(future)  # type: ignore[arg-type]  # one of its own
+                    proc = exits.pop(future)
                     replacement = await self._after_exit(proc, proc.returncode or 0, signals)
                     if replacement is not None:
-                        exits[asyncio.ensure_future(replacement.wait())] = replacement
+                        exits[waits.start(replacement.wait())] = replacement
         finally:
-            stopping.cancel()
-            if changes is not None:
-                await cancel_and_wait(changes)
+            await waits.aclose()
 
     async def _after_exit(
         self, proc: asyncio.subprocess.Process, code: int, signals: Signals
@@ -221,8 +225,8 @@ class Supervisor:
         self.started[new] = loop.time()
         return new
 
-    def _next_change(self) -> asyncio.Task[set[str]]:
-        return asyncio.get_running_loop().create_task(_changed(sorted(set(self.files.values()))))
+    async def _changed(self) -> set[str]:
+        return await _changed(sorted(set(self.files.values())))
 
 
 async def _changed(files: list[str]) -> set[str]:

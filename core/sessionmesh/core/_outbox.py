@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
 
-from sessionmesh.wire.tasks import pulse
+from sessionmesh.core._tasks import Tasks, pulse
 
 M = TypeVar("M", bound=Message)
 
@@ -33,9 +33,9 @@ class Outbox(Generic[M]):
     __slots__ = (
         "_busy",
         "_changed",
-        "_failing",
         "_on_error",
         "_queue",
+        "_tasks",
         "_write",
         "error",
         "max_count",
@@ -46,14 +46,15 @@ class Outbox(Generic[M]):
         self,
         write: Callable[[M], Coroutine[Any, Any, None]],
         on_error: Callable[[BaseException], Awaitable[None]],
+        tasks: Tasks,
         max_count: int = 64,
     ) -> None:
         self._write = write
-        self._on_error = on_error  # awaited in a task of its own once a write failed
+        self._on_error = on_error  # awaited in a task of ``tasks`` once a write failed
+        self._tasks = tasks
         self._queue: collections.deque[M] = collections.deque()
         self._busy = False  # a write is in flight
         self._changed = asyncio.Event()  # pulsed at each step: what waiters wait for moved
-        self._failing: asyncio.Task[None] | None = None
         #: Several messages as one, when the peer takes batches; None: one at a time.
         self.pack: Callable[[list[M]], M] | None = None
         self.max_count = max_count
@@ -64,11 +65,6 @@ class Outbox(Generic[M]):
     def busy(self) -> bool:
         """A write is in flight (or a failed one is being looked into)."""
         return self._busy
-
-    @property
-    def failing(self) -> asyncio.Task[None] | None:
-        """The task looking into a failed write, while it runs."""
-        return self._failing
 
     @property
     def queued(self) -> int:
@@ -129,7 +125,7 @@ class Outbox(Generic[M]):
     def _failed(self, exc: BaseException) -> None:
         self.error = exc
         self._queue.clear()
-        self._failing = asyncio.get_running_loop().create_task(self._look_into(exc))
+        self._tasks.start(self._look_into(exc))
 
     async def _look_into(self, exc: BaseException) -> None:
         try:
@@ -137,7 +133,6 @@ class Outbox(Generic[M]):
         finally:
             self._queue.clear()  # sent while the failure was looked into: never written
             self._busy = False
-            self._failing = None
             pulse(self._changed)
 
     def _next(self) -> M:
