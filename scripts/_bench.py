@@ -36,7 +36,7 @@ from _bench_tool import ARGS, bump
 from google.protobuf import json_format
 
 from sessionmesh import mesh
-from sessionmesh.server._session import SessionStore
+from sessionmesh.server._sessions import SessionStore
 from sessionmesh.testing import eventually
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc

@@ -29,7 +29,7 @@ from sessionmesh.server._dispatch import Plan
 from sessionmesh.server._errors import Fail
 from sessionmesh.server._inject import Injector
 from sessionmesh.server._runner import Runner
-from sessionmesh.server._session import SessionStore
+from sessionmesh.server._sessions import SessionStore
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value, set_value
 from sessionmesh.wire.names import owner_of, short

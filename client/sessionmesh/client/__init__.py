@@ -13,7 +13,6 @@ from sessionmesh.client._proxy import (
     McpAgent,
     Proxy,
     StreamingProxy,
-    TypedProxy,
 )
 from sessionmesh.client._stream import ChunkStream
 from sessionmesh.client._sync import SyncClient, SyncProxy, connect_sync
@@ -24,6 +23,8 @@ from sessionmesh.client._transport import (
     StreamCall,
     Transport,
 )
+from sessionmesh.client._typed import TypedProxy
+from sessionmesh.core import publish
 
 __all__ = [
     "AgentClient",
@@ -44,3 +45,5 @@ __all__ = [
     "connect",
     "connect_sync",
 ]
+
+publish(__name__, *(globals()[name] for name in __all__))

@@ -18,7 +18,7 @@ import enum
 import itertools
 import logging
 import secrets
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 from sessionmesh import tracing
 from sessionmesh.errors import (
@@ -30,6 +30,8 @@ from sessionmesh.errors import (
 from sessionmesh.wire.names import short
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from sessionmesh.client._transport import Endpoint, Transport
 
 log = logging.getLogger("sessionmesh.proxy")
@@ -45,12 +47,38 @@ class State(enum.Enum):
     LOST = "lost"
 
 
-class Route(NamedTuple):
-    """Where a call goes: the endpoint, its session id ("" for none), whether it opens one."""
+class Route:
+    """Where a call goes: the endpoint, its session id ("" for none), whether it opens one.
 
-    endpoint: Endpoint
-    session_id: str
-    create: bool
+    A route that opens the auto session is how the call that opens it reports back: its
+    ``opened()`` moves the session to OPEN (an id) or back to IDLE (None), once; leaving
+    ``settling()`` without a word means the opening failed. The state machine's moves are
+    its own: callers only say what happened."""
+
+    __slots__ = ("_auto", "create", "endpoint", "session_id")
+
+    def __init__(
+        self, endpoint: Endpoint, session_id: str = "", auto: AutoSession | None = None
+    ) -> None:
+        self.endpoint = endpoint
+        self.session_id = session_id
+        self.create = auto is not None
+        self._auto = auto
+
+    def opened(self, session_id: str | None) -> None:
+        """The opening call learned the session's id (None: it failed); the first word
+        counts, later ones change nothing."""
+        auto, self._auto = self._auto, None
+        if auto is not None:
+            auto._opened_on(self.endpoint, session_id)
+
+    @contextlib.contextmanager
+    def settling(self) -> Iterator[Route]:
+        """Around the call: one that ends without ``opened()`` did not open the session."""
+        try:
+            yield self
+        finally:
+            self.opened(None)
 
 
 class AutoSession:
@@ -60,7 +88,6 @@ class AutoSession:
         "_opened",
         "_prefix",
         "_reused",
-        "endpoint",
         "lost",
         "pinned",
         "session_id",
@@ -70,7 +97,6 @@ class AutoSession:
     def __init__(self) -> None:
         self.state = State.IDLE
         self.session_id: str | None = None
-        self.endpoint: Endpoint | None = None  # the owner, once OPEN
         self.lost: SessionLost | None = None
         #: A stateful proxy's instance for calls without a session (see ``pin``).
         self.pinned: Endpoint | None = None
@@ -95,7 +121,7 @@ class AutoSession:
                     log.info("auto session %s reused", short(sid))
                 try:
                     # The owner, by the session id: gone from the registry means lost.
-                    return Route(transport.owner(sid), sid, False)
+                    return Route(transport.owner(sid), sid)
                 except SessionLost as gone:
                     self.failed(sid, gone)
                     raise
@@ -114,18 +140,18 @@ class AutoSession:
                 self.state = State.OPENING
                 self._opened = asyncio.Event()
                 transport.track(self)  # so that closing the client closes this session
-                return Route(endpoint, "", True)
+                return Route(endpoint, auto=self)
             assert self._opened is not None
             await self._opened.wait()  # another call is opening the session: wait for its id
 
-    def opened(self, endpoint: Endpoint, session_id: str | None) -> None:
-        """The call that was opening the session ended: with its id, or without (failed)."""
+    def _opened_on(self, endpoint: Endpoint, session_id: str | None) -> None:
+        """The call that was opening the session ended: with its id, or without (failed).
+        Its route says so (``Route.opened``)."""
         if self.state is not State.OPENING:
             return  # reset while it was in flight
         if session_id:
             self.state = State.OPEN
             self.session_id = session_id
-            self.endpoint = endpoint
             log.info("auto session %s opened on %s", short(session_id), endpoint.address)
         else:
             self.state = State.IDLE
@@ -151,7 +177,7 @@ class AutoSession:
         session_id, lost = self.session_id, self.lost
         event = self._opened
         self.state = State.IDLE
-        self.session_id = self.endpoint = self.lost = self._opened = None
+        self.session_id = self.lost = self._opened = None
         self._reused = False
         if event is not None:
             event.set()  # calls waiting for an id route afresh

@@ -11,11 +11,10 @@ from sessionmesh.client._mesh import EndpointPool, MeshTransport, RegistryWatch
 from sessionmesh.client._proxy import (
     Proxy,
     StreamingProxy,
-    TypedProxy,
     make_proxy,
-    tool_of,
 )
 from sessionmesh.client._transport import EndpointTransport, Transport
+from sessionmesh.client._typed import TypedProxy, tool_of
 from sessionmesh.core._credentials import TLS, Credentials
 from sessionmesh.core._dependency import Dependency
 from sessionmesh.core._options import ProxyOptions

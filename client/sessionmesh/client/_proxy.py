@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import random
-import typing
-from collections.abc import Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, get_args, get_origin, overload
+from collections.abc import Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from sessionmesh import tracing
 from sessionmesh.client._auto_session import AutoSession, Route
@@ -29,14 +27,14 @@ from sessionmesh.errors import (
     UsageError,
 )
 from sessionmesh.v1 import session_service_pb2 as pb
-from sessionmesh.wire.codec import from_value, is_json
+from sessionmesh.wire.codec import from_value
 from sessionmesh.wire.names import is_durable, short
 from sessionmesh.wire.reasons import Reason
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from sessionmesh.client._transport import Endpoint, Transport
+    from sessionmesh.client._transport import Transport
 
 log = logging.getLogger("sessionmesh.proxy")
 
@@ -207,17 +205,13 @@ class BaseProxy:
         if transport.closed:
             raise UsageError(f"the client of proxy {self._tool!r} is closed; connect again")
         if session_id is not None:
-            return Route(transport.owner(session_id), session_id, False)
+            return Route(transport.owner(session_id), session_id)
         opts = self._opts
         if opts.auto_session:
             return await self._auto.route(transport)
         if opts.stateful:
-            return Route(self._auto.pin(transport), "", False)
-        return Route(transport.pick(), "", False)
-
-    def opened(self, endpoint: Endpoint, session_id: str | None) -> None:
-        """The call that opened the auto session ended (session_id None: it failed)."""
-        self._auto.opened(endpoint, session_id)
+            return Route(self._auto.pin(transport))
+        return Route(transport.pick())
 
     def failed(self, session_id: str, error: BaseException, tool: str = "") -> BaseException:
         """A call of ``tool`` (in ``session_id``, or "" for none) failed with ``error``: what
@@ -326,35 +320,30 @@ class BaseProxy:
         alone: _Big | None,
         deadline: float | None,
     ) -> Any:
-        endpoint, sid, creating = await self.route(session_id)
+        route = await self.route(session_id)
+        endpoint, sid = route.endpoint, route.session_id
         message.session_id = sid
-        message.create_session = creating
+        message.create_session = route.create
         durable = is_durable(sid)
         if durable and not message.call.call_id:
             # It may run on another instance if this one fails: the id makes that run once.
             message.call.call_id = self._auto.next_call_id()
         transport = self._transport
-        try:
-            answer = await endpoint.call(
-                message, deadline, alone=alone.encoded(message.call) if alone else None
-            )
-        except AgentUnavailable as unreachable:
-            if creating:
-                self.opened(endpoint, None)
-            transport.failed(endpoint)
-            self._auto.unpin(endpoint)
-            if sid:
-                error = self.failed(sid, unreachable)
-                if durable and transport.owner(sid) is not endpoint:
-                    raise _Rerouted(error) from None  # another instance takes it over
-                raise error from None
-            raise
-        except BaseException:
-            if creating:
-                self.opened(endpoint, None)
-            raise
-        if creating:
-            self.opened(endpoint, answer.session_id)
+        with route.settling():
+            try:
+                answer = await endpoint.call(
+                    message, deadline, alone=alone.encoded(message.call) if alone else None
+                )
+            except AgentUnavailable as unreachable:
+                transport.failed(endpoint)
+                self._auto.unpin(endpoint)
+                if sid:
+                    error = self.failed(sid, unreachable)
+                    if durable and transport.owner(sid) is not endpoint:
+                        raise _Rerouted(error) from None  # another instance takes it over
+                    raise error from None
+                raise
+            route.opened(answer.session_id)
         if answer.error is not None:
             if durable and isinstance(answer.error, SessionElsewhere):
                 # A stale copy refused it (nothing ran that counts): go to the owner it names.
@@ -448,74 +437,3 @@ class StreamingProxy(BaseProxy):
 
 McpAgent = Proxy
 """The name tools annotate injected dependencies with, as in the design note."""
-
-
-R = TypeVar("R")
-
-
-class TypedProxy(Proxy, Generic[R]):
-    """A proxy made from the provider's own tool function: its calls return what that
-    function returns, as a type checker sees it.
-
-    Example::
-
-        from shop.cart import cart_total  # the @mesh.tool function, importable here
-
-        total: float = await agent.proxy(cart_total)(cart_id="c1")
-    """
-
-    __slots__ = ("_result",)
-
-    def __init__(
-        self, transport: Transport, tool: str, opts: ProxyOptions, fn: Callable[..., Any]
-    ) -> None:
-        super().__init__(transport, tool, opts)
-        self._result = _result_type(fn)
-
-    def __call__(self, *call: Any, **kwargs: Any) -> Coroutine[Any, Any, R]:
-        work = super().__call__(*call, **kwargs)
-        if self._result is None:
-            return work
-        if not asyncio.iscoroutine(work):  # a plain def tool's worker thread: the result
-            return self._result.validate_python(work)
-        return self._typed(work)
-
-    async def _typed(self, work: Coroutine[Any, Any, Any]) -> R:
-        assert self._result is not None
-        result: R = self._result.validate_python(await work)
-        return result
-
-
-def _needs_pydantic(tp: Any) -> bool:
-    """A JSON result that still comes back changed without its type: a float (JSON has one
-    number: 2.0 travels as 2, and comes back an int) or a TypedDict (JSON objects are
-    unordered: the keys come back in the declared order only when rebuilt)."""
-    return tp is float or typing.is_typeddict(tp) or any(_needs_pydantic(a) for a in get_args(tp))
-
-
-def _result_type(fn: Callable[..., Any]) -> Any:
-    """A pydantic TypeAdapter that turns the JSON result back into what ``fn`` returns, or
-    None when that is JSON as it is (or unknown)."""
-    try:
-        annotation = typing.get_type_hints(fn).get("return", Any)
-    except Exception:
-        return None
-    if inspect.iscoroutinefunction(fn) and get_origin(annotation) is Coroutine:
-        annotation = get_args(annotation)[-1]
-    if is_json(annotation) and not _needs_pydantic(annotation):
-        return None
-    import pydantic  # only for a provider whose results are richer than JSON
-
-    try:
-        return pydantic.TypeAdapter(annotation)
-    except pydantic.PydanticUserError:
-        return None  # e.g. typing.TypedDict before Python 3.12: the result as it came
-
-
-def tool_of(fn: Callable[..., Any], *, capability: bool) -> str:
-    """The name (or capability) a ``@mesh.tool`` function answers to; its own name for a
-    plain function. Read from the declaration without importing the agent runtime."""
-    spec = getattr(fn, "__sessionmesh_tool__", None)
-    if spec is None:
-        return fn.__name__
-    return str(spec.capability if capability else spec.name)

@@ -120,33 +120,29 @@ class ChunkStream:
 
     async def _open(self) -> StreamCall:
         proxy = self._proxy
-        endpoint, sid, creating = await proxy.route()
+        route = await proxy.route()
+        endpoint, sid = route.endpoint, route.session_id
         start = pb.StreamCallRequest()
         start.start.window = self._window
         start.start.max_batch = MAX_BATCH
         start.start.call.tool = self._tool
-        try:
+        with route.settling():
             encode_arguments(start.start.call.arguments, self._args)
-        except BaseException:
-            if creating:
-                proxy.opened(endpoint, None)
-            raise
-        headers = None
-        tracer = tracing.tracer()
-        if tracer is not None:
-            self._span, headers = tracing.start_stream_span(tracer, self._tool, proxy.tool)
-        # Inside a tool, the stream gets no more than what remains of the call it serves.
-        call = endpoint.stream(sid, creating, bounded(proxy.settings.stream_timeout), headers)
-        self._call = call
-        try:
-            await call.open(start)
-        except BaseException as exc:
-            if creating:
-                proxy.opened(endpoint, call.session_id)
-            raise proxy.failed(sid, exc) from exc.__cause__
-        if creating:
-            proxy.opened(endpoint, call.session_id)
-        elif is_durable(sid):
+            headers = None
+            tracer = tracing.tracer()
+            if tracer is not None:
+                self._span, headers = tracing.start_stream_span(tracer, self._tool, proxy.tool)
+            # Inside a tool, the stream gets no more than what remains of the call it serves.
+            timeout = bounded(proxy.settings.stream_timeout)
+            call = endpoint.stream(sid, route.create, timeout, headers)
+            self._call = call
+            try:
+                await call.open(start)
+            except BaseException as exc:
+                route.opened(call.session_id)  # refused after it opened: the id is known
+                raise proxy.failed(sid, exc) from exc.__cause__
+            route.opened(call.session_id)
+        if not route.create and is_durable(sid):
             proxy._transport.settle(sid, endpoint)
         self._messages = call.messages()
         if call.window is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from sessionmesh.core import publish
+
 if TYPE_CHECKING:
     from sessionmesh.core import Dependency
     from sessionmesh.server._agent import Agent
@@ -61,6 +63,8 @@ def __getattr__(name: str) -> Any:
     if home is None:
         raise AttributeError(f"module 'sessionmesh.server' has no attribute {name!r}")
     value = getattr(importlib.import_module(home), name)
+    if home.startswith(__name__):
+        publish(__name__, value)
     globals()[name] = value  # once loaded, a plain attribute
     return value
 

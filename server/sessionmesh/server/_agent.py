@@ -28,7 +28,7 @@ from sessionmesh.server._registration import Registration
 from sessionmesh.server._runner import Runner
 from sessionmesh.server._security import Authenticator, bind
 from sessionmesh.server._service import Servicer
-from sessionmesh.server._session import SessionStore
+from sessionmesh.server._sessions import SessionStore
 from sessionmesh.server._settings import AgentSettings
 from sessionmesh.server._standard import StandardServices
 from sessionmesh.server._tool import BoundTool, each_once

@@ -21,13 +21,8 @@ from sessionmesh.server._errors import (
 from sessionmesh.server._params import ArgumentError
 from sessionmesh.server._recall import Recall
 from sessionmesh.server._security import denied
-from sessionmesh.server._session import (
-    Session,
-    SessionNotFoundError,
-    SessionStore,
-    TooManySessionsError,
-    Turn,
-)
+from sessionmesh.server._session import Session, Turn
+from sessionmesh.server._sessions import SessionNotFoundError, SessionStore, TooManySessionsError
 from sessionmesh.server._tool import each_once
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_struct

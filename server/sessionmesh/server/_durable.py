@@ -28,7 +28,8 @@ from sessionmesh.wire.status import Code
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from sessionmesh.server._session import Session, SessionStore, Turn
+    from sessionmesh.server._session import Session, Turn
+    from sessionmesh.server._sessions import SessionStore
     from sessionmesh.server._tool import BoundTool
 
 log = logging.getLogger("sessionmesh.durable")

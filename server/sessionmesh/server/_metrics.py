@@ -17,7 +17,7 @@ from sessionmesh.server._security import is_loopback
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from sessionmesh.server._session import SessionStore
+    from sessionmesh.server._sessions import SessionStore
     from sessionmesh.v1 import registry_service_pb2 as rpb
 
 #: Call latency buckets, seconds: sub-millisecond calls up to long tools.

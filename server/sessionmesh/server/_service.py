@@ -16,7 +16,7 @@ from sessionmesh.server._exchange import Exchanges
 from sessionmesh.server._handlers import Undecodable
 from sessionmesh.server._runner import Runner
 from sessionmesh.server._security import Authenticator
-from sessionmesh.server._session import SessionNotFoundError
+from sessionmesh.server._sessions import SessionNotFoundError
 from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, ChunkSink, Flow, pump
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc

@@ -1,0 +1,217 @@
+"""The open sessions of one agent instance: opening and adopting them, per-caller limits,
+closing (callbacks run once, after the calls already in line), releasing a durable copy,
+and the reaper that closes idle ones."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import heapq
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from sessionmesh import tracing
+from sessionmesh.core._tasks import Tasks
+from sessionmesh.server._session import CLOSED_UNDER_CALL, Session
+from sessionmesh.wire.names import new_session_id, short
+
+log = logging.getLogger("sessionmesh.session")
+
+
+class SessionNotFoundError(LookupError):
+    pass
+
+
+class TooManySessionsError(RuntimeError):
+    pass
+
+
+class SessionStore:
+    """The open sessions of one agent instance, with a reaper for idle ones."""
+
+    def __init__(
+        self,
+        instance_id: str,
+        *,
+        default_ttl: float,
+        max_sessions: int,
+        max_per_principal: int | None = None,
+    ) -> None:
+        self.instance_id = instance_id
+        self.default_ttl = default_ttl
+        self.max_sessions = max_sessions
+        self.max_per_principal = max_per_principal
+        self._per_principal: collections.Counter[str] = collections.Counter()
+        self._sessions: dict[str, Session] = {}
+        self._deadlines: list[tuple[float, str]] = []
+        self._wakeup = asyncio.Event()
+        self.empty = asyncio.Event()  # set while no session is open
+        self.empty.set()
+        self._reaping = False
+        #: The reaper (stopped at stop), and closes started by code that cannot wait for
+        #: them (finished at stop).
+        self._reaper = Tasks(f"the session reaper of instance {instance_id}", log)
+        self._closing = Tasks(f"the sessions of instance {instance_id}", log)
+        self.counters = {"created": 0, "closed": 0, "expired": 0, "lost": 0, "released": 0}
+        #: For durable sessions: remove the stored record; False when another instance owns
+        #: the session now (then it is not over, and its close callbacks do not run here).
+        self.durable_closing: Callable[[Session], Awaitable[bool]] | None = None
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def sessions(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def start(self) -> None:
+        if not self._reaping:
+            self._reaping = True
+            self._reaper.start(self._reap())
+
+    def create(
+        self, ttl: float | None = None, principal: str = "", *, durable: bool = False
+    ) -> Session:
+        session = Session(
+            new_session_id(self.instance_id, durable=durable), ttl or self.default_ttl, principal
+        )
+        self._add(session)
+        self.counters["created"] += 1
+        log.info("session %s created", short(session.id))
+        return session
+
+    def adopt(self, session_id: str, principal: str) -> Session:
+        """A durable session taken over from another owner (its state is loaded in its first
+        turn, which the caller takes at once)."""
+        session = Session(session_id, self.default_ttl, principal)
+        self._add(session)
+        return session
+
+    def _add(self, session: Session) -> None:
+        principal = session.principal
+        if len(self._sessions) >= self.max_sessions:
+            raise TooManySessionsError(
+                f"this agent has {len(self._sessions)} open sessions, its limit "
+                f"(max_sessions={self.max_sessions}); close sessions or raise the limit"
+            )
+        cap = self.max_per_principal
+        if principal and cap is not None and self._per_principal[principal] >= cap:
+            raise TooManySessionsError(
+                f"{principal} has {cap} open sessions on this agent, the limit per caller "
+                "(max_sessions_per_principal); close some first"
+            )
+        self._sessions[session.id] = session
+        if principal:
+            self._per_principal[principal] += 1
+        self.empty.clear()
+        entry = (session.last_used + session.ttl, session.id)
+        heapq.heappush(self._deadlines, entry)
+        if self._deadlines[0] is entry:
+            self._wakeup.set()  # the reaper sleeps towards a later deadline than this one
+
+    def get(self, session_id: str, principal: str | None = None) -> Session:
+        """The open session with this id; with ``principal``, only if that caller opened it
+        (anyone else is told exactly what a forged id is told)."""
+        session = self._sessions.get(session_id)
+        if session is None or (principal is not None and session.principal != principal):
+            raise SessionNotFoundError(session_id)
+        return session
+
+    def _remove(self, session_id: str) -> Session | None:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return None
+        session.closed = True
+        if session.principal:
+            left = self._per_principal[session.principal] - 1
+            if left:
+                self._per_principal[session.principal] = left
+            else:
+                del self._per_principal[session.principal]
+        if not self._sessions:
+            self.empty.set()
+        return session
+
+    def release(self, session_id: str, why: str) -> None:
+        """Let go of this copy of a durable session without closing it: it lives on in its
+        store (another instance owns it now, or will). No close callbacks run; calls in line
+        fail on their turn with the session's ``durable.failure``."""
+        session = self._remove(session_id)
+        if session is None:
+            return
+        self.counters["released"] += 1
+        log.info("session %s released: %s", short(session_id), why)
+        holder = session._holder
+        if holder is not None and holder is not asyncio.current_task():
+            holder.cancel(CLOSED_UNDER_CALL)
+
+    async def close(self, session_id: str, *, why: str = "closed") -> bool:
+        session = self._remove(session_id)
+        if session is None:
+            return False
+        # "lost": closed because the registry declared this instance lost (callers were told).
+        event = "expired" if why == "expired" else "lost" if "declared" in why else "closed"
+        self.counters[event] += 1
+        log.info("session %s %s", short(session_id), why)
+        tracing.event(f"session {why}", {"sessionmesh.session": short(session_id)})
+        # What runs in the session is cancelled (its caller is told the session closed
+        # under it), and what waits in line fails on its turn: closing never waits for a
+        # stream to end by itself.
+        holder = session._holder
+        if holder is not None and holder is not asyncio.current_task():
+            holder.cancel(CLOSED_UNDER_CALL)
+        closing = self.durable_closing
+        if session.durable is not None and closing is not None and not await closing(session):
+            return True  # another instance owns it now: the session is not over
+        if session._callbacks:
+            # After the calls already in line (they end at once): callbacks see the final state.
+            async with session.turn():
+                await session._run_callbacks()
+        return True
+
+    def close_soon(self, session_id: str, why: str) -> None:
+        """Close a session from code that cannot wait for it (say, a cancelled call)."""
+        self._closing.start(self.close(session_id, why=f"closed: {why}"))
+
+    async def close_all(self, *, why: str = "closed at shutdown") -> None:
+        """Close every session; durable ones are released instead (they live on in their
+        store for another instance to adopt)."""
+        for sid, session in list(self._sessions.items()):
+            if session.durable is not None:
+                self.release(sid, why.replace("closed", "released", 1))
+            else:
+                await self.close(sid, why=why)
+
+    async def stop(self) -> None:
+        await self._reaper.aclose()
+        self._reaping = False
+        await self._closing.wait()  # closes are finished, not cut off
+        await self.close_all()
+
+    async def _reap(self) -> None:
+        heap = self._deadlines
+        while True:
+            self._wakeup.clear()
+            if not heap:
+                await self._wakeup.wait()
+                continue
+            now = time.monotonic()
+            deadline, sid = heap[0]
+            if deadline > now:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), deadline - now)
+                continue
+            heapq.heappop(heap)
+            session = self._sessions.get(sid)
+            if session is None:
+                continue
+            due = session.last_used + session.ttl
+            if session.active or due > now:
+                heapq.heappush(heap, (max(due, now + 0.05), sid))
+                continue
+            with tracing.span("session expiry"):
+                await self.close(sid, why="expired")
