@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -263,3 +265,52 @@ async def test_an_exchange_stream_always_ends_with_a_status_after_a_bad_message(
                 assert answer.id == 1 and answer.result.string_value == "ok"
                 assert await asyncio.wait_for(stream.code(), 10) == grpc.StatusCode.INVALID_ARGUMENT
                 assert "could not be decoded" in (await stream.details() or "")
+
+
+@mesh.tool
+def count_slowly(n: int = 3) -> Iterator[int]:
+    """A plain generator: each step runs in a worker thread."""
+    for i in range(n):
+        time.sleep(0.01)  # a step the loop cannot cut short
+        yield i
+
+
+@pytest.mark.parametrize("tool", ["stream_count", "echo", "count_slowly"])
+@pytest.mark.parametrize("window", [0, 8])
+async def test_input_sent_to_a_tool_that_takes_none_ends_the_stream_every_time(
+    tool: str, window: int
+) -> None:
+    # Fuzzing found it hanging until the deadline (the handler's task absorbed the cancel,
+    # or the tool was done before the input was read) and a plain generator failing with
+    # "generator already executing". It ends with INVALID_ARGUMENT, and the session the
+    # stream opened goes with it; with a window, even after the tool is done (the agent
+    # reads on to the client's half-close).
+    arguments: dict[str, Any] = {"value": 1} if tool == "echo" else {"n": 200}
+    async with running_agent(stream_count, echo, count_slowly, increment) as (agent, _):
+        async with grpc.aio.insecure_channel(agent.address) as channel:
+            stub = pb_grpc.SessionServiceStub(channel)
+            for _ in range(5):
+                metadata = (("x-session-create", "1"),) if tool != "echo" else ()
+                call = stub.StreamCall(metadata=metadata, timeout=20)
+                start = pb.StreamCallRequest()
+                start.start.call.tool = tool
+                start.start.call.arguments.update(arguments)
+                start.start.window = window
+                await call.write(start)
+                stray = pb.StreamCallRequest()
+                stray.input.number_value = 1
+                await call.write(stray)
+                refused: grpc.aio.AioRpcError | None = None
+                try:
+                    async for _ in call:
+                        pass
+                except grpc.aio.AioRpcError as exc:
+                    refused = exc
+                if refused is None:
+                    # Only a call that was over before its input was read (a tool of one
+                    # chunk, no window: nothing waits for the client) may end well.
+                    assert tool == "echo" and not window
+                    continue
+                assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused
+                assert "takes no input stream" in str(refused.details())
+        await eventually(lambda: len(agent.sessions) == 0, what="the streams' sessions closed")

@@ -38,6 +38,14 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
             task.exception()  # seen: asyncio would log it when the task is collected
 
 
+async def interrupt(task: asyncio.Task[Any], heard: Callable[[], bool]) -> None:
+    """Cancel ``task`` until it has ``heard`` (or ended): a handler's task inside a grpc.aio
+    write can absorb one cancellation, and the interruption must not be lost."""
+    while not heard() and not task.done():
+        task.cancel()
+        await asyncio.sleep(_RETRY)
+
+
 def pulse(event: asyncio.Event) -> None:
     """Wake every task waiting on ``event`` now, and leave it unset: each checks again what
     it waits for and, if need be, waits for the next pulse. (One future shared by the

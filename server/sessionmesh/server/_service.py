@@ -129,6 +129,7 @@ class Servicer(pb_grpc.SessionServiceServicer):
         flow: Flow | None = None
         failure: Fail | None = None
         abandon: Callable[[], None] | None = None
+        opened = ""  # the session this stream opened, if it did
         try:
             try:
                 first = await anext(requests)
@@ -145,6 +146,8 @@ class Servicer(pb_grpc.SessionServiceServicer):
             if tracing.tracer() is not None:
                 plan.carrier = _trace_headers(context)
             abandon = plan.abandon
+            if plan.created:
+                opened = plan.new_id
             bound = plan.bound
             flow = Flow(min(start.window, bound.spec.options.buffer_size) if start.window else 0)
             flow.max_batch = start.max_batch
@@ -164,9 +167,11 @@ class Servicer(pb_grpc.SessionServiceServicer):
             pumping = asyncio.get_running_loop().create_task(pump(requests, flow, me))
             try:
                 await self.runner.stream(plan, ChunkSink(context.write, flow))
+                flow.finished = True
             except asyncio.CancelledError:
                 if flow.error is None:
                     raise
+                flow.error_heard = True
                 raise flow.error from None
             finally:
                 flow.discard_inputs()
@@ -180,15 +185,25 @@ class Servicer(pb_grpc.SessionServiceServicer):
             if pumping is not None:
                 await cancel_and_wait(pumping)
             raise
-        if flow is not None and flow.window and pumping is not None:
+        if flow is not None and flow.window and pumping is not None and failure is None:
             # Tell the client it is over and wait (briefly) for its half-close, so no credit
             # it is still sending races the end of the call.
-            flow.finished = True
-            with contextlib.suppress(Exception):
-                await context.write(END_MESSAGE)
-                await asyncio.wait_for(asyncio.shield(pumping), HALF_CLOSE_WAIT)
+            try:
+                with contextlib.suppress(Exception):
+                    await context.write(END_MESSAGE)
+                    await asyncio.wait_for(asyncio.shield(pumping), HALF_CLOSE_WAIT)
+            except asyncio.CancelledError:
+                if flow.error is None:
+                    raise
+                flow.error_heard = True  # the client's protocol error came as the tool ended
         if pumping is not None:
             await cancel_and_wait(pumping)
+        if failure is None and flow is not None:
+            failure = flow.error  # the client broke the protocol after the tool was done
+        if failure is not None and opened and flow is not None and failure is flow.error:
+            # Refused for the client's own protocol error: the session it opened for this
+            # stream is closed with it, not left to its idle TTL.
+            self.store.close_soon(opened, "its opening stream broke the protocol")
         if failure is not None:
             await context.abort_with_status(failure.status())
 

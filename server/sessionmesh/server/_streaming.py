@@ -11,7 +11,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from sessionmesh.core._outbox import MAX_BATCH_BYTES
-from sessionmesh.core._tasks import pulse
+from sessionmesh.core._tasks import interrupt, pulse
 from sessionmesh.server._eager import Eager
 from sessionmesh.server._errors import Fail, invalid_stream
 from sessionmesh.server._handlers import Undecodable
@@ -37,6 +37,7 @@ class Flow:
         "allowed",
         "changed",
         "error",
+        "error_heard",
         "finished",
         "max_batch",
         "sent",
@@ -51,6 +52,7 @@ class Flow:
         self._send: MemoryObjectSendStream[Any] | None = None
         self._receive: MemoryObjectReceiveStream[Any] | None = None
         self.error: Fail | None = None
+        self.error_heard = False  # the handler has turned the interruption into ``error``
         self.finished = False
         #: Chunks the client takes in one message (StreamStart.max_batch; 0 or 1: one).
         self.max_batch = 0
@@ -66,6 +68,12 @@ class Flow:
         room in the stream moves on."""
         if self._receive is not None:
             self._receive.close()
+
+    async def refuse(self, error: Fail, main: asyncio.Task[Any]) -> None:
+        """The client broke the protocol: stop the call (``main``, the handler) with
+        ``error``, and make sure it hears it. A call already finished just fails."""
+        self.error = error
+        await interrupt(main, lambda: self.error_heard or self.finished)
 
     def grant(self, n: int) -> None:
         self.allowed += n
@@ -89,11 +97,8 @@ async def pump(
     try:
         async for message in requests:
             if isinstance(message, Undecodable):
-                flow.error = message.fail()
-                main.cancel()
+                await flow.refuse(message.fail(), main)
                 return
-            if flow.finished:
-                continue  # the tool is done: read on to the half-close, ignoring the rest
             kind = message.WhichOneof("kind")
             if kind == "credit":
                 flow.grant(message.credit)
@@ -112,8 +117,7 @@ async def pump(
                     what = "'input', but this tool takes no input stream"
                 elif kind == "input":
                     what = "'input' after 'input_end'"
-                flow.error = invalid_stream(f"unexpected StreamCall message: {what}")
-                main.cancel()
+                await flow.refuse(invalid_stream(f"unexpected StreamCall message: {what}"), main)
                 return
     finally:
         if send is not None:

@@ -204,6 +204,18 @@ class BoundTool:
         worker = session._thread = Worker(loop)
         return loop.run_in_executor(self.executor, _until_ended, worker, context, fn)
 
+    def _step(self, fn: Callable[[], T]) -> tuple[asyncio.Future[T], Worker]:
+        """One step of a plain generator in the agent's pool, and the thread's end (a
+        step cut off from the loop still runs there: the generator is busy until then)."""
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()
+        worker = Worker(loop)
+        session = _current.get()
+        if session is not None:
+            session._thread = worker
+        future = loop.run_in_executor(self.executor, _until_ended, worker, context, fn)
+        return future, worker
+
     def iterate(self, kwargs: dict[str, Any]) -> AsyncGenerator[Any, None]:
         """The tool's chunks; a tool that does not stream gives one chunk, its result."""
         if self.spec.kind == "async_gen":
@@ -217,10 +229,19 @@ class BoundTool:
             gen = spec.fn(**kwargs)
             done = object()
             step = functools.partial(next, gen, done)
+            worker: Worker | None = None
             try:
-                while (item := await self._in_thread(step)) is not done:
+                while True:
+                    stepping, worker = self._step(step)
+                    item = await stepping
+                    if item is done:
+                        break
                     yield item
             finally:
+                if worker is not None:
+                    # Cut off mid-step (cancelled, timed out): close() would raise
+                    # "generator already executing" while the thread is still in next().
+                    await worker.wait()
                 gen.close()
         else:
             yield await self.invoke(kwargs)
