@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -314,3 +315,59 @@ async def test_input_sent_to_a_tool_that_takes_none_ends_the_stream_every_time(
                 assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused
                 assert "takes no input stream" in str(refused.details())
         await eventually(lambda: len(agent.sessions) == 0, what="the streams' sessions closed")
+
+
+async def test_grpcs_own_log_of_a_malformed_session_header_shows_no_whole_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A client that sends the real id with a byte 0xff appended makes grpc's Python layer
+    # log "Invalid encoding on b'<the whole id>\xff'" at ERROR (its _decode). Python's and
+    # Go's gRPC clients refuse to send such a header, so the record is made here as grpc
+    # makes it, on grpc's logger, once an agent has started.
+    async with running_agent(increment) as (_, client):
+        async with client.proxy("session_counter", session_required=True) as proxy:
+            await proxy(increment=1)
+            sid = proxy.session_id
+            assert sid is not None
+            with caplog.at_level(logging.ERROR, logger="grpc._cython.cygrpc"):
+                try:
+                    (sid.encode() + b"\xff").decode()
+                except UnicodeDecodeError:
+                    logging.getLogger("grpc._cython.cygrpc").exception(
+                        "Invalid encoding on %s", sid.encode() + b"\xff"
+                    )
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Invalid encoding on" in logged
+    assert sid not in logged and sid[:14] in logged
+
+
+@pytest.mark.parametrize("container", ["list", "object"])
+async def test_one_depth_rule_for_arguments_from_any_client(container: str) -> None:
+    # Another language's client may skip the encoder's check: the agent applies the same
+    # limit to what it decodes (a list 40 deep used to be taken, then fail on the way back).
+    def nested(depth: int) -> Any:
+        value: Any = 1
+        for _ in range(depth):
+            value = [value] if container == "list" else {"a": value}
+        return value
+
+    async with running_agent(echo) as (agent, client):
+        assert await client.proxy("echo")(value=nested(MAX_DEPTH - 1)) == nested(MAX_DEPTH - 1)
+        async with grpc.aio.insecure_channel(agent.address) as channel:
+            stub = pb_grpc.SessionServiceStub(channel)
+            request = pb.CallRequest(tool="echo")
+            value = request.arguments.fields["value"]
+            for _ in range(MAX_DEPTH):  # one level past the limit, built by hand
+                value = (
+                    value.list_value.values.add()
+                    if container == "list"
+                    else (value.struct_value.fields["a"])
+                )
+            value.number_value = 1
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Call(request)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            detail = decode(details_in(info.value.trailing_metadata()))
+            assert detail.reason == "INVALID_ARGUMENTS"
+            assert detail.metadata["field"].startswith("value")
+            assert f"deeper than {MAX_DEPTH} levels" in str(info.value.details())

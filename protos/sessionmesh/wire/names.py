@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Protocol
 
@@ -50,3 +51,13 @@ def short(session_id: str) -> str:
     """A session id shortened for logs and messages: enough to tell sessions apart, useless
     to forge one. Session ids are secrets; nothing else may print them."""
     return session_id[:14]
+
+
+#: A session id anywhere in a text: an 8-hex instance id, a dot, 22 url-safe characters.
+_SESSION_ID = re.compile(r"\b[0-9a-f]{8}\.[A-Za-z0-9_-]{22}(?:\.d)?")
+
+
+def redact(text: str) -> str:
+    """``text`` with every session id in it shortened (for logs written by code that is not
+    ours, such as grpc's, which quotes a malformed header it received)."""
+    return _SESSION_ID.sub(lambda m: short(m.group()) + "...", text)

@@ -15,6 +15,7 @@ import grpc
 
 from sessionmesh.client import MeshClient
 from sessionmesh.core import Credentials
+from sessionmesh.core._redact import guard_grpc_logs
 from sessionmesh.errors import MeshError, UsageError
 from sessionmesh.server import _recall as recall
 from sessionmesh.server._declare import AGENT_ATTR, ToolSpec, spec_of, tools_in
@@ -153,6 +154,7 @@ class Agent:
         use, say) leaves nothing running: the agent may be started again."""
         if self._server is not None:
             raise UsageError("the agent is already started")
+        guard_grpc_logs()  # grpc's own logs quote headers: no session id may reach them
         try:
             return await self._start()
         except BaseException:

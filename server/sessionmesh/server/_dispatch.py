@@ -25,7 +25,7 @@ from sessionmesh.server._session import Session, Turn
 from sessionmesh.server._sessions import SessionNotFoundError, SessionStore, TooManySessionsError
 from sessionmesh.server._tool import each_once
 from sessionmesh.v1 import session_service_pb2 as pb
-from sessionmesh.wire.codec import from_struct
+from sessionmesh.wire.codec import TooDeep, from_struct
 from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY
 from sessionmesh.wire.names import is_durable, owner_of, short
 from sessionmesh.wire.reasons import Reason
@@ -231,3 +231,5 @@ class Dispatcher:
             return bound.bind(from_struct(request.arguments), session)
         except ArgumentError as exc:
             raise invalid_arguments(exc.field, str(exc)) from None
+        except TooDeep as exc:  # the limit every client's encoder applies, applied here too
+            raise invalid_arguments(exc.path, f"argument {exc}") from None

@@ -22,6 +22,7 @@ import grpc
 
 from sessionmesh.core import TLS
 from sessionmesh.core._reasons import code_of
+from sessionmesh.core._redact import guard_grpc_logs
 from sessionmesh.core._tasks import beside, race
 from sessionmesh.errors import UsageError
 from sessionmesh.server._errors import invalid_stream
@@ -388,6 +389,7 @@ class Registry:
         return f"{self.host}:{self.port}"
 
     async def start(self) -> str:
+        guard_grpc_logs()
         server = grpc.aio.server(options=server_options())
         self._servicer = RegistryServicer(
             self.store, self.lease_ms, self.lost_after, self.auth, self.registrants

@@ -13,10 +13,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from sessionmesh.core._outbox import MAX_BATCH_BYTES
 from sessionmesh.core._tasks import interrupt, pulse
 from sessionmesh.server._eager import Eager
-from sessionmesh.server._errors import Fail, invalid_stream
+from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream
 from sessionmesh.server._handlers import Undecodable
 from sessionmesh.v1 import session_service_pb2 as pb
-from sessionmesh.wire.codec import from_value, set_value
+from sessionmesh.wire.codec import TooDeep, from_value, set_value
 
 #: How long a finished flow-controlled stream waits for the client's half-close.
 HALF_CLOSE_WAIT = 5.0
@@ -103,9 +103,14 @@ async def pump(
             if kind == "credit":
                 flow.grant(message.credit)
             elif kind == "input" and send is not None and not ended:
+                try:
+                    item = from_value(message.input)
+                except TooDeep as exc:
+                    await flow.refuse(invalid_arguments(exc.path, f"input item {exc}"), main)
+                    return
                 # A tool that stopped reading its input drops the rest.
                 with contextlib.suppress(anyio.BrokenResourceError):
-                    await send.send(from_value(message.input))
+                    await send.send(item)
             elif kind == "input_end":
                 # Also how a flow-controlled client without input says so: not an error.
                 ended = True
