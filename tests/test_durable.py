@@ -21,6 +21,7 @@ from sessionmesh import mesh
 from sessionmesh.errors import (
     CallTimeout,
     Code,
+    SessionLost,
     SessionNotFound,
     SessionStoreUnavailable,
     StateNotJson,
@@ -371,3 +372,28 @@ async def test_a_stream_counts_when_it_ends_and_a_stream_cut_off_is_rolled_back(
             await chunks.aclose()  # cut off: what it counted is not kept
             assert await counter("peek") == {"count": 3, "id": counter.session_id}
             assert await counter(increment=1) == 4
+
+
+@pytest.mark.parametrize("owner_stopped", [False, True])
+async def test_a_store_that_lost_the_session_says_so_and_never_hands_back_an_empty_one(
+    store: Redis, reg: str, owner_stopped: bool
+) -> None:
+    # Redis without persistence restarted, or a failover to a replica that lagged: the
+    # record is gone. The owner's copy (or, once it stopped, the adopter) must not carry on
+    # as if the session were new: the caller is told the session is not found.
+    async with replicas(store, reg, 2) as (agents, client):
+        async with client.proxy("session_counter", session_required=True) as counter:
+            assert await counter(increment=2) == 2
+            sid, (owner, _) = opened(counter, agents)
+            if owner_stopped:
+                await owner.stop()  # released: the next call adopts it elsewhere
+            flushed = store.client()
+            try:
+                await flushed.flushall()
+            finally:
+                await flushed.aclose()
+            with pytest.raises(SessionNotFound):
+                await counter(increment=1)
+            with pytest.raises(SessionLost):  # lost for good: never reopened empty
+                await counter(increment=1)
+        assert all(sid not in agent.sessions for agent in agents)
