@@ -358,3 +358,22 @@ except UsageError as refused:
     )
     assert "event loop is not running: call it with `await`" in out.stdout, out.stderr
     assert "never awaited" not in out.stderr
+
+
+@pytest.mark.parametrize("bad", ["garbage", "abc.def", "a" * 100])
+async def test_a_malformed_session_id_is_called_malformed(bad: str) -> None:
+    # It used to be "instance garbage is gone" (the client) or "not open on this agent".
+    async with running_agent(increment) as (agent, client):
+        proxy = client.proxy("session_counter")
+        with pytest.raises(InvalidArguments, match="is not a session id") as info:
+            await proxy.call_with_session(session_id=bad, increment=1)
+        assert info.value.field == "session_id"
+        with pytest.raises(InvalidArguments, match="is not a session id"):
+            await proxy.close_session(bad)
+        async with grpc.aio.insecure_channel(agent.address) as channel:
+            stub = pb_grpc.SessionServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as raw:
+                await stub.Call(pb.CallRequest(tool="increment"), metadata=(("x-session-id", bad),))
+            error = from_rpc_error(raw.value)
+            assert isinstance(error, InvalidArguments) and error.field == "x-session-id"
+            assert "is not a session id" in error.message

@@ -18,6 +18,8 @@ from sessionmesh.core._reasons import in_python_terms
 from sessionmesh.errors import (
     AgentUnavailable,
     CallTimeout,
+    Code,
+    InvalidArguments,
     RemoteError,
     SessionElsewhere,
     SessionLost,
@@ -28,7 +30,7 @@ from sessionmesh.errors import (
 )
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value
-from sessionmesh.wire.names import is_durable, short
+from sessionmesh.wire.names import SESSION_ID_SHAPE, is_durable, short, well_formed
 from sessionmesh.wire.reasons import Reason
 
 if TYPE_CHECKING:
@@ -54,6 +56,18 @@ def _split_call(
     args = dict(call[1]) if len(call) == 2 and call[1] else {}
     args.update(kwargs)
     return call[0], args
+
+
+def _checked(session_id: str) -> str:
+    """A session id given by hand, refused before anything is sent when it is none."""
+    if not well_formed(session_id):
+        raise InvalidArguments(
+            f"{session_id[:24]!r} is not a session id: {SESSION_ID_SHAPE}",
+            code=Code.INVALID_ARGUMENT,
+            reason=Reason.INVALID_ARGUMENTS,
+            metadata={"field": "session_id"},
+        )
+    return session_id
 
 
 class _Big:
@@ -205,7 +219,7 @@ class BaseProxy:
         if transport.closed:
             raise UsageError(f"the client of proxy {self._tool!r} is closed; connect again")
         if session_id is not None:
-            return Route(transport.owner(session_id), session_id)
+            return Route(transport.owner(_checked(session_id)), session_id)
         opts = self._opts
         if opts.auto_session:
             return await self._auto.route(transport)
@@ -380,7 +394,7 @@ class BaseProxy:
 
     async def close_session(self, session_id: str) -> bool:
         """Close an explicit session; False if it was already closed or unknown."""
-        endpoint = self._transport.owner(session_id)
+        endpoint = self._transport.owner(_checked(session_id))
         closed = await endpoint.close_session(session_id, self._opts.timeout)
         self._transport.forget(session_id)
         return closed

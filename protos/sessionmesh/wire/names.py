@@ -37,6 +37,21 @@ def new_session_id(instance_id: str, *, durable: bool = False) -> str:
     return f"{instance_id}.{secrets.token_urlsafe(16)}{DURABLE_SUFFIX if durable else ''}"
 
 
+#: What every session id looks like (see new_session_id).
+_WELL_FORMED = re.compile(r"[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{22}(?:\.d)?")
+
+#: How a person is told what a session id looks like.
+SESSION_ID_SHAPE = (
+    "a session id is '<instance>.<22 characters>' (from CreateSession, or the "
+    "x-session-id header of the call that opened it)"
+)
+
+
+def well_formed(session_id: str) -> bool:
+    """Whether ``session_id`` has the shape of a session id (it may still name none)."""
+    return _WELL_FORMED.fullmatch(session_id) is not None
+
+
 def owner_of(session_id: str) -> str:
     """The instance id of the session's owner (for a durable session: its first owner)."""
     return session_id.partition(".")[0]
@@ -53,8 +68,8 @@ def short(session_id: str) -> str:
     return session_id[:14]
 
 
-#: A session id anywhere in a text: an 8-hex instance id, a dot, 22 url-safe characters.
-_SESSION_ID = re.compile(r"\b[0-9a-f]{8}\.[A-Za-z0-9_-]{22}(?:\.d)?")
+#: A session id anywhere in a text: an instance id, a dot, 22 url-safe characters.
+_SESSION_ID = re.compile(r"\b[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{22}(?:\.d)?")
 
 
 def redact(text: str) -> str:

@@ -27,7 +27,7 @@ from sessionmesh.server._tool import each_once
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import TooDeep, from_struct
 from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY
-from sessionmesh.wire.names import is_durable, owner_of, short
+from sessionmesh.wire.names import SESSION_ID_SHAPE, is_durable, owner_of, short, well_formed
 from sessionmesh.wire.reasons import Reason
 
 log = logging.getLogger("sessionmesh.agent")
@@ -165,6 +165,10 @@ class Dispatcher:
         if call_id and principal:
             call_id = f"{principal}\x00{call_id}"  # one caller's ids never answer another's
         if session_id:
+            if not well_formed(session_id):
+                raise invalid_arguments(
+                    SESSION_ID_KEY, f"'{SESSION_ID_KEY}' is not a session id: {SESSION_ID_SHAPE}"
+                )
             try:
                 session = self.store.get(session_id, principal)
             except SessionNotFoundError:
