@@ -474,3 +474,44 @@ def test_top_shows_the_mesh_live_in_a_terminal() -> None:
             wait_until(lambda: (calls_shown() or 0) >= 50, within=20, what="top counts the calls")
         finally:
             subprocess.run([tmux, "-L", server, "kill-server"], capture_output=True)
+
+
+def test_an_agent_that_cannot_register_says_so_and_its_ready_line_tells(tmp_path: Path) -> None:
+    # It used to print "serving" and its ready line and say nothing while callers could not
+    # find it. Nothing listens on this port: the registration fails at once, every time.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{s.getsockname()[1]}"
+    log = tmp_path / "stderr"
+    with log.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [*CLI, "serve", str(ROOT / "examples/counter.py"), "--registry", nobody],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
+    try:
+        assert proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            assert sel.select(30), log.read_text()
+        ready = json.loads(proc.stdout.readline())
+        assert ready["registered"] is False
+        said = log.read_text()
+        assert f"cannot register with the registry at {nobody}" in said, said
+        assert "UNAVAILABLE" in said
+        assert said.count("cannot register") <= 3  # not a line per retry (backoff)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        proc.stdout.close()  # type: ignore[union-attr]
+
+
+async def test_the_ready_line_comes_once_the_agent_is_registered(reg: str) -> None:
+    async with serve("examples/counter.py", "--registry", reg) as (_, ready):
+        assert ready["registered"] is True
+        async with mesh.connect(registry=reg) as client:
+            # Visible at once: no wait between the ready line and the registry's view.
+            await client.ready()
+            assert ready["instance"] in {i.instance_id for i in client.instances()}

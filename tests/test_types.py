@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import logging
 import uuid
 from typing import Annotated, Any
 
@@ -129,3 +130,22 @@ async def test_a_typed_proxy_gives_objects_back_in_their_declared_key_order() ->
         typed = await client.proxy(reading)()
         assert list(typed) == ["zeta", "alpha", "mid"]
         assert type(typed["alpha"]) is float
+
+
+class Opaque:
+    """A class pydantic has no schema for."""
+
+
+def test_an_annotation_the_agent_cannot_validate_is_named_when_it_loads(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @mesh.tool
+    def keep(thing: Opaque, count: int = 1) -> Opaque:
+        return thing
+
+    with caplog.at_level(logging.WARNING, logger="sessionmesh.agent"):
+        mesh.Agent([keep])
+    said = [r.getMessage() for r in caplog.records]
+    assert any("tool 'keep': parameter 'thing'" in m and "unchecked" in m for m in said), said
+    assert any("tool 'keep': its result" in m for m in said), said
+    assert not any("'count'" in m for m in said)

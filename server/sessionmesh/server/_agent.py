@@ -127,6 +127,17 @@ class Agent:
             raise UsageError("the agent is not started")
         return f"{self.host}:{self.port}"
 
+    async def registered(self, within: float) -> bool:
+        """Whether the agent is in its registry, waiting up to ``within`` seconds for it
+        (True at once without a registry: nothing to wait for). Why it is not, meanwhile,
+        the agent logs at WARNING."""
+        registration = self._registration
+        if registration is None:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(registration.registered.wait(), within)
+        return registration.registered.is_set()
+
     @property
     def endpoint(self) -> str:
         """The address others dial (what the registry lists): ``advertise`` (its port the

@@ -49,6 +49,9 @@ from sessionmesh.wire.etcd import SCHEMES as ETCD_SCHEMES
 
 log = logging.getLogger("sessionmesh.cli")
 
+#: How long serve waits for its registration before it prints its ready line anyway.
+REGISTER_WITHIN = 5.0
+
 
 def load_file(path: str) -> ModuleType:
     """Import a Python file as a module named after it (its folder goes on sys.path)."""
@@ -99,6 +102,9 @@ async def serve_command(args: argparse.Namespace) -> int:
     except UsageError as exc:
         raise SystemExit(f"sessionmesh: {exc}") from None
     tools = sorted(b.spec.name for b in each_once(agent.tools))
+    # The ready line means callers can find it: with a registry, once it is registered
+    # (or, after a while, with "registered": false: the warnings say why).
+    registered = await agent.registered(within=REGISTER_WITHIN)
     ready = {
         "agent": agent.name,
         "instance": agent.instance_id,
@@ -110,6 +116,7 @@ async def serve_command(args: argparse.Namespace) -> int:
         if type(asyncio.get_running_loop()).__module__.startswith("uvloop")
         else "asyncio",
         **({"metrics": agent.metrics.address} if agent.metrics else {}),
+        **({"registered": registered} if agent.settings.registry else {}),
     }
     print(json.dumps(ready), flush=True)
     say(f"agent {agent.name} (instance {agent.instance_id}) serving on {address}")

@@ -22,6 +22,7 @@ from sessionmesh.client import MeshClient
 from sessionmesh.core import Credentials
 from sessionmesh.core._tasks import Tasks
 from sessionmesh.errors import UsageError
+from sessionmesh.server._registration import Unregistered, why_not
 from sessionmesh.server._registry import RegistryStore
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire import etcd
@@ -54,6 +55,7 @@ class EtcdRegistration:
         self._tasks = Tasks("the etcd registration", log)
         self._lease = 0
         self.registered = asyncio.Event()
+        self.trouble = Unregistered(self.registry)
 
     def start(self) -> None:
         self._tasks.start(self._run())
@@ -90,6 +92,7 @@ class EtcdRegistration:
                                 )
                             written = value
                             self.registered.set()
+                            self.trouble.succeeded()
                         await keepalive.write(api.LeaseKeepAliveRequest(ID=self._lease))
                         answer = await asyncio.wait_for(keepalive.read(), 5)
                         if answer is grpc.aio.EOF:
@@ -110,13 +113,15 @@ class EtcdRegistration:
                 TimeoutError,
             ) as exc:
                 # etcd unreachable (or electing a leader): keep the lease, try again.
-                why = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                why = why_not(exc)
                 if self.registered.is_set():
                     log.info(
                         "lost etcd at %s (%s); keeping the lease and trying again",
                         self.registry,
                         why,
                     )
+                else:
+                    self.trouble.failed(why)
                 self.registered.clear()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -43,6 +44,7 @@ class Registration:
             None
         )
         self.registered = asyncio.Event()
+        self.trouble = Unregistered(registry)
         self._stopping = False
 
     def start(self) -> None:
@@ -82,6 +84,7 @@ class Registration:
                 )
                 was_registered = True
                 self.registered.set()
+                self.trouble.succeeded()
                 backoff = 0.05
                 # The registry sends nothing more: reading shows at once when it ends the
                 # registration (or the stream breaks), while a task sends the heartbeats.
@@ -95,8 +98,10 @@ class Registration:
                     log.info(
                         "lost the registry at %s (%s); registering again",
                         self.registry,
-                        exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc),
+                        why_not(exc),
                     )
+                elif not self._stopping:
+                    self.trouble.failed(why_not(exc))
                 self.registered.clear()
             finally:
                 call.cancel()
@@ -132,3 +137,45 @@ class Registration:
             await self._tasks.aclose()
             self._started = False
         await self._channel.close()
+
+
+class Unregistered:
+    """Says why an agent cannot register, at WARNING: at once, then less and less often
+    while it keeps failing (2 s, 4 s, ... a minute apart), and once more when it is in."""
+
+    __slots__ = ("_every", "_next_at", "failures", "registry", "why")
+
+    def __init__(self, registry: str) -> None:
+        self.registry = registry
+        self.why = ""
+        self.failures = 0
+        self._every = 2.0
+        self._next_at = 0.0
+
+    def failed(self, why: str) -> None:
+        self.why = why
+        self.failures += 1
+        now = time.monotonic()
+        if now >= self._next_at:
+            log.warning(
+                "cannot register with the registry at %s: %s; trying again (callers cannot "
+                "find this agent until it is registered)",
+                self.registry,
+                why,
+            )
+            self._next_at = now + self._every
+            self._every = min(self._every * 2, 60.0)
+
+    def succeeded(self) -> None:
+        if self.failures:
+            log.warning("registered with the registry at %s after all", self.registry)
+        self.failures = 0
+        self._every = 2.0
+        self._next_at = 0.0
+
+
+def why_not(exc: BaseException) -> str:
+    """What a failed registration attempt says, for a person."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc) or type(exc).__name__

@@ -10,6 +10,7 @@ import contextvars
 import dataclasses
 import functools
 import inspect
+import logging
 import types
 import typing
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -25,6 +26,8 @@ from sessionmesh.wire.codec import is_json
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
+
+log = logging.getLogger("sessionmesh.agent")
 
 Role = Literal["arg", "session", "dependency", "input"]
 
@@ -101,7 +104,8 @@ class BoundTool:
             elif _is_async_iter(bare):
                 params.append(Param(p.name, "input", tp, False, None))
             else:
-                params.append(Param(p.name, "arg", tp, required, default, rich=_rich(tp)))
+                rich = _rich(tp, f"tool {spec.name!r}: parameter {p.name!r}")
+                params.append(Param(p.name, "arg", tp, required, default, rich=rich))
         inputs = [p for p in params if p.role == "input"]
         if len(inputs) > 1:
             raise UsageError(f"tool {spec.name!r}: at most one async-iterable input parameter")
@@ -128,7 +132,7 @@ class BoundTool:
         self.schema = self._schema()
         #: How a result (or chunk) richer than JSON is turned into JSON (None: as it is).
         produced = _produced(hints.get("return", Any), spec.kind)
-        self.result = _rich(produced)
+        self.result = _rich(produced, f"tool {spec.name!r}: its result")
         self.output_schema = (
             self.result.output_schema() if self.result is not None else schema_for(produced)
         )
@@ -263,14 +267,21 @@ def each_once(index: Mapping[str, BoundTool]) -> list[BoundTool]:
     return list({id(b): b for b in index.values()}.values())
 
 
-def _rich(tp: Any) -> Rich | None:
+def _rich(tp: Any, where: str) -> Rich | None:
     """pydantic's conversion for ``tp``; None for JSON types (checked by ``coerce``) and for
-    a type pydantic cannot handle either (the value passes as it is)."""
+    a type pydantic cannot handle either: the value then passes as it is, unchecked, and
+    the agent says so when it loads the tool (``where`` names what is annotated)."""
     if is_json(tp):
         return None
     try:
         return Rich(tp)
-    except Exception:
+    except Exception as exc:
+        log.warning(
+            "%s is annotated %r, which pydantic cannot validate (%s): values pass unchecked",
+            where,
+            tp,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
         return None
 
 
