@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
@@ -18,6 +19,7 @@ from sessionmesh.client._typed import TypedProxy, tool_of
 from sessionmesh.core._credentials import TLS, Credentials
 from sessionmesh.core._dependency import Dependency
 from sessionmesh.core._options import ProxyOptions
+from sessionmesh.core.cli import DEFAULT_REGISTRY_PORT, REGISTRY_ENV
 from sessionmesh.errors import UsageError
 from sessionmesh.wire.codec import from_struct
 from sessionmesh.wire.etcd import SCHEMES as ETCD_SCHEMES
@@ -291,7 +293,7 @@ def connect(
 @overload
 def connect(
     *,
-    registry: str,
+    registry: str | None = ...,
     max_message_bytes: int = ...,
     tls: TLS | None = ...,
     token: str | None = ...,
@@ -305,13 +307,17 @@ def connect(
     token: str | None = None,
 ) -> AgentClient | MeshClient:
     """Connect to one agent (``connect("host:port")``) or to the mesh through its registry
-    (``connect(registry="host:port")``). Call from async code; use ``async with``.
+    (``connect(registry="host:port")``; with neither, the registry at
+    ``$SESSIONMESH_REGISTRY``, else ``127.0.0.1:50050``, where ``sessionmesh run`` starts
+    one). Call from async code; use ``async with``.
 
     ``tls`` dials over TLS (verifying servers against ``tls.ca``; with ``tls.cert`` and
     ``tls.key`` it also presents a client certificate); ``token`` is sent as
     ``authorization: Bearer <token>`` with every call, and only over TLS."""
-    if (address is None) == (registry is None):
-        raise UsageError("connect() takes an agent address or registry=, one of the two")
+    if address is not None and registry is not None:
+        raise UsageError("connect() takes an agent address or registry=, not both")
+    if address is None and registry is None:
+        registry = default_registry()
     if registry is not None:
         where, tls = _dial(registry, tls)
         return MeshClient(where, max_message_bytes=max_message_bytes, tls=tls, token=token)
@@ -321,6 +327,11 @@ def connect(
         where, max_message_bytes=max_message_bytes, credentials=Credentials(tls, token)
     )
     return AgentClient(EndpointTransport(endpoint))
+
+
+def default_registry() -> str:
+    """The registry a client dials when told none: the one the CLI would use."""
+    return os.environ.get(REGISTRY_ENV) or f"127.0.0.1:{DEFAULT_REGISTRY_PORT}"
 
 
 def tool_info(t: pb.Tool) -> dict[str, Any]:

@@ -413,10 +413,11 @@ class Proxy(BaseProxy):
         """A copy with other settings that shares this proxy's channel and auto session."""
         return self._copy(changes)
 
-    def __call__(self, *call: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+    def __call__(self, *call: Any, **kwargs: Any) -> Any:
         """``await proxy(**kwargs)`` calls this proxy's tool; ``await proxy("tool", {args})``
         calls another tool of the same agent in the same session. In a plain ``def`` tool
-        (a worker thread, no event loop) the call blocks and returns the result itself."""
+        (a worker thread, no event loop) the call blocks and returns the result itself: so
+        the type is ``Any``, the awaitable in async code and the result in a thread."""
         tool, args = _split_call(self._tool, call, kwargs)
         work = self._unary(tool, args, None)
         if asyncio._get_running_loop() is None:

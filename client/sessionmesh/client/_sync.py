@@ -214,11 +214,12 @@ def connect_sync(
     """
 
     async def open_client() -> AgentClient | MeshClient:
-        if registry is not None and address is None:
+        if address is not None and registry is not None:
+            raise UsageError("connect_sync() takes an agent address or registry=, not both")
+        if address is None:
+            # Neither: the registry at $SESSIONMESH_REGISTRY, else 127.0.0.1:50050.
             mesh_client = connect(registry=registry, tls=tls, token=token, **settings)
             return await mesh_client.__aenter__()
-        if address is None:
-            raise UsageError("connect_sync() takes an agent address or registry=, one of the two")
         agent_client = connect(address, tls=tls, token=token, **settings)
         return await agent_client.__aenter__()
 

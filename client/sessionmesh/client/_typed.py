@@ -39,11 +39,12 @@ class TypedProxy(Proxy, Generic[R]):
         self._result = _result_type(fn)
 
     def __call__(self, *call: Any, **kwargs: Any) -> Coroutine[Any, Any, R]:
-        work = super().__call__(*call, **kwargs)
+        work: Coroutine[Any, Any, R] = super().__call__(*call, **kwargs)
         if self._result is None:
             return work
         if not asyncio.iscoroutine(work):  # a plain def tool's worker thread: the result
-            return self._result.validate_python(work)
+            typed: Coroutine[Any, Any, R] = self._result.validate_python(work)
+            return typed
         return self._typed(work)
 
     async def _typed(self, work: Coroutine[Any, Any, Any]) -> R:
