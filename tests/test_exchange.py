@@ -143,7 +143,8 @@ async def test_each_call_of_a_batch_is_refused_or_run_on_its_own() -> None:
     async with running_agent(increment) as (agent, _):
         async with grpc.aio.insecure_channel(agent.address) as channel:
             call = pb_grpc.SessionServiceStub(channel).Exchange(metadata=_ASK)
-            batch = _call(1, session_id="nosuchsession")  # refused: no such session
+            unknown = agent.instance_id + ".AAAAAAAAAAAAAAAAAAAAAA"
+            batch = _call(1, session_id=unknown)  # refused: no such session
             nope = _call(2, create=True)
             nope.call.tool = "nope"  # refused: no such tool
             opens = _call(3, create=True)
