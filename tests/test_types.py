@@ -149,3 +149,16 @@ def test_an_annotation_the_agent_cannot_validate_is_named_when_it_loads(
     assert any("tool 'keep': parameter 'thing'" in m and "unchecked" in m for m in said), said
     assert any("tool 'keep': its result" in m for m in said), said
     assert not any("'count'" in m for m in said)
+
+
+async def test_rich_values_are_sent_as_the_types_the_tool_declares() -> None:
+    # It used to fail on the caller's side: "argument items is a Item, which has no JSON form".
+    async with running_agent(order, sizes) as (_, client):
+        due = datetime.date(2026, 12, 7)
+        async with client.proxy(order) as typed:
+            made = await typed(items=[Item("pen", Size.SMALL, 2)], due=due)
+            assert made == Order(id=uuid.UUID(int=7), items=[Item("pen", Size.SMALL, 2)], due=due)
+            again = await typed.options(timeout=5)(items=[Item("cap", Size.LARGE)], due=due)
+            assert isinstance(again, Order) and again.items[0].size is Size.LARGE
+        at = datetime.datetime(2026, 12, 7, 9, 30)
+        assert await client.proxy("sizes")(size=Size.LARGE, at=at) == {"size": "large", "hour": 9}

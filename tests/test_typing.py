@@ -37,6 +37,17 @@ async def main() -> None:
         print(n)
     async with mesh.connect(registry="127.0.0.1:50050") as mesh_client:
         reveal_type(await mesh_client.proxy(total)(prices=[2.5]))
+        async with mesh_client.proxy(increment, session_required=True) as typed:
+            reveal_type(await typed(increment=1))
+            reveal_type(await typed.options(timeout=5)(increment=1))
+
+
+def blocking() -> None:
+    with mesh.connect_sync() as client:
+        with client.proxy(increment, session_required=True) as counter:
+            reveal_type(counter(increment=1))
+            reveal_type(counter.options(timeout=5)(increment=1))
+        reveal_type(client.proxy("increment")(increment=1))
 """
 
 
@@ -59,4 +70,9 @@ def test_a_users_strict_mypy_sees_our_types(tmp_path: Path) -> None:
         "int",
         "float",
         "float",
+        "int",
+        "int",
+        "int",
+        "int",
+        "Any",
     ]

@@ -17,7 +17,16 @@ V = TypeVar("V")
 
 def _encode(what: str, setter: Callable[[M, V], None], out: M, value: V) -> None:
     try:
-        setter(out, value)
+        try:
+            setter(out, value)
+        except TooDeep:
+            raise
+        except NotJsonLike:
+            # A model, a dataclass, a date, a UUID, an enum, a set...: the JSON form the
+            # agent's pydantic validates against the tool's annotation. (The first try may
+            # have written part of it.)
+            out.Clear()  # type: ignore[attr-defined]
+            setter(out, _jsonable(value))
     except TooDeep as exc:
         raise InvalidArguments(
             f"{what} {exc}: the agent could not decode it, so it is not sent",
@@ -29,9 +38,20 @@ def _encode(what: str, setter: Callable[[M, V], None], out: M, value: V) -> None
         raise UsageError(f"{what} {exc}") from None
 
 
+def _jsonable(value: V) -> V:
+    from pydantic_core import PydanticSerializationError, to_jsonable_python
+
+    try:
+        jsonable: V = to_jsonable_python(value)
+    except PydanticSerializationError:
+        return value  # what has no JSON form at all is reported as such
+    return jsonable
+
+
 def encode_arguments(out: Struct, args: Mapping[str, Any]) -> None:
-    """A call's arguments into ``out``: one nested past the limit is InvalidArguments, one
-    with no JSON form a UsageError (a programming mistake)."""
+    """A call's arguments into ``out``: JSON values as they are, richer ones (pydantic
+    models, dataclasses, dates, UUIDs, enums, sets) as their JSON form; one nested past the
+    limit is InvalidArguments, one with no JSON form a UsageError (a programming mistake)."""
     _encode("argument", set_struct, out, args)
 
 

@@ -18,9 +18,9 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 from anyio.from_thread import BlockingPortal
 
@@ -33,6 +33,7 @@ from sessionmesh.core._tasks import Tasks
 from sessionmesh.errors import UsageError
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 log = logging.getLogger("sessionmesh.client")
@@ -95,12 +96,19 @@ def _forget_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_in_child)
 
 
-class SyncProxy:
-    """A proxy whose calls block and return the result: ``counter(increment=1)``."""
+class SyncProxy(Generic[R]):
+    """A proxy whose calls block and return the result: ``counter(increment=1)``. Made from
+    the provider's ``@mesh.tool`` function, its calls are typed as that function returns."""
 
     def __init__(self, loop: _LoopThread, proxy: Proxy) -> None:
         self._loop = loop
         self._proxy = proxy
+
+    def options(self, **changes: Any) -> SyncProxy[R]:
+        """A copy with other settings, sharing the channel and the auto session."""
+        if changes.get("streaming"):
+            raise UsageError("a blocking proxy streams with .stream(...): drop streaming=True")
+        return SyncProxy(self._loop, self._proxy.options(streaming=False, **changes))
 
     def __repr__(self) -> str:
         return f"<SyncProxy of {self._proxy!r}>"
@@ -109,8 +117,9 @@ class SyncProxy:
     def session_id(self) -> str | None:
         return self._proxy.session_id
 
-    def __call__(self, *call: Any, **kwargs: Any) -> Any:
-        return self._run(lambda: self._proxy(*call, **kwargs))
+    def __call__(self, *call: Any, **kwargs: Any) -> R:
+        result: R = self._run(lambda: self._proxy(*call, **kwargs))
+        return result
 
     def call_tool(self, tool: str, args: Mapping[str, Any] | None = None) -> Any:
         return self._run(lambda: self._proxy.call_tool(tool, args))
@@ -146,7 +155,7 @@ class SyncProxy:
     def cleanup_auto_session(self) -> None:
         self._run(self._proxy.cleanup_auto_session)
 
-    def __enter__(self) -> SyncProxy:
+    def __enter__(self) -> SyncProxy[R]:
         return self
 
     def __exit__(
@@ -165,12 +174,23 @@ class SyncClient:
         self._client = client
         self._loop = loop
 
-    def proxy(self, capability: str, **options: Any) -> SyncProxy:
-        """A blocking proxy; the same keywords as the async client's ``proxy`` (a blocking
-        proxy streams with ``.stream()`` / ``.call_tool_auto()``)."""
+    @overload
+    def proxy(self, tool: str, **options: Any) -> SyncProxy[Any]: ...
+    @overload
+    def proxy(
+        self, tool: Callable[..., Coroutine[Any, Any, R]], **options: Any
+    ) -> SyncProxy[R]: ...
+    @overload
+    def proxy(self, tool: Callable[..., R], **options: Any) -> SyncProxy[R]: ...
+    def proxy(self, tool: str | Callable[..., Any], **options: Any) -> SyncProxy[Any]:
+        """A blocking proxy for ``tool`` (a capability name, or the provider's ``@mesh.tool``
+        function for typed results); the same keywords as the async client's ``proxy`` (a
+        blocking proxy streams with ``.stream()`` / ``.call_tool_auto()``)."""
         if options.pop("streaming", False):
             raise UsageError("a blocking proxy streams with .stream(...): drop streaming=True")
-        return SyncProxy(self._loop, self._client.proxy(capability, streaming=False, **options))
+        if callable(tool):
+            return SyncProxy(self._loop, self._client.proxy(tool, **options))
+        return SyncProxy(self._loop, self._client.proxy(tool, streaming=False, **options))
 
     def list_tools(self) -> list[dict[str, Any]]:
         if not isinstance(self._client, AgentClient):

@@ -10,9 +10,11 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_args, get_origin
 
 from sessionmesh.client._proxy import Proxy
+from sessionmesh.errors import UsageError
 from sessionmesh.wire.codec import is_json
 
 if TYPE_CHECKING:
+    from sessionmesh.client._auto_session import AutoSession
     from sessionmesh.client._transport import Transport
     from sessionmesh.core._options import ProxyOptions
 
@@ -25,18 +27,40 @@ class TypedProxy(Proxy, Generic[R]):
 
     Example::
 
-        from shop.cart import cart_total  # the @mesh.tool function, importable here
+        from counter import increment  # the @mesh.tool function, importable here
 
-        total: float = await agent.proxy(cart_total)(cart_id="c1")
+        count: int = await agent.proxy(increment)(increment=1)
+
+    It stays typed through ``async with`` and ``.options()``.
     """
 
-    __slots__ = ("_result",)
+    __slots__ = ("_fn", "_result")
 
     def __init__(
-        self, transport: Transport, tool: str, opts: ProxyOptions, fn: Callable[..., Any]
+        self,
+        transport: Transport,
+        tool: str,
+        opts: ProxyOptions,
+        fn: Callable[..., Any],
+        auto: AutoSession | None = None,
     ) -> None:
-        super().__init__(transport, tool, opts)
+        super().__init__(transport, tool, opts, auto)
+        self._fn = fn
         self._result = _result_type(fn)
+
+    def options(self, **changes: Any) -> TypedProxy[R]:  # type: ignore[override]
+        """A copy with other settings, sharing the channel and the auto session. A typed
+        proxy returns its tool's result: it streams with ``.stream()``, not ``streaming``."""
+        if changes.get("streaming"):
+            raise UsageError(
+                "a typed proxy returns its tool's result; stream with .stream(...), or make "
+                "a proxy by name with streaming=True"
+            )
+        opts = self._opts.replace(**changes)
+        return TypedProxy(self._transport, self._tool, opts, self._fn, self._auto)
+
+    async def __aenter__(self) -> TypedProxy[R]:
+        return self
 
     def __call__(self, *call: Any, **kwargs: Any) -> Coroutine[Any, Any, R]:
         work: Coroutine[Any, Any, R] = super().__call__(*call, **kwargs)
