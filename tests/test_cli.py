@@ -333,7 +333,7 @@ def test_a_file_that_fails_to_import_is_reported_in_one_line(tmp_path: Path) -> 
     ]
 
 
-def test_a_session_spans_several_calls_from_the_shell() -> None:
+def test_a_session_spans_several_calls_from_the_shell(tmp_path: Path) -> None:
     with process_blocking("run", str(ROOT / "examples/counter.py"), "--registry-port", "0") as (
         _,
         ready,
@@ -359,9 +359,42 @@ def test_a_session_spans_several_calls_from_the_shell() -> None:
         [increment] = [t for t in listed[0]["tools"] if t["name"] == "increment"]
         assert increment["session_required"] is True
         assert set(increment["parameters"]["properties"]) == {"increment", "amount", "operation"}
-        table = _cli("list", "--tools", registry=registry).stdout
-        assert "increment: integer = 1" in table and "[session_counter, session]" in table
-        assert 'operation: "increment" | "get" = "increment"' in table
+        for _ in range(3):  # the same every time: the signature's order, not the wire's
+            table = _cli("list", "--tools", registry=registry).stdout
+            assert (
+                'increment(increment: int = 1, amount: int | None = None, operation: "increment"'
+                ' | "get" = "increment") -> dict[str, int | str]  [session_counter, session]'
+            ) in table, table
+        assert "stream_count(start: int = 1, n: int = 3) -> dict[str, int]" in table
+        # A stream inside a session opened by another command, and an agent called directly.
+        chunks = _cli("call", "stream_count", '{"n": 2}', "--session", sid, registry=registry)
+        assert chunks.returncode == 0, chunks.stderr
+        assert [json.loads(line) for line in chunks.stdout.splitlines()] == [
+            {"count": 3, "i": 1},
+            {"count": 3, "i": 2},
+        ]
+        agent = ready["agents"][0]["address"]
+        direct = subprocess.run(
+            [*CLI, "call", "-v", "session_counter", "-", "--agent", agent],
+            input='{"increment": 5}',
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if k != "SESSIONMESH_REGISTRY"},
+        )
+        assert direct.returncode == 0, direct.stderr
+        assert json.loads(direct.stdout)["count"] == 5
+        assert "DEBUG" in direct.stderr  # -v after the subcommand counts too
+        (tmp_path / "args.json").write_text('{"increment": 2}')
+        from_file = _cli(
+            "call",
+            "session_counter",
+            f"@{tmp_path / 'args.json'}",
+            "--session",
+            sid,
+            registry=registry,
+        )
+        assert json.loads(from_file.stdout)["count"] == 5, from_file.stderr
         assert _cli("close", sid, registry=registry).returncode == 0
         again = _cli("call", "session_counter", "{}", "--session", sid, registry=registry)
         assert again.returncode == 1

@@ -201,12 +201,17 @@ class BaseProxy:
         return await self._unary(tool, args or {}, None)
 
     def call_tool_auto(
-        self, tool: str | None = None, args: Mapping[str, Any] | None = None
+        self,
+        tool: str | None = None,
+        args: Mapping[str, Any] | None = None,
+        *,
+        session_id: str | None = None,
     ) -> ChunkStream:
-        """Stream a tool's chunks over one StreamCall, inside this proxy's session.
+        """Stream a tool's chunks over one StreamCall, inside this proxy's session (or the
+        explicit session ``session_id``, from ``create_session()``).
 
         An async-iterable argument is sent to the tool as its input stream."""
-        return ChunkStream(self, tool or self._tool, dict(args or {}))
+        return ChunkStream(self, tool or self._tool, dict(args or {}), session_id)
 
     def stream(self, **kwargs: Any) -> ChunkStream:
         """Stream this proxy's tool: ``async for chunk in proxy.stream(x=1)``."""

@@ -48,6 +48,7 @@ class ChunkStream:
         "_done",
         "_failure",
         "_feeder",
+        "_given",
         "_input",
         "_messages",
         "_proxy",
@@ -61,9 +62,12 @@ class ChunkStream:
         "_write_lock",
     )
 
-    def __init__(self, proxy: BaseProxy, tool: str, args: dict[str, Any]) -> None:
+    def __init__(
+        self, proxy: BaseProxy, tool: str, args: dict[str, Any], session_id: str | None = None
+    ) -> None:
         self._proxy = proxy
         self._tool = tool
+        self._given = session_id  # an explicit session (None: the proxy's own)
         self._input: AsyncIterable[Any] | None = None
         for key, value in list(args.items()):
             if isinstance(value, AsyncIterable):
@@ -120,7 +124,7 @@ class ChunkStream:
 
     async def _open(self) -> StreamCall:
         proxy = self._proxy
-        route = await proxy.route()
+        route = await proxy.route(self._given)
         endpoint, sid = route.endpoint, route.session_id
         start = pb.StreamCallRequest()
         start.start.window = self._window

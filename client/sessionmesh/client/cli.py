@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
-from sessionmesh.client._client import MeshClient, connect, tool_info
+from sessionmesh.client._client import AgentClient, MeshClient, connect, tool_info
 from sessionmesh.core.cli import (
     DEFAULT_REGISTRY_PORT,
     REGISTRY_ENV,
@@ -23,7 +25,6 @@ from sessionmesh.core.cli import (
 )
 from sessionmesh.errors import MeshError, RemoteError, UsageError
 from sessionmesh.v1 import registry_service_pb2 as rpb
-from sessionmesh.wire.names import answers_to
 
 COMMANDS = ("list", "call", "sessions", "open", "close", "top")
 
@@ -70,26 +71,60 @@ async def _list(args: argparse.Namespace) -> int:
     if not rows:
         print("no agents registered")
         return 0
-    line = "{:<16} {:<9} {:<22} {:<9} {:>8}  {}"
-    print(line.format("AGENT", "INSTANCE", "ENDPOINT", "STATE", "SESSIONS", "CAPABILITIES"))
-    for r in rows:
-        caps = ", ".join(r["capabilities"])
-        print(
-            line.format(
-                r["agent"], r["instance"], r["endpoint"], r["state"], r["open_sessions"], caps
-            )
-        )
+    header = ("AGENT", "INSTANCE", "ENDPOINT", "STATE", "SESSIONS", "CAPABILITIES")
+    table = [
+        (r["agent"], r["instance"], r["endpoint"], r["state"], str(r["open_sessions"]))
+        for r in rows
+    ]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *table, strict=False)]
+
+    def line(cells: tuple[str, ...], caps: str) -> str:
+        padded = [
+            c.rjust(w) if i == 4 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=False))
+        ]
+        return "  ".join([*padded, caps]).rstrip()
+
+    print(line(header[:5], header[5]))
+    for r, cells in zip(rows, table, strict=True):
+        print(line(cells, ", ".join(r["capabilities"])))
         for t in r.get("tools", ()):
             print(f"    {_signature(t)}")
     return 0
 
 
+_PYTHON = {
+    "integer": "int",
+    "number": "float",
+    "string": "str",
+    "boolean": "bool",
+    "null": "None",
+    "object": "dict",
+    "array": "list",
+}
+
+
 def _kind(schema: dict[str, Any]) -> str:
+    """A JSON schema as the Python type a caller writes: ``list[str]``, ``int | None``."""
     if "enum" in schema:
         return " | ".join(json.dumps(v) for v in schema["enum"])
-    if "anyOf" in schema:
-        return " | ".join(_kind(s) for s in schema["anyOf"])
-    return str(schema.get("type", "any"))
+    if "const" in schema:
+        return json.dumps(schema["const"])
+    if "anyOf" in schema or "oneOf" in schema:
+        return " | ".join(_kind(s) for s in schema.get("anyOf") or schema["oneOf"])
+    if "$ref" in schema:
+        return str(schema["$ref"]).rpartition("/")[2]
+    if "title" in schema and schema.get("type") == "object" and "properties" in schema:
+        return str(schema["title"])
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return " | ".join(_PYTHON.get(str(k), str(k)) for k in kind)
+    if kind == "array":
+        items = schema.get("items")
+        return f"list[{_kind(items)}]" if isinstance(items, dict) and items else "list"
+    if kind == "object" and isinstance(schema.get("additionalProperties"), dict):
+        return f"dict[str, {_kind(schema['additionalProperties'])}]"
+    return _PYTHON.get(str(kind), "Any") if kind else "Any"
 
 
 def _whole(value: Any) -> Any:
@@ -97,54 +132,106 @@ def _whole(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+def _literal(value: Any) -> str:
+    """A default as Python writes it: None, True, 1 (not null, true, 1.0)."""
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    return json.dumps(_whole(value))
+
+
 def _signature(tool: dict[str, Any]) -> str:
-    """``name(a: integer = 1, b: string) -> stream  [capability, session]``, for a person."""
-    props = tool["parameters"].get("properties", {})
-    required = set(tool["parameters"].get("required", ()))
+    """``name(a: int = 1, b: list[str]) -> int  [capability, session, stream]``, for a
+    person: parameters in the function's own order (the agent sends it: ``x-order``)."""
+    parameters = tool["parameters"]
+    props = parameters.get("properties", {})
+    required = set(parameters.get("required", ()))
+    order = [n for n in parameters.get("x-order", ()) if n in props]
+    order += sorted(set(props) - set(order))
     params = []
-    for name, schema in props.items():
-        default = "" if name in required else f" = {json.dumps(_whole(schema.get('default')))}"
+    for name in order:
+        schema = props[name]
+        default = "" if name in required else f" = {_literal(schema.get('default'))}"
         params.append(f"{name}: {_kind(schema)}{default}")
+    output = tool.get("output") or {}
+    returns = f" -> {_kind(output)}" if output else ""
     marks = [tool["capability"]] if tool["capability"] != tool["name"] else []
     marks += [
         m for m, on in (("session", tool["session_required"]), ("stream", tool["streaming"])) if on
     ]
-    return f"{tool['name']}({', '.join(params)})" + (f"  [{', '.join(marks)}]" if marks else "")
+    signature = f"{tool['name']}({', '.join(params)}){returns}"
+    return signature + (f"  [{', '.join(marks)}]" if marks else "")
 
 
-async def _call(args: argparse.Namespace) -> int:
+def _arguments(text: str | None) -> dict[str, Any]:
+    """The call's arguments: a JSON object, ``-`` to read it from stdin, ``@FILE`` from a
+    file."""
+    if text == "-":
+        text = sys.stdin.read()
+    elif text is not None and text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise UsageError(f"cannot read the arguments from {text[1:]}: {exc}") from None
     try:
-        arguments = json.loads(args.arguments) if args.arguments else {}
+        arguments = json.loads(text) if text and text.strip() else {}
     except json.JSONDecodeError as exc:
         raise UsageError(
             f"the arguments are not JSON ({exc}): pass an object like '{{\"n\": 1}}'"
         ) from None
     if not isinstance(arguments, dict):
         raise UsageError("the arguments must be a JSON object, like '{\"n\": 1}'")
-    client = await _mesh(args)
+    return arguments
+
+
+def _print(value: Any, *, indent: int | None = 2) -> None:
+    print(json.dumps(value, indent=indent, sort_keys=True), flush=True)
+
+
+async def _call(args: argparse.Namespace) -> int:
+    arguments = _arguments(args.arguments)
+    client: AgentClient | MeshClient
+    if args.agent:  # one agent, no registry
+        client = connect(args.agent, tls=tls_from(args), token=token_from(args))
+        try:
+            tools = await client.list_tools()
+        except MeshError:
+            await client.aclose()
+            raise
+    else:
+        client = await _mesh(args)
+        tools = [tool_info(t) for i in client.instances() for t in i.tools]
     try:
-        tools = [t for i in client.instances() for t in i.tools if answers_to(t, args.capability)]
-        if not tools:
-            raise UsageError(f"no live provider of {args.capability!r}: see `sessionmesh list`")
-        tool = tools[0]
-        proxy = client.proxy(
-            args.capability, session_required=tool.session_required, timeout=args.timeout
-        )
-        if args.session:
-            if tool.streaming:
-                raise UsageError("--session takes unary tools; a stream opens its own session")
-            result = await proxy.call_with_session(
-                args.capability, arguments, session_id=args.session
+        found = [t for t in tools if args.capability in (t["name"], t["capability"])]
+        if not found:
+            where = args.agent or "the mesh"
+            raise UsageError(
+                f"no live provider of {args.capability!r} in {where}: see `sessionmesh list"
+                + (f" --agent {args.agent}`" if args.agent else "`")
             )
-            print(json.dumps(result, indent=2))
+        tool = found[0]
+        proxy = client.proxy(
+            args.capability, session_required=tool["session_required"], timeout=args.timeout
+        )
+        if args.session:  # a session opened with `sessionmesh open`: it stays open
+            if tool["streaming"]:
+                chunks = proxy.call_tool_auto(args.capability, arguments, session_id=args.session)
+                async with chunks:
+                    async for chunk in chunks:
+                        _print(chunk, indent=None)
+            else:
+                _print(
+                    await proxy.call_with_session(
+                        args.capability, arguments, session_id=args.session
+                    )
+                )
             return 0
         async with proxy:
-            if tool.streaming:
+            if tool["streaming"]:
                 async with proxy.call_tool_auto(args.capability, arguments) as chunks:
                     async for chunk in chunks:
-                        print(json.dumps(chunk), flush=True)
+                        _print(chunk, indent=None)
             else:
-                print(json.dumps(await proxy(args.capability, arguments), indent=2))
+                _print(await proxy(args.capability, arguments))
     finally:
         await client.aclose()
     return 0
@@ -305,13 +392,24 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     registry_option(call)
     call.add_argument("capability")
-    call.add_argument("arguments", nargs="?", default=None, help="a JSON object")
+    call.add_argument(
+        "arguments",
+        nargs="?",
+        default=None,
+        help="a JSON object; - reads it from stdin, @FILE from a file",
+    )
+    call.add_argument(
+        "--agent",
+        default=None,
+        metavar="HOST:PORT",
+        help="call this agent directly, with no registry",
+    )
     call.add_argument("--timeout", type=float, default=None, help="seconds")
     call.add_argument(
         "--session",
         default=None,
         metavar="ID",
-        help="call inside this session (from `sessionmesh open`), which stays open",
+        help="call (or stream) inside this session (from `sessionmesh open`), which stays open",
     )
     call.set_defaults(run=_call)
 

@@ -21,7 +21,7 @@ from sessionmesh.core.cli import (
     say,
     security_options,
 )
-from sessionmesh.errors import MeshError
+from sessionmesh.errors import MeshError, RemoteError
 from sessionmesh.server._commands import registry_command, run_command, serve_command
 from sessionmesh.server._registry import LOST_AFTER
 from sessionmesh.server._settings import (
@@ -256,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(run=run_command)
 
     client_commands.add(commands)
+    for sub in commands.choices.values():
+        # `sessionmesh call -v ...` as well as `sessionmesh -v call ...`.
+        sub.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at DEBUG"
+        )
     return parser
 
 
@@ -302,6 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except MeshError as exc:
         say(str(exc))
+        if isinstance(exc, RemoteError) and exc.debug:
+            # The agent runs with --debug: its traceback came with the error.
+            print(f"the agent's traceback:\n{exc.debug.rstrip()}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # Whoever read our output stopped (`sessionmesh list | head -1`): nothing is wrong.

@@ -155,6 +155,10 @@ class BoundTool:
         if required:
             schema["required"] = required
         schema["additionalProperties"] = False
+        if len(props) > 1:
+            # The wire's Struct keeps no key order: say the signature's, for people reading
+            # the tool (`sessionmesh list --tools`, generated forms).
+            schema["x-order"] = list(props)
         if defs:
             schema["$defs"] = defs
         return schema
