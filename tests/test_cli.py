@@ -548,3 +548,51 @@ async def test_the_ready_line_comes_once_the_agent_is_registered(reg: str) -> No
             # Visible at once: no wait between the ready line and the registry's view.
             await client.ready()
             assert ready["instance"] in {i.instance_id for i in client.instances()}
+
+
+def test_run_with_json_logs_writes_only_json_lines(tmp_path: Path) -> None:
+    # Under `run` 11 lines of 16 used to be text: an "[agent id]" prefix, gRPC core's own.
+    talker = tmp_path / "talker.py"
+    talker.write_text(
+        "import logging\n\n"
+        "from sessionmesh import mesh\n\n\n"
+        "@mesh.tool(session_required=True)\n"
+        "def say(session: mesh.Session, word: str) -> str:\n"
+        "    print('a tool prints', word)  # text on stdout: passed on as a JSON line\n"
+        "    logging.getLogger('talker').warning('said %s', word)  # in its session\n"
+        "    return word\n"
+    )
+    log = tmp_path / "stderr"
+    with log.open("w") as stderr:
+        run = subprocess.Popen(
+            [*CLI, "--log-format", "json", "run", str(talker), "--registry-port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
+    try:
+        assert run.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(run.stdout, selectors.EVENT_READ)
+            assert sel.select(30), log.read_text()
+        ready = json.loads(run.stdout.readline())
+        called = _cli("call", "say", '{"word": "hi"}', registry=ready["registry"])
+        assert called.returncode == 0, called.stderr
+        run.send_signal(signal.SIGINT)
+        out, _ = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait(timeout=10)
+    lines = [line for line in (out + log.read_text()).splitlines() if line.strip()]
+    not_json = [line for line in lines if not line.startswith("{")]
+    assert not not_json, not_json
+    records = [json.loads(line) for line in lines]  # every one parses
+    said = [r for r in records if "a tool prints hi" in r.get("message", "")]
+    assert said and said[0]["agent"] == "talker" and said[0]["instance"]
+    agent_logs = [r for r in records if r.get("logger") == "sessionmesh.session"]
+    assert agent_logs and all(r["agent"] == "talker" for r in agent_logs)
+    assert all(r["time"].endswith("Z") for r in records if "time" in r)
+    [logged] = [r for r in records if r.get("logger") == "talker"]
+    assert logged["session"] and logged["agent"] == "talker"  # logged inside a session

@@ -22,6 +22,7 @@ from sessionmesh.errors import UsageError
 __all__ = [
     "client_span",
     "configure_from_env",
+    "current_trace_id",
     "disable",
     "enable",
     "end_span",
@@ -60,6 +61,15 @@ def disable() -> None:
 def tracer() -> Any:
     """The tracer, or None while tracing is off (the one branch a call pays)."""
     return _tracer
+
+
+def current_trace_id() -> str:
+    """The id (32 hex digits) of the trace being recorded here, or "" (tracing off, or no
+    span): what log lines carry to be found beside their trace."""
+    if _tracer is None:
+        return ""
+    context = _api()[0].get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else ""
 
 
 def inject(carrier: MutableMapping[str, str]) -> None:

@@ -4,6 +4,7 @@ the security flags, and how a notice reaches the person running it."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -29,7 +30,15 @@ DEFAULT_REGISTRY_PORT = 50050
 def say(message: str) -> None:
     """A notice for the person running the command (a JSON line with --log-format json)."""
     if os.environ.get("SESSIONMESH_LOG_FORMAT") == "json":
-        line = json.dumps({"level": "NOTICE", "logger": "sessionmesh", "message": message})
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+        line = json.dumps(
+            {
+                "time": now.replace("+00:00", "Z"),
+                "level": "NOTICE",
+                "logger": "sessionmesh",
+                "message": message,
+            }
+        )
         print(line, file=sys.stderr, flush=True)
     else:
         print(f"sessionmesh: {message}", file=sys.stderr, flush=True)

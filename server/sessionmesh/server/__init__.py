@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from sessionmesh.core import publish
-
 if TYPE_CHECKING:
     from sessionmesh.core import Dependency
     from sessionmesh.server._agent import Agent
@@ -64,6 +62,8 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'sessionmesh.server' has no attribute {name!r}")
     value = getattr(importlib.import_module(home), name)
     if home.startswith(__name__):
+        from sessionmesh.core import publish  # not at import: the package loads nothing
+
         publish(__name__, value)
     globals()[name] = value  # once loaded, a plain attribute
     return value

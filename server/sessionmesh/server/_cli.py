@@ -3,15 +3,18 @@ commands do is ``_commands.py``; the calling ones are the client's (``client/cli
 
 from __future__ import annotations
 
+# isort: split
+# First, before anything loads gRPC: it reads its log level from the environment then.
+from sessionmesh.server import _quiet  # noqa: F401
+
+# isort: split
 import argparse
 import importlib.metadata
 import importlib.util
-import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from sessionmesh.client import cli as client_commands
 from sessionmesh.core import run as run_loop
@@ -22,6 +25,7 @@ from sessionmesh.core.cli import (
     security_options,
 )
 from sessionmesh.errors import MeshError, RemoteError
+from sessionmesh.server import _logs as logs
 from sessionmesh.server._commands import registry_command, run_command, serve_command
 from sessionmesh.server._registry import LOST_AFTER
 from sessionmesh.server._settings import (
@@ -89,11 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
     parser.add_argument(
+        "--grpc-logs",
+        action="store_true",
+        help="let gRPC core log to stderr at its own level (by default only its errors; "
+        f"setting ${logs.GRPC_VERBOSITY_ENV} does the same)",
+    )
+    parser.add_argument(
         "--log-format",
         choices=("text", "json"),
-        default=os.environ.get(LOG_FORMAT_ENV, "text"),
-        help=f"log lines for people, or one JSON object a line for machines (${LOG_FORMAT_ENV}; "
-        "run's agents inherit it)",
+        default=os.environ.get(logs.LOG_FORMAT_ENV, "text"),
+        help="log lines for people, or one JSON object a line for machines "
+        f"(${logs.LOG_FORMAT_ENV}; run's agents inherit it)",
     )
     parser.add_argument(
         "--version",
@@ -264,37 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-LOG_FORMAT_ENV = "SESSIONMESH_LOG_FORMAT"
-
-
-class _JsonLines(logging.Formatter):
-    """One JSON object a line: time, level, logger, message (and the traceback, if any)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            line["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(line)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = args.command in client_commands.COMMANDS
-    os.environ[LOG_FORMAT_ENV] = args.log_format  # what run's agents log in, too
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        _JsonLines()
-        if args.log_format == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
-        handlers=[handler],
+    logs.configure(
+        args.log_format,
+        logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
+        grpc_logs=args.grpc_logs,
     )
     try:
         return int(run_loop(args.run(args)))

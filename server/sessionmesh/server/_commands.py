@@ -26,6 +26,7 @@ from sessionmesh.core.cli import (
     token_from,
 )
 from sessionmesh.errors import UsageError
+from sessionmesh.server import _logs as logs
 from sessionmesh.server._agent import Agent
 from sessionmesh.server._etcd import EtcdStore
 from sessionmesh.server._registry import LOST_AFTER, Registry, RegistryStore
@@ -90,6 +91,7 @@ async def serve_command(args: argparse.Namespace) -> int:
         agent = Agent.from_module(module, **from_flags(args))
     except UsageError as exc:
         raise SystemExit(f"sessionmesh: {args.file}: {exc}") from None
+    logs.context.update(agent=agent.name, instance=agent.instance_id)
     signals = Signals()
     if args.stop_with_parent:
         # Started by `sessionmesh run`: its stdin pipe closes when `run` dies, however it

@@ -19,6 +19,7 @@ import anyio
 
 from sessionmesh.core._tasks import Tasks, race
 from sessionmesh.core.cli import say
+from sessionmesh.server import _logs as logs
 
 log = logging.getLogger("sessionmesh.run")
 
@@ -104,8 +105,17 @@ class Output:
     async def _lines(
         self, proc: asyncio.subprocess.Process, stream: asyncio.StreamReader, out: Any
     ) -> None:
+        as_json = os.environ.get(logs.LOG_FORMAT_ENV) == "json"
         while line := await stream.readline():
             label = self.labels[proc]
+            if as_json:  # one JSON object a line, whoever wrote it: the agent's a field
+                agent, _, instance = label.partition(" ")
+                text = line.decode(errors="replace").rstrip("\n")
+                fields = {"agent": agent, **({"instance": instance} if instance else {})}
+                with contextlib.suppress(BrokenPipeError):
+                    out.write(logs.as_json_line(text, **fields) + "\n")
+                    out.flush()
+                continue
             prefix = f"[{label}]"
             if out.isatty():
                 colour = self._colours.setdefault(
