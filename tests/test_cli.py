@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -596,3 +597,66 @@ def test_run_with_json_logs_writes_only_json_lines(tmp_path: Path) -> None:
     assert all(r["time"].endswith("Z") for r in records if "time" in r)
     [logged] = [r for r in records if r.get("logger") == "talker"]
     assert logged["session"] and logged["agent"] == "talker"  # logged inside a session
+
+
+def test_run_watch_reloads_at_once_and_waits_for_a_fix_after_a_broken_save(
+    tmp_path: Path,
+) -> None:
+    counter = tmp_path / "counter.py"
+    good = (ROOT / "examples/counter.py").read_text()
+    counter.write_text(good)
+    log = tmp_path / "stderr"
+    with log.open("w") as stderr:
+        run = subprocess.Popen(
+            [*CLI, "run", str(counter), "--registry-port", "0", "--watch"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
+    try:
+        assert run.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(run.stdout, selectors.EVENT_READ)
+            assert sel.select(30), log.read_text()
+        ready = json.loads(run.stdout.readline())
+        registry = ready["registry"]
+        [agent] = ready["agents"]
+        # An open session used to hold the old code for the 30 s drain.
+        assert _cli("open", "session_counter", registry=registry).returncode == 0
+        saves = [0.0]
+
+        def save(text: str) -> None:
+            counter.write_text(text + f"\n# save {time.monotonic()}\n")
+            saves[0] = time.monotonic()
+
+        def saved_and_seen(text: str, seen: Callable[[], bool]) -> Callable[[], bool]:
+            def check() -> bool:
+                if time.monotonic() - saves[0] > 5:  # the watcher may not see the first save
+                    save(text)
+                return seen()
+
+            return check
+
+        wait_until(
+            saved_and_seen(good, lambda: bool(_instances(registry) - {agent["instance"]})),
+            within=20,
+            what="the agent reloaded with a session open",
+        )
+        save("def broken(:\n")
+        wait_until(
+            lambda: "waiting for the next save" in log.read_text(),
+            within=20,
+            what="run waits for a fix",
+        )
+        assert not _instances(registry)  # and retries nothing meanwhile
+        wait_until(
+            saved_and_seen(good, lambda: bool(_instances(registry))),
+            within=20,
+            what="the fixed file's agent is back",
+        )
+        assert log.read_text().count("restarting it in") == 0  # no backoff retries
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=10)
+        run.stdout.close()  # type: ignore[union-attr]

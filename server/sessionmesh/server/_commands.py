@@ -230,6 +230,10 @@ async def run_command(args: argparse.Namespace) -> int:
             extra += ["--metrics-port", "0"]  # each agent its own; the ready line says where
         if args.drain_timeout is not None:
             extra += ["--drain-timeout", str(args.drain_timeout)]
+        elif args.watch:
+            # Reload at once on a save: a drain would hold the old code for as long as a
+            # session stays open (its sessions close; the new code starts with none).
+            extra += ["--drain-timeout", "0"]
         if args.session_store is not None:
             extra += ["--session-store", args.session_store]
         for file in args.files:

@@ -176,6 +176,9 @@ class Supervisor:
         self.started = dict.fromkeys(files, loop.time())
         self.backoff: dict[str, float] = {}
         self.replacing: set[asyncio.subprocess.Process] = set()  # stopped by us, on purpose
+        #: --watch: files whose agent failed (say, a syntax error): started again at the
+        #: file's next save, not retried with a backoff meanwhile.
+        self.broken: set[str] = set()
 
     async def run(self, signals: Signals) -> None:
         # What the loop waits on, each in a task this method owns and ends on its way out.
@@ -190,10 +193,16 @@ class Supervisor:
                 waiting = [stopping, *exits, *([changes] if changes else [])]
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if changes is not None and changes in done:
-                    for proc in [p for p, f in self.files.items() if f in changes.result()]:
+                    changed = changes.result()
+                    for proc in [p for p, f in self.files.items() if f in changed]:
                         say(f"{self.files[proc]} changed: restarting its agent")
                         self.replacing.add(proc)
                         proc.send_signal(signal.SIGTERM)
+                    for file in sorted(self.broken & changed):
+                        say(f"{file} changed: starting its agent again")
+                        self.broken.discard(file)
+                        fresh = await self._start(file)
+                        exits[waits.start(fresh.wait())] = fresh
                     changes = waits.start(self._changed())
                 for future in [f for f in done if f in exits]:
                     proc = exits.pop(future)
@@ -213,6 +222,10 @@ class Supervisor:
         self.replacing.discard(proc)
         if not replaced:
             say(f"an agent process ({file}) exited with {code}")
+            if self.watch and code != 0:
+                self.broken.add(file)  # fixing the file is what will bring it back
+                say(f"waiting for the next save of {file}")
+                return None
             if self.policy == "never" or (self.policy == "on-failure" and code == 0):
                 return None
             delay = 0.0 if lived > HEALTHY_AFTER else self.backoff.get(file, 0.5)
@@ -221,6 +234,10 @@ class Supervisor:
                 say(f"restarting it in {delay:g} s")
                 if not await unless(signals.stop, asyncio.sleep(delay)):
                     return None
+        return await self._start(file)
+
+    async def _start(self, file: str) -> asyncio.subprocess.Process:
+        loop = asyncio.get_running_loop()
         new = await self.spawn(file)
         self.procs.append(new)
         try:
@@ -236,7 +253,7 @@ class Supervisor:
         return new
 
     async def _changed(self) -> set[str]:
-        return await _changed(sorted(set(self.files.values())))
+        return await _changed(sorted(set(self.files.values()) | self.broken))
 
 
 async def _changed(files: list[str]) -> set[str]:
