@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sessionmesh import mesh
-from sessionmesh.errors import InvalidArguments, ToolFailed
+from sessionmesh.errors import InvalidArguments, ToolFailed, ToolNotFound
 from sessionmesh.testing import eventually, running_agent
 from tests.procs import ROOT, process_blocking, wait_until
 from tests.redis_server import redis_server
@@ -58,6 +58,34 @@ async def test_an_agent_counts_calls_sessions_and_streams() -> None:
                 == 1
             )
             assert samples[("sessionmesh_stream_chunks_total", (("tool", "stream_count"),))] == 4
+            # Refused at arrival, before running: counted too, by reason (a tool nobody
+            # declares is "unknown": labels never grow with what callers send).
+            assert (
+                samples[
+                    (
+                        "sessionmesh_calls_total",
+                        (("outcome", "invalid_arguments"), ("tool", "increment")),
+                    )
+                ]
+                == 1
+            )
+            for name in ("nope", "nope2"):
+                with pytest.raises(ToolNotFound):
+                    await client.proxy(name)()
+            samples, text = await scrape(agent.metrics.address)
+            assert (
+                samples[
+                    (
+                        "sessionmesh_calls_total",
+                        (("outcome", "tool_not_found"), ("tool", "unknown")),
+                    )
+                ]
+                == 2
+            )
+            assert "nope" not in text
+            build = [k for k in samples if k[0] == "sessionmesh_build_info"]
+            assert build and dict(build[0][1])["version"]
+            assert ("process_cpu_seconds_total", ()) in samples  # the process's own figures
             assert samples[("sessionmesh_call_seconds_count", (("tool", "increment"),))] == 3
             assert samples[("sessionmesh_sessions_open", ())] == 1
             assert samples[("sessionmesh_sessions_total", (("event", "created"),))] == 1

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from sessionmesh import mesh, tracing
-from sessionmesh.errors import ToolFailed
+from sessionmesh.errors import InvalidArguments, ToolFailed
 from sessionmesh.testing import eventually, running_agent
 from tests.procs import serve
 from tests.tools import fail, increment, stream_count
@@ -70,7 +70,10 @@ async def test_one_trace_from_client_to_consumer_to_provider(
     outer = _one(done, "tally", SpanKind.CLIENT)
     served = _one(done, "tally", SpanKind.SERVER)
     inner = _one(done, "session_counter", SpanKind.CLIENT)
-    provided = _one(done, "increment", SpanKind.SERVER)
+    # Both sides name the span as the caller named the tool (its function is an attribute).
+    provided = _one(done, "session_counter", SpanKind.SERVER)
+    assert provided.attributes is not None
+    assert provided.attributes["sessionmesh.tool"] == "increment"
     stream = _one(done, "stream_count", SpanKind.CLIENT)
     streamed = _one(done, "stream_count", SpanKind.SERVER)
     trace_id = outer.context.trace_id
@@ -114,7 +117,8 @@ async def test_serve_exports_spans_when_otel_variables_say_so() -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.stdout is not None
         exported = (await asyncio.wait_for(proc.stdout.read(), 30)).decode()
-    assert '"name": "increment"' in exported  # the server span, flushed at exit
+    assert '"name": "session_counter"' in exported  # the server span, flushed at exit
+    assert '"kind": "SpanKind.SERVER"' in exported
     assert '"sessionmesh.agent": "counter"' in exported
     assert '"service.name": "counter-under-test"' in exported
 
@@ -155,7 +159,17 @@ async def test_serve_exports_over_otlp_to_a_real_receiver() -> None:
                     assert (await counter(increment=1))["count"] == 1
             await eventually(lambda: bool(receiver.spans), what="spans reach the receiver")
         names = {s.name for s in receiver.spans}
-        assert "increment" in names
+        assert "session_counter" in names
         assert {"service.name": "counter"}.items() <= receiver.resources[0].items()
     finally:
         await server.stop(0)
+
+
+async def test_a_call_refused_at_arrival_has_a_span_too(spans: InMemorySpanExporter) -> None:
+    async with running_agent(increment) as (_, client):
+        with pytest.raises(InvalidArguments):
+            await client.proxy("session_counter", session_required=True)(increment="x")
+    refused = _one(spans.get_finished_spans(), "session_counter", SpanKind.SERVER)
+    assert refused.attributes is not None
+    assert refused.attributes["sessionmesh.outcome"] == "invalid_arguments"
+    assert refused.status.status_code.name == "ERROR"

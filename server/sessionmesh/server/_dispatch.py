@@ -46,6 +46,7 @@ class Plan:
     calls of one session keep their arrival order."""
 
     __slots__ = (
+        "asked",
         "bound",
         "call_id",
         "carrier",
@@ -69,6 +70,8 @@ class Plan:
         principal: str,
     ) -> None:
         self.bound = bound
+        #: The name the caller used (a tool's name or its capability): what spans are named.
+        self.asked = bound.spec.name
         self.session = session
         self.earlier = earlier
         self.new_id = new_id  # a session id to report to the caller: opened, or a replay's

@@ -35,12 +35,36 @@ def _prometheus() -> Any:
     return prometheus_client
 
 
+def _build() -> dict[str, str]:
+    import platform
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {
+        "version": version("sessionmesh"),
+        "grpcio": version("grpcio"),
+        "python": platform.python_version(),
+    }
+
+
 class Exporter:
     """A registry of metrics served on ``/metrics`` over HTTP(S) from a thread."""
 
     def __init__(self) -> None:
-        self.prometheus = _prometheus()
-        self.registry = self.prometheus.CollectorRegistry()
+        p = self.prometheus = _prometheus()
+        r = self.registry = p.CollectorRegistry()
+        # What every exporter says: which sessionmesh, and the process's own figures.
+        p.ProcessCollector(registry=r)
+        p.PlatformCollector(registry=r)
+        p.GCCollector(registry=r)
+        p.Info("sessionmesh_build", "Which sessionmesh serves these metrics", registry=r).info(
+            _build()
+        )
         self._server: WSGIServer | None = None
         self.address = ""
 
@@ -100,6 +124,10 @@ class AgentMetrics(Exporter):
             "sessionmesh_stream_chunks", "Chunks streamed, by tool", ["tool"], registry=r
         )
         r.register(_StateCollector(p, store, exchange_streams, durable_calls))
+
+    def refused(self, tool: str, outcome: str) -> None:
+        """A call refused before it ran (its reason as the outcome)."""
+        self.calls.labels(tool, outcome).inc()
 
     def done(self, tool: str, outcome: str, seconds: float, chunks: int = 0) -> None:
         """One tool run ended with ``outcome`` after ``seconds``, having streamed ``chunks``."""

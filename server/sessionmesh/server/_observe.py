@@ -85,7 +85,7 @@ def _span(tracer: Any, plan: Plan, agent: str, instance: str) -> Any:
     if plan.principal:
         attributes["sessionmesh.principal"] = plan.principal
     span = tracer.start_as_current_span(
-        spec.name,
+        plan.asked,  # the name the caller's span has, too
         context=tracing.extract(plan.carrier) if plan.carrier else None,
         kind=SpanKind.SERVER,
         attributes=attributes,
@@ -102,3 +102,33 @@ def _with_event(span_cm: Any, name: str) -> Iterator[Any]:
     with span_cm as span:
         span.add_event(name)
         yield span
+
+
+def refused(
+    metrics: AgentMetrics | None,
+    tracer: Any,
+    tool: str,
+    asked: str,
+    fail: Fail,
+    agent: str,
+    instance: str,
+) -> None:
+    """A call refused at arrival (bad arguments, an unknown tool or session, not allowed):
+    counted under its reason, and a span that says so (it never ran: no caller context)."""
+    result = outcome(fail)
+    if metrics is not None:
+        metrics.refused(tool, result)
+    if tracer is not None:
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        attributes = {
+            "rpc.system": "grpc",
+            "sessionmesh.tool": tool,
+            "sessionmesh.agent": agent,
+            "sessionmesh.instance": instance,
+            "sessionmesh.outcome": result,
+        }
+        with tracer.start_as_current_span(
+            asked, kind=SpanKind.SERVER, attributes=attributes
+        ) as span:
+            span.set_status(Status(StatusCode.ERROR, result))

@@ -20,7 +20,7 @@ from sessionmesh.core._tasks import Tasks
 from sessionmesh.server._dispatch import Dispatcher, Plan
 from sessionmesh.server._durable import Replayed, gone
 from sessionmesh.server._errors import Fail, not_json, session_closed
-from sessionmesh.server._observe import Counted, observing
+from sessionmesh.server._observe import Counted, observing, refused
 from sessionmesh.server._recall import Remembered
 from sessionmesh.server._session import CLOSED_UNDER_CALL, Session, _current
 from sessionmesh.wire.codec import NotJsonLike, set_value
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from google.protobuf.struct_pb2 import Value
 
     from sessionmesh.server._tool import BoundTool
+    from sessionmesh.v1 import session_service_pb2 as pb
 
 log = logging.getLogger("sessionmesh.agent")
 
@@ -136,6 +137,24 @@ class Runner(Dispatcher):
         super().__init__(**settings)
         #: Calls with a call id run in tasks of their own, outliving their RPC: stop() ends them.
         self._detached = Tasks(f"agent {self.agent_name}'s calls", log, expected=(Fail,))
+
+    def plan(
+        self, request: pb.CallRequest, session_id: str, create: bool, principal: str = ""
+    ) -> Plan:
+        """Admit a call (``Dispatcher.plan``); one refused is counted and traced as well,
+        under its tool's name (or "unknown": a label never grows with what callers send)."""
+        try:
+            plan = super().plan(request, session_id, create, principal)
+        except Fail as fail:
+            tracer = tracing.tracer()
+            if self.metrics is not None or tracer is not None:
+                known = self.tools.get(request.tool)
+                label, asked = (known.spec.name, request.tool) if known else ("unknown",) * 2
+                instance = self.store.instance_id
+                refused(self.metrics, tracer, label, asked, fail, self.agent_name, instance)
+            raise
+        plan.asked = request.tool
+        return plan
 
     async def answer(self, plan: Plan, out: Value) -> None:
         """Run a call and write its result into ``out`` (the adapter's answer); failures
