@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sessionmesh import mesh
-from sessionmesh.errors import InvalidArguments, ToolFailed, ToolNotFound
+from sessionmesh.errors import (
+    AgentUnavailable,
+    InvalidArguments,
+    SessionNotFound,
+    ToolFailed,
+    ToolNotFound,
+)
 from sessionmesh.testing import eventually, running_agent
 from tests.procs import ROOT, process_blocking, wait_until
 from tests.redis_server import redis_server
@@ -150,3 +157,38 @@ async def test_durable_sessions_count_saves_replays_and_takeovers() -> None:
             assert samples[("sessionmesh_sessions_total", (("event", "adopted"),))] == 0
             assert samples[("sessionmesh_sessions_total", (("event", "fenced"),))] == 0
             assert str(counter.session_id) not in text
+
+
+async def test_an_agent_counts_what_its_processs_proxies_did_on_their_own() -> None:
+    # Retries, failovers and lost sessions happen in clients: an agent's injected proxies
+    # are clients too, and its metrics say what they went through.
+    async with running_agent(increment, metrics_port=0) as (agent, client):
+        assert agent.metrics is not None
+
+        async def events() -> dict[str, float]:
+            assert agent.metrics is not None
+            samples, _ = await scrape(agent.metrics.address)
+            return {
+                dict(labels)["event"]: value
+                for (name, labels), value in samples.items()
+                if name == "sessionmesh_client_events_total"
+            }
+
+        before = await events()
+        counter = client.proxy("session_counter", session_required=True)
+        await counter(increment=1)
+        assert counter.session_id is not None
+        await agent.sessions.close(counter.session_id)
+        with pytest.raises(SessionNotFound):
+            await counter(increment=1)
+        await counter.cleanup_auto_session()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            nowhere = f"127.0.0.1:{s.getsockname()[1]}"
+        async with mesh.connect(nowhere) as gone:
+            with pytest.raises(AgentUnavailable):
+                await gone.proxy("x", retry_count=2, retry_delay=0.01)()
+        after = await events()
+        assert after["session_lost"] - before["session_lost"] == 1
+        assert after["retry"] - before["retry"] == 2
+        assert "failover" in after

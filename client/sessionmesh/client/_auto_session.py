@@ -21,6 +21,7 @@ import secrets
 from typing import TYPE_CHECKING
 
 from sessionmesh import tracing
+from sessionmesh.core._tallies import SESSION_LOST, client_events
 from sessionmesh.errors import (
     RemoteError,
     SessionLost,
@@ -169,6 +170,7 @@ class AutoSession:
             and session_id == self.session_id
         ):
             self.state = State.LOST
+            client_events[SESSION_LOST] += 1
             self.lost = error
             log.info("auto session %s lost: %s", short(session_id), error.message)
 

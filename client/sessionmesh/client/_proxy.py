@@ -15,6 +15,7 @@ from sessionmesh.client._stream import ChunkStream
 from sessionmesh.core._deadline import bounded
 from sessionmesh.core._options import ProxyOptions
 from sessionmesh.core._reasons import in_python_terms
+from sessionmesh.core._tallies import FAILOVER, RETRY, client_events
 from sessionmesh.errors import (
     AgentUnavailable,
     CallTimeout,
@@ -322,14 +323,17 @@ class BaseProxy:
                 hops += 1  # a durable session moved, or its owner went: follow it (bounded)
                 if hops > MAX_HOPS:
                     raise rerouted.error from None
+                client_events[FAILOVER] += 1
                 continue
             except AgentUnavailable as error:
                 if message.create_session and error.reason == Reason.SHUTTING_DOWN and not moved:
                     moved = True
+                    client_events[FAILOVER] += 1
                     continue
                 if attempt >= opts.retry_count:
                     raise
                 attempt += 1
+                client_events[RETRY] += 1
                 await asyncio.sleep(backoff(opts.retry_delay, attempt))
 
     async def _attempt(

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from sessionmesh.core import TLS
+from sessionmesh.core._tallies import FAILOVER, RETRY, SESSION_LOST, client_events
 from sessionmesh.errors import UsageError
 from sessionmesh.server._security import is_loopback
 
@@ -172,6 +173,14 @@ class _StateCollector:
             "Calls waiting for their session's turn",
             value=sum(s.waiting for s in store.sessions()),
         )
+        client = core.CounterMetricFamily(
+            "sessionmesh_client_events",
+            "What this process's proxies did on their own: retries, failovers, sessions lost",
+            labels=["event"],
+        )
+        for event in (RETRY, FAILOVER, SESSION_LOST):
+            client.add_metric([event], client_events[event])
+        yield client
         if self.durable_calls is not None:
             durable = core.CounterMetricFamily(
                 "sessionmesh_durable_calls",
