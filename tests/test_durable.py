@@ -397,3 +397,18 @@ async def test_a_store_that_lost_the_session_says_so_and_never_hands_back_an_emp
             with pytest.raises(SessionLost):  # lost for good: never reopened empty
                 await counter(increment=1)
         assert all(sid not in agent.sessions for agent in agents)
+
+
+async def test_leaving_the_client_with_no_replica_left_raises_nothing_and_releases_all(
+    store: Redis, reg: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It used to raise AgentUnavailable out of aclose() and leave the connections open.
+    async with replicas(store, reg, 1) as (agents, client):
+        counter = client.proxy("session_counter", session_required=True)
+        assert await counter(increment=1) == 1
+        await agents[0].stop()  # released to the store; no replica is left to close it
+        with caplog.at_level(logging.WARNING, logger="sessionmesh.proxy"):
+            await client.aclose()  # what leaving `async with mesh.connect(...)` does
+        assert "not closed" in caplog.text
+        assert client._pool.closed  # every connection released
+    assert await store.keys() > 0  # the session waits in its store for its TTL

@@ -196,6 +196,11 @@ class AutoSession:
             endpoint = transport.owner(session_id)
         except SessionLost:
             return  # its owner is gone, and the session with it
+        except RemoteError as exc:
+            # No live instance to close it on (a durable session's replicas are all down):
+            # it stays in its store until its TTL. Closing never fails for that.
+            log.warning("auto session %s not closed: %s", short(session_id), exc.message)
+            return
         try:
             with tracing.span("close session"):
                 await endpoint.close_session(session_id, CLOSE_DEADLINE)

@@ -122,7 +122,7 @@ class AgentClient:
     async def aclose(self) -> None:
         if self._state is _State.OPEN:
             self._state = _State.CLOSED
-            await self._transport.aclose()
+            await self._transport.aclose()  # closes its sessions, then its connections
 
     async def __aenter__(self) -> AgentClient:
         self._check_open()
@@ -262,10 +262,12 @@ class MeshClient:
         if self._state is _State.OPEN:
             self._state = _State.CLOSED
             transports, self._transports = self._transports, {}
-            for transport in transports.values():
-                await transport.close_sessions()
-            await self._pool.aclose()
-            await self.watch.aclose()
+            try:
+                for transport in transports.values():
+                    await transport.close_sessions()
+            finally:  # whatever closing a session met, every connection is released
+                await self._pool.aclose()
+                await self.watch.aclose()
 
     async def __aenter__(self) -> MeshClient:
         self._check_open()

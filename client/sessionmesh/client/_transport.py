@@ -213,6 +213,8 @@ class EndpointTransport(Transport):
         return self.endpoint
 
     async def aclose(self) -> None:
-        await self.close_sessions()
-        self.closed = True
-        await self.endpoint.aclose()
+        try:
+            await self.close_sessions()
+        finally:  # whatever closing a session met, the connection is released
+            self.closed = True
+            await self.endpoint.aclose()
