@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -412,3 +413,19 @@ async def test_leaving_the_client_with_no_replica_left_raises_nothing_and_releas
         assert "not closed" in caplog.text
         assert client._pool.closed  # every connection released
     assert await store.keys() > 0  # the session waits in its store for its TTL
+
+
+async def test_a_redirect_is_followed_even_to_an_instance_that_failed_a_moment_ago(
+    store: Redis, reg: str
+) -> None:
+    # The proxy once raised SessionElsewhere: the new owner was an instance it had marked
+    # failed in the last seconds, so it went back to the replica that had just refused it.
+    async with replicas(store, reg, 2) as (agents, client):
+        counter = client.proxy("session_counter", session_required=True)
+        assert await counter(increment=5) == 5
+        sid, (_, other) = opened(counter, agents)
+        assert await raw_call(other, sid, "increment", increment=100) == 105  # taken over
+        client._pool.failed_at[other.instance_id] = time.monotonic()  # "failed" just now
+        # The stale copy answers SESSION_ELSEWHERE naming `other`: followed, not doubted.
+        assert await counter(increment=1) == 106
+        await counter.cleanup_auto_session()

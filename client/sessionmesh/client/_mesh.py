@@ -271,6 +271,13 @@ class MeshTransport(Transport):
     def failed(self, endpoint: Endpoint) -> None:
         self.pool.failed_at[endpoint.instance_id] = time.monotonic()
 
+    def moved(self, session_id: str, instance_id: str) -> None:
+        """A redirect names the owner: it is followed whatever this client remembers of
+        failures there (the owner answers again, or it could not have taken the session
+        over); only an owner the registry no longer lists is not."""
+        super().moved(session_id, instance_id)
+        self.pool.failed_at.pop(instance_id, None)
+
     def knows(self, endpoint: Endpoint) -> bool:
         return self.pool.knows(endpoint)
 
