@@ -38,11 +38,16 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
             task.exception()  # seen: asyncio would log it when the task is collected
 
 
-async def interrupt(task: asyncio.Task[Any], heard: Callable[[], bool]) -> None:
+async def interrupt(
+    task: asyncio.Task[Any], heard: Callable[[], bool], busy: Callable[[], bool]
+) -> None:
     """Cancel ``task`` until it has ``heard`` (or ended): a handler's task inside a grpc.aio
-    write can absorb one cancellation, and the interruption must not be lost."""
+    call can absorb one cancellation, and the interruption must not be lost. Never while it
+    is ``busy`` (writing: a write cut halfway breaks the call, which then ends with no
+    status at all); it is cancelled once it is not."""
     while not heard() and not task.done():
-        task.cancel()
+        if not busy():
+            task.cancel()
         await asyncio.sleep(_RETRY)
 
 

@@ -185,19 +185,8 @@ class Servicer(pb_grpc.SessionServiceServicer):
             if pumping is not None:
                 await cancel_and_wait(pumping)
             raise
-        if flow is not None and flow.window and pumping is not None and failure is None:
-            # Tell the client it is over and wait (briefly) for its half-close, so no credit
-            # it is still sending races the end of the call.
-            try:
-                with contextlib.suppress(Exception):
-                    await context.write(END_MESSAGE)
-                    await asyncio.wait_for(asyncio.shield(pumping), HALF_CLOSE_WAIT)
-            except asyncio.CancelledError:
-                if flow.error is None:
-                    raise
-                flow.error_heard = True  # the client's protocol error came as the tool ended
-        if pumping is not None:
-            await cancel_and_wait(pumping)
+        if pumping is not None and flow is not None:
+            await self._finish(context, flow, pumping, tell_end=failure is None)
         if failure is None and flow is not None:
             failure = flow.error  # the client broke the protocol after the tool was done
         if failure is not None and opened and flow is not None and failure is flow.error:
@@ -206,6 +195,31 @@ class Servicer(pb_grpc.SessionServiceServicer):
             self.store.close_soon(opened, "its opening stream broke the protocol")
         if failure is not None:
             await context.abort_with_status(failure.status())
+
+    @staticmethod
+    async def _finish(
+        context: grpc.aio.ServicerContext[Any, Any],
+        flow: Flow,
+        pumping: asyncio.Task[None],
+        *,
+        tell_end: bool,
+    ) -> None:
+        """After the tool: with a window, tell the client it is over and wait (briefly)
+        for its half-close, so no credit it still sends races the end; then end the pump.
+        A protocol error the pump found meanwhile interrupts this task (its cancel) and is
+        heard here: it must never leave the handler as a CancelledError, which gRPC would
+        take for the client's own cancel and answer with no status at all."""
+        try:
+            if flow.window and tell_end:
+                with contextlib.suppress(Exception):
+                    await context.write(END_MESSAGE)
+                    await asyncio.wait_for(asyncio.shield(pumping), HALF_CLOSE_WAIT)
+            await cancel_and_wait(pumping)
+        except asyncio.CancelledError:
+            if flow.error is None:
+                raise
+            flow.error_heard = True  # the client's protocol error came as the tool ended
+            await cancel_and_wait(pumping)
 
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext[Any, Any]

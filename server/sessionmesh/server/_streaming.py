@@ -42,6 +42,7 @@ class Flow:
         "max_batch",
         "sent",
         "window",
+        "writing",
     )
 
     def __init__(self, window: int) -> None:
@@ -53,6 +54,7 @@ class Flow:
         self._receive: MemoryObjectReceiveStream[Any] | None = None
         self.error: Fail | None = None
         self.error_heard = False  # the handler has turned the interruption into ``error``
+        self.writing = False  # the handler's task is in a write: not to be cut there
         self.finished = False
         #: Chunks the client takes in one message (StreamStart.max_batch; 0 or 1: one).
         self.max_batch = 0
@@ -73,7 +75,7 @@ class Flow:
         """The client broke the protocol: stop the call (``main``, the handler) with
         ``error``, and make sure it hears it. A call already finished just fails."""
         self.error = error
-        await interrupt(main, lambda: self.error_heard or self.finished)
+        await interrupt(main, lambda: self.error_heard or self.finished, lambda: self.writing)
 
     def grant(self, n: int) -> None:
         self.allowed += n
@@ -250,7 +252,11 @@ class ChunkSink:
         else:
             message = pb.StreamCallResponse()
             set_value(message.chunk, item)
-            await self._write(message)
+            flow.writing = True
+            try:
+                await self._write(message)
+            finally:
+                flow.writing = False
 
     async def flush(self) -> BaseException | None:
         batcher = self._batcher
