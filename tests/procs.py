@@ -91,9 +91,12 @@ async def process(
 
 
 @contextlib.contextmanager
-def process_blocking(*args: str) -> Iterator[tuple[subprocess.Popen[str], Ready]]:
-    """`process` for tests without an event loop."""
-    with tempfile.TemporaryFile() as stderr:
+def process_blocking(
+    *args: str, log: Path | None = None
+) -> Iterator[tuple[subprocess.Popen[str], Ready]]:
+    """`process` for tests without an event loop; its stderr goes to ``log`` if given (a
+    test reads what it said there)."""
+    with log.open("w+b") if log is not None else tempfile.TemporaryFile() as stderr:
         proc = subprocess.Popen(
             [*CLI, *args], stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True
         )

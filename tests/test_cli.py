@@ -517,29 +517,13 @@ def test_an_agent_that_cannot_register_says_so_and_its_ready_line_tells(tmp_path
         s.bind(("127.0.0.1", 0))
         nobody = f"127.0.0.1:{s.getsockname()[1]}"
     log = tmp_path / "stderr"
-    with log.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [*CLI, "serve", str(ROOT / "examples/counter.py"), "--registry", nobody],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            start_new_session=True,
-        )
-    try:
-        assert proc.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            assert sel.select(30), log.read_text()
-        ready = json.loads(proc.stdout.readline())
+    counter = str(ROOT / "examples/counter.py")
+    with process_blocking("serve", counter, "--registry", nobody, log=log) as (_, ready):
         assert ready["registered"] is False
         said = log.read_text()
         assert f"cannot register with the registry at {nobody}" in said, said
         assert "UNAVAILABLE" in said
         assert said.count("cannot register") <= 3  # not a line per retry (backoff)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        proc.stdout.close()  # type: ignore[union-attr]
 
 
 async def test_the_ready_line_comes_once_the_agent_is_registered(reg: str) -> None:
@@ -564,28 +548,12 @@ def test_run_with_json_logs_writes_only_json_lines(tmp_path: Path) -> None:
         "    return word\n"
     )
     log = tmp_path / "stderr"
-    with log.open("w") as stderr:
-        run = subprocess.Popen(
-            [*CLI, "--log-format", "json", "run", str(talker), "--registry-port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            start_new_session=True,
-        )
-    try:
-        assert run.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(run.stdout, selectors.EVENT_READ)
-            assert sel.select(30), log.read_text()
-        ready = json.loads(run.stdout.readline())
+    args = ("--log-format", "json", "run", str(talker), "--registry-port", "0")
+    with process_blocking(*args, log=log) as (run, ready):
         called = _cli("call", "say", '{"word": "hi"}', registry=ready["registry"])
         assert called.returncode == 0, called.stderr
         run.send_signal(signal.SIGINT)
         out, _ = run.communicate(timeout=60)
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait(timeout=10)
     lines = [line for line in (out + log.read_text()).splitlines() if line.strip()]
     not_json = [line for line in lines if not line.startswith("{")]
     assert not not_json, not_json
@@ -606,20 +574,10 @@ def test_run_watch_reloads_at_once_and_waits_for_a_fix_after_a_broken_save(
     good = (ROOT / "examples/counter.py").read_text()
     counter.write_text(good)
     log = tmp_path / "stderr"
-    with log.open("w") as stderr:
-        run = subprocess.Popen(
-            [*CLI, "run", str(counter), "--registry-port", "0", "--watch"],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            start_new_session=True,
-        )
-    try:
-        assert run.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(run.stdout, selectors.EVENT_READ)
-            assert sel.select(30), log.read_text()
-        ready = json.loads(run.stdout.readline())
+    with process_blocking("run", str(counter), "--registry-port", "0", "--watch", log=log) as (
+        _,
+        ready,
+    ):
         registry = ready["registry"]
         [agent] = ready["agents"]
         # An open session used to hold the old code for the 30 s drain.
@@ -656,7 +614,3 @@ def test_run_watch_reloads_at_once_and_waits_for_a_fix_after_a_broken_save(
             what="the fixed file's agent is back",
         )
         assert log.read_text().count("restarting it in") == 0  # no backoff retries
-    finally:
-        os.killpg(run.pid, signal.SIGKILL)
-        run.wait(timeout=10)
-        run.stdout.close()  # type: ignore[union-attr]
