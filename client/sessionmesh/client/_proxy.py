@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 from sessionmesh import tracing
 from sessionmesh.client._auto_session import AutoSession, Route
-from sessionmesh.client._encode import encode_arguments
+from sessionmesh.client._encode import Big, checked_session_id, encode_arguments, split_call
 from sessionmesh.client._stream import ChunkStream
 from sessionmesh.core._deadline import bounded
 from sessionmesh.core._options import ProxyOptions
@@ -19,8 +19,6 @@ from sessionmesh.core._tallies import FAILOVER, RETRY, client_events
 from sessionmesh.errors import (
     AgentUnavailable,
     CallTimeout,
-    Code,
-    InvalidArguments,
     RemoteError,
     SessionElsewhere,
     SessionLost,
@@ -31,7 +29,7 @@ from sessionmesh.errors import (
 )
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value
-from sessionmesh.wire.names import SESSION_ID_SHAPE, is_durable, short, well_formed
+from sessionmesh.wire.names import is_durable, short
 from sessionmesh.wire.reasons import Reason
 
 if TYPE_CHECKING:
@@ -40,57 +38,6 @@ if TYPE_CHECKING:
     from sessionmesh.client._transport import Transport
 
 log = logging.getLogger("sessionmesh.proxy")
-
-#: Calls bigger than this (encoded) skip the shared Exchange stream (GrpcEndpoint.call).
-EXCHANGE_MAX_BYTES = 64 * 1024
-
-
-def _split_call(
-    tool: str, call: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[str, dict[str, Any]]:
-    if not call:
-        return tool, kwargs
-    if not isinstance(call[0], str) or len(call) > 2:
-        raise UsageError(
-            "call a proxy as proxy(**kwargs), proxy('tool', {args}) or proxy('tool', **kwargs)"
-        )
-    args = dict(call[1]) if len(call) == 2 and call[1] else {}
-    args.update(kwargs)
-    return call[0], args
-
-
-def _checked(session_id: str) -> str:
-    """A session id given by hand, refused before anything is sent when it is none."""
-    if not well_formed(session_id):
-        raise InvalidArguments(
-            f"{session_id[:24]!r} is not a session id: {SESSION_ID_SHAPE}",
-            code=Code.INVALID_ARGUMENT,
-            reason=Reason.INVALID_ARGUMENTS,
-            metadata={"field": "session_id"},
-        )
-    return session_id
-
-
-class _Big:
-    """A call too big to share the Exchange stream, encoded once."""
-
-    __slots__ = ("call_id", "data")
-
-    def __init__(self, data: bytes, call_id: str) -> None:
-        self.data = data
-        self.call_id = call_id
-
-    @classmethod
-    def of(cls, call: pb.CallRequest) -> _Big | None:
-        data = call.SerializeToString()
-        return cls(data, call.call_id) if len(data) > EXCHANGE_MAX_BYTES else None
-
-    def encoded(self, call: pb.CallRequest) -> bytes:
-        """The bytes to send; encoded again only if a call id was given it since."""
-        if call.call_id != self.call_id:
-            self.data, self.call_id = call.SerializeToString(), call.call_id
-        return self.data
-
 
 #: How many times one call follows a durable session to a new owner.
 MAX_HOPS = 3
@@ -225,7 +172,7 @@ class BaseProxy:
         if transport.closed:
             raise UsageError(f"the client of proxy {self._tool!r} is closed; connect again")
         if session_id is not None:
-            return Route(transport.owner(_checked(session_id)), session_id)
+            return Route(transport.owner(checked_session_id(session_id)), session_id)
         opts = self._opts
         if opts.auto_session:
             return await self._auto.route(transport)
@@ -312,7 +259,7 @@ class BaseProxy:
     ) -> Any:
         opts = self._opts
         # Encoded once: its size decides, and a big call is sent as these very bytes.
-        alone = _Big.of(message.call)
+        alone = Big.of(message.call)
         attempt = 0
         moved = False
         hops = 0
@@ -340,7 +287,7 @@ class BaseProxy:
         self,
         message: pb.ExchangeRequest,
         session_id: str | None,
-        alone: _Big | None,
+        alone: Big | None,
         deadline: float | None,
     ) -> Any:
         route = await self.route(session_id)
@@ -398,12 +345,12 @@ class BaseProxy:
 
     async def call_with_session(self, *call: Any, session_id: str, **kwargs: Any) -> Any:
         """Call in an explicit session: ``await proxy.call_with_session(session_id=sid, n=1)``."""
-        tool, args = _split_call(self._tool, call, kwargs)
+        tool, args = split_call(self._tool, call, kwargs)
         return await self._unary(tool, args, session_id)
 
     async def close_session(self, session_id: str) -> bool:
         """Close an explicit session; False if it was already closed or unknown."""
-        endpoint = self._transport.owner(_checked(session_id))
+        endpoint = self._transport.owner(checked_session_id(session_id))
         closed = await endpoint.close_session(session_id, self._opts.timeout)
         self._transport.forget(session_id)
         return closed
@@ -427,7 +374,7 @@ class Proxy(BaseProxy):
         calls another tool of the same agent in the same session. In a plain ``def`` tool
         (a worker thread, no event loop) the call blocks and returns the result itself: so
         the type is ``Any``, the awaitable in async code and the result in a thread."""
-        tool, args = _split_call(self._tool, call, kwargs)
+        tool, args = split_call(self._tool, call, kwargs)
         work = self._unary(tool, args, None)
         if asyncio._get_running_loop() is None:
             return self._transport.blocking(work)
@@ -452,7 +399,7 @@ class StreamingProxy(BaseProxy):
         return self._copy(changes)
 
     def __call__(self, *call: Any, **kwargs: Any) -> ChunkStream:
-        tool, args = _split_call(self._tool, call, kwargs)
+        tool, args = split_call(self._tool, call, kwargs)
         return ChunkStream(self, tool, args)
 
     async def __aenter__(self) -> StreamingProxy:

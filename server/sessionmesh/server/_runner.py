@@ -57,18 +57,18 @@ class _Running:
     injected, for as long as the tool runs; counted, and (when on) traced and measured.
     Every tool run goes through it: unary calls, streams, the memory transport."""
 
-    __slots__ = ("deadline_token", "dispatcher", "limit", "plan", "scope", "token", "watch")
+    __slots__ = ("deadline_token", "limit", "plan", "runner", "scope", "token", "watch")
 
-    def __init__(self, dispatcher: Runner, plan: Plan, limit: float | None) -> None:
-        self.dispatcher = dispatcher
+    def __init__(self, runner: Runner, plan: Plan, limit: float | None) -> None:
+        self.runner = runner
         self.plan = plan
         self.limit = limit  # the tool's own timeout or stream_timeout
 
     async def __aenter__(self) -> Counted | None:
-        dispatcher = self.dispatcher
-        dispatcher.calls_served += 1
+        runner = self.runner
+        runner.calls_served += 1
         plan = self.plan
-        self.watch = watch = dispatcher.observed(plan)
+        self.watch = watch = runner.observed(plan)
         counted = watch.__enter__() if watch is not None else None
         self.scope: AbstractAsyncContextManager[None] | None = None
         try:
@@ -83,9 +83,7 @@ class _Running:
             self.deadline_token = DEADLINE.set(deadline) if deadline is not None else None
             if plan.bound.dependencies:
                 try:
-                    self.scope = self.dispatcher.injector.scope(
-                        plan.bound, plan.session, plan.kwargs
-                    )
+                    self.scope = self.runner.injector.scope(plan.bound, plan.session, plan.kwargs)
                     await self.scope.__aenter__()
                 except BaseException:
                     self._leave()
