@@ -88,6 +88,33 @@ async def test_a_paused_owner_finds_its_copy_fenced_and_refuses_to_act_on_it(reg
         await proxy.cleanup_auto_session()
 
 
+async def test_a_call_waiting_on_a_paused_owner_goes_to_another_replica(reg: str) -> None:
+    # It used to wait out its whole timeout (CallTimeout), though the registry declared the
+    # owner unreachable within about a second: nothing re-sent the calls waiting on it.
+    async with (
+        redis_server() as store,
+        counter(reg, store) as (a_proc, a),
+        counter(reg, store) as (b_proc, b),
+        mesh.connect(registry=reg) as client,
+    ):
+        await counters(client, 2)
+        # Its timeout is shorter than keepalive's verdict on a frozen peer (~10 s): only the
+        # registry's word can bring the answer in time.
+        proxy = client.proxy("session_counter", session_required=True, timeout=8)
+        assert (await proxy(increment=3))["count"] == 3
+        pids = {a["instance"]: a_proc.pid, b["instance"]: b_proc.pid}
+        first = owner(await proxy(operation="get"))
+        os.kill(pids[first], signal.SIGSTOP)
+        try:
+            moved = await proxy(increment=1)  # sent to the paused owner, then re-sent
+            assert moved["count"] == 4
+            assert proxy._transport.home(proxy.session_id or "") != first
+        finally:
+            os.kill(pids[first], signal.SIGCONT)
+        assert (await proxy(increment=1))["count"] == 5  # applied once each
+        await proxy.cleanup_auto_session()
+
+
 async def test_replicas_killed_at_random_lose_nothing_and_apply_nothing_twice(reg: str) -> None:
     """3 replicas, 20 durable sessions calling in loops with retries; every second or so a
     random replica is SIGKILLed and a new one started. Every answer's count must be exactly

@@ -28,6 +28,7 @@ from sessionmesh.errors import (
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.keys import EXCHANGE_BATCH_KEY
+from sessionmesh.wire.names import is_durable
 
 #: Extra time the client waits past a call's own deadline (which the agent enforces).
 _DEADLINE_SLACK = 1.0
@@ -50,7 +51,16 @@ log = logging.getLogger("sessionmesh.client")
 
 
 class Exchange:
-    __slots__ = ("_call", "_ids", "_outbox", "_pending", "_reader", "_tasks", "broken")
+    __slots__ = (
+        "_call",
+        "_durable",
+        "_ids",
+        "_outbox",
+        "_pending",
+        "_reader",
+        "_tasks",
+        "broken",
+    )
 
     def __init__(self, stub: pb_grpc.SessionServiceAsyncStub) -> None:
         # Answers may come several to a message; calls go so once the agent says it takes them.
@@ -58,6 +68,7 @@ class Exchange:
             stub.Exchange(metadata=((EXCHANGE_BATCH_KEY, "1"),))
         )
         self._pending: dict[int, asyncio.Future[pb.ExchangeResponse]] = {}
+        self._durable: set[int] = set()  # the calls in flight that are in durable sessions
         self._ids = itertools.count(1)
         self.broken: RemoteError | None = None
         # The reader, and the task looking into a failed write, belong to this exchange:
@@ -81,30 +92,47 @@ class Exchange:
         if self.broken is not None:
             raise self.broken.copy()
         call_id = message.id = next(self._ids)
-        future: asyncio.Future[pb.ExchangeResponse] = asyncio.get_running_loop().create_future()
-        self._pending[call_id] = future
-        outbox = self._outbox
-        outbox.send(message)
+        durable = is_durable(message.session_id)
+        if durable:  # its owner may be declared unreachable meanwhile: abandon_durable()
+            self._durable.add(call_id)
         try:
-            if deadline is None:
-                return await future
-            # A timer on the future itself: asyncio.wait_for costs a wrapper and callbacks.
-            timer = asyncio.get_running_loop().call_later(
-                deadline + _DEADLINE_SLACK, _expire, future, deadline
-            )
+            future: asyncio.Future[pb.ExchangeResponse] = asyncio.get_running_loop().create_future()
+            self._pending[call_id] = future
+            outbox = self._outbox
+            outbox.send(message)
             try:
-                return await future
-            except CallTimeout:
-                self._pending.pop(call_id, None)  # an answer after this finds nobody
-                outbox.unqueue(message)  # and one still queued is not sent
+                if deadline is None:
+                    return await future
+                # A timer on the future itself: asyncio.wait_for costs a wrapper and callbacks.
+                timer = asyncio.get_running_loop().call_later(
+                    deadline + _DEADLINE_SLACK, _expire, future, deadline
+                )
+                try:
+                    return await future
+                except CallTimeout:
+                    self._pending.pop(call_id, None)  # an answer after this finds nobody
+                    outbox.unqueue(message)  # and one still queued is not sent
+                    raise
+                finally:
+                    timer.cancel()
+            except asyncio.CancelledError:
+                if self._pending.pop(call_id, None) is not None and not outbox.unqueue(message):
+                    # Sent: tell the agent, which may be running it.
+                    outbox.send(pb.ExchangeRequest(id=call_id, cancel=True))
                 raise
-            finally:
-                timer.cancel()
-        except asyncio.CancelledError:
-            if self._pending.pop(call_id, None) is not None and not outbox.unqueue(message):
-                # Sent: tell the agent, which may be running it.
-                outbox.send(pb.ExchangeRequest(id=call_id, cancel=True))
-            raise
+        finally:
+            if durable:
+                self._durable.discard(call_id)
+
+    def abandon_durable(self, error: RemoteError) -> None:
+        """The registry declared the agent unreachable: the calls of durable sessions still
+        waiting here fail with ``error`` now, so that their proxies send them (with their
+        call ids: never applied twice) to the replica that takes the session over, instead
+        of waiting out their deadlines on a paused process. A late answer finds nobody."""
+        for call_id in list(self._durable):
+            future = self._pending.pop(call_id, None)
+            if future is not None and not future.done():
+                future.set_exception(error.copy())
 
     async def _unsent(self, _: BaseException) -> None:
         """A write failed. A write fails only on a broken stream, and grpc then reports a

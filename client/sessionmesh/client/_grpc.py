@@ -164,6 +164,17 @@ class GrpcEndpoint(Endpoint):
         call.add_done_callback(self._streams.discard)
         return GrpcStreamCall(call)
 
+    def abandon_durable(self) -> None:
+        """The registry declared this agent unreachable: calls of durable sessions waiting
+        for it fail now, to be sent to the replica that takes their session over."""
+        if self._exchange is not None:
+            self._exchange.abandon_durable(
+                AgentUnavailable(
+                    f"the registry declared the agent at {self.address} unreachable; the "
+                    "call goes to another replica, which takes its durable session over"
+                )
+            )
+
     async def create_session(self, tool: str, deadline: float | None) -> str:
         response = await _unary(
             self._stub.CreateSession, pb.CreateSessionRequest(tool=tool), timeout=deadline

@@ -208,6 +208,10 @@ class EndpointPool:
             if endpoint is not None:
                 self._retiring.add(endpoint)
                 self._tasks.start(self._retire(endpoint))
+        elif instance.state == rpb.INSTANCE_STATE_UNREACHABLE:
+            endpoint = self._endpoints.get(instance.instance_id)
+            if endpoint is not None:
+                endpoint.abandon_durable()
 
     async def _retire(self, endpoint: GrpcEndpoint) -> None:
         await asyncio.sleep(RETIRE_AFTER)  # a policy delay: calls in flight fail on their own
