@@ -429,3 +429,19 @@ async def test_a_redirect_is_followed_even_to_an_instance_that_failed_a_moment_a
         # The stale copy answers SESSION_ELSEWHERE naming `other`: followed, not doubted.
         assert await counter(increment=1) == 106
         await counter.cleanup_auto_session()
+
+
+async def test_closing_a_moved_session_closes_it_where_it_lives(store: Redis, reg: str) -> None:
+    # The close used to go to the instance named in the id (the proxy forgot where the
+    # session had moved before asking): the record went, but the new owner kept its copy
+    # open until its idle expiry.
+    async with replicas(store, reg, 2) as (agents, client):
+        counter = client.proxy("remember", session_required=True)
+        assert await counter(key="a") == 2  # the "closing" marker and "a"
+        sid, (first, other) = opened(counter, agents)
+        assert await raw_call(other, sid, "remember", key="b") == 3  # taken over
+        assert await counter(key="c") == 4  # the proxy followed it there
+        assert sid not in first.sessions and sid in other.sessions
+        await counter.cleanup_auto_session()
+        assert sid not in other.sessions  # closed where it lived
+        assert await store.keys() == 0

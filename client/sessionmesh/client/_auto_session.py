@@ -188,11 +188,13 @@ class AutoSession:
     async def close(self, transport: Transport) -> None:
         """Close the session on its owner (if it is open) and forget it."""
         session_id, lost = self.reset()
-        if session_id is not None:
-            transport.forget(session_id)
-        if session_id is None or isinstance(lost, SessionOwnerLost) or transport.closed:
-            return  # nothing to close, or no channel left to close it on (its TTL will)
+        if session_id is None:
+            return
         try:
+            if isinstance(lost, SessionOwnerLost) or transport.closed:
+                return  # no owner, or no channel left to close it on (its TTL will)
+            # Where it lives now (a durable session may have moved): asked before the
+            # transport forgets it, or the close would go to any replica but its owner.
             endpoint = transport.owner(session_id)
         except SessionLost:
             return  # its owner is gone, and the session with it
@@ -201,6 +203,8 @@ class AutoSession:
             # it stays in its store until its TTL. Closing never fails for that.
             log.warning("auto session %s not closed: %s", short(session_id), exc.message)
             return
+        finally:
+            transport.forget(session_id)
         try:
             with tracing.span("close session"):
                 await endpoint.close_session(session_id, CLOSE_DEADLINE)
