@@ -204,13 +204,10 @@ class BoundTool:
     def _in_thread(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """``asyncio.to_thread``, on the agent's own pool. In a session, the session's turn
         lasts until the thread ends, even when the call is answered first (a timeout)."""
-        loop = asyncio.get_running_loop()
-        context = contextvars.copy_context()
-        session = _current.get()
-        if session is None:
-            return loop.run_in_executor(self.executor, context.run, fn)
-        worker = session._thread = Worker(loop)
-        return loop.run_in_executor(self.executor, _until_ended, worker, context, fn)
+        if _current.get() is None:
+            context = contextvars.copy_context()
+            return asyncio.get_running_loop().run_in_executor(self.executor, context.run, fn)
+        return self._step(fn)[0]
 
     def _step(self, fn: Callable[[], T]) -> tuple[asyncio.Future[T], Worker]:
         """One step of a plain generator in the agent's pool, and the thread's end (a
