@@ -614,3 +614,32 @@ def test_run_watch_reloads_at_once_and_waits_for_a_fix_after_a_broken_save(
             what="the fixed file's agent is back",
         )
         assert log.read_text().count("restarting it in") == 0  # no backoff retries
+
+
+def test_an_agent_whose_parent_is_gone_exits_even_with_nobody_reading_its_output() -> None:
+    # `run` SIGKILLed: the agent's stdin ends (it must stop) and the pipes it writes its
+    # notices to have no reader. A notice raised BrokenPipeError, the agent was never
+    # stopped, and its gRPC tasks kept the process alive for good (once in ~20 runs of
+    # test_agents_started_by_run_do_not_outlive_it).
+    agent = subprocess.Popen(
+        [*CLI, "serve", str(ROOT / "examples/counter.py"), "--stop-with-parent"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert agent.stdout is not None and agent.stderr is not None and agent.stdin is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(agent.stdout, selectors.EVENT_READ)
+            assert sel.select(30), "no ready line"
+        json.loads(agent.stdout.readline())
+        agent.stdout.close()  # nobody reads what it says any more...
+        agent.stderr.close()
+        agent.stdin.close()  # ...and its parent is gone
+        assert agent.wait(timeout=30) == 0
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait(timeout=10)

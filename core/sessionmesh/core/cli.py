@@ -4,6 +4,7 @@ the security flags, and how a notice reaches the person running it."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -29,6 +30,12 @@ DEFAULT_REGISTRY_PORT = 50050
 
 def say(message: str) -> None:
     """A notice for the person running the command (a JSON line with --log-format json)."""
+    # Whoever reads our stderr may be gone (`run` killed): a notice is never worth a crash.
+    with contextlib.suppress(OSError):
+        _say(message)
+
+
+def _say(message: str) -> None:
     if os.environ.get("SESSIONMESH_LOG_FORMAT") == "json":
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
         line = json.dumps(

@@ -103,6 +103,22 @@ async def serve_command(args: argparse.Namespace) -> int:
         address = await agent.start()
     except UsageError as exc:
         raise SystemExit(f"sessionmesh: {exc}") from None
+    try:
+        await _serving(agent, address, signals)
+    finally:
+        # Whatever ended serving (a parent gone with the pipe it reads our output from,
+        # say), the agent stops: left running, its gRPC tasks would absorb the loop's last
+        # cancellations and the process would never exit.
+        say(f"agent {agent.name} stopping")
+        # Hurried: no grace for calls in flight; open sessions are closed and their close
+        # callbacks run either way.
+        await agent.stop(grace=0 if signals.hurry.is_set() else None)
+    return 0
+
+
+async def _serving(agent: Agent, address: str, signals: Signals) -> None:
+    """Say that the agent serves (the ready line, for whoever started it), and serve until
+    told to stop, draining first when it has a registry and is not in a hurry."""
     tools = sorted(b.spec.name for b in each_once(agent.tools))
     # The ready line means callers can find it: with a registry, once it is registered
     # (or, after a while, with "registered": false: the warnings say why).
@@ -129,11 +145,6 @@ async def serve_command(args: argparse.Namespace) -> int:
             "sessions; again to stop now)"
         )
         await unless(signals.hurry, agent.drain())
-    say(f"agent {agent.name} stopping")
-    # Hurried: no grace for calls in flight; open sessions are closed and their close
-    # callbacks run either way.
-    await agent.stop(grace=0 if signals.hurry.is_set() else None)
-    return 0
 
 
 class _ParentGone(asyncio.Protocol):
