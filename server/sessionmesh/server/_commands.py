@@ -179,10 +179,12 @@ async def registry_command(args: argparse.Namespace) -> int:
         address = await registry.start()
     except UsageError as exc:
         raise SystemExit(f"sessionmesh: {exc}") from None
-    print(json.dumps({"registry": address}), flush=True)
-    say(f"registry serving on {address}")
-    await signals.stop.wait()
-    await registry.stop()
+    try:
+        print(json.dumps({"registry": address}), flush=True)
+        say(f"registry serving on {address}")
+        await signals.stop.wait()
+    finally:  # whatever ended serving, the registry stops (see serve_command)
+        await registry.stop()
     return 0
 
 
