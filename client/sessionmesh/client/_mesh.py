@@ -65,12 +65,10 @@ class RegistryWatch:
             EtcdSource(etcd, credentials) if etcd else RegistryChannel(address, credentials)
         )
         self._tasks = Tasks(f"the registry watch of {address}", log)
-        self._started = False
         self._grace: list[asyncio.TimerHandle] = []  # see _replace
 
     def start(self) -> None:
-        if not self._started:
-            self._started = True
+        if not self._tasks:  # the watch runs until aclose()
             self._tasks.start(self._run())
 
     async def ready(self, within: float = 10.0) -> None:
@@ -158,7 +156,6 @@ class RegistryWatch:
         for handle in self._grace:
             handle.cancel()
         await self._tasks.aclose()
-        self._started = False
         await self._channel.aclose()
 
 

@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import sys
+import time
 
 from sessionmesh.core._credentials import TLS, TLS_ENV, TOKEN_ENV
 
@@ -17,6 +18,7 @@ __all__ = [
     "REGISTRY_ENV",
     "TLS_ENV",
     "TOKEN_ENV",
+    "iso_time",
     "registry_address",
     "say",
     "security_options",
@@ -28,6 +30,14 @@ REGISTRY_ENV = "SESSIONMESH_REGISTRY"
 DEFAULT_REGISTRY_PORT = 50050
 
 
+def iso_time(created: float | None = None) -> str:
+    """A time (``time.time()``; default now) as log lines write it: ISO 8601, UTC, ms."""
+    stamp = datetime.datetime.fromtimestamp(
+        time.time() if created is None else created, datetime.UTC
+    )
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def say(message: str) -> None:
     """A notice for the person running the command (a JSON line with --log-format json)."""
     # Whoever reads our stderr may be gone (`run` killed): a notice is never worth a crash.
@@ -37,10 +47,9 @@ def say(message: str) -> None:
 
 def _say(message: str) -> None:
     if os.environ.get("SESSIONMESH_LOG_FORMAT") == "json":
-        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
         line = json.dumps(
             {
-                "time": now.replace("+00:00", "Z"),
+                "time": iso_time(),
                 "level": "NOTICE",
                 "logger": "sessionmesh",
                 "message": message,

@@ -68,10 +68,11 @@ class Plan:
         new_id: str,
         call_id: str,
         principal: str,
+        asked: str,
     ) -> None:
         self.bound = bound
         #: The name the caller used (a tool's name or its capability): what spans are named.
-        self.asked = bound.spec.name
+        self.asked = asked
         self.session = session
         self.earlier = earlier
         self.new_id = new_id  # a session id to report to the caller: opened, or a replay's
@@ -177,16 +178,20 @@ class Dispatcher:
             except SessionNotFoundError:
                 session = self._adopt(session_id, principal)
             earlier = self.recall.get(session_id, call_id) if call_id else None
-            plan = Plan(bound, session, earlier and earlier.outcome, "", call_id, principal)
+            plan = Plan(
+                bound, session, earlier and earlier.outcome, "", call_id, principal, request.tool
+            )
         elif create:
             opened = self.recall.get("", call_id) if call_id else None
             if opened is not None:
                 # A retry of a call that opened a session: the same session, the same outcome.
-                return Plan(bound, None, opened.outcome, opened.session_id, call_id, principal)
+                return Plan(
+                    bound, None, opened.outcome, opened.session_id, call_id, principal, request.tool
+                )
             # Bind first: a call that cannot run must not leave a session nobody knows of.
             kwargs = self._bind(bound, request, None)
             session = self.new_session(bound, principal)
-            plan = Plan(bound, session, None, session.id, call_id, principal)
+            plan = Plan(bound, session, None, session.id, call_id, principal, request.tool)
             plan.kwargs = kwargs
             kwargs.update(dict.fromkeys(bound.session_params, session))
             plan.turn = session.turn()
@@ -199,7 +204,9 @@ class Dispatcher:
             )
         else:
             earlier = self.recall.get("", call_id) if call_id else None
-            plan = Plan(bound, None, earlier and earlier.outcome, "", call_id, principal)
+            plan = Plan(
+                bound, None, earlier and earlier.outcome, "", call_id, principal, request.tool
+            )
         if plan.earlier is None:
             plan.kwargs = self._bind(bound, request, plan.session)
             if plan.session is not None:

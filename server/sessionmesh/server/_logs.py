@@ -4,7 +4,6 @@ record belongs to as fields of their own; gRPC core's own chatter off unless ask
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -12,6 +11,7 @@ import sys
 from typing import Any
 
 from sessionmesh import tracing
+from sessionmesh.core.cli import iso_time
 from sessionmesh.server._session import current_session
 
 LOG_FORMAT_ENV = "SESSIONMESH_LOG_FORMAT"
@@ -21,11 +21,6 @@ GRPC_VERBOSITY_ENV = "GRPC_VERBOSITY"
 
 #: Who this process is, once known (``serve`` sets it): fields of every JSON line.
 context: dict[str, str] = {}
-
-
-def iso_time(created: float) -> str:
-    stamp = datetime.datetime.fromtimestamp(created, datetime.UTC)
-    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class JsonLines(logging.Formatter):
@@ -75,7 +70,7 @@ def as_json_line(text: str, **fields: str) -> str:
         record = None
     if not isinstance(record, dict):
         record = {
-            "time": iso_time(datetime.datetime.now(datetime.UTC).timestamp()),
+            "time": iso_time(),
             "level": "INFO",
             "logger": "output",
             "message": text,

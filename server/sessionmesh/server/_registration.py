@@ -39,7 +39,6 @@ class Registration:
         self._channel = (credentials or Credentials()).channel(registry, channel_options())
         self._nudged = asyncio.Event()
         self._tasks = Tasks(f"the registration with {registry}", log)
-        self._started = False
         self._call: grpc.aio.StreamStreamCall[rpb.RegisterRequest, rpb.RegisterResponse] | None = (
             None
         )
@@ -48,7 +47,6 @@ class Registration:
         self._stopping = False
 
     def start(self) -> None:
-        self._started = True
         self._tasks.start(self._run())
 
     def nudge(self) -> None:
@@ -125,7 +123,7 @@ class Registration:
     async def stop(self) -> None:
         """Deregister at once (a half-close tells the registry this is a clean goodbye)."""
         self._stopping = True
-        if self._started:
+        if self._tasks:  # registering (the task runs until stop)
             call = self._call
             if call is not None and self.registered.is_set():
                 # Half-close and wait for the registry to end the stream: a clean goodbye.
@@ -135,7 +133,6 @@ class Registration:
                     await asyncio.wait_for(call.done_writing(), 1.0)
                     await asyncio.wait_for(call.code(), 1.0)
             await self._tasks.aclose()
-            self._started = False
         await self._channel.close()
 
 

@@ -21,11 +21,10 @@ import anyio
 import grpc
 
 from sessionmesh.core import TLS
-from sessionmesh.core._reasons import code_of
 from sessionmesh.core._redact import guard_grpc_logs
 from sessionmesh.core._tasks import beside, race
 from sessionmesh.errors import UsageError
-from sessionmesh.server._errors import invalid_stream
+from sessionmesh.server._errors import Fail, invalid_stream
 from sessionmesh.server._metrics import RegistryMetrics
 from sessionmesh.server._security import (
     Authenticator,
@@ -37,7 +36,6 @@ from sessionmesh.server._security import (
 from sessionmesh.server._standard import StandardServices
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.v1 import registry_service_pb2_grpc as rpb_grpc
-from sessionmesh.wire import status
 from sessionmesh.wire.limits import server_options
 from sessionmesh.wire.names import answers_to
 from sessionmesh.wire.reasons import Reason
@@ -254,14 +252,13 @@ class RegistryServicer(rpb_grpc.RegistryServiceServicer):
             if len(self._declared_lost) > REMEMBER_LOST:
                 self._declared_lost.popitem(last=False)
             # Why it was removed, should it read it; it is told again if it registers anew.
-            await context.abort_with_status(
-                status.to_grpc_status(
-                    code_of(Reason.INSTANCE_LOST),
-                    f"{name} stayed unreachable for {self.lost_after:g} s and was removed; "
-                    "its sessions were reported lost to their callers",
-                    status.encode(Reason.INSTANCE_LOST, {"instance_id": instance.instance_id}),
-                )
+            lost_here = Fail(
+                Reason.INSTANCE_LOST,
+                f"{name} stayed unreachable for {self.lost_after:g} s and was removed; "
+                "its sessions were reported lost to their callers",
+                {"instance_id": instance.instance_id},
             )
+            await context.abort_with_status(lost_here.status())
 
     async def ListInstances(
         self, request: rpb.ListInstancesRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -151,7 +151,6 @@ class Runner(Dispatcher):
                 instance = self.store.instance_id
                 refused(self.metrics, tracer, label, asked, fail, self.agent_name, instance)
             raise
-        plan.asked = request.tool
         return plan
 
     async def answer(self, plan: Plan, out: Value) -> None:

@@ -49,7 +49,6 @@ class SessionStore:
         self._wakeup = asyncio.Event()
         self.empty = asyncio.Event()  # set while no session is open
         self.empty.set()
-        self._reaping = False
         #: The reaper (stopped at stop), and closes started by code that cannot wait for
         #: them (finished at stop).
         self._reaper = Tasks(f"the session reaper of instance {instance_id}", log)
@@ -69,8 +68,7 @@ class SessionStore:
         return list(self._sessions.values())
 
     def start(self) -> None:
-        if not self._reaping:
-            self._reaping = True
+        if not self._reaper:  # it reaps until stop()
             self._reaper.start(self._reap())
 
     def create(
@@ -188,7 +186,6 @@ class SessionStore:
 
     async def stop(self) -> None:
         await self._reaper.aclose()
-        self._reaping = False
         await self._closing.wait()  # closes are finished, not cut off
         await self.close_all()
 

@@ -122,12 +122,6 @@ class AgentSettings:
         """With etcd: the lease TTL."""
         return DEFAULT_LOST_AFTER if self.lost_after is None else self.lost_after
 
-    @classmethod
-    def make(cls, **settings: Any) -> AgentSettings:
-        """Settings from keywords; an unknown one is a UsageError naming it."""
-        check_names(settings)
-        return cls(**settings)
-
     def replace(self, **changes: Any) -> AgentSettings:
         check_names(changes)
         return dataclasses.replace(self, **changes)
