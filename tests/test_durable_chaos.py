@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -46,7 +47,11 @@ async def counters(
     )
 
 
-async def test_a_paused_owner_finds_its_copy_fenced_and_refuses_to_act_on_it(reg: str) -> None:
+@contextlib.asynccontextmanager
+async def two_replicas(
+    reg: str,
+) -> AsyncIterator[tuple[dict[str, tuple[asyncio.subprocess.Process, Ready]], mesh.MeshClient]]:
+    """Two counter processes on one Redis, by instance id, and a client that sees both."""
     async with (
         redis_server() as store,
         counter(reg, store) as (a_proc, a),
@@ -54,12 +59,13 @@ async def test_a_paused_owner_finds_its_copy_fenced_and_refuses_to_act_on_it(reg
         mesh.connect(registry=reg) as client,
     ):
         await counters(client, 2)
+        yield {a["instance"]: (a_proc, a), b["instance"]: (b_proc, b)}, client
+
+
+async def test_a_paused_owner_finds_its_copy_fenced_and_refuses_to_act_on_it(reg: str) -> None:
+    async with two_replicas(reg) as (procs, client):
         proxy = client.proxy("session_counter", session_required=True, timeout=5)
         assert (await proxy(increment=3))["count"] == 3
-        procs: dict[str, tuple[asyncio.subprocess.Process, Ready]] = {
-            a["instance"]: (a_proc, a),
-            b["instance"]: (b_proc, b),
-        }
         first = owner(await proxy(operation="get"))
         paused, paused_ready = procs[first]
         os.kill(paused.pid, signal.SIGSTOP)
@@ -91,26 +97,20 @@ async def test_a_paused_owner_finds_its_copy_fenced_and_refuses_to_act_on_it(reg
 async def test_a_call_waiting_on_a_paused_owner_goes_to_another_replica(reg: str) -> None:
     # It used to wait out its whole timeout (CallTimeout), though the registry declared the
     # owner unreachable within about a second: nothing re-sent the calls waiting on it.
-    async with (
-        redis_server() as store,
-        counter(reg, store) as (a_proc, a),
-        counter(reg, store) as (b_proc, b),
-        mesh.connect(registry=reg) as client,
-    ):
-        await counters(client, 2)
+    async with two_replicas(reg) as (procs, client):
         # Its timeout is shorter than keepalive's verdict on a frozen peer (~10 s): only the
         # registry's word can bring the answer in time.
         proxy = client.proxy("session_counter", session_required=True, timeout=8)
         assert (await proxy(increment=3))["count"] == 3
-        pids = {a["instance"]: a_proc.pid, b["instance"]: b_proc.pid}
         first = owner(await proxy(operation="get"))
-        os.kill(pids[first], signal.SIGSTOP)
+        paused = procs[first][0]
+        os.kill(paused.pid, signal.SIGSTOP)
         try:
             moved = await proxy(increment=1)  # sent to the paused owner, then re-sent
             assert moved["count"] == 4
             assert proxy._transport.home(proxy.session_id or "") != first
         finally:
-            os.kill(pids[first], signal.SIGCONT)
+            os.kill(paused.pid, signal.SIGCONT)
         assert (await proxy(increment=1))["count"] == 5  # applied once each
         await proxy.cleanup_auto_session()
 

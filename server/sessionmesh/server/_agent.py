@@ -78,8 +78,6 @@ class Agent:
         #: What this agent dials its registry and its dependencies with.
         self.credentials = Credentials(s.tls, s.token)
         self.auth = Authenticator.serving(s.tls, s.auth_tokens, s.authenticate, s.admins)
-        self.name = s.name
-        self.host = s.host
         self.port = s.port  # the bound one once started
         self.instance_id = secrets.token_hex(4)
         self.tools = index_tools(tools)
@@ -126,6 +124,14 @@ class Agent:
         if self._server is None:
             raise UsageError("the agent is not started")
         return f"{self.host}:{self.port}"
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def host(self) -> str:
+        return self.settings.host
 
     async def registered(self, within: float) -> bool:
         """Whether the agent is in its registry, waiting up to ``within`` seconds for it
