@@ -108,22 +108,21 @@ class Output:
         as_json = os.environ.get(logs.LOG_FORMAT_ENV) == "json"
         while line := await stream.readline():
             label = self.labels[proc]
+            text = line.decode(errors="replace")
             if as_json:  # one JSON object a line, whoever wrote it: the agent's a field
                 agent, _, instance = label.partition(" ")
-                text = line.decode(errors="replace").rstrip("\n")
                 fields = {"agent": agent, **({"instance": instance} if instance else {})}
-                with contextlib.suppress(BrokenPipeError):
-                    out.write(logs.as_json_line(text, **fields) + "\n")
-                    out.flush()
-                continue
-            prefix = f"[{label}]"
-            if out.isatty():
-                colour = self._colours.setdefault(
-                    label.split()[0], _COLOURS[len(self._colours) % len(_COLOURS)]
-                )
-                prefix = f"\033[{colour}m{prefix}\033[0m"
+                text = logs.as_json_line(text.rstrip("\n"), **fields) + "\n"
+            else:
+                prefix = f"[{label}]"
+                if out.isatty():
+                    colour = self._colours.setdefault(
+                        label.split()[0], _COLOURS[len(self._colours) % len(_COLOURS)]
+                    )
+                    prefix = f"\033[{colour}m{prefix}\033[0m"
+                text = f"{prefix} {text}"
             with contextlib.suppress(BrokenPipeError):
-                out.write(f"{prefix} {line.decode(errors='replace')}")
+                out.write(text)
                 out.flush()
 
     async def aclose(self) -> None:
