@@ -288,17 +288,37 @@ async def test_registry_restart_does_not_interrupt_open_sessions(
         assert await open_sessions(counter["address"]) == 0
 
 
-async def test_draining_moves_no_session(reg: str) -> None:
+async def test_draining_hands_open_sessions_to_another_replica(reg: str) -> None:
     async with (
         serve("examples/counter.py", "--registry", reg) as (a_proc, a),
         serve("examples/counter.py", "--registry", reg) as (_, b),
     ):
         async with mesh.connect(registry=reg) as client:
             await instances_of(client, "counter", 2)
-            proxies = [client.proxy("session_counter", session_required=True) for _ in range(4)]
+            proxies = [client.proxy("session_counter", session_required=True) for _ in range(8)]
             first = [await p(increment=1) for p in proxies]
             on_a = [p for p, r in zip(proxies, first, strict=True) if owner(r) == a["instance"]]
             assert on_a
+            a_proc.send_signal(signal.SIGTERM)
+            # A hands its sessions to B and exits at once: no drain timeout to wait out.
+            assert await exited(a_proc) == 0
+            for p in proxies:  # every session carries on, state and all, on B
+                assert (await p(increment=1))["count"] == 2
+            assert await open_sessions(b["address"]) == len(proxies)
+            fresh = client.proxy("session_counter", session_required=True)
+            assert owner(await fresh(increment=1)) == b["instance"]
+            for p in [*proxies, fresh]:
+                await p.cleanup_auto_session()
+            assert await open_sessions(b["address"]) == 0  # closed where they live now
+
+
+async def test_draining_with_no_other_replica_keeps_its_sessions(reg: str) -> None:
+    async with serve("examples/counter.py", "--registry", reg) as (a_proc, a):
+        async with mesh.connect(registry=reg) as client:
+            await instances_of(client, "counter", 1)
+            proxies = [client.proxy("session_counter", session_required=True) for _ in range(2)]
+            for p in proxies:
+                await p(increment=1)
             a_proc.send_signal(signal.SIGTERM)
             await eventually(
                 lambda: any(
@@ -306,13 +326,10 @@ async def test_draining_moves_no_session(reg: str) -> None:
                 ),
                 what="instance A marked draining",
             )
-            for p in on_a:  # open sessions keep working on A
+            for p in proxies:  # nowhere to go: open sessions keep working on A
                 assert (await p(increment=1))["count"] == 2
-                assert owner(await p(increment=0)) == a["instance"]
-            fresh = [client.proxy("session_counter", session_required=True) for _ in range(4)]
-            assert {owner(await p(increment=1)) for p in fresh} == {b["instance"]}
             assert a_proc.returncode is None  # still waiting for its sessions
-            for p in proxies + fresh:
+            for p in proxies:
                 await p.cleanup_auto_session()
             assert await exited(a_proc) == 0  # once its sessions closed
 

@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from sessionmesh.client._grpc import GrpcEndpoint
 from sessionmesh.client._mesh import EndpointPool, MeshTransport, RegistryWatch
+from sessionmesh.client._moves import Moved, move_sessions
 from sessionmesh.client._proxy import (
     Proxy,
     StreamingProxy,
     make_proxy,
 )
-from sessionmesh.client._transport import EndpointTransport, Transport
+from sessionmesh.client._transport import Endpoint, EndpointTransport, Transport
 from sessionmesh.client._typed import TypedProxy, tool_of
 from sessionmesh.core._credentials import TLS, Credentials
 from sessionmesh.core._dependency import Dependency
@@ -246,6 +247,19 @@ class MeshClient:
     def providers(self, dependency: Dependency) -> list[rpb.Instance]:
         """The live, serving instances that provide ``dependency``."""
         return self.watch.providers(dependency)
+
+    def endpoint(self, instance: rpb.Instance) -> Endpoint:
+        """The client's shared connection to one listed instance."""
+        self._check_open()
+        return self._pool.get(instance)
+
+    async def move_sessions(
+        self, agent: str, to: str, *, count: int | None = None, session: str | None = None
+    ) -> Moved:
+        """Move sessions of ``agent`` from its other live replicas to instance ``to``: one
+        ``session`` (its full id), ``count`` of them, or by default the target's fair share.
+        Each moves between two calls; its callers are redirected and notice nothing."""
+        return await move_sessions(self, agent, to, count=count, session=session)
 
     def agent(self, instance: rpb.Instance) -> AgentClient:
         """A client of one listed instance (its own connection; close it when done)."""

@@ -29,6 +29,7 @@ from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.v1 import session_service_pb2_grpc as pb_grpc
 from sessionmesh.wire.keys import EXCHANGE_BATCH_KEY
 from sessionmesh.wire.names import is_durable
+from sessionmesh.wire.reasons import Reason
 
 #: Extra time the client waits past a call's own deadline (which the agent enforces).
 _DEADLINE_SLACK = 1.0
@@ -46,6 +47,10 @@ def _pack(messages: list[pb.ExchangeRequest]) -> pb.ExchangeRequest:
     envelope.more.extend(messages[1:])
     return envelope
 
+
+#: Set in the metadata of an AgentUnavailable when the call surely never reached the agent
+#: (it drained before reading it, or never answered at all): sending it elsewhere is safe.
+UNDELIVERED = "undelivered"
 
 log = logging.getLogger("sessionmesh.client")
 
@@ -147,14 +152,21 @@ class Exchange:
     async def _read(self) -> None:
         error: RemoteError
         pending = self._pending
+        heard = False  # the agent's handler started (it sends its headers before reading)
         try:
             headers = await self._call.initial_metadata()
+            heard = True
             if headers is not None and headers.get(EXCHANGE_BATCH_KEY) == "1":
                 self._outbox.pack = _pack
             while True:
                 answer = await self._call.read()
                 if answer is grpc.aio.EOF:
-                    error = AgentUnavailable("the agent ended the exchange stream")
+                    # The agent drains: it answered every call it read, and read no more.
+                    error = AgentUnavailable(
+                        "the agent stopped: it ended the exchange stream before it read the call",
+                        reason=Reason.SHUTTING_DOWN,
+                        metadata={UNDELIVERED: "1"},
+                    )
                     break
                 answer = cast(pb.ExchangeResponse, answer)
                 future = pending.pop(answer.id, None)
@@ -171,6 +183,8 @@ class Exchange:
             error = from_rpc_error(exc)
             if not isinstance(error, AgentUnavailable | Unauthenticated | PermissionDenied):
                 error = AgentUnavailable(f"the exchange stream to the agent broke: {error}")
+            if not heard:  # it never started: no call on it reached the agent
+                error.metadata[UNDELIVERED] = "1"
         except asyncio.CancelledError:
             self._fail(AgentUnavailable("the exchange stream was closed"))
             raise

@@ -196,6 +196,14 @@ class GrpcEndpoint(Endpoint):
     async def list_sessions(self, deadline: float | None) -> pb.ListSessionsResponse:
         return await _unary(self._stub.ListSessions, pb.ListSessionsRequest(), timeout=deadline)
 
+    async def accept_session(self, request: pb.AcceptSessionRequest, deadline: float) -> None:
+        await _unary(self._stub.AcceptSession, request, timeout=deadline)
+
+    async def move_sessions(
+        self, request: pb.MoveSessionsRequest, deadline: float
+    ) -> pb.MoveSessionsResponse:
+        return await _unary(self._stub.MoveSessions, request, timeout=deadline)
+
     async def aclose(self) -> None:
         """Close the exchange stream gracefully; end the streams still open (cancelled: the
         agent cancels their tools) and wait until grpc is done with them; then close the

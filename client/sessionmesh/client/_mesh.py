@@ -33,7 +33,7 @@ from sessionmesh.errors import (
 )
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire.limits import DEFAULT_MAX_MESSAGE_BYTES
-from sessionmesh.wire.names import is_durable, short
+from sessionmesh.wire.names import is_durable, short, successors
 
 log = logging.getLogger("sessionmesh.mesh")
 
@@ -159,6 +159,10 @@ class RegistryWatch:
         await self._channel.aclose()
 
 
+#: A session not being looked for (see Transport.seeking).
+_NOT_SOUGHT: frozenset[str] = frozenset()
+
+
 class EndpointPool:
     """One channel per instance, shared by every proxy of a client. When the registry drops
     an instance no new call gets its endpoint (its sessions raise SessionOwnerLost); the
@@ -246,24 +250,56 @@ class MeshTransport(Transport):
     def owner(self, session_id: str) -> Endpoint:
         instance_id = self.home(session_id)
         instance = self.pool.watch.instances.get(instance_id)
-        if is_durable(session_id) and (
-            instance is None
-            or instance.state == rpb.INSTANCE_STATE_UNREACHABLE
-            or self._suspect(instance_id)
-        ):
-            # It outlives its owner: another live instance takes it over from the store,
-            # the same one for every call that follows (they keep their order there).
-            endpoint = self.pick()
-            self.homes[session_id] = endpoint.instance_id
-            return endpoint
-        if instance is None:
-            raise SessionOwnerLost(
-                f"instance {instance_id}, which owned session {short(session_id)}..., is gone "
-                "from the registry: the session's state went with it",
-                code=AgentUnavailable.default_code,
-                metadata={"session_id": session_id, "instance_id": instance_id},
-            )
-        return self.pool.get(instance)
+        if is_durable(session_id):
+            if (
+                instance is None
+                or instance.state == rpb.INSTANCE_STATE_UNREACHABLE
+                or self._suspect(instance_id)
+            ):
+                # It outlives its owner: another live instance takes it over from the
+                # store, the same one for every call that follows (they keep their order).
+                endpoint = self.pick()
+                self.homes[session_id] = endpoint.instance_id
+                return endpoint
+            return self.pool.get(instance)
+        tried = self.seeking.get(session_id, _NOT_SOUGHT)
+        if instance is not None and (not tried or instance_id not in tried):
+            return self.pool.get(instance)
+        if tried is not None:
+            # The owner left, or drained without running the call: a live replica may hold
+            # the session now (a draining owner hands its sessions on). Look in the order
+            # the owner hands them (`successors`): the first one, nearly always.
+            found = self._seek(session_id, {*(tried or ()), instance_id})
+            if found is not None:
+                return found
+            self.seeking[session_id] = None  # no replica has it
+        if instance is not None:
+            return self.pool.get(instance)
+        raise SessionOwnerLost(
+            f"instance {instance_id}, which owned session {short(session_id)}..., is gone "
+            "from the registry, and no live replica holds the session: its state went with it",
+            code=AgentUnavailable.default_code,
+            metadata={"session_id": session_id, "instance_id": instance_id},
+        )
+
+    def _seek(self, session_id: str, tried: set[str]) -> Endpoint | None:
+        candidates = {
+            i.instance_id: i
+            for i in self.pool.watch.providers(self.dependency, serving=False)
+            if i.instance_id not in tried and i.state != rpb.INSTANCE_STATE_UNREACHABLE
+        }
+        if not candidates:
+            return None
+        self.seeking[session_id] = tried
+        return self.pool.get(candidates[successors(session_id, candidates)[0]])
+
+    def seek(self, session_id: str, instance_id: str) -> bool:
+        tried = self.seeking.get(session_id, _NOT_SOUGHT)
+        if tried is None:
+            return False  # looked everywhere already
+        self.seeking[session_id] = {*tried, instance_id}
+        self.homes.pop(session_id, None)
+        return True
 
     def _suspect(self, instance_id: str) -> bool:
         failed_at = self.pool.failed_at.get(instance_id)

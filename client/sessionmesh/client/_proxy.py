@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from sessionmesh import tracing
 from sessionmesh.client._auto_session import AutoSession, Route
 from sessionmesh.client._encode import Big, checked_session_id, encode_arguments, split_call
+from sessionmesh.client._exchange import UNDELIVERED
 from sessionmesh.client._stream import ChunkStream
 from sessionmesh.core._deadline import bounded
 from sessionmesh.core._options import ProxyOptions
@@ -22,6 +23,7 @@ from sessionmesh.errors import (
     RemoteError,
     SessionElsewhere,
     SessionLost,
+    SessionNotFound,
     SessionOwnerLost,
     SessionOwnerUnavailable,
     ToolNotFound,
@@ -43,11 +45,17 @@ log = logging.getLogger("sessionmesh.proxy")
 MAX_HOPS = 3
 
 
-class _Rerouted(Exception):
-    """The call did not run (or ran and was saved) and goes again, elsewhere."""
+#: How many replicas one call asks for a session whose owner left.
+MAX_SEEKS = 16
 
-    def __init__(self, error: BaseException) -> None:
+
+class _Rerouted(Exception):
+    """The call did not run (or ran and was saved) and goes again, elsewhere: to the owner
+    a redirect names, or (``seeking``) to the next replica that may hold the session."""
+
+    def __init__(self, error: BaseException, *, seeking: bool = False) -> None:
         self.error = error
+        self.seeking = seeking
 
 
 #: The longest wait between two retries of a call.
@@ -267,8 +275,9 @@ class BaseProxy:
             try:
                 return await self._attempt(message, session_id, alone, deadline)
             except _Rerouted as rerouted:
-                hops += 1  # a durable session moved, or its owner went: follow it (bounded)
-                if hops > MAX_HOPS:
+                # A session moved, or its owner went: follow it, or look for it (bounded).
+                hops += 1
+                if hops > (MAX_SEEKS if rerouted.seeking else MAX_HOPS):
                     raise rerouted.error from None
                 client_events[FAILOVER] += 1
                 continue
@@ -307,21 +316,38 @@ class BaseProxy:
             except AgentUnavailable as unreachable:
                 transport.failed(endpoint)
                 self._auto.unpin(endpoint)
-                if sid:
-                    error = self.failed(sid, unreachable)
-                    if durable and transport.owner(sid) is not endpoint:
-                        raise _Rerouted(error) from None  # another instance takes it over
-                    raise error from None
-                raise
+                if not sid:
+                    raise
+                if (
+                    not durable
+                    and unreachable.metadata.get(UNDELIVERED)
+                    and transport.seek(sid, endpoint.instance_id)
+                ):
+                    # The owner stopped before it read the call: it may have handed the
+                    # session on (it drains). Look for it on the other replicas.
+                    raise _Rerouted(unreachable, seeking=True) from None
+                lost = self.failed(sid, unreachable)
+                if durable and transport.owner(sid) is not endpoint:
+                    raise _Rerouted(lost) from None  # another instance takes it over
+                raise lost from None
             route.opened(answer.session_id)
-        if answer.error is not None:
-            if durable and isinstance(answer.error, SessionElsewhere):
-                # A stale copy refused it (nothing ran that counts): go to the owner it names.
-                transport.moved(sid, answer.error.metadata.get("owner_instance", ""))
+        error = answer.error
+        if error is not None:
+            if isinstance(error, SessionElsewhere):
+                # It moved, or a stale copy refused it (nothing ran): go where it names.
+                owner = error.metadata.get("owner_instance", "")
+                if owner in (transport.seeking.get(sid) or ()):
+                    transport.not_here(sid, endpoint.instance_id)  # back where it looked
+                else:
+                    transport.moved(sid, owner)
                 if transport.owner(sid) is not endpoint:
-                    raise _Rerouted(answer.error)
-            raise self.failed(sid, answer.error, message.call.tool)
-        if durable:
+                    raise _Rerouted(error, seeking=sid in transport.seeking)
+            elif isinstance(error, SessionNotFound) and transport.not_here(
+                sid, endpoint.instance_id
+            ):
+                raise _Rerouted(error, seeking=True)  # not on this replica: the next one
+            raise self.failed(sid, error, message.call.tool)
+        if sid and (transport.homes or transport.seeking):
             transport.settle(sid, endpoint)
         return from_value(answer.value)
 

@@ -15,7 +15,6 @@ from sessionmesh.core._tasks import Tasks
 from sessionmesh.errors import MeshError, UsageError
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import from_value
-from sessionmesh.wire.names import is_durable
 
 log = logging.getLogger("sessionmesh.client")
 
@@ -146,7 +145,7 @@ class ChunkStream:
                 route.opened(call.session_id)  # refused after it opened: the id is known
                 raise proxy.failed(sid, exc) from exc.__cause__
             route.opened(call.session_id)
-        if not route.create and is_durable(sid):
+        if not route.create and sid:
             proxy._transport.settle(sid, endpoint)
         self._messages = call.messages()
         if call.window is not None:

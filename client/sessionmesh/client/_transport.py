@@ -116,6 +116,16 @@ class Endpoint(abc.ABC):
     @abc.abstractmethod
     async def list_sessions(self, deadline: float | None) -> pb.ListSessionsResponse: ...
 
+    async def accept_session(self, request: pb.AcceptSessionRequest, deadline: float) -> None:
+        """Agent to agent: hand a live session over to this instance."""
+        raise UsageError("sessions move between agents served over gRPC only")
+
+    async def move_sessions(
+        self, request: pb.MoveSessionsRequest, deadline: float
+    ) -> pb.MoveSessionsResponse:
+        """Ask this instance to move sessions to another replica."""
+        raise UsageError("sessions move between agents served over gRPC only")
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Let calls in flight finish (briefly), then release the connection."""
@@ -130,9 +140,12 @@ class Transport(abc.ABC):
 
     def __init__(self) -> None:
         self._sessions: weakref.WeakSet[AutoSession] = weakref.WeakSet()
-        #: Durable sessions that moved: session id -> the instance that owns it now (the
-        #: one its id names is only where it began).
+        #: Sessions that moved: session id -> the instance that owns it now (the one its id
+        #: names is only where it began).
         self.homes: dict[str, str] = {}
+        #: Sessions looked for on the replicas because their owner left (it may have handed
+        #: them on): the instances that said "not here"; None once every one has.
+        self.seeking: dict[str, set[str] | None] = {}
         #: The event loop it was made on: plain (``def``) tools, in worker threads, call
         #: their proxies through it.
         self.loop = asyncio._get_running_loop()
@@ -170,8 +183,9 @@ class Transport(abc.ABC):
         return self.homes.get(session_id) or owner_of(session_id)
 
     def settle(self, session_id: str, endpoint: Endpoint) -> None:
-        """A call in durable session ``session_id`` ran on ``endpoint``: its owner now."""
+        """A call in session ``session_id`` ran on ``endpoint``: its owner now."""
         instance = endpoint.instance_id
+        self.seeking.pop(session_id, None)
         if instance and instance != self.home(session_id):
             if instance == owner_of(session_id):
                 self.homes.pop(session_id, None)
@@ -179,13 +193,30 @@ class Transport(abc.ABC):
                 self.homes[session_id] = instance
 
     def moved(self, session_id: str, instance_id: str) -> None:
-        """An agent said another instance took durable session ``session_id`` over."""
+        """An agent said session ``session_id`` lives on another instance now."""
         if instance_id:
             self.homes[session_id] = instance_id
+            self.seeking.pop(session_id, None)
+
+    def not_here(self, session_id: str, instance_id: str) -> bool:
+        """While the session is looked for, ``instance_id`` said it does not hold it: True
+        to look on (the next replica), False when it was not being looked for."""
+        tried = self.seeking.get(session_id)
+        if tried is None:
+            return False
+        tried.add(instance_id)
+        self.homes.pop(session_id, None)
+        return True
+
+    def seek(self, session_id: str, instance_id: str) -> bool:
+        """Its owner ``instance_id`` stopped without running the call (it drains, or is
+        gone): the session may have moved to another replica. True to look for it there."""
+        return False
 
     def forget(self, session_id: str) -> None:
         """The session is closed: forget where it lived."""
         self.homes.pop(session_id, None)
+        self.seeking.pop(session_id, None)
 
     def failed(self, endpoint: Endpoint) -> None:  # noqa: B027 - optional hook
         """A call could not reach ``endpoint``: try others first for a while."""

@@ -665,3 +665,150 @@ class SessionInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionInfo: _TypeAlias = SessionInfo  # noqa: Y015
+
+@_typing.final
+class AcceptSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    IDLE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    FROM_INSTANCE_FIELD_NUMBER: _builtins.int
+    MOVES_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    principal: _builtins.str
+    """Who opened it ("" without authentication): only they can use it on the new owner too."""
+    state: _builtins.str
+    """Its state, as a JSON object (the codec durable sessions are saved with)."""
+    from_instance: _builtins.str
+    """The instance handing it over, and how many times the session has moved before this
+    move (a fence: a retried or late hand-over of an older copy is refused).
+    """
+    moves: _builtins.int
+    @_builtins.property
+    def idle_timeout(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___RememberedCall]:
+        """Outcomes of its most recent calls that carried a call id: a retry after the move is
+        answered from them, never run twice.
+        """
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        principal: _builtins.str = ...,
+        state: _builtins.str = ...,
+        idle_timeout: _duration_pb2.Duration | None = ...,
+        from_instance: _builtins.str = ...,
+        moves: _builtins.int = ...,
+        calls: _abc.Iterable[Global___RememberedCall] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["idle_timeout", b"idle_timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "from_instance", b"from_instance", "idle_timeout", b"idle_timeout", "moves", b"moves", "principal", b"principal", "session_id", b"session_id", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptSessionRequest: _TypeAlias = AcceptSessionRequest  # noqa: Y015
+
+@_typing.final
+class RememberedCall(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    @_builtins.property
+    def result(self) -> _struct_pb2.Value: ...
+    @_builtins.property
+    def error(self) -> Global___CallError: ...
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        result: _struct_pb2.Value | None = ...,
+        error: Global___CallError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "error", b"error", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___RememberedCall: _TypeAlias = RememberedCall  # noqa: Y015
+
+@_typing.final
+class AcceptSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptSessionResponse: _TypeAlias = AcceptSessionResponse  # noqa: Y015
+
+@_typing.final
+class MoveSessionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TO_INSTANCE_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    to_instance: _builtins.str
+    """The instance id of the replica that takes them (a live replica of the same agent)."""
+    session_id: _builtins.str
+    """Move this one session (its full id) ..."""
+    count: _builtins.int
+    """... or up to this many (0 with no session_id: all of them)."""
+    def __init__(
+        self,
+        *,
+        to_instance: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "session_id", b"session_id", "to_instance", b"to_instance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MoveSessionsRequest: _TypeAlias = MoveSessionsRequest  # noqa: Y015
+
+@_typing.final
+class MoveSessionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOVED_FIELD_NUMBER: _builtins.int
+    STAYED_FIELD_NUMBER: _builtins.int
+    moved: _builtins.int
+    @_builtins.property
+    def stayed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Sessions asked for that stayed (busy past the wait, state with no JSON form, the target
+        refused), each with why, ids shortened.
+        """
+
+    def __init__(
+        self,
+        *,
+        moved: _builtins.int = ...,
+        stayed: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["moved", b"moved", "stayed", b"stayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MoveSessionsResponse: _TypeAlias = MoveSessionsResponse  # noqa: Y015

@@ -78,6 +78,16 @@ class SessionServiceStub:
                 request_serializer=sessionmesh_dot_v1_dot_session__service__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
+        self.AcceptSession = channel.unary_unary(
+                '/sessionmesh.v1.SessionService/AcceptSession',
+                request_serializer=sessionmesh_dot_v1_dot_session__service__pb2.AcceptSessionRequest.SerializeToString,
+                response_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.AcceptSessionResponse.FromString,
+                _registered_method=True)
+        self.MoveSessions = channel.unary_unary(
+                '/sessionmesh.v1.SessionService/MoveSessions',
+                request_serializer=sessionmesh_dot_v1_dot_session__service__pb2.MoveSessionsRequest.SerializeToString,
+                response_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.MoveSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -147,6 +157,24 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcceptSession(self, request, context):
+        """AcceptSession (agent to agent) takes over a live session from another replica of the
+        same agent (it drains, or is rebalanced): its state, its callers' call ids and their
+        outcomes. With authentication on, only an admin principal may call it (replicas present
+        their own credentials: list the agent's principal in --admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MoveSessions(self, request, context):
+        """MoveSessions (admin) moves this instance's sessions to another live replica of the
+        same agent: one session by id, or up to `count` of them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +212,16 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.ListSessionsRequest.FromString,
                     response_serializer=sessionmesh_dot_v1_dot_session__service__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'AcceptSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptSession,
+                    request_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.AcceptSessionRequest.FromString,
+                    response_serializer=sessionmesh_dot_v1_dot_session__service__pb2.AcceptSessionResponse.SerializeToString,
+            ),
+            'MoveSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveSessions,
+                    request_deserializer=sessionmesh_dot_v1_dot_session__service__pb2.MoveSessionsRequest.FromString,
+                    response_serializer=sessionmesh_dot_v1_dot_session__service__pb2.MoveSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -384,6 +422,60 @@ class SessionService:
             '/sessionmesh.v1.SessionService/ListSessions',
             sessionmesh_dot_v1_dot_session__service__pb2.ListSessionsRequest.SerializeToString,
             sessionmesh_dot_v1_dot_session__service__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessionmesh.v1.SessionService/AcceptSession',
+            sessionmesh_dot_v1_dot_session__service__pb2.AcceptSessionRequest.SerializeToString,
+            sessionmesh_dot_v1_dot_session__service__pb2.AcceptSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sessionmesh.v1.SessionService/MoveSessions',
+            sessionmesh_dot_v1_dot_session__service__pb2.MoveSessionsRequest.SerializeToString,
+            sessionmesh_dot_v1_dot_session__service__pb2.MoveSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,16 @@ class SessionServiceStub:
     """ListTools describes the agent's tools."""
     ListSessions: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.ListSessionsRequest, _session_service_pb2.ListSessionsResponse]
     """ListSessions describes the open sessions, ids shortened (a full id is a secret)."""
+    AcceptSession: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.AcceptSessionRequest, _session_service_pb2.AcceptSessionResponse]
+    """AcceptSession (agent to agent) takes over a live session from another replica of the
+    same agent (it drains, or is rebalanced): its state, its callers' call ids and their
+    outcomes. With authentication on, only an admin principal may call it (replicas present
+    their own credentials: list the agent's principal in --admin).
+    """
+    MoveSessions: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.MoveSessionsRequest, _session_service_pb2.MoveSessionsResponse]
+    """MoveSessions (admin) moves this instance's sessions to another live replica of the
+    same agent: one session by id, or up to `count` of them.
+    """
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -101,6 +111,16 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """ListTools describes the agent's tools."""
     ListSessions: _aio.UnaryUnaryMultiCallable[_session_service_pb2.ListSessionsRequest, _session_service_pb2.ListSessionsResponse]  # type: ignore[assignment]
     """ListSessions describes the open sessions, ids shortened (a full id is a secret)."""
+    AcceptSession: _aio.UnaryUnaryMultiCallable[_session_service_pb2.AcceptSessionRequest, _session_service_pb2.AcceptSessionResponse]  # type: ignore[assignment]
+    """AcceptSession (agent to agent) takes over a live session from another replica of the
+    same agent (it drains, or is rebalanced): its state, its callers' call ids and their
+    outcomes. With authentication on, only an admin principal may call it (replicas present
+    their own credentials: list the agent's principal in --admin).
+    """
+    MoveSessions: _aio.UnaryUnaryMultiCallable[_session_service_pb2.MoveSessionsRequest, _session_service_pb2.MoveSessionsResponse]  # type: ignore[assignment]
+    """MoveSessions (admin) moves this instance's sessions to another live replica of the
+    same agent: one session by id, or up to `count` of them.
+    """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """SessionService is what every sessionmesh agent serves.
@@ -177,5 +197,27 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.ListSessionsResponse, _abc.Awaitable[_session_service_pb2.ListSessionsResponse]]:
         """ListSessions describes the open sessions, ids shortened (a full id is a secret)."""
+
+    @_abc_1.abstractmethod
+    def AcceptSession(
+        self,
+        request: _session_service_pb2.AcceptSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_service_pb2.AcceptSessionResponse, _abc.Awaitable[_session_service_pb2.AcceptSessionResponse]]:
+        """AcceptSession (agent to agent) takes over a live session from another replica of the
+        same agent (it drains, or is rebalanced): its state, its callers' call ids and their
+        outcomes. With authentication on, only an admin principal may call it (replicas present
+        their own credentials: list the agent's principal in --admin).
+        """
+
+    @_abc_1.abstractmethod
+    def MoveSessions(
+        self,
+        request: _session_service_pb2.MoveSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_service_pb2.MoveSessionsResponse, _abc.Awaitable[_session_service_pb2.MoveSessionsResponse]]:
+        """MoveSessions (admin) moves this instance's sessions to another live replica of the
+        same agent: one session by id, or up to `count` of them.
+        """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

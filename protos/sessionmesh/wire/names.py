@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 
 class Named(Protocol):
@@ -60,6 +64,18 @@ def owner_of(session_id: str) -> str:
 def is_durable(session_id: str) -> bool:
     """Whether the session is kept in a session store, and so survives its owner."""
     return session_id.endswith(DURABLE_SUFFIX)
+
+
+def successors(session_id: str, instance_ids: Iterable[str]) -> list[str]:
+    """Where a session goes when its owner hands it on, best first: the instances ranked by
+    a hash of the session id and the instance id (rendezvous hashing). A draining owner
+    hands each session to the first live replica in this order, and a client that finds the
+    owner gone looks for the session in the same order: one try, nearly always."""
+    return sorted(
+        instance_ids,
+        key=lambda i: hashlib.blake2b(f"{session_id}/{i}".encode(), digest_size=8).digest(),
+        reverse=True,
+    )
 
 
 def short(session_id: str) -> str:

@@ -24,6 +24,7 @@ from sessionmesh.server._etcd import EtcdRegistration
 from sessionmesh.server._handlers import add_to_server
 from sessionmesh.server._inject import Injector, RegistryResolver, Resolver, StaticResolver
 from sessionmesh.server._metrics import AgentMetrics
+from sessionmesh.server._move import Mover
 from sessionmesh.server._records import StoreUnavailable, check_url, open_records
 from sessionmesh.server._registration import Registration
 from sessionmesh.server._runner import Runner
@@ -224,6 +225,7 @@ class Agent:
             ),
         )
         self._servicer = Servicer(self._runner, self.auth, self.settings.max_calls_per_stream)
+        self._servicer.mover = Mover(self._runner, self.mesh, self._locate, self.settings.grace)
         if self.settings.metrics_port is not None:
             exchanges = self._servicer.exchanges
             durability = self._runner.durability
@@ -350,16 +352,26 @@ class Agent:
         Calls in open sessions, and calls without one, are still served."""
         if self._runner is None or self._store is None:
             return
-        self._runner.draining = True
-        if self._registration is not None:
-            self._registration.nudge()
-        if self._health is not None:
-            await self._health.not_serving()
+        await self._hand_over()
         log.info("agent %s draining: %d open session(s)", self.name, len(self._store))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
                 self._store.empty.wait(), self.settings.drain_timeout if within is None else within
             )
+
+    async def _hand_over(self) -> None:
+        """Take no new sessions (the registry hears this instance drains, and health says
+        not serving), then move the open sessions to the other serving replicas, if any."""
+        assert self._runner is not None
+        assert self._servicer is not None
+        if not self._runner.draining:
+            self._runner.draining = True
+            if self._registration is not None:
+                self._registration.nudge()
+            if self._health is not None:
+                await self._health.not_serving()
+        if self._servicer.mover is not None:
+            await self._servicer.mover.drain()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop gracefully: no new calls or sessions, in-flight calls get ``grace`` seconds to
@@ -370,6 +382,7 @@ class Agent:
         assert self._servicer is not None
         assert self._store is not None
         assert self._health is not None
+        await self._hand_over()
         self._servicer.drain()
         await self._health.not_serving()
         if self._registration is not None:

@@ -15,6 +15,7 @@ from sessionmesh.server._durable import Durable
 from sessionmesh.server._errors import (
     Fail,
     invalid_arguments,
+    moved,
     session_not_found,
     tool_not_found,
 )
@@ -226,6 +227,9 @@ class Dispatcher:
 
     def _not_here(self, session_id: str) -> Fail:
         """A session this instance does not have: elsewhere (name the owner) or nowhere."""
+        moved_to = self.store.forwards.get(session_id)
+        if moved_to is not None:
+            return moved(session_id, moved_to, self.locate)
         owner = owner_of(session_id)
         if owner != self.store.instance_id and self.locate is not None:
             endpoint = self.locate(owner)
@@ -233,7 +237,7 @@ class Dispatcher:
                 return Fail(
                     Reason.SESSION_ELSEWHERE,
                     f"session {short(session_id)}... lives on instance {owner} at {endpoint}; "
-                    "send its calls there (a session never moves)",
+                    "send its calls there",
                     {"session_id": session_id, "owner_instance": owner, "owner_endpoint": endpoint},
                 )
         return session_not_found(session_id)

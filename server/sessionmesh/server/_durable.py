@@ -77,6 +77,8 @@ def store_unavailable(session_id: str, exc: BaseException | str) -> Fail:
 
 def gone(session: Session) -> Fail:
     """What a call finds when its session ended while it waited in line."""
+    if session.failure is not None:
+        return session.failure  # type: ignore[no-any-return]
     durable: Durable | None = session.durable
     if durable is not None and durable.failure is not None:
         return durable.failure
@@ -241,7 +243,7 @@ class Durability:
                 return text
         except (TypeError, ValueError):
             pass
-        key, why = _first_unsaveable(state)
+        key, why = first_unsaveable(state)
         self.revert(session)
         raise Fail(
             Reason.STATE_NOT_JSON,
@@ -314,7 +316,7 @@ def _encode(outcome: Any, bound: BoundTool | None) -> bytes:
     return b"v" + value.SerializeToString()
 
 
-def _first_unsaveable(state: dict[Any, Any]) -> tuple[Any, str]:
+def first_unsaveable(state: dict[Any, Any]) -> tuple[Any, str]:
     for key, value in state.items():
         if not isinstance(key, str):
             return key, f"has a key of type {type(key).__name__}"

@@ -11,7 +11,7 @@ from sessionmesh.wire.reasons import Reason
 from sessionmesh.wire.status import Code
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     import grpc
     from google.protobuf import any_pb2
@@ -52,6 +52,17 @@ def session_not_found(session_id: str) -> Fail:
         f"session {short(session_id)}... is not open on this agent: it was closed, expired, or "
         "never existed. Open a new session; its state is gone.",
         {"session_id": session_id},
+    )
+
+
+def moved(session_id: str, owner: str, locate: Callable[[str], str | None] | None) -> Fail:
+    """A session that moved from this replica to instance ``owner``: the redirect."""
+    endpoint = (locate(owner) if locate is not None else None) or ""
+    return Fail(
+        Reason.SESSION_ELSEWHERE,
+        f"session {short(session_id)}... moved to instance {owner}"
+        f"{' at ' + endpoint if endpoint else ''}; nothing ran here: send the call there",
+        {"session_id": session_id, "owner_instance": owner, "owner_endpoint": endpoint},
     )
 
 

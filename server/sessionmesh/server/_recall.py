@@ -50,6 +50,15 @@ class Recall:
         remembered.outcome.add_done_callback(lambda done: self._sized(key, done))
         self._evict()
 
+    def by_session(self) -> dict[str, list[tuple[str, Remembered]]]:
+        """Every call id remembered, by the session it ran in (what a session takes along
+        when it moves to another replica)."""
+        index: dict[str, list[tuple[str, Remembered]]] = {}
+        for (session_id, call_id), (remembered, _) in self._entries.items():
+            if session_id:
+                index.setdefault(session_id, []).append((call_id, remembered))
+        return index
+
     def forget(self, session_id: str, call_id: str) -> None:
         entry = self._entries.pop((session_id, call_id), None)
         if entry is not None:

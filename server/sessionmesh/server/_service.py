@@ -15,7 +15,7 @@ from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream
 from sessionmesh.server._exchange import Exchanges
 from sessionmesh.server._handlers import Undecodable
 from sessionmesh.server._runner import Runner
-from sessionmesh.server._security import Authenticator
+from sessionmesh.server._security import Authenticator, denied
 from sessionmesh.server._sessions import SessionNotFoundError
 from sessionmesh.server._streaming import END_MESSAGE, HALF_CLOSE_WAIT, ChunkSink, Flow, pump
 from sessionmesh.v1 import session_service_pb2 as pb
@@ -27,10 +27,12 @@ from sessionmesh.wire.keys import (
 )
 from sessionmesh.wire.limits import DEFAULT_MAX_CALLS_PER_STREAM
 from sessionmesh.wire.names import is_durable, short
+from sessionmesh.wire.reasons import Reason
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
+    from sessionmesh.server._move import Mover
     from sessionmesh.server._tool import BoundTool
 
 
@@ -71,6 +73,8 @@ class Servicer(pb_grpc.SessionServiceServicer):
         self.auth = auth if auth is not None else Authenticator()
         self.store = runner.store
         self.exchanges = Exchanges(runner, max_calls_per_stream)
+        #: Hands sessions over and takes them (set by the agent; None: they never move).
+        self.mover: Mover | None = None
         self.tool_descriptions = [_describe(b) for b in runner.bound_tools]
         self._list_tools = pb.ListToolsResponse(
             agent_name=runner.agent_name,
@@ -287,6 +291,46 @@ class Servicer(pb_grpc.SessionServiceServicer):
             info.idle.FromNanoseconds(0 if session.active else int((now - session.last_used) * 1e9))
             info.idle_timeout.FromNanoseconds(int(session.ttl * 1e9))
         return response
+
+    async def AcceptSession(
+        self, request: pb.AcceptSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.AcceptSessionResponse:
+        mover = await self._mover(context, "hand sessions over")
+        try:
+            mover.accept(request)
+        except Fail as fail:
+            await context.abort_with_status(fail.status())
+            raise
+        return pb.AcceptSessionResponse()
+
+    async def MoveSessions(
+        self, request: pb.MoveSessionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.MoveSessionsResponse:
+        mover = await self._mover(context, "move sessions")
+        try:
+            return await mover.move_some(request.to_instance, request.session_id, request.count)
+        except Fail as fail:
+            await context.abort_with_status(fail.status())
+            raise
+
+    async def _mover(self, context: grpc.aio.ServicerContext[Any, Any], what: str) -> Mover:
+        """The mover, for an admin caller: with authentication on, only principals named
+        in ``admins`` (replicas present their own credentials) may move sessions."""
+        if self.auth.on:
+            principal = await self.auth.caller(context)
+            if principal not in self.auth.admins:
+                await context.abort_with_status(
+                    denied(
+                        f"{principal} may not {what}: only the agent's admins may (--admin); "
+                        "list the agent's own principal there so its replicas can"
+                    ).status()
+                )
+        if self.mover is None:
+            await context.abort_with_status(
+                Fail(Reason.SHUTTING_DOWN, "this agent is not serving").status()
+            )
+        assert self.mover is not None
+        return self.mover
 
     async def ListTools(
         self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -60,8 +60,10 @@ class Session:
         "active",
         "closed",
         "durable",
+        "failure",
         "id",
         "last_used",
+        "moves",
         "principal",
         "ttl",
     )
@@ -83,6 +85,11 @@ class Session:
         self._thread: Worker | None = None
         #: For a session kept in a session store: its fence and saved copy (``_durable.py``).
         self.durable: Any = None
+        #: Why this copy ended without the session closing (it moved to another replica):
+        #: what the calls still in its line are told (a ``Fail``).
+        self.failure: Any = None
+        #: How many times the session has moved between replicas (a move's fence).
+        self.moves = 0
 
     def __repr__(self) -> str:
         return f"<Session {short(self.id)}{' closed' if self.closed else ''}>"

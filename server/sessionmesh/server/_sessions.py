@@ -20,6 +20,10 @@ from sessionmesh.wire.names import new_session_id, short
 log = logging.getLogger("sessionmesh.session")
 
 
+#: Moved sessions remembered for redirects (about 100 bytes each).
+MAX_FORWARDS = 100_000
+
+
 class SessionNotFoundError(LookupError):
     pass
 
@@ -53,7 +57,18 @@ class SessionStore:
         #: them (finished at stop).
         self._reaper = Tasks(f"the session reaper of instance {instance_id}", log)
         self._closing = Tasks(f"the sessions of instance {instance_id}", log)
-        self.counters = {"created": 0, "closed": 0, "expired": 0, "lost": 0, "released": 0}
+        self.counters = {
+            "created": 0,
+            "closed": 0,
+            "expired": 0,
+            "lost": 0,
+            "released": 0,
+            "moved_in": 0,
+            "moved_out": 0,
+        }
+        #: Sessions that moved to another replica: session id -> its instance id there, so
+        #: that a call sent here is redirected (the oldest forgotten past MAX_FORWARDS).
+        self.forwards: dict[str, str] = {}
         #: For durable sessions: remove the stored record; False when another instance owns
         #: the session now (then it is not over, and its close callbacks do not run here).
         self.durable_closing: Callable[[Session], Awaitable[bool]] | None = None
@@ -88,6 +103,28 @@ class SessionStore:
         session = Session(session_id, self.default_ttl, principal)
         self._add(session)
         return session
+
+    def accept(self, session_id: str, principal: str, ttl: float, moves: int) -> Session:
+        """A session another replica handed over (its state is filled in by the caller)."""
+        session = Session(session_id, ttl, principal)
+        session.moves = moves
+        self._add(session)
+        self.forwards.pop(session_id, None)  # it came back
+        self.counters["moved_in"] += 1
+        return session
+
+    def moved_out(self, session: Session, to: str, failure: Exception) -> None:
+        """``session`` now lives on instance ``to``: calls in its line are told ``failure``
+        (a redirect) on their turn, and calls that come later are redirected too."""
+        if self._remove(session.id) is None:
+            return
+        session.failure = failure
+        forwards = self.forwards
+        forwards[session.id] = to
+        if len(forwards) > MAX_FORWARDS:
+            del forwards[next(iter(forwards))]
+        self.counters["moved_out"] += 1
+        log.info("session %s moved to instance %s", short(session.id), to)
 
     def _add(self, session: Session) -> None:
         principal = session.principal
