@@ -189,6 +189,8 @@ class Agent:
             default_ttl=self.settings.session_ttl,
             max_sessions=self.settings.max_sessions,
             max_per_principal=self.settings.max_sessions_per_principal,
+            hibernate_after=self.settings.hibernate_after,
+            max_live=self.settings.max_live_sessions,
         )
         self._executor = concurrent.futures.ThreadPoolExecutor(
             self.settings.threads, thread_name_prefix=f"sessionmesh-{self.name}"

@@ -74,6 +74,22 @@ def session_store_option(p: argparse.ArgumentParser) -> None:
         "survive their owner and continue on another replica; needs sessionmesh[redis] "
         f"(${SESSION_STORE_ENV})",
     )
+    p.add_argument(
+        "--hibernate-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --session-store: a session idle this long leaves memory (its state is in "
+        "the store) and comes back at its next call, on any replica (default: never)",
+    )
+    p.add_argument(
+        "--max-live-sessions",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N sessions in memory: past it the least recently used durable ones "
+        "hibernate; with none to hibernate, new sessions are refused (default: no cap)",
+    )
 
 
 def lost_after_option(p: argparse.ArgumentParser) -> None:

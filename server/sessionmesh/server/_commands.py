@@ -249,6 +249,10 @@ async def run_command(args: argparse.Namespace) -> int:
             extra += ["--drain-timeout", "0"]
         if args.session_store is not None:
             extra += ["--session-store", args.session_store]
+        if args.hibernate_after is not None:
+            extra += ["--hibernate-after", str(args.hibernate_after)]
+        if args.max_live_sessions is not None:
+            extra += ["--max-live-sessions", str(args.max_live_sessions)]
         for file in args.files:
             for _ in range(args.replicas):
                 procs.append(await spawn(file, address, extra, env, output))

@@ -42,8 +42,12 @@ class SessionStore:
         default_ttl: float,
         max_sessions: int,
         max_per_principal: int | None = None,
+        hibernate_after: float | None = None,
+        max_live: int | None = None,
     ) -> None:
         self.instance_id = instance_id
+        self.hibernate_after = hibernate_after
+        self.max_live = max_live
         self.default_ttl = default_ttl
         self.max_sessions = max_sessions
         self.max_per_principal = max_per_principal
@@ -65,6 +69,7 @@ class SessionStore:
             "released": 0,
             "moved_in": 0,
             "moved_out": 0,
+            "hibernated": 0,
         }
         #: Sessions that moved to another replica: session id -> its instance id there, so
         #: that a call sent here is redirected (the oldest forgotten past MAX_FORWARDS).
@@ -128,6 +133,8 @@ class SessionStore:
 
     def _add(self, session: Session) -> None:
         principal = session.principal
+        if self.max_live is not None and len(self._sessions) >= self.max_live:
+            self._hibernate_some(self.max_live)
         if len(self._sessions) >= self.max_sessions:
             raise TooManySessionsError(
                 f"this agent has {len(self._sessions)} open sessions, its limit "
@@ -143,10 +150,46 @@ class SessionStore:
         if principal:
             self._per_principal[principal] += 1
         self.empty.clear()
-        entry = (session.last_used + session.ttl, session.id)
+        # Its durability is set just after: a session that may hibernate is looked at then.
+        lifetime = min(session.ttl, self.hibernate_after or session.ttl)
+        entry = (session.last_used + lifetime, session.id)
         heapq.heappush(self._deadlines, entry)
         if self._deadlines[0] is entry:
             self._wakeup.set()  # the reaper sleeps towards a later deadline than this one
+
+    # -- hibernation: a durable session's state is in its store, so memory may let it go --
+
+    def _lifetime(self, session: Session) -> float:
+        """How long the session may stay idle in memory: its TTL, or less if it hibernates."""
+        after = self.hibernate_after
+        if after is not None and session.durable is not None and after < session.ttl:
+            return after
+        return session.ttl
+
+    @staticmethod
+    def _can_hibernate(session: Session) -> bool:
+        """Idle (no call running or waiting), and saved at least once."""
+        durable = session.durable
+        return durable is not None and not durable.new and durable.epoch > 0 and not session._busy
+
+    def hibernate(self, session: Session, why: str) -> None:
+        """Let go of an idle durable session: its next call, on any replica, adopts it from
+        the store (the TTL there counts from its last call, as it did here)."""
+        self.release(session.id, f"hibernated: {why}", event="hibernated")
+
+    def _hibernate_some(self, cap: int) -> None:
+        """At the cap of live sessions: the least recently used idle durable ones hibernate
+        (a sixteenth of the cap at once, so a sweep of new sessions scans rarely). With none
+        to hibernate, the caller is refused (max_live_sessions)."""
+        idle = [s for s in self._sessions.values() if self._can_hibernate(s)]
+        if not idle:
+            raise TooManySessionsError(
+                f"this agent holds {len(self._sessions)} sessions in memory, its limit "
+                f"(max_live_sessions={cap}), and none of them can hibernate (only an idle "
+                "durable session can); close sessions or raise the limit"
+            )
+        for session in heapq.nsmallest(max(1, cap // 16), idle, key=lambda s: s.last_used):
+            self.hibernate(session, f"the agent holds max_live_sessions={cap}")
 
     def get(self, session_id: str, principal: str | None = None) -> Session:
         """The open session with this id; with ``principal``, only if that caller opened it
@@ -171,14 +214,14 @@ class SessionStore:
             self.empty.set()
         return session
 
-    def release(self, session_id: str, why: str) -> None:
+    def release(self, session_id: str, why: str, *, event: str = "released") -> None:
         """Let go of this copy of a durable session without closing it: it lives on in its
         store (another instance owns it now, or will). No close callbacks run; calls in line
         fail on their turn with the session's ``durable.failure``."""
         session = self._remove(session_id)
         if session is None:
             return
-        self.counters["released"] += 1
+        self.counters[event] += 1
         log.info("session %s released: %s", short(session_id), why)
         holder = session._holder
         if holder is not None and holder is not asyncio.current_task():
@@ -243,9 +286,16 @@ class SessionStore:
             session = self._sessions.get(sid)
             if session is None:
                 continue
-            due = session.last_used + session.ttl
+            lifetime = self._lifetime(session)
+            due = session.last_used + lifetime
             if session.active or due > now:
                 heapq.heappush(heap, (max(due, now + 0.05), sid))
+                continue
+            if lifetime < session.ttl:
+                if self._can_hibernate(session):
+                    self.hibernate(session, f"idle {lifetime:g} s")
+                else:  # busy, or not saved yet: look again later
+                    heapq.heappush(heap, (now + lifetime, sid))
                 continue
             with tracing.span("session expiry"):
                 await self.close(sid, why="expired")

@@ -82,6 +82,12 @@ class AgentSettings:
     #: Durable sessions: kept in this store (``redis://HOST:PORT/DB``), they outlive this
     #: instance. None: sessions live in this process only.
     session_store: str | None = None
+    #: Durable sessions idle this long leave memory (their state is in the store) and come
+    #: back at their next call, on any replica. None: they stay until their TTL.
+    hibernate_after: float | None = None
+    #: At most this many sessions in memory: past it the least recently used durable ones
+    #: hibernate; with none to hibernate, new sessions are refused (TOO_MANY_SESSIONS).
+    max_live_sessions: int | None = None
 
     def __post_init__(self) -> None:
         if self.session_ttl <= 0:
@@ -108,6 +114,16 @@ class AgentSettings:
             )
         if self.session_store == "":
             object.__setattr__(self, "session_store", None)
+        if self.hibernate_after is not None:
+            if self.hibernate_after <= 0:
+                raise UsageError("hibernate_after must be > 0 seconds, or None")
+            if self.session_store is None:
+                raise UsageError(
+                    "hibernate_after (--hibernate-after) needs a session store "
+                    "(--session-store): only a durable session's state lives outside memory"
+                )
+        if self.max_live_sessions is not None and self.max_live_sessions < 1:
+            raise UsageError("max_live_sessions must be >= 1, or None")
 
     @property
     def on_etcd(self) -> etcd.EtcdTarget | None:
@@ -177,5 +193,7 @@ def from_flags(args: argparse.Namespace) -> dict[str, Any]:
         "advertise": args.advertise,
         "metrics_port": args.metrics_port,
         "session_store": args.session_store or os.environ.get(SESSION_STORE_ENV) or None,
+        "hibernate_after": args.hibernate_after,
+        "max_live_sessions": args.max_live_sessions,
     }
     return {k: v for k, v in given.items() if v is not None}
