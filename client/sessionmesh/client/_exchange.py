@@ -169,6 +169,18 @@ class Exchange:
                     )
                     break
                 answer = cast(pb.ExchangeResponse, answer)
+                if answer.drained:  # the agent drains: what it did not answer, it never read
+                    self._fail(
+                        AgentUnavailable(
+                            "the agent is stopping: it stopped reading before this call",
+                            reason=Reason.SHUTTING_DOWN,
+                            metadata={UNDELIVERED: "1"},
+                        )
+                    )
+                    # Ended from here, so that no write of ours is left to fail on a
+                    # stream the agent ended (a failed write tells nothing of the call).
+                    self._call.cancel()
+                    continue
                 future = pending.pop(answer.id, None)
                 if future is not None and not future.done():
                     future.set_result(answer)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sessionmesh.client._cli_sessions import sessions_command, sessions_options
 from sessionmesh.client._client import AgentClient, MeshClient, connect, tool_info
 from sessionmesh.core.cli import (
     DEFAULT_REGISTRY_PORT,
@@ -23,7 +24,7 @@ from sessionmesh.core.cli import (
     tls_from,
     token_from,
 )
-from sessionmesh.errors import MeshError, RemoteError, UsageError
+from sessionmesh.errors import MeshError, UsageError
 from sessionmesh.v1 import registry_service_pb2 as rpb
 
 COMMANDS = ("list", "call", "sessions", "open", "close", "top")
@@ -237,62 +238,6 @@ async def _call(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _sessions(args: argparse.Namespace) -> int:
-    client = await _mesh(args)
-    try:
-        instances = [
-            i
-            for i in client.instances()
-            if not args.agent or args.agent in (i.agent_name, i.instance_id)
-        ]
-        if not instances:
-            if args.json:
-                print("[]")
-            else:
-                print("no such agent registered" if args.agent else "no agents registered")
-            return 0 if not args.agent else 1
-        rows: list[dict[str, Any]] = []
-        for instance in sorted(instances, key=lambda i: (i.agent_name, i.endpoint)):
-            where = f"{instance.agent_name} {instance.instance_id} at {instance.endpoint}"
-            row: dict[str, Any] = {
-                "agent": instance.agent_name,
-                "instance": instance.instance_id,
-                "endpoint": instance.endpoint,
-            }
-            rows.append(row)
-            async with client.agent(instance) as agent:
-                try:
-                    listing = await agent.list_sessions()
-                except RemoteError as exc:
-                    row["unreachable"] = exc.code.name
-                    if not args.json:
-                        print(f"{where}: unreachable ({exc.code.name})")
-                    continue
-            row["sessions"] = [
-                {
-                    "short_id": s.short_id,
-                    "busy": s.active,
-                    "idle_s": round(s.idle.ToTimedelta().total_seconds(), 3),
-                    "expires_after_idle_s": s.idle_timeout.ToTimedelta().total_seconds(),
-                    "waiting": s.waiting,
-                }
-                for s in listing.sessions
-            ]
-            if args.json:
-                continue
-            print(f"{where}: {len(listing.sessions)} open session(s)")
-            for s in listing.sessions:
-                state = "busy" if s.active else f"idle {s.idle.ToTimedelta().total_seconds():.1f}s"
-                ttl = s.idle_timeout.ToTimedelta().total_seconds()
-                queued = f", {s.waiting} waiting" if s.waiting else ""
-                print(f"  {s.short_id}…  {state} (expires after {ttl:.0f}s idle){queued}")
-        if args.json:
-            print(json.dumps(rows, indent=2))
-    finally:
-        await client.aclose()
-    return 0
-
-
 async def _open(args: argparse.Namespace) -> int:
     client = await _mesh(args)
     try:
@@ -425,11 +370,15 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     closing.add_argument("session_id", metavar="SESSION_ID")
     closing.set_defaults(run=_close)
 
-    sessions = commands.add_parser("sessions", help="open sessions per instance (ids shortened)")
+    sessions = commands.add_parser(
+        "sessions",
+        help="open sessions per instance (ids shortened); `sessions move` moves them",
+        usage="sessionmesh sessions [AGENT] [--json]\n"
+        "       sessionmesh sessions move AGENT --to INSTANCE [--count N | --session ID]",
+    )
     registry_option(sessions)
-    sessions.add_argument("agent", nargs="?", default=None, help="an agent name or instance id")
-    sessions.add_argument("--json", action="store_true")
-    sessions.set_defaults(run=_sessions)
+    sessions_options(sessions)
+    sessions.set_defaults(run=lambda args: sessions_command(args, _mesh))
 
     top = commands.add_parser(
         "top", help="a live view of the mesh: instances, state, sessions, calls/s (Ctrl-C ends)"

@@ -236,9 +236,15 @@ class ExchangeResponse(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     MORE_FIELD_NUMBER: _builtins.int
+    DRAINED_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     session_id: _builtins.str
     """The session the request opened, if it asked to."""
+    drained: _builtins.bool
+    """Set (with id 0) on the agent's last message of a stream it stops reading because it
+    drains: it has answered every call it read from this stream, so a call still without
+    an answer was never read, never ran, and may be sent to another replica.
+    """
     @_builtins.property
     def result(self) -> _struct_pb2.Value: ...
     @_builtins.property
@@ -259,10 +265,11 @@ class ExchangeResponse(_message.Message):
         result: _struct_pb2.Value | None = ...,
         error: Global___CallError | None = ...,
         more: _abc.Iterable[Global___ExchangeResponse] | None = ...,
+        drained: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "more", b"more", "outcome", b"outcome", "result", b"result", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drained", b"drained", "error", b"error", "id", b"id", "more", b"more", "outcome", b"outcome", "result", b"result", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015

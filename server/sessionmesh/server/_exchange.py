@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +84,19 @@ class Exchanges:
                 await asyncio.wait(list(stream.tasks))
             if failure is not None:  # and only then end the stream, always with a status
                 await context.abort_with_status(failure.status())
+            if stream.stopping and failure is None:
+                # Draining: every call read is answered; tell the client that the rest
+                # were never read (it sends them to another replica). A client gone
+                # meanwhile needs no telling.
+                with contextlib.suppress(Exception):
+                    await stream.send(pb.ExchangeResponse(drained=True))
+                    # The client ends the stream when it hears that. Ended from here, its
+                    # writes still on the way would fail, and a failed write tells it
+                    # nothing of what was read: so it ends, or the wait does.
+                    ended = asyncio.get_running_loop().create_future()
+                    # (the stub wants a class of its own for the callback)
+                    context.add_done_callback(lambda _: _resolve(ended))  # type: ignore[arg-type]
+                    await asyncio.wait_for(ended, _DRAINED_WAIT)
         finally:
             self._streams.discard(stream)
             stream.stopping = True
@@ -236,6 +250,15 @@ def _failed(answer: pb.ExchangeResponse, fail: Fail) -> None:
     error.code = fail.code
     error.message = fail.message
     error.details.extend(fail.details())
+
+
+#: How long a drained stream waits for its client to end it.
+_DRAINED_WAIT = 2.0
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class _Stream:
