@@ -150,6 +150,30 @@ def test_run_then_list_call_sessions_and_ctrl_c() -> None:
         as_json = json.loads(_cli("sessions", "--json", registry=registry).stdout)
         assert sorted(r["agent"] for r in as_json) == ["consumer", "consumer", "counter", "counter"]
         assert all(r["sessions"] == [] for r in as_json)
+        # Sessions move between the two counter replicas, by count and by id.
+        counters = sorted(r["instance"] for r in listed if r["agent"] == "counter")
+        ids = [_cli("open", "session_counter", registry=registry).stdout.strip() for _ in range(4)]
+        to_first = _cli(
+            "sessions", "move", "counter", "--to", counters[0], "--count", "9", registry=registry
+        )
+        assert to_first.returncode == 0, to_first.stderr
+        assert to_first.stdout.startswith("moved 2 session(s) of counter to")  # round robin
+        held = {
+            r["instance"]: len(r["sessions"])
+            for r in json.loads(_cli("sessions", "counter", "--json", registry=registry).stdout)
+        }
+        assert held == {counters[0]: 4, counters[1]: 0}
+        one = _cli(
+            "sessions",
+            *("move", "counter", "--to", counters[1], "--session", ids[0], "--json"),
+            registry=registry,
+        )
+        assert json.loads(one.stdout) == {"moved": 1, "stayed": []}
+        for sid in ids:  # closed where each one lives now
+            assert _cli("close", sid, registry=registry).returncode == 0
+        assert "0 open session(s)" in _cli("sessions", "counter", registry=registry).stdout
+        wrong = _cli("sessions", "move", "counter", "--to", "nobody", registry=registry)
+        assert wrong.returncode != 0 and "not a serving replica" in wrong.stderr
         version = _cli("--version", registry=registry)
         assert version.returncode == 0 and version.stdout.startswith("sessionmesh ")
 

@@ -190,29 +190,24 @@ class AutoSession:
         session_id, lost = self.reset()
         if session_id is None:
             return
+        if isinstance(lost, SessionOwnerLost) or transport.closed:
+            transport.forget(session_id)
+            return  # no owner, or no channel left to close it on (its TTL will)
         try:
-            if isinstance(lost, SessionOwnerLost) or transport.closed:
-                return  # no owner, or no channel left to close it on (its TTL will)
-            # Where it lives now (a durable session may have moved): asked before the
-            # transport forgets it, or the close would go to any replica but its owner.
-            endpoint = transport.owner(session_id)
+            # Where it lives now (it may have moved): the transport forgets it only after.
+            with tracing.span("close session"):
+                await transport.close_session(session_id, CLOSE_DEADLINE)
+            log.info("auto session %s closed", short(session_id))
         except SessionLost:
-            return  # its owner is gone, and the session with it
+            pass  # its owner is gone, and the session with it
         except RemoteError as exc:
-            # No live instance to close it on (a durable session's replicas are all down):
-            # it stays in its store until its TTL. Closing never fails for that.
+            # No live instance to close it on (a durable session's replicas are all down),
+            # or the agent is going: its TTL reaps the session (or its store's does).
+            # Closing never fails for that, and cleanup must not mask the error that may
+            # have brought us here.
             log.warning("auto session %s not closed: %s", short(session_id), exc.message)
-            return
         finally:
             transport.forget(session_id)
-        try:
-            with tracing.span("close session"):
-                await endpoint.close_session(session_id, CLOSE_DEADLINE)
-            log.info("auto session %s closed", short(session_id))
-        except RemoteError as exc:
-            # The agent is gone or going; its TTL reaps the session. Cleanup must not mask
-            # the error that may have brought us here.
-            log.warning("auto session %s not closed: %s", short(session_id), exc.message)
 
     def __del__(self) -> None:
         if self.state is State.OPEN and self.session_id:

@@ -376,10 +376,12 @@ class BaseProxy:
 
     async def close_session(self, session_id: str) -> bool:
         """Close an explicit session; False if it was already closed or unknown."""
-        endpoint = self._transport.owner(checked_session_id(session_id))
-        closed = await endpoint.close_session(session_id, self._opts.timeout)
-        self._transport.forget(session_id)
-        return closed
+        try:
+            return await self._transport.close_session(
+                checked_session_id(session_id), self._opts.timeout
+            )
+        finally:
+            self._transport.forget(session_id)
 
 
 class Proxy(BaseProxy):

@@ -15,7 +15,7 @@ import weakref
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from sessionmesh.errors import UsageError
+from sessionmesh.errors import SessionElsewhere, UsageError
 from sessionmesh.wire.names import owner_of
 
 if TYPE_CHECKING:
@@ -131,6 +131,10 @@ class Endpoint(abc.ABC):
         """Let calls in flight finish (briefly), then release the connection."""
 
 
+#: How many moves a close follows.
+_CLOSE_HOPS = 4
+
+
 class Transport(abc.ABC):
     """Chooses endpoints for calls. Implementations own their endpoints, and close the
     auto sessions opened through them (``close_sessions``) before closing those."""
@@ -211,6 +215,19 @@ class Transport(abc.ABC):
     def seek(self, session_id: str, instance_id: str) -> bool:
         """Its owner ``instance_id`` stopped without running the call (it drains, or is
         gone): the session may have moved to another replica. True to look for it there."""
+        return False
+
+    async def close_session(self, session_id: str, deadline: float | None) -> bool:
+        """Close a session where it lives, following it if it moved (a few hops at most)."""
+        for _ in range(_CLOSE_HOPS):
+            endpoint = self.owner(session_id)
+            try:
+                return await endpoint.close_session(session_id, deadline)
+            except SessionElsewhere as moved:
+                owner = moved.metadata.get("owner_instance", "")
+                if not owner or owner == endpoint.instance_id:
+                    raise
+                self.moved(session_id, owner)
         return False
 
     def forget(self, session_id: str) -> None:

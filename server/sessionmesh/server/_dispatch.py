@@ -219,15 +219,15 @@ class Dispatcher:
         store (the caller sent it here: its owner is gone or unreachable); otherwise it is
         elsewhere or nowhere."""
         if self.durability is None or not is_durable(session_id) or session_id in self.store:
-            raise self._not_here(session_id)
+            raise self._not_here(session_id, principal)
         try:
             return self.durability.adopt(session_id, principal)
         except TooManySessionsError as exc:
             raise Fail(Reason.TOO_MANY_SESSIONS, str(exc)) from None
 
-    def _not_here(self, session_id: str) -> Fail:
+    def _not_here(self, session_id: str, principal: str) -> Fail:
         """A session this instance does not have: elsewhere (name the owner) or nowhere."""
-        moved_to = self.store.forwards.get(session_id)
+        moved_to = self.store.moved_to(session_id, principal)
         if moved_to is not None:
             return moved(session_id, moved_to, self.locate)
         owner = owner_of(session_id)

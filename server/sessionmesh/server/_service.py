@@ -11,7 +11,7 @@ import grpc
 
 from sessionmesh import tracing
 from sessionmesh.core._tasks import cancel_and_wait
-from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream
+from sessionmesh.server._errors import Fail, invalid_arguments, invalid_stream, moved
 from sessionmesh.server._exchange import Exchanges
 from sessionmesh.server._handlers import Undecodable
 from sessionmesh.server._runner import Runner
@@ -261,6 +261,12 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 await context.abort_with_status(fail.status())
                 raise
             return pb.CloseSessionResponse(closed=closed)
+        moved_to = self.store.moved_to(session_id, principal)
+        if moved_to is not None and session_id not in self.store:
+            # It lives on another replica now: the caller closes it there.
+            await context.abort_with_status(
+                moved(session_id, moved_to, self.runner.locate).status()
+            )
         if self.auth.on:
             try:
                 self.store.get(session_id, principal)

@@ -71,9 +71,10 @@ class SessionStore:
             "moved_out": 0,
             "hibernated": 0,
         }
-        #: Sessions that moved to another replica: session id -> its instance id there, so
-        #: that a call sent here is redirected (the oldest forgotten past MAX_FORWARDS).
-        self.forwards: dict[str, str] = {}
+        #: Sessions that moved to another replica: session id -> (its instance id there, the
+        #: principal that owns it), so that its caller is redirected (the oldest forgotten
+        #: past MAX_FORWARDS).
+        self.forwards: dict[str, tuple[str, str]] = {}
         #: For durable sessions: remove the stored record; False when another instance owns
         #: the session now (then it is not over, and its close callbacks do not run here).
         self.durable_closing: Callable[[Session], Awaitable[bool]] | None = None
@@ -125,11 +126,17 @@ class SessionStore:
             return
         session.failure = failure
         forwards = self.forwards
-        forwards[session.id] = to
+        forwards[session.id] = (to, session.principal)
         if len(forwards) > MAX_FORWARDS:
             del forwards[next(iter(forwards))]
         self.counters["moved_out"] += 1
         log.info("session %s moved to instance %s", short(session.id), to)
+
+    def moved_to(self, session_id: str, principal: str) -> str | None:
+        """The instance a session moved to from here, told only to the caller that owns it
+        (anyone else learns what a forged id would)."""
+        forward = self.forwards.get(session_id)
+        return forward[0] if forward is not None and forward[1] == principal else None
 
     def _add(self, session: Session) -> None:
         principal = session.principal
