@@ -17,9 +17,11 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,21 +34,29 @@ from sessionmesh.testing import eventually
 CLI = [sys.executable, "-m", "sessionmesh.server._cli"]
 ROOT = Path(__file__).resolve().parent.parent
 COUNTER = str(ROOT / "examples" / "counter.py")
+#: --hibernate-after of the hibernation figures (seconds).
+IDLE = 40
 FILLER = str(Path(__file__).resolve().parent / "_bench_filler.py")
 
 
 @contextlib.asynccontextmanager
 async def process(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, dict[str, str]]]:
-    proc = await asyncio.create_subprocess_exec(
-        *CLI, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
-    )
-    try:
-        assert proc.stdout is not None
-        yield proc, json.loads(await proc.stdout.readline())
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
+    """`sessionmesh ARGS`, its ready line (with "log": the file its stderr goes to)."""
+    with tempfile.NamedTemporaryFile(prefix="sessionmesh-bench-", suffix=".log") as log:
+        proc = await asyncio.create_subprocess_exec(
+            *CLI, *args, stdout=asyncio.subprocess.PIPE, stderr=log
+        )
+        try:
+            assert proc.stdout is not None
+            ready = json.loads(await proc.stdout.readline())
+            yield proc, {**ready, "log": log.name}
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+_PAUSED = re.compile(r"in (\d+) ms; each paused p50 ([\d.]+) ms, p99 ([\d.]+) ms")
 
 
 def spread(values: list[float], unit: str = "") -> str:
@@ -84,7 +94,7 @@ async def drain_once(sessions: int) -> dict[str, float]:
             owners.append(str((await p(increment=1))["session"]).partition(".")[0])
             acknowledged[len(owners) - 1] = 1
         victim_id = max(set(owners), key=owners.count)
-        victim = next(proc for proc, ready in replicas if ready["instance"] == victim_id)
+        victim, said = next((p, r) for p, r in replicas if r["instance"] == victim_id)
         stop = asyncio.Event()
         failed = 0
         window: list[float] = [0.0, 0.0]  # the move's span: SIGTERM .. exit
@@ -119,6 +129,8 @@ async def drain_once(sessions: int) -> dict[str, float]:
         exact = 0
         for i, p in enumerate(proxies):
             exact += (await p(increment=0))["count"] == acknowledged[i]
+        paused = _PAUSED.search(await asyncio.to_thread(Path(said["log"]).read_text))
+        assert paused is not None, "the stopped agent did not say what it moved"
         moved = [slowest[i] * 1000 for i in range(sessions) if owners[i] == victim_id]
         stayed = [slowest[i] * 1000 for i in range(sessions) if owners[i] != victim_id]
         return {
@@ -127,6 +139,9 @@ async def drain_once(sessions: int) -> dict[str, float]:
             "moved": len(moved),
             "exit_ms": (window[1] - window[0]) * 1000,
             "moved_p99_ms": percentile(moved, 0.99),
+            "handover_ms": float(paused[1]),
+            "pause_p50_ms": float(paused[2]),
+            "pause_p99_ms": float(paused[3]),
             "stayed_p99_ms": percentile(stayed, 0.99),
         }
 
@@ -142,24 +157,22 @@ def rss_mb(pid: int) -> float:
 
 
 async def hibernation_once(store: str, sessions: int, wake: int) -> dict[str, float]:
-    args = ("serve", FILLER, "--session-store", store, "--hibernate-after", "3")
+    # Long enough for every session to be in memory at once before the first one leaves.
+    args = ("serve", FILLER, "--session-store", store, "--hibernate-after", str(IDLE))
     async with process(*args) as (proc, ready), mesh.connect(ready["address"]) as client:
-        warm = client.proxy("fill", session_required=True)
-        await warm(size=1024)
-        await warm.cleanup_auto_session()
-        before = rss_mb(proc.pid)
-        ids: list[str] = []
         proxy = client.proxy("fill")
-        for start in range(0, sessions, 500):
-            batch = [proxy.create_session() for _ in range(min(500, sessions - start))]
-            opened = await asyncio.gather(*batch)
-            await asyncio.gather(
-                *(proxy.call_with_session(session_id=s, size=1024) for s in opened)
-            )
-            ids += opened
+        # Warm up as the fill will run (its threads, its store connections: what the agent
+        # keeps whatever its sessions), so that "before" is the agent without sessions.
+        warm = await _fill(proxy, 1000)
+        for start in range(0, len(warm), 100):
+            await asyncio.gather(*(proxy.close_session(s) for s in warm[start : start + 100]))
+        before = rss_mb(proc.pid)
+        ids = await _fill(proxy, sessions)
         full = rss_mb(proc.pid)
         listing = client.proxy("fill")
+        live = len((await listing._transport.pick().list_sessions(5)).sessions)
         await eventually(lambda: _none_live(listing), within=60, what="every session hibernated")
+        await asyncio.sleep(2.0)  # the agent gives memory back a second after the last one
         after = rss_mb(proc.pid)
         woke: list[float] = []
         for sid in random.Random(1).sample(ids, wake):
@@ -171,9 +184,22 @@ async def hibernation_once(store: str, sessions: int, wake: int) -> dict[str, fl
             "full_mb": full,
             "after_mb": after,
             "given_back": (full - after) / (full - before),
+            "live": live,
             "wake_p50_ms": statistics.median(woke),
             "wake_p99_ms": percentile(woke, 0.99),
         }
+
+
+async def _fill(proxy: mesh.Proxy, sessions: int) -> list[str]:
+    """Open ``sessions`` sessions, 100 at a time, each keeping 1 KB."""
+    ids: list[str] = []
+    for start in range(0, sessions, 100):
+        opened = await asyncio.gather(
+            *(proxy.create_session() for _ in range(min(100, sessions - start)))
+        )
+        await asyncio.gather(*(proxy.call_with_session(session_id=s, size=1024) for s in opened))
+        ids += opened
+    return ids
 
 
 async def _none_live(proxy: mesh.Proxy) -> bool:
@@ -185,8 +211,8 @@ async def cap_once(store: str, sessions: int, cap: int) -> int:
     async with process(*args) as (_, ready), mesh.connect(ready["address"]) as client:
         proxy = client.proxy("fill")
         most = 0
-        for start in range(0, sessions, 250):
-            opened = await asyncio.gather(*(proxy.create_session() for _ in range(250)))
+        for start in range(0, sessions, 100):
+            opened = await asyncio.gather(*(proxy.create_session() for _ in range(100)))
             await asyncio.gather(
                 *(proxy.call_with_session(session_id=s, size=1024) for s in opened)
             )
@@ -202,24 +228,33 @@ async def main() -> None:
     parser.add_argument("--sessions", type=int, default=300)
     parser.add_argument("--hibernating", type=int, default=20_000)
     args = parser.parse_args()
-    drains = [await drain_once(args.sessions) for _ in range(args.runs)]
-    print(f"drain, {args.sessions} sessions under load on 3 replicas, the fullest SIGTERMed:")
-    print(
-        f"  failed calls: {sum(d['failed'] for d in drains)} in all; counts not exact: "
-        f"{sum(d['inexact'] for d in drains)}; sessions moved per run: "
-        f"{spread([d['moved'] for d in drains])}"
-    )
-    print(f"  SIGTERM to exit: {spread([d['exit_ms'] for d in drains], ' ms')}")
-    print(
-        f"  moved sessions' slowest call, p99: {spread([d['moved_p99_ms'] for d in drains], ' ms')}"
-    )
-    print(f"  the others' slowest call, p99: {spread([d['stayed_p99_ms'] for d in drains], ' ms')}")
+    if args.runs:  # 0: the hibernation figures only
+        drains = [await drain_once(args.sessions) for _ in range(args.runs)]
+        print(f"drain, {args.sessions} sessions under load on 3 replicas, the fullest SIGTERMed:")
+        print(
+            f"  failed calls: {sum(d['failed'] for d in drains)} in all; counts not exact: "
+            f"{sum(d['inexact'] for d in drains)}; sessions moved per run: "
+            f"{spread([d['moved'] for d in drains])}"
+        )
+        print(f"  SIGTERM to exit: {spread([d['exit_ms'] for d in drains], ' ms')}")
+        handover = spread([d["handover_ms"] for d in drains], " ms")
+        print(f"  every hand-over, as the agent timed it: {handover}")
+        print(
+            f"  each session held (no call of it can run): p50 "
+            f"{spread([d['pause_p50_ms'] for d in drains], ' ms')}, p99 "
+            f"{spread([d['pause_p99_ms'] for d in drains], ' ms')}"
+        )
+        moved = spread([d["moved_p99_ms"] for d in drains], " ms")
+        stayed = spread([d["stayed_p99_ms"] for d in drains], " ms")
+        print(f"  moved sessions' slowest call, p99: {moved}")
+        print(f"  the others' slowest call, p99: {stayed}")
     with redis_server() as store:
         if store is None:
             print("hibernation: skipped (no redis-server)")
             return
         runs = [await hibernation_once(store, args.hibernating, 200) for _ in range(3)]
-        print(f"hibernation, {args.hibernating} durable sessions of 1 KB, idle past 3 s:")
+        print(f"hibernation, {args.hibernating} durable sessions of 1 KB, idle past {IDLE} s:")
+        print(f"  live at once: {spread([r['live'] for r in runs])}")
         print(
             f"  agent RSS: before {spread([r['before_mb'] for r in runs], ' MB')}, with them "
             f"{spread([r['full_mb'] for r in runs], ' MB')}, after "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf.struct_pb2 import Value
@@ -62,6 +63,8 @@ class Mover:
         self.locate = locate
         #: How long a move waits for the call running in its session before giving up.
         self.wait = wait
+        #: How long each session of the last drain was held (no call of it could run).
+        self.pauses: list[float] = []
 
     def replicas(self) -> dict[str, rpb.Instance]:
         """The other serving replicas of this agent, by instance id."""
@@ -86,9 +89,21 @@ class Mover:
         sessions = self.store.sessions()
         if not replicas or not sessions:
             return 0
-        log.info("moving %d session(s) to %d other replica(s)", len(sessions), len(replicas))
+        began = time.perf_counter()
+        self.pauses = []
         stayed = await self._move_all(
             (s, replicas[successors(s.id, replicas)[0]]) for s in sessions
+        )
+        pauses = sorted(self.pauses)
+        log.info(
+            "moved %d of %d session(s) to %d other replica(s) in %.0f ms; each paused "
+            "p50 %.1f ms, p99 %.1f ms",
+            len(sessions) - len(stayed),
+            len(sessions),
+            len(replicas),
+            (time.perf_counter() - began) * 1000,
+            pauses[len(pauses) // 2] * 1000 if pauses else 0.0,
+            pauses[min(len(pauses) - 1, len(pauses) * 99 // 100)] * 1000 if pauses else 0.0,
         )
         return len(sessions) - len(stayed)
 
@@ -137,6 +152,7 @@ class Mover:
                 await turn.__aenter__()
         except TimeoutError:
             return f"a call ran in it for more than {self.wait:g} s"
+        held = time.perf_counter()
         try:
             if session.closed:
                 return "it closed meanwhile"
@@ -160,6 +176,7 @@ class Mover:
                     return f"instance {target.instance_id} did not take it: {exc}"
             # A durable session's state is in its store already: the target adopts it there.
             self.store.moved_out(session, target.instance_id, failure)
+            self.pauses.append(time.perf_counter() - held)
             return None
         finally:
             turn.leave()

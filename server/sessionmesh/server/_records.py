@@ -170,6 +170,10 @@ return redis.call('DEL', KEYS[1])
 STORE_TIMEOUT = 2.0
 
 
+#: Connections to the store at most (calls beyond wait for one).
+MAX_CONNECTIONS = 16
+
+
 class RedisRecords(SessionRecords):
     """Records in Redis (the ``redis`` package), one hash per session. Keys hold a hash of
     the session id, never the id: the store's key space does not hold secrets.
@@ -196,6 +200,9 @@ class RedisRecords(SessionRecords):
             url, socket_timeout=None, socket_connect_timeout=STORE_TIMEOUT, **options
         )
         self._idle: list[Any] = []  # connected, free for the next command
+        # A burst of calls shares a few connections rather than opening one each: each is
+        # a socket on the store, and buffers here that outlive the burst.
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._errors: tuple[type[BaseException], ...] = (
             redis.exceptions.ConnectionError,
             redis.exceptions.TimeoutError,
@@ -228,6 +235,10 @@ class RedisRecords(SessionRecords):
     async def _talk(self, talk: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """``talk(connection, *args)`` on a free connection: a store that does not answer
         (down, unreachable, too slow) is StoreUnavailable."""
+        async with self._slots:
+            return await self._talk_on(talk, args)
+
+    async def _talk_on(self, talk: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> Any:
         conn = self._idle.pop() if self._idle else self._pool.make_connection()
         try:
             async with asyncio.timeout(STORE_TIMEOUT):

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from sessionmesh import tracing
 from sessionmesh.core._tasks import Tasks
+from sessionmesh.server import _trim
 from sessionmesh.server._session import CLOSED_UNDER_CALL, Session
 from sessionmesh.wire.names import new_session_id, short
 
@@ -183,6 +184,7 @@ class SessionStore:
         """Let go of an idle durable session: its next call, on any replica, adopts it from
         the store (the TTL there counts from its last call, as it did here)."""
         self.release(session.id, f"hibernated: {why}", event="hibernated")
+        _trim.soon()  # its memory goes back to the system, not only to the allocator
 
     def _hibernate_some(self, cap: int) -> None:
         """At the cap of live sessions: the least recently used idle durable ones hibernate
