@@ -41,7 +41,18 @@ def keep_a_set(session: mesh.Session) -> None:
     session.state["set"] = {1, 2}
 
 
-TOOLS: list[Callable[..., Any]] = [increment, peek, keep, keep_a_set]
+released = asyncio.Event()
+
+
+@mesh.tool(session_required=True)
+async def hold(session: mesh.Session) -> int:
+    """Hold the session's turn until the test lets go."""
+    session.state["held"] = session.state.get("held", 0) + 1
+    await released.wait()
+    return int(session.state["held"])
+
+
+TOOLS: list[Callable[..., Any]] = [increment, peek, keep, keep_a_set, hold]
 
 
 @contextlib.asynccontextmanager
@@ -134,6 +145,43 @@ async def test_a_session_whose_state_cannot_move_stays_and_says_why(
         assert holder([a, b], sid) is source
         await proxy()  # it works where it stayed
         await proxy.cleanup_auto_session()
+
+
+async def test_a_close_racing_a_move_closes_the_session_where_it_went(reg: str) -> None:
+    released.clear()
+    async with replicas(reg, 2) as ((a, b), client):
+        holding = client.proxy("hold", session_required=True)
+        call = asyncio.create_task(holding())
+        await eventually(lambda: len(a.sessions) + len(b.sessions) == 1, what="its session")
+        (sid,) = [s.id for agent in (a, b) for s in agent.sessions.sessions()]
+        source = holder([a, b], sid)
+        target = b if source is a else a
+        # The move waits for the running call; the close waits for the move.
+        move = asyncio.create_task(client.move_sessions("counter", target.instance_id, session=sid))
+        await eventually(lambda: source.sessions.moving(sid) is not None, what="the move waits")
+        close = asyncio.create_task(holding.close_session(sid))
+        released.set()
+        assert await call == 1
+        assert (await move).moved == 1
+        assert await close is True  # followed the session to its new owner, closed it there
+        assert sid not in source.sessions and sid not in target.sessions
+
+
+async def test_a_session_stays_when_its_target_refuses_it(reg: str) -> None:
+    async with replicas(reg, 2, max_sessions=1) as ((a, b), client):
+        first = client.proxy("session_counter", session_required=True)
+        second = client.proxy("session_counter", session_required=True)
+        assert await first(increment=1) == 1
+        assert await second(increment=1) == 1  # one on each (each holds one at most)
+        sid = first.session_id
+        assert sid is not None
+        source = holder([a, b], sid)
+        target = b if source is a else a
+        moved = await client.move_sessions("counter", target.instance_id, session=sid)
+        assert moved.moved == 0 and "max_sessions=1" in moved.stayed[0]
+        assert await first(increment=1) == 2  # untouched, where it was
+        for p in (first, second):
+            await p.cleanup_auto_session()
 
 
 # -- durable: hibernation and the cap ---------------------------------------------------------

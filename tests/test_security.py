@@ -20,6 +20,7 @@ from sessionmesh.core.cli import REGISTRY_ENV
 from sessionmesh.errors import (
     AgentUnavailable,
     Code,
+    InvalidArguments,
     PermissionDenied,
     SessionElsewhere,
     SessionNotFound,
@@ -192,6 +193,15 @@ async def test_tools_with_allow_lists_and_admins(pki: Pki, tmp_path: Path) -> No
                 async with bob.proxy("session_counter", session_required=True) as b:
                     await b(increment=1)
                     assert len((await admin.list_sessions()).sessions) == 2
+                    # Moving sessions (and handing them over) is for admins alone.
+                    move = pb.MoveSessionsRequest(to_instance="elsewhere", count=1)
+                    accept = pb.AcceptSessionRequest(session_id=b.session_id or "")
+                    with pytest.raises(PermissionDenied, match="only the agent's admins"):
+                        await bob._transport.pick().move_sessions(move, 5)
+                    with pytest.raises(PermissionDenied, match="only the agent's admins"):
+                        await bob._transport.pick().accept_session(accept, 5)
+                    with pytest.raises(InvalidArguments, match="not a serving replica"):
+                        await admin._transport.pick().move_sessions(move, 5)
     finally:
         await agent.stop(grace=0)
 

@@ -118,7 +118,7 @@ class Mover:
                 {"field": "to_instance"},
             )
         if session_id:
-            session = self.store._sessions.get(session_id)
+            session = self.store.find(session_id)
             chosen = [session] if session is not None else []
         else:
             # The longest idle first: the least likely to have a call waiting.
@@ -146,40 +146,55 @@ class Mover:
         calls: Iterable[tuple[str, Remembered]] = (),
     ) -> str | None:
         """Move one session to ``target``; None when it moved, else why it stayed."""
+        # A close meanwhile waits for the move (CloseSession), then closes the session where
+        # it is: here, or on the target after a redirect. It never cuts a hand-over short.
+        if session.moving is not None:
+            return "another move of it is under way"
+        moving = session.moving = asyncio.get_running_loop().create_future()
         turn = session.turn()
         try:
-            async with asyncio.timeout(self.wait):
-                await turn.__aenter__()
-        except TimeoutError:
-            return f"a call ran in it for more than {self.wait:g} s"
-        held = time.perf_counter()
-        try:
-            if session.closed:
-                return "it closed meanwhile"
-            failure = moved(session.id, target.instance_id, self.locate)
-            if session.durable is None:
-                try:
-                    request = self._hand_over(session, calls)
-                except Unmovable as exc:
-                    log.warning("session %s stays here: %s", session.short_id, exc)
-                    return str(exc)
-                try:
-                    assert self.mesh is not None
-                    await self.mesh.endpoint(target).accept_session(request, _ACCEPT_TIMEOUT)
-                except MeshError as exc:
-                    log.warning(
-                        "session %s stays here: instance %s did not take it (%s)",
-                        session.short_id,
-                        target.instance_id,
-                        exc,
-                    )
-                    return f"instance {target.instance_id} did not take it: {exc}"
-            # A durable session's state is in its store already: the target adopts it there.
-            self.store.moved_out(session, target.instance_id, failure)
-            self.pauses.append(time.perf_counter() - held)
-            return None
+            try:
+                async with asyncio.timeout(self.wait):
+                    await turn.__aenter__()
+            except TimeoutError:
+                return f"a call ran in it for more than {self.wait:g} s"
+            session._holder = None  # (so nothing closing it cancels the hand-over)
+            try:
+                return await self._hand_over_in_turn(session, target, calls)
+            finally:
+                turn.leave()
         finally:
-            turn.leave()
+            moving.set_result(None)
+            session.moving = None
+
+    async def _hand_over_in_turn(
+        self, session: Session, target: rpb.Instance, calls: Iterable[tuple[str, Remembered]]
+    ) -> str | None:
+        held = time.perf_counter()
+        if session.closed:
+            return "it closed meanwhile"
+        failure = moved(session.id, target.instance_id, self.locate)
+        if session.durable is None:
+            try:
+                request = self._hand_over(session, calls)
+            except Unmovable as exc:
+                log.warning("session %s stays here: %s", session.short_id, exc)
+                return str(exc)
+            try:
+                assert self.mesh is not None
+                await self.mesh.endpoint(target).accept_session(request, _ACCEPT_TIMEOUT)
+            except MeshError as exc:
+                log.warning(
+                    "session %s stays here: instance %s did not take it (%s)",
+                    session.short_id,
+                    target.instance_id,
+                    exc,
+                )
+                return f"instance {target.instance_id} did not take it: {exc}"
+        # A durable session's state is in its store already: the target adopts it there.
+        self.store.moved_out(session, target.instance_id, failure)
+        self.pauses.append(time.perf_counter() - held)
+        return None
 
     def _hand_over(
         self, session: Session, calls: Iterable[tuple[str, Remembered]]

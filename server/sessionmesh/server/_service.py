@@ -261,6 +261,9 @@ class Servicer(pb_grpc.SessionServiceServicer):
                 await context.abort_with_status(fail.status())
                 raise
             return pb.CloseSessionResponse(closed=closed)
+        moving = self.store.moving(session_id)
+        if moving is not None:
+            await asyncio.shield(moving)  # then closed here, or redirected to where it went
         moved_to = self.store.moved_to(session_id, principal)
         if moved_to is not None and session_id not in self.store:
             # It lives on another replica now: the caller closes it there.

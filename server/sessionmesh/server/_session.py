@@ -64,6 +64,7 @@ class Session:
         "id",
         "last_used",
         "moves",
+        "moving",
         "principal",
         "ttl",
     )
@@ -90,6 +91,8 @@ class Session:
         self.failure: Any = None
         #: How many times the session has moved between replicas (a move's fence).
         self.moves = 0
+        #: While a move hands the session over: done when the move is over.
+        self.moving: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         return f"<Session {short(self.id)}{' closed' if self.closed else ''}>"

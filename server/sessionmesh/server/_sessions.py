@@ -133,6 +133,14 @@ class SessionStore:
         self.counters["moved_out"] += 1
         log.info("session %s moved to instance %s", short(session.id), to)
 
+    def find(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def moving(self, session_id: str) -> asyncio.Future[None] | None:
+        """Done when the move of this session is over, if one is under way."""
+        session = self._sessions.get(session_id)
+        return session.moving if session is not None else None
+
     def moved_to(self, session_id: str, principal: str) -> str | None:
         """The instance a session moved to from here, told only to the caller that owns it
         (anyone else learns what a forged id would)."""
