@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sessionmesh.move")
 
 #: Hand-overs in flight at once while draining (each is one small RPC).
-_AT_ONCE = 32
+_AT_ONCE = 8
 #: How long a hand-over RPC may take.
 _ACCEPT_TIMEOUT = 5.0
 
