@@ -353,6 +353,13 @@ class BaseProxy:
 
     # -- sessions -----------------------------------------------------------------------------
 
+    def detach_session(self) -> str | None:
+        """Hand this proxy's auto session to the caller: its id (None if none is open), and
+        the proxy no longer closes it (the caller does, with ``close_session``, or its idle
+        TTL). The next call opens a new one."""
+        session_id, _ = self._auto.reset()
+        return session_id
+
     async def cleanup_auto_session(self) -> None:
         """Close the auto session (if one is open) and forget it; the next call opens anew."""
         await self._auto.close(self._transport)

@@ -26,6 +26,7 @@ from sessionmesh.core.cli import (
 )
 from sessionmesh.errors import MeshError, RemoteError
 from sessionmesh.server import _logs as logs
+from sessionmesh.server import _mcp_command as mcp_command
 from sessionmesh.server._commands import registry_command, run_command, serve_command
 from sessionmesh.server._registry import LOST_AFTER
 from sessionmesh.server._settings import (
@@ -281,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     serving_security(run)
     run.set_defaults(run=run_command)
 
+    mcp_command.add(commands)
     client_commands.add(commands)
     for sub in commands.choices.values():
         # `sessionmesh call -v ...` as well as `sessionmesh -v call ...`.

@@ -1,0 +1,154 @@
+"""``sessionmesh mcp``: the MCP front door. Any MCP client (Streamable HTTP, both protocol
+eras: the SDK's transport serves them) lists the mesh's tools and calls them; a call in a
+session lands on the replica that owns it, from any front door.
+
+The front door keeps no per-session state: a session's handle is its mesh session id, and
+the mesh routes it to its owner (following it when it moves). So any number of front doors
+run behind any balancer. The SDK's transport runs stateless (no ``Mcp-Session-Id`` table).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import mcp_types as types
+from mcp.server.lowlevel import Server
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.exceptions import MCPError
+
+from sessionmesh.errors import MeshError, RemoteError
+from sessionmesh.server._mcp_tools import CLOSE_SESSION, SESSION, MeshTool, mesh_tools
+from sessionmesh.v1 import registry_service_pb2 as rpb
+
+if TYPE_CHECKING:
+    from mcp.server.context import ServerRequestContext
+    from starlette.applications import Starlette
+
+    from sessionmesh.client import MeshClient
+
+log = logging.getLogger("sessionmesh.mcp")
+
+#: Where a result's session handle also goes in its ``_meta``.
+SESSION_META = "io.sessionmesh/session"
+#: How long a client may cache tools/list (2026-07-28 era): agents come and go.
+TOOLS_TTL_MS = 5_000
+
+
+class FrontDoor:
+    """MCP requests in, mesh calls out."""
+
+    def __init__(self, client: MeshClient) -> None:
+        self.client = client
+
+    def tools(self) -> dict[str, MeshTool]:
+        serving = [i for i in self.client.instances() if i.state == rpb.INSTANCE_STATE_SERVING]
+        return mesh_tools(serving)
+
+    async def list_tools(
+        self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        return types.ListToolsResult(
+            tools=[
+                types.Tool(
+                    name=t.name,
+                    description=t.description,
+                    input_schema=t.input_schema,
+                    output_schema=t.output_schema,
+                )
+                for t in self.tools().values()
+            ],
+            ttl_ms=TOOLS_TTL_MS,
+        )
+
+    async def call_tool(
+        self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        tool = self.tools().get(params.name)
+        if tool is None:
+            raise MCPError(
+                types.INVALID_PARAMS,
+                f"unknown tool {params.name!r}: tools/list names the mesh's tools",
+            )
+        arguments = dict(params.arguments or {})
+        handle = arguments.pop(SESSION, None)
+        if handle is not None and not isinstance(handle, str):
+            return _failed("INVALID_ARGUMENTS", "'session' is a handle: a string")
+        try:
+            if tool.name == CLOSE_SESSION:
+                if not handle:
+                    return _failed("INVALID_ARGUMENTS", "close_session needs 'session'")
+                closed = await self.client.proxy("-").close_session(handle)
+                return _result({"closed": closed}, None)
+            if tool.streaming:
+                return await self._stream(ctx, tool, arguments, handle)
+            proxy = self.client.proxy(tool.capability, session_required=tool.session_required)
+            if handle:
+                value = await proxy.call_with_session(session_id=handle, **arguments)
+            else:
+                value = await proxy(**arguments)
+                # The auto session opened by this call is the caller's now: it closes it
+                # (close_session) or its idle TTL does.
+                handle = proxy.detach_session() if tool.session_required else None
+        except RemoteError as exc:
+            return _failed(exc.reason or exc.code.name, exc.message)
+        except MeshError as exc:
+            return _failed(type(exc).__name__, str(exc))
+        return _result(value, handle)
+
+    async def _stream(
+        self,
+        ctx: ServerRequestContext[Any],
+        tool: MeshTool,
+        arguments: dict[str, Any],
+        handle: str | None,
+    ) -> types.CallToolResult:
+        token = (ctx.meta or {}).get("progress_token") if ctx.meta else None
+        proxy = self.client.proxy(tool.capability, session_required=tool.session_required)
+        chunks: list[Any] = []
+        async for chunk in proxy.call_tool_auto(tool.capability, arguments, session_id=handle):
+            chunks.append(chunk)
+            if token is not None:
+                await ctx.session.send_progress_notification(
+                    token, len(chunks), message=json.dumps(chunk), related_request_id=None
+                )
+        if tool.session_required and not handle:
+            handle = proxy.detach_session()
+        return _result({"chunks": chunks}, handle)
+
+
+def _result(value: Any, handle: str | None) -> types.CallToolResult:
+    structured = dict(value) if isinstance(value, dict) else {"result": value}
+    if handle:
+        structured[SESSION] = handle
+    return types.CallToolResult(
+        content=[types.TextContent(text=json.dumps(structured))],
+        structured_content=structured,
+        _meta={SESSION_META: handle} if handle else None,
+    )
+
+
+def _failed(reason: str, message: str) -> types.CallToolResult:
+    return types.CallToolResult(
+        content=[types.TextContent(text=f"{reason}: {message}")],
+        structured_content={"reason": reason, "message": message},
+        is_error=True,
+    )
+
+
+def app(front: FrontDoor, host: str, port: int, origins: list[str]) -> Starlette:
+    """The front door's ASGI app: MCP's Streamable HTTP transport at ``/mcp``."""
+    server: Server[Any] = Server(
+        "sessionmesh",
+        description="The tools of a sessionmesh mesh; a call with a session handle lands on "
+        "the replica that holds the session.",
+        on_list_tools=front.list_tools,
+        on_call_tool=front.call_tool,
+    )
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[f"{host}:*", f"{host}", "localhost:*", "127.0.0.1:*"],
+        allowed_origins=origins or [f"http://{host}:*", "http://localhost:*", "http://127.0.0.1:*"],
+    )
+    return server.streamable_http_app(stateless_http=True, transport_security=security, host=host)

@@ -1,0 +1,91 @@
+"""``sessionmesh mcp``: serve the MCP front door (needs ``sessionmesh[mcp]``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+from sessionmesh.core.cli import registry_address, say, tls_from, token_from
+from sessionmesh.errors import MeshError, UsageError
+from sessionmesh.server._security import is_loopback
+
+#: How long the front door waits for the registry's first view before serving anyway.
+_FIRST_VIEW = 5.0
+
+
+def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    p = commands.add_parser(
+        "mcp", help="serve the mesh's tools to MCP clients (Streamable HTTP at /mcp)"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765, help="0: a free one")
+    p.add_argument(
+        "--registry",
+        default=None,
+        metavar="HOST:PORT",
+        help="the registry, or etcd://... (default: $SESSIONMESH_REGISTRY, else 127.0.0.1:50050)",
+    )
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin allowed to call (Origin header; default: loopback origins only)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve plain HTTP on an address reachable from elsewhere (refused without it)",
+    )
+    p.set_defaults(run=mcp_command)
+    return p
+
+
+async def mcp_command(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from sessionmesh.server._mcp import FrontDoor, app
+    except ImportError as exc:
+        raise SystemExit(
+            f"sessionmesh: the MCP front door needs sessionmesh[mcp] ({exc.name} is missing): "
+            "pip install 'sessionmesh[mcp]'"
+        ) from None
+    from sessionmesh import mesh
+
+    if not is_loopback(args.host) and not args.insecure:
+        raise SystemExit(
+            f"sessionmesh: {args.host} is reachable from elsewhere: put the front door behind "
+            "a TLS-terminating proxy and pass --insecure, or bind a loopback address"
+        )
+    address = registry_address(args, required=True)
+    assert address is not None
+    client = mesh.connect(registry=address, tls=tls_from(args), token=token_from(args))
+    try:
+        try:
+            await client.ready(within=_FIRST_VIEW)
+        except MeshError as exc:
+            say(f"no view of the mesh yet ({exc}); serving, tools appear as agents do")
+        config = uvicorn.Config(
+            app(FrontDoor(client), args.host, args.port, args.allow_origin),
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            lifespan="on",
+        )
+        server = uvicorn.Server(config)
+        serving = asyncio.create_task(server.serve())  # it stops on SIGINT / SIGTERM
+        while not server.started:
+            if serving.done():
+                await serving  # it failed to start: say why
+                raise UsageError(f"the MCP front door could not listen on {args.host}:{args.port}")
+            await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://{args.host}:{port}/mcp"
+        print(json.dumps({"url": url, "registry": address}), flush=True)
+        say(f"MCP front door serving on {url}")
+        await serving
+    finally:
+        await client.aclose()
+    return 0

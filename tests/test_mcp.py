@@ -1,0 +1,123 @@
+"""The MCP front door (`sessionmesh mcp`), called by the official MCP SDK's client in both
+protocol eras: real processes (registry, agents, front doors) on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("mcp", reason="the MCP front door needs sessionmesh[mcp]")
+
+from mcp import Client
+
+from sessionmesh import mesh
+from sessionmesh.testing import eventually
+from tests.procs import open_sessions, process, serve
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+ERAS = ["legacy", "2026-07-28"]
+
+
+def front_door(reg: str) -> contextlib.AbstractAsyncContextManager[Any]:
+    return process("mcp", "--port", "0", "--registry", reg)
+
+
+@contextlib.asynccontextmanager
+async def counters(reg: str, n: int) -> AsyncIterator[list[dict[str, Any]]]:
+    async with contextlib.AsyncExitStack() as stack:
+        ready = [
+            (await stack.enter_async_context(serve("examples/counter.py", "--registry", reg)))[1]
+            for _ in range(n)
+        ]
+        async with mesh.connect(registry=reg) as client:
+            await eventually(
+                lambda: len([i for i in client.instances() if i.agent_name == "counter"]) == n,
+                what=f"{n} counters",
+            )
+        yield ready
+
+
+@pytest.mark.parametrize("era", ERAS)
+async def test_tools_sessions_errors_and_streams_in_both_eras(reg: str, era: str) -> None:
+    async with counters(reg, 1) as (agent,), front_door(reg) as (_, door):
+        async with Client(door["url"], mode=era) as client:
+            tools = {t.name: t for t in (await client.list_tools()).tools}
+            assert {"session_counter", "stream_counter", "close_session"} <= set(tools)
+            assert all(t.description for t in tools.values())
+            handle_param = tools["session_counter"].input_schema["properties"]["session"]
+            assert handle_param["x-mcp-header"] == "Session"
+            # The first call opens a session and hands its handle back.
+            first = await client.call_tool("session_counter", {"increment": 2})
+            assert not first.is_error
+            handle = first.structured_content["session"]
+            assert first.meta is not None and first.meta["io.sessionmesh/session"] == handle
+            again = await client.call_tool("session_counter", {"increment": 3, "session": handle})
+            assert again.structured_content["count"] == 5
+            bad = await client.call_tool("session_counter", {"increment": "x", "session": handle})
+            assert bad.is_error and bad.structured_content["reason"] == "INVALID_ARGUMENTS"
+            forged = await client.call_tool(
+                "session_counter", {"session": agent["instance"] + ".forgedforgedforgedforg"}
+            )
+            assert forged.is_error and forged.structured_content["reason"] == "SESSION_NOT_FOUND"
+            chunks = await client.call_tool("stream_counter", {"n": 3, "session": handle})
+            assert [c["i"] for c in chunks.structured_content["chunks"]] == [1, 2, 3]
+            assert [c["count"] for c in chunks.structured_content["chunks"]] == [5, 5, 5]
+            closed = await client.call_tool("close_session", {"session": handle})
+            assert closed.structured_content == {"closed": True}
+            gone = await client.call_tool("session_counter", {"session": handle})
+            assert gone.is_error and gone.structured_content["reason"] == "SESSION_NOT_FOUND"
+        assert await open_sessions(agent["address"]) == 0
+
+
+async def test_calls_alternating_between_two_front_doors_land_on_the_owner(reg: str) -> None:
+    async with (
+        counters(reg, 3) as agents,
+        front_door(reg) as (_, one),
+        front_door(reg) as (second, two),
+    ):
+        async with (
+            Client(one["url"], mode="legacy") as a,
+            Client(two["url"], mode="2026-07-28") as b,
+        ):
+            first = await a.call_tool("session_counter", {"increment": 1})
+            handle = first.structured_content["session"]
+            expected = 1
+            for i in range(1, 300):
+                door = (a, b)[i % 2]
+                reply = await door.call_tool("session_counter", {"increment": 1, "session": handle})
+                expected += 1
+                assert reply.structured_content["count"] == expected
+            held = [await open_sessions(x["address"]) for x in agents]
+            assert sorted(held) == [0, 0, 1]  # one replica of three holds it
+            # A front door SIGKILLed: the client goes on through the other, nothing lost.
+            os.kill(second.pid, signal.SIGKILL)
+            reply = await a.call_tool("session_counter", {"increment": 1, "session": handle})
+            assert reply.structured_content["count"] == expected + 1
+            await a.call_tool("close_session", {"session": handle})
+
+
+async def test_a_foreign_origin_is_refused(reg: str) -> None:
+    async with counters(reg, 1), front_door(reg) as (_, door):
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}).encode()
+        request = urllib.request.Request(
+            door["url"],
+            data=body,
+            headers={
+                "Origin": "http://evil.example",
+                "Content-Type": "application/json",
+                "Accept": "application/json, text/event-stream",
+            },
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)  # noqa: ASYNC210 - one short request
+        refused.value.close()
+        assert refused.value.code == 403
