@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import socket
 
 from sessionmesh.core.cli import registry_address, say, tls_from, token_from
 from sessionmesh.errors import MeshError, UsageError
@@ -67,25 +67,22 @@ async def mcp_command(args: argparse.Namespace) -> int:
             await client.ready(within=_FIRST_VIEW)
         except MeshError as exc:
             say(f"no view of the mesh yet ({exc}); serving, tools appear as agents do")
+        try:
+            sock = socket.create_server((args.host, args.port))
+        except OSError as exc:
+            raise UsageError(
+                f"the MCP front door cannot listen on {args.host}:{args.port}: {exc.strerror}"
+            ) from None
         config = uvicorn.Config(
             app(FrontDoor(client), args.host, args.port, args.allow_origin),
-            host=args.host,
-            port=args.port,
             log_level="warning",
             lifespan="on",
         )
-        server = uvicorn.Server(config)
-        serving = asyncio.create_task(server.serve())  # it stops on SIGINT / SIGTERM
-        while not server.started:
-            if serving.done():
-                await serving  # it failed to start: say why
-                raise UsageError(f"the MCP front door could not listen on {args.host}:{args.port}")
-            await asyncio.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        url = f"http://{args.host}:{port}/mcp"
+        url = f"http://{args.host}:{sock.getsockname()[1]}/mcp"
         print(json.dumps({"url": url, "registry": address}), flush=True)
         say(f"MCP front door serving on {url}")
-        await serving
+        # Listening already (callers queue until uvicorn accepts); it stops on SIGINT/SIGTERM.
+        await uvicorn.Server(config).serve(sockets=[sock])
     finally:
         await client.aclose()
     return 0
