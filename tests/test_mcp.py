@@ -11,16 +11,20 @@ import signal
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 pytest.importorskip("mcp", reason="the MCP front door needs sessionmesh[mcp]")
 
+import httpx2
 from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from sessionmesh import mesh
 from sessionmesh.testing import eventually
+from tests.pki import Pki
 from tests.procs import ROOT, open_sessions, process, serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -154,3 +158,71 @@ async def test_the_mcp_conformance_suite_passes(reg: str) -> None:
             said = out.decode()
             assert run.returncode == 0, said
             assert " 0 failed" in said, said
+
+
+@pytest.fixture
+def tokens(tmp_path: Path) -> str:
+    path = tmp_path / "tokens"
+    path.write_text(f"alice {ALICE}\nbob {BOB}\n")
+    return str(path)
+
+
+async def test_each_mcp_caller_is_its_own_principal_on_the_agents(
+    tmp_path: Path, tokens: str
+) -> None:
+    """A bearer token from the MCP client goes on to the agents: a session is bound to the
+    caller that opened it, and another caller presenting its handle gets what a forged one
+    gets."""
+    pki = Pki(tmp_path)
+    server = pki.server(client_ca=False)
+    tls = ["--tls-cert", str(server.cert), "--tls-key", str(server.key), "--tls-ca", pki.ca_file]
+    async with (
+        process("registry", "--port", "0", *tls[:4]) as (_, reg),
+        serve(
+            "examples/counter.py", "--registry", reg["registry"], *tls, "--auth-tokens", str(tokens)
+        ),
+        process("mcp", "--port", "0", "--registry", reg["registry"], "--tls-ca", pki.ca_file) as (
+            _,
+            door,
+        ),
+    ):
+        async with as_caller(door["url"], ALICE) as alice, as_caller(door["url"], BOB) as bob:
+            first = await _eventually_listed(alice)
+            handle = first.structured_content["session"]
+            mine = await alice.call_tool("session_counter", {"increment": 1, "session": handle})
+            assert mine.structured_content["count"] == 2
+            stolen = await bob.call_tool("session_counter", {"increment": 1, "session": handle})
+            assert stolen.is_error and stolen.structured_content["reason"] == "SESSION_NOT_FOUND"
+            assert (
+                await bob.call_tool("close_session", {"session": handle})
+            ).structured_content == {"closed": False}
+            again = await alice.call_tool("session_counter", {"increment": 1, "session": handle})
+            assert again.structured_content["count"] == 3  # untouched by bob
+        async with as_caller(door["url"], "not-a-token-the-agents-know") as stranger:
+            refused = await stranger.call_tool("session_counter", {"increment": 1})
+            assert refused.is_error and refused.structured_content["reason"] == "UNAUTHENTICATED"
+
+
+ALICE, BOB = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef"
+
+
+@contextlib.asynccontextmanager
+async def as_caller(url: str, token: str) -> AsyncIterator[Client]:
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as http:
+        async with Client(streamable_http_client(url, http_client=http), mode="legacy") as client:
+            yield client
+
+
+async def _eventually_listed(client: Client) -> Any:
+    """The first call, once the front door sees the agent."""
+    result: list[Any] = []
+
+    async def called() -> bool:
+        reply = await client.call_tool("session_counter", {"increment": 1})
+        if reply.is_error:
+            return False
+        result.append(reply)
+        return True
+
+    await eventually(called, what="the front door lists the counter")
+    return result[0]

@@ -9,6 +9,8 @@ run behind any balancer. The SDK's transport runs stateless (no ``Mcp-Session-Id
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -23,6 +25,8 @@ from sessionmesh.server._mcp_tools import CLOSE_SESSION, SESSION, MeshTool, mesh
 from sessionmesh.v1 import registry_service_pb2 as rpb
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from mcp.server.context import ServerRequestContext
     from starlette.applications import Starlette
 
@@ -36,11 +40,47 @@ SESSION_META = "io.sessionmesh/session"
 TOOLS_TTL_MS = 5_000
 
 
-class FrontDoor:
-    """MCP requests in, mesh calls out."""
+#: Callers (bearer tokens) whose own connections to the mesh are kept open at once.
+MAX_CALLERS = 64
 
-    def __init__(self, client: MeshClient) -> None:
+
+class FrontDoor:
+    """MCP requests in, mesh calls out. A request with a bearer token calls the agents with
+    that token (its own connections), so the agents know the MCP caller, not the front door:
+    its sessions are bound to it, and another caller presenting its handle gets what a
+    forged handle gets. A request without one calls with the front door's credentials."""
+
+    def __init__(
+        self, client: MeshClient, connect: Callable[[str], MeshClient] | None = None
+    ) -> None:
         self.client = client
+        self._connect = connect
+        self._callers: collections.OrderedDict[str, MeshClient] = collections.OrderedDict()
+
+    async def _client_for(self, ctx: ServerRequestContext[Any]) -> MeshClient:
+        request = ctx.request
+        header = request.headers.get("authorization", "") if request is not None else ""
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if self._connect is None or scheme.lower() != "bearer" or not token:
+            return self.client
+        callers = self._callers
+        client = callers.get(token)
+        if client is not None:
+            callers.move_to_end(token)
+            return client
+        client = callers[token] = self._connect(token)
+        if len(callers) > MAX_CALLERS:
+            _, oldest = callers.popitem(last=False)
+            await oldest.aclose()
+        with contextlib.suppress(MeshError):
+            await client.ready(within=5.0)
+        return client
+
+    async def aclose(self) -> None:
+        callers, self._callers = self._callers, collections.OrderedDict()
+        for client in callers.values():
+            await client.aclose()
 
     def tools(self) -> dict[str, MeshTool]:
         serving = [i for i in self.client.instances() if i.state == rpb.INSTANCE_STATE_SERVING]
@@ -73,17 +113,18 @@ class FrontDoor:
             )
         arguments = dict(params.arguments or {})
         handle = arguments.pop(SESSION, None)
+        client = await self._client_for(ctx)
         if handle is not None and not isinstance(handle, str):
             return _failed("INVALID_ARGUMENTS", "'session' is a handle: a string")
         try:
             if tool.name == CLOSE_SESSION:
                 if not handle:
                     return _failed("INVALID_ARGUMENTS", "close_session needs 'session'")
-                closed = await self.client.proxy("-").close_session(handle)
+                closed = await client.proxy("-").close_session(handle)
                 return _result({"closed": closed}, None)
             if tool.streaming:
-                return await self._stream(ctx, tool, arguments, handle)
-            proxy = self.client.proxy(tool.capability, session_required=tool.session_required)
+                return await self._stream(ctx, client, tool, arguments, handle)
+            proxy = client.proxy(tool.capability, session_required=tool.session_required)
             if handle:
                 value = await proxy.call_with_session(session_id=handle, **arguments)
             else:
@@ -100,12 +141,13 @@ class FrontDoor:
     async def _stream(
         self,
         ctx: ServerRequestContext[Any],
+        client: MeshClient,
         tool: MeshTool,
         arguments: dict[str, Any],
         handle: str | None,
     ) -> types.CallToolResult:
         token = (ctx.meta or {}).get("progress_token") if ctx.meta else None
-        proxy = self.client.proxy(tool.capability, session_required=tool.session_required)
+        proxy = client.proxy(tool.capability, session_required=tool.session_required)
         chunks: list[Any] = []
         async for chunk in proxy.call_tool_auto(tool.capability, arguments, session_id=handle):
             chunks.append(chunk)

@@ -6,7 +6,7 @@ import argparse
 import json
 import socket
 
-from sessionmesh.core.cli import registry_address, say, tls_from, token_from
+from sessionmesh.core.cli import registry_address, say, security_options, tls_from, token_from
 from sessionmesh.errors import MeshError, UsageError
 from sessionmesh.server._security import is_loopback
 
@@ -38,6 +38,7 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
         action="store_true",
         help="serve plain HTTP on an address reachable from elsewhere (refused without it)",
     )
+    security_options(p, serves=False)  # towards the mesh: the registry and the agents
     p.set_defaults(run=mcp_command)
     return p
 
@@ -73,8 +74,12 @@ async def mcp_command(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"the MCP front door cannot listen on {args.host}:{args.port}: {exc.strerror}"
             ) from None
+        tls = tls_from(args)
+        front = FrontDoor(
+            client, lambda token: mesh.connect(registry=address, tls=tls, token=token)
+        )
         config = uvicorn.Config(
-            app(FrontDoor(client), args.host, args.port, args.allow_origin),
+            app(front, args.host, args.port, args.allow_origin),
             log_level="warning",
             lifespan="on",
         )
@@ -82,7 +87,10 @@ async def mcp_command(args: argparse.Namespace) -> int:
         print(json.dumps({"url": url, "registry": address}), flush=True)
         say(f"MCP front door serving on {url}")
         # Listening already (callers queue until uvicorn accepts); it stops on SIGINT/SIGTERM.
-        await uvicorn.Server(config).serve(sockets=[sock])
+        try:
+            await uvicorn.Server(config).serve(sockets=[sock])
+        finally:
+            await front.aclose()
     finally:
         await client.aclose()
     return 0
