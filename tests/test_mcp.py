@@ -26,6 +26,7 @@ from sessionmesh import mesh
 from sessionmesh.testing import eventually
 from tests.pki import Pki
 from tests.procs import ROOT, open_sessions, process, serve
+from tests.redis_server import redis_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -226,3 +227,105 @@ async def _eventually_listed(client: Client) -> Any:
 
     await eventually(called, what="the front door lists the counter")
     return result[0]
+
+
+@pytest.mark.parametrize("era", ERAS)
+async def test_a_stream_reports_each_chunk_as_progress(reg: str, era: str) -> None:
+    seen: list[tuple[float, str | None]] = []
+
+    async def progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, message))
+
+    async with counters(reg, 1), front_door(reg) as (_, door):
+        async with Client(door["url"], mode=era) as client:
+            result = await client.call_tool("stream_counter", {"n": 3}, progress_callback=progress)
+            assert [c["i"] for c in result.structured_content["chunks"]] == [1, 2, 3]
+            assert [d for d, _ in seen] == [1, 2, 3]
+            assert [json.loads(m or "")["i"] for _, m in seen] == [1, 2, 3]
+            handle = result.structured_content["session"]
+            await client.call_tool("close_session", {"session": handle})
+
+
+async def test_a_durable_sessions_owner_killed_behind_the_front_door_loses_nothing(
+    reg: str,
+) -> None:
+    async with redis_server() as store, contextlib.AsyncExitStack() as stack:
+        agents = [
+            await stack.enter_async_context(
+                serve("examples/counter.py", "--registry", reg, "--session-store", store.url)
+            )
+            for _ in range(2)
+        ]
+        async with mesh.connect(registry=reg) as client:
+            await eventually(lambda: len(client.instances()) == 2, what="two counters")
+        _, door = await stack.enter_async_context(front_door(reg))
+        async with Client(door["url"], mode="legacy") as mcp_client:
+            first = await mcp_client.call_tool("session_counter", {"increment": 1})
+            handle = first.structured_content["session"]
+            owner = next(p for p, ready in agents if handle.startswith(ready["instance"]))
+            for n in range(2, 6):
+                reply = await mcp_client.call_tool(
+                    "session_counter", {"increment": 1, "session": handle}
+                )
+                assert reply.structured_content["count"] == n
+            os.kill(owner.pid, signal.SIGKILL)
+            reply = await mcp_client.call_tool(
+                "session_counter", {"increment": 1, "session": handle}
+            )
+            assert not reply.is_error, reply.structured_content
+            assert reply.structured_content["count"] == 6  # adopted from the store, exact
+            closed = await mcp_client.call_tool("close_session", {"session": handle})
+            assert closed.structured_content == {"closed": True}
+        assert await store.keys() == 0
+
+
+async def test_a_tools_call_is_one_trace_with_the_mesh_call(reg: str) -> None:
+    import socket
+
+    import uvicorn
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from sessionmesh import tracing
+    from sessionmesh.server import Agent
+    from sessionmesh.server._mcp import FrontDoor, app
+    from tests.tools import increment
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.enable(provider)
+    try:
+        async with (
+            Agent([increment], name="counter", registry=reg),
+            mesh.connect(registry=reg) as client,
+        ):
+            await eventually(lambda: bool(client.instances()), what="the agent listed")
+            sock = socket.create_server(("127.0.0.1", 0))
+            config = uvicorn.Config(app(FrontDoor(client), "127.0.0.1", 0, []), log_level="error")
+            web = uvicorn.Server(config)
+            serving = asyncio.create_task(web.serve(sockets=[sock]))
+            try:
+                url = f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
+                async with Client(url, mode="legacy") as mcp_client:
+                    first = await mcp_client.call_tool("session_counter", {"increment": 1})
+                    handle = first.structured_content["session"]
+                    await mcp_client.call_tool("close_session", {"session": handle})
+            finally:
+                web.should_exit = True
+                await serving
+    finally:
+        tracing.disable()
+    done = exporter.get_finished_spans()
+    [door] = [s for s in done if s.name == "tools/call session_counter"]
+    [mesh_call] = [s for s in done if s.name == "session_counter" and s.kind == SpanKind.CLIENT]
+    [served] = [s for s in done if s.name == "session_counter" and s.kind == SpanKind.SERVER]
+    assert door.kind == SpanKind.SERVER and door.attributes is not None
+    assert door.attributes["mcp.method.name"] == "tools/call"
+    assert mesh_call.parent is not None and mesh_call.parent.span_id == door.context.span_id
+    assert served.context.trace_id == door.context.trace_id
+    [closing] = [s for s in done if s.name == "tools/call close_session"]
+    assert closing.attributes is not None
+    assert closing.attributes["mcp.session.id"] == handle[:14]  # shortened, never whole

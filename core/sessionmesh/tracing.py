@@ -151,14 +151,26 @@ def event(name: str, attributes: Mapping[str, str] | None = None) -> None:
 
 
 @contextlib.contextmanager
-def span(name: str, carrier: Mapping[str, str] | None = None) -> Iterator[None]:
-    """A span around work that is not a tool call (closing or expiring a session), a child
-    of the trace ``carrier`` holds, if any; nothing when tracing is off."""
+def span(
+    name: str,
+    carrier: Mapping[str, str] | None = None,
+    attributes: Mapping[str, str] | None = None,
+    *,
+    server: bool = False,
+) -> Iterator[None]:
+    """A span around work that is not a tool call (closing or expiring a session; a request
+    of the MCP front door, ``server``), a child of the trace ``carrier`` holds, if any;
+    nothing when tracing is off."""
     if _tracer is None:
         yield
         return
+    from opentelemetry.trace import SpanKind
+
     context = extract(carrier) if carrier else None
-    with _tracer.start_as_current_span(name, context=context):
+    kind = SpanKind.SERVER if server else SpanKind.INTERNAL
+    with _tracer.start_as_current_span(
+        name, context=context, kind=kind, attributes=dict(attributes or {})
+    ):
         yield
 
 

@@ -20,9 +20,11 @@ from mcp.server.lowlevel import Server
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
 
-from sessionmesh.errors import MeshError, RemoteError
+from sessionmesh import tracing
+from sessionmesh.errors import AgentUnavailable, MeshError, RemoteError
 from sessionmesh.server._mcp_tools import CLOSE_SESSION, SESSION, MeshTool, mesh_tools
 from sessionmesh.v1 import registry_service_pb2 as rpb
+from sessionmesh.wire.names import is_durable, short
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -113,51 +115,87 @@ class FrontDoor:
             )
         arguments = dict(params.arguments or {})
         handle = arguments.pop(SESSION, None)
+        request = ctx.request
+        carrier = (
+            {k: request.headers[k] for k in ("traceparent", "tracestate") if k in request.headers}
+            if request is not None and tracing.tracer() is not None
+            else None
+        )
+        attributes = {"mcp.method.name": "tools/call", "gen_ai.tool.name": params.name}
+        if isinstance(handle, str):
+            attributes["mcp.session.id"] = short(handle)  # the handle is a secret: shortened
+        with tracing.span(f"tools/call {params.name}", carrier, attributes, server=True):
+            return await self._call(ctx, tool, arguments, handle)
+
+    async def _call(
+        self,
+        ctx: ServerRequestContext[Any],
+        tool: MeshTool,
+        arguments: dict[str, Any],
+        handle: Any,
+    ) -> types.CallToolResult:
         client = await self._client_for(ctx)
         if handle is not None and not isinstance(handle, str):
             return _failed("INVALID_ARGUMENTS", "'session' is a handle: a string")
+        if tool.name == CLOSE_SESSION:
+            if not handle:
+                return _failed("INVALID_ARGUMENTS", "close_session needs 'session'")
+            try:
+                return _result({"closed": await _close(client, handle)}, None)
+            except MeshError as exc:
+                return _error(exc)
+        proxy = client.proxy(tool.capability, session_required=tool.session_required)
         try:
-            if tool.name == CLOSE_SESSION:
-                if not handle:
-                    return _failed("INVALID_ARGUMENTS", "close_session needs 'session'")
-                closed = await client.proxy("-").close_session(handle)
-                return _result({"closed": closed}, None)
             if tool.streaming:
-                return await self._stream(ctx, client, tool, arguments, handle)
-            proxy = client.proxy(tool.capability, session_required=tool.session_required)
-            if handle:
+                value = await self._stream(ctx, proxy, tool, arguments, handle)
+            elif handle:
                 value = await proxy.call_with_session(session_id=handle, **arguments)
             else:
                 value = await proxy(**arguments)
-                # The auto session opened by this call is the caller's now: it closes it
-                # (close_session) or its idle TTL does.
-                handle = proxy.detach_session() if tool.session_required else None
-        except RemoteError as exc:
-            return _failed(exc.reason or exc.code.name, exc.message)
         except MeshError as exc:
-            return _failed(type(exc).__name__, str(exc))
-        return _result(value, handle)
+            # A session this call opened before it failed is the caller's too: say which.
+            return _error(exc, handle or proxy.detach_session())
+        # The auto session opened by this call is the caller's now: it closes it
+        # (close_session) or its idle TTL does.
+        return _result(value, handle or proxy.detach_session())
 
     async def _stream(
         self,
         ctx: ServerRequestContext[Any],
-        client: MeshClient,
+        proxy: Any,
         tool: MeshTool,
         arguments: dict[str, Any],
         handle: str | None,
-    ) -> types.CallToolResult:
-        token = (ctx.meta or {}).get("progress_token") if ctx.meta else None
-        proxy = client.proxy(tool.capability, session_required=tool.session_required)
+    ) -> dict[str, Any]:
         chunks: list[Any] = []
         async for chunk in proxy.call_tool_auto(tool.capability, arguments, session_id=handle):
             chunks.append(chunk)
-            if token is not None:
-                await ctx.session.send_progress_notification(
-                    token, len(chunks), message=json.dumps(chunk), related_request_id=None
-                )
-        if tool.session_required and not handle:
-            handle = proxy.detach_session()
-        return _result({"chunks": chunks}, handle)
+            # To the request's own stream, if the client asked for progress (a token).
+            await ctx.session.report_progress(len(chunks), message=json.dumps(chunk))
+        return {"chunks": chunks}
+
+
+async def _close(client: MeshClient, handle: str) -> bool:
+    """Close a session where it lives. A durable one whose first owner is gone is closed
+    in its store by any replica of its agent; which agent that was, a handle does not say,
+    so one serving instance of each agent is asked until one closes it."""
+    try:
+        if await client.proxy("-").close_session(handle):
+            return True
+    except AgentUnavailable:
+        if not is_durable(handle):
+            raise
+    if not is_durable(handle):
+        return False
+    asked: set[str] = set()
+    for instance in client.instances():
+        if instance.state != rpb.INSTANCE_STATE_SERVING or instance.agent_name in asked:
+            continue
+        asked.add(instance.agent_name)
+        async with client.agent(instance) as agent:
+            if await agent.proxy("-").close_session(handle):
+                return True
+    return False
 
 
 def _result(value: Any, handle: str | None) -> types.CallToolResult:
@@ -171,10 +209,19 @@ def _result(value: Any, handle: str | None) -> types.CallToolResult:
     )
 
 
-def _failed(reason: str, message: str) -> types.CallToolResult:
+def _error(exc: MeshError, handle: str | None = None) -> types.CallToolResult:
+    if isinstance(exc, RemoteError):
+        return _failed(exc.reason or exc.code.name, exc.message, handle)
+    return _failed(type(exc).__name__, str(exc), handle)
+
+
+def _failed(reason: str, message: str, handle: str | None = None) -> types.CallToolResult:
+    structured = {"reason": reason, "message": message}
+    if handle:
+        structured[SESSION] = handle
     return types.CallToolResult(
         content=[types.TextContent(text=f"{reason}: {message}")],
-        structured_content={"reason": reason, "message": message},
+        structured_content=structured,
         is_error=True,
     )
 

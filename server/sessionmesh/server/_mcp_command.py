@@ -53,8 +53,9 @@ async def mcp_command(args: argparse.Namespace) -> int:
             f"sessionmesh: the MCP front door needs sessionmesh[mcp] ({exc.name} is missing): "
             "pip install 'sessionmesh[mcp]'"
         ) from None
-    from sessionmesh import mesh
+    from sessionmesh import mesh, tracing
 
+    tracing.configure_from_env(service_name="sessionmesh-mcp")  # OTEL_EXPORTER_OTLP_ENDPOINT
     if not is_loopback(args.host) and not args.insecure:
         raise SystemExit(
             f"sessionmesh: {args.host} is reachable from elsewhere: put the front door behind "
