@@ -329,3 +329,40 @@ async def test_a_tools_call_is_one_trace_with_the_mesh_call(reg: str) -> None:
     [closing] = [s for s in done if s.name == "tools/call close_session"]
     assert closing.attributes is not None
     assert closing.attributes["mcp.session.id"] == handle[:14]  # shortened, never whole
+
+
+async def test_the_mcp_inspector_cli_lists_and_calls_a_tool(reg: str) -> None:
+    node = ROOT / "node_modules/.bin/node"
+    inspector = ROOT / "node_modules/@modelcontextprotocol/inspector/cli/build/index.js"
+    if not inspector.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("node_modules has no MCP Inspector: scripts/setup runs npm ci")
+        pytest.skip("npm tools not installed (scripts/setup)")
+    async with counters(reg, 1), front_door(reg) as (_, door):
+
+        async def inspect(*args: str) -> Any:
+            run = await asyncio.create_subprocess_exec(
+                str(node),
+                str(inspector),
+                door["url"],
+                *args,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            out, _ = await asyncio.wait_for(run.communicate(), 120)
+            assert run.returncode == 0, out.decode()
+            return json.loads(out)
+
+        listed = await inspect("--method", "tools/list")
+        assert "session_counter" in {t["name"] for t in listed["tools"]}
+        called = await inspect(
+            *("--method", "tools/call", "--tool-name", "session_counter"),
+            *("--tool-arg", "increment=2"),
+        )
+        assert called["structuredContent"]["count"] == 2
+        handle = called["structuredContent"]["session"]
+        closed = await inspect(
+            *("--method", "tools/call", "--tool-name", "close_session"),
+            *("--tool-arg", f"session={handle}"),
+        )
+        assert closed["structuredContent"] == {"closed": True}
