@@ -68,6 +68,15 @@ async def test_tools_sessions_errors_and_streams_in_both_eras(reg: str, era: str
             assert first.meta is not None and first.meta["io.sessionmesh/session"] == handle
             again = await client.call_tool("session_counter", {"increment": 3, "session": handle})
             assert again.structured_content["count"] == 5
+            # A tools/call retried with its call id is answered again, never applied twice.
+            once = {"io.sessionmesh/callId": f"retry-{era}"}
+            plus = {"increment": 10, "session": handle}
+            for _ in range(2):
+                retried = await client.call_tool("session_counter", plus, meta=once)  # type: ignore[arg-type]
+                assert retried.structured_content["count"] == 15
+            assert (
+                await client.call_tool("session_counter", {"increment": 0, "session": handle})
+            ).structured_content["count"] == 15
             bad = await client.call_tool("session_counter", {"increment": "x", "session": handle})
             assert bad.is_error and bad.structured_content["reason"] == "INVALID_ARGUMENTS"
             forged = await client.call_tool(
@@ -76,7 +85,7 @@ async def test_tools_sessions_errors_and_streams_in_both_eras(reg: str, era: str
             assert forged.is_error and forged.structured_content["reason"] == "SESSION_NOT_FOUND"
             chunks = await client.call_tool("stream_counter", {"n": 3, "session": handle})
             assert [c["i"] for c in chunks.structured_content["chunks"]] == [1, 2, 3]
-            assert [c["count"] for c in chunks.structured_content["chunks"]] == [5, 5, 5]
+            assert [c["count"] for c in chunks.structured_content["chunks"]] == [15, 15, 15]
             closed = await client.call_tool("close_session", {"session": handle})
             assert closed.structured_content == {"closed": True}
             gone = await client.call_tool("session_counter", {"session": handle})

@@ -230,7 +230,22 @@ class BaseProxy:
             metadata={"session_id": session_id},
         )
 
-    async def _unary(self, tool: str, args: Mapping[str, Any], session_id: str | None) -> Any:
+    async def call_once(
+        self, call_id: str, *call: Any, session_id: str | None = None, **kwargs: Any
+    ) -> Any:
+        """A call with an id of the caller's choosing: sent again with the same id (a retry
+        after a lost answer, from this process or another), it gets the first call's
+        outcome from the agent instead of running twice. In a session the id is kept by
+        the session's owner (and moves with it); ids are the caller's own (with
+        authentication, per principal)."""
+        if not call_id:
+            raise UsageError("call_once needs a call id")
+        tool, args = split_call(self._tool, call, kwargs)
+        return await self._unary(tool, args, session_id, call_id=call_id)
+
+    async def _unary(
+        self, tool: str, args: Mapping[str, Any], session_id: str | None, *, call_id: str = ""
+    ) -> Any:
         """One call with its retries: transport failures are retried ``retry_count`` times
         (the call id makes a retry safe); a new session refused by an agent that is
         shutting down is tried once more on another instance, as nothing ran."""
@@ -249,7 +264,9 @@ class BaseProxy:
                     "serves has passed"
                 )
             message.timeout.FromNanoseconds(int(timeout * 1e9))
-        if opts.retry_count:
+        if call_id:
+            request.call_id = call_id
+        elif opts.retry_count:
             request.call_id = self._auto.next_call_id()
         tracer = tracing.tracer()
         if tracer is not None:

@@ -38,6 +38,8 @@ log = logging.getLogger("sessionmesh.mcp")
 
 #: Where a result's session handle also goes in its ``_meta``.
 SESSION_META = "io.sessionmesh/session"
+#: The ``_meta`` key of a tools/call's id: a retry with the same id never applies twice.
+CALL_ID_META = "io.sessionmesh/callId"
 #: How long a client may cache tools/list (2026-07-28 era): agents come and go.
 TOOLS_TTL_MS = 5_000
 
@@ -146,8 +148,12 @@ class FrontDoor:
                 return _error(exc)
         proxy = client.proxy(tool.capability, session_required=tool.session_required)
         try:
+            call_id = (ctx.meta or {}).get(CALL_ID_META)
             if tool.streaming:
                 value = await self._stream(ctx, proxy, tool, arguments, handle)
+            elif isinstance(call_id, str) and call_id:
+                # A retried tools/call carries the same id: answered, never applied twice.
+                value = await proxy.call_once(call_id, session_id=handle or None, **arguments)
             elif handle:
                 value = await proxy.call_with_session(session_id=handle, **arguments)
             else:
