@@ -33,8 +33,8 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 ERAS = ["legacy", "2026-07-28"]
 
 
-def front_door(reg: str) -> contextlib.AbstractAsyncContextManager[Any]:
-    return process("mcp", "--port", "0", "--registry", reg)
+def front_door(reg: str, *more: str) -> contextlib.AbstractAsyncContextManager[Any]:
+    return process("mcp", "--port", "0", "--registry", reg, *more)
 
 
 @contextlib.asynccontextmanager
@@ -375,3 +375,24 @@ async def test_the_mcp_inspector_cli_lists_and_calls_a_tool(reg: str) -> None:
             *("--tool-arg", f"session={handle}"),
         )
         assert closed["structuredContent"] == {"closed": True}
+
+
+async def test_the_front_door_counts_its_calls_on_its_metrics_port(reg: str) -> None:
+    async with counters(reg, 1), front_door(reg, "--metrics-port", "0") as (_, door):
+        async with Client(door["url"], mode="legacy") as client:
+            first = await client.call_tool("session_counter", {"increment": 1})
+            handle = first.structured_content["session"]
+            await client.call_tool("session_counter", {"increment": "x", "session": handle})
+            await client.call_tool("close_session", {"session": handle})
+        scraped = await asyncio.to_thread(_scrape, door["metrics"])
+        assert 'sessionmesh_mcp_calls_total{outcome="ok",tool="session_counter"} 1.0' in scraped
+        assert (
+            'sessionmesh_mcp_calls_total{outcome="invalid_arguments",tool="session_counter"} 1.0'
+            in scraped
+        )
+        assert 'sessionmesh_mcp_call_seconds_count{tool="close_session"} 1.0' in scraped
+
+
+def _scrape(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        return str(response.read().decode())

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import json
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import mcp_types as types
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
 
     from sessionmesh.client import MeshClient
+    from sessionmesh.server._metrics import FrontDoorMetrics
 
 log = logging.getLogger("sessionmesh.mcp")
 
@@ -60,6 +62,8 @@ class FrontDoor:
         self.client = client
         self._connect = connect
         self._callers: collections.OrderedDict[str, MeshClient] = collections.OrderedDict()
+        #: Prometheus metrics, when the front door serves them (--metrics-port).
+        self.metrics: FrontDoorMetrics | None = None
 
     async def _client_for(self, ctx: ServerRequestContext[Any]) -> MeshClient:
         request = ctx.request
@@ -126,8 +130,13 @@ class FrontDoor:
         attributes = {"mcp.method.name": "tools/call", "gen_ai.tool.name": params.name}
         if isinstance(handle, str):
             attributes["mcp.session.id"] = short(handle)  # the handle is a secret: shortened
+        began = time.perf_counter()
         with tracing.span(f"tools/call {params.name}", carrier, attributes, server=True):
-            return await self._call(ctx, tool, arguments, handle)
+            result = await self._call(ctx, tool, arguments, handle)
+        if self.metrics is not None:
+            outcome = result.structured_content.get("reason", "?") if result.is_error else "ok"
+            self.metrics.done(tool.name, str(outcome).lower(), time.perf_counter() - began)
+        return result
 
     async def _call(
         self,

@@ -38,6 +38,14 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
         action="store_true",
         help="serve plain HTTP on an address reachable from elsewhere (refused without it)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on /metrics at this port of --host (0: a free one; "
+        "needs sessionmesh[metrics])",
+    )
     security_options(p, serves=False)  # towards the mesh: the registry and the agents
     p.set_defaults(run=mcp_command)
     return p
@@ -72,26 +80,39 @@ async def mcp_command(args: argparse.Namespace) -> int:
         try:
             sock = socket.create_server((args.host, args.port))
         except OSError as exc:
-            raise UsageError(
-                f"the MCP front door cannot listen on {args.host}:{args.port}: {exc.strerror}"
+            raise SystemExit(
+                f"sessionmesh: the MCP front door cannot listen on {args.host}:{args.port}: "
+                f"{exc.strerror}; choose another --port (0 picks a free one)"
             ) from None
         tls = tls_from(args)
         front = FrontDoor(
             client, lambda token: mesh.connect(registry=address, tls=tls, token=token)
         )
+        ready = {"url": "", "registry": address}
+        if args.metrics_port is not None:
+            from sessionmesh.server._metrics import FrontDoorMetrics
+
+            front.metrics = FrontDoorMetrics()
+            ready["metrics"] = front.metrics.serve(
+                args.host, args.metrics_port, None, insecure=args.insecure
+            )
         config = uvicorn.Config(
             app(front, args.host, args.port, args.allow_origin),
             log_level="warning",
             lifespan="on",
         )
-        url = f"http://{args.host}:{sock.getsockname()[1]}/mcp"
-        print(json.dumps({"url": url, "registry": address}), flush=True)
+        url = ready["url"] = f"http://{args.host}:{sock.getsockname()[1]}/mcp"
+        print(json.dumps(ready), flush=True)
         say(f"MCP front door serving on {url}")
         # Listening already (callers queue until uvicorn accepts); it stops on SIGINT/SIGTERM.
         try:
             await uvicorn.Server(config).serve(sockets=[sock])
         finally:
             await front.aclose()
+            if front.metrics is not None:
+                front.metrics.stop()
+    except UsageError as exc:
+        raise SystemExit(f"sessionmesh: {exc}") from None
     finally:
         await client.aclose()
     return 0

@@ -192,6 +192,32 @@ class _StateCollector:
             yield durable
 
 
+class FrontDoorMetrics(Exporter):
+    """The MCP front door's: tools/call by tool and outcome (``ok``, or the mesh error's
+    reason), their latency as MCP clients see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        p, r = self.prometheus, self.registry
+        self.calls = p.Counter(
+            "sessionmesh_mcp_calls",
+            "MCP tools/call requests, by tool and outcome",
+            ["tool", "outcome"],
+            registry=r,
+        )
+        self.seconds = p.Histogram(
+            "sessionmesh_mcp_call_seconds",
+            "MCP tools/call latency",
+            ["tool"],
+            buckets=BUCKETS,
+            registry=r,
+        )
+
+    def done(self, tool: str, outcome: str, seconds: float) -> None:
+        self.calls.labels(tool, outcome).inc()
+        self.seconds.labels(tool).observe(seconds)
+
+
 class RegistryMetrics(Exporter):
     """A registry's: instances by state, read when scraped."""
 
