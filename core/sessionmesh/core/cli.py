@@ -19,6 +19,7 @@ __all__ = [
     "TLS_ENV",
     "TOKEN_ENV",
     "iso_time",
+    "metrics_option",
     "registry_address",
     "say",
     "security_options",
@@ -113,3 +114,14 @@ def tls_from(args: argparse.Namespace) -> TLS | None:
 def token_from(args: argparse.Namespace) -> str | None:
     token: str | None = getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or None
     return token
+
+
+def metrics_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on /metrics at this port of --host (0: a free one; "
+        "needs sessionmesh[metrics])",
+    )

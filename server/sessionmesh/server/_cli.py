@@ -21,6 +21,7 @@ from sessionmesh.core import run as run_loop
 from sessionmesh.core.cli import (
     DEFAULT_REGISTRY_PORT,
     REGISTRY_ENV,
+    metrics_option,
     say,
     security_options,
 )
@@ -53,17 +54,6 @@ def serving_security(p: argparse.ArgumentParser, *, insecure: bool = True) -> No
             action="store_true",
             help="serve plaintext on an address other machines can reach (refused otherwise)",
         )
-
-
-def metrics_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        metavar="PORT",
-        help="serve Prometheus metrics on /metrics at this port of --host (0: a free one; "
-        "needs sessionmesh[metrics])",
-    )
 
 
 def session_store_option(p: argparse.ArgumentParser) -> None:

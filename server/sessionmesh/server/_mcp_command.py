@@ -6,7 +6,14 @@ import argparse
 import json
 import socket
 
-from sessionmesh.core.cli import registry_address, say, security_options, tls_from, token_from
+from sessionmesh.core.cli import (
+    metrics_option,
+    registry_address,
+    say,
+    security_options,
+    tls_from,
+    token_from,
+)
 from sessionmesh.errors import MeshError, UsageError
 from sessionmesh.server._security import is_loopback
 
@@ -38,14 +45,7 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
         action="store_true",
         help="serve plain HTTP on an address reachable from elsewhere (refused without it)",
     )
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        metavar="PORT",
-        help="serve Prometheus metrics on /metrics at this port of --host (0: a free one; "
-        "needs sessionmesh[metrics])",
-    )
+    metrics_option(p)
     security_options(p, serves=False)  # towards the mesh: the registry and the agents
     p.set_defaults(run=mcp_command)
     return p
