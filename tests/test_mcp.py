@@ -402,3 +402,48 @@ async def test_the_front_door_counts_its_calls_on_its_metrics_port(reg: str) -> 
 def _scrape(address: str) -> str:
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
         return str(response.read().decode())
+
+
+async def test_a_handshake_era_session_id_is_signed_not_stored(reg: str) -> None:
+    """Front doors sharing a key accept each other's Mcp-Session-Id; a forged one, or one
+    signed with another key, is answered 404 (the client starts anew)."""
+    async with (
+        counters(reg, 1),
+        front_door(reg, "--session-key", "shared-secret") as (_, one),
+        front_door(reg, "--session-key", "shared-secret") as (_, two),
+        front_door(reg, "--session-key", "another-secret") as (_, other),
+    ):
+        opened = await asyncio.to_thread(_post, one["url"], "initialize", None)
+        session_id = opened.headers["mcp-session-id"]
+        assert session_id
+        assert (await asyncio.to_thread(_post, two["url"], "ping", session_id)).status == 200
+        for url, presented in (
+            (one["url"], session_id[:-4] + "0000"),
+            (other["url"], session_id),
+        ):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                await asyncio.to_thread(_post, url, "ping", presented)
+            refused.value.close()
+            assert refused.value.code == 404
+
+
+def _post(url: str, method: str, session_id: str | None) -> Any:
+    params: dict[str, Any] = {}
+    if method == "initialize":
+        params = {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"},
+        }
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": "2025-11-25",
+    }
+    if session_id is not None:
+        headers["Mcp-Session-Id"] = session_id
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+    request = urllib.request.Request(url, data=body.encode(), headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        response.read()
+        return response

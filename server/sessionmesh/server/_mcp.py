@@ -13,6 +13,7 @@ import collections
 import contextlib
 import json
 import logging
+import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from mcp.shared.exceptions import MCPError
 
 from sessionmesh import tracing
 from sessionmesh.errors import AgentUnavailable, MeshError, RemoteError
+from sessionmesh.server._mcp_sessions import SignedSessions
 from sessionmesh.server._mcp_tools import CLOSE_SESSION, SESSION, MeshTool, mesh_tools
 from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire.names import is_durable, short
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from mcp.server.context import ServerRequestContext
-    from starlette.applications import Starlette
 
     from sessionmesh.client import MeshClient
     from sessionmesh.server._metrics import FrontDoorMetrics
@@ -241,8 +242,12 @@ def _failed(reason: str, message: str, handle: str | None = None) -> types.CallT
     )
 
 
-def app(front: FrontDoor, host: str, port: int, origins: list[str]) -> Starlette:
-    """The front door's ASGI app: MCP's Streamable HTTP transport at ``/mcp``."""
+def app(
+    front: FrontDoor, host: str, port: int, origins: list[str], session_key: bytes | None = None
+) -> SignedSessions:
+    """The front door's ASGI app: MCP's Streamable HTTP transport at ``/mcp``, handing
+    handshake-era clients a signed ``Mcp-Session-Id`` (``session_key``: shared by front
+    doors that serve one balancer; by default one of this process's own)."""
     server: Server[Any] = Server(
         "sessionmesh",
         description="The tools of a sessionmesh mesh; a call with a session handle lands on "
@@ -255,4 +260,7 @@ def app(front: FrontDoor, host: str, port: int, origins: list[str]) -> Starlette
         allowed_hosts=[f"{host}:*", f"{host}", "localhost:*", "127.0.0.1:*"],
         allowed_origins=origins or [f"http://{host}:*", "http://localhost:*", "http://127.0.0.1:*"],
     )
-    return server.streamable_http_app(stateless_http=True, transport_security=security, host=host)
+    starlette = server.streamable_http_app(
+        stateless_http=True, transport_security=security, host=host
+    )
+    return SignedSessions(starlette, session_key or secrets.token_bytes(32))

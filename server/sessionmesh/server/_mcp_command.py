@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 
 from sessionmesh.core.cli import (
@@ -16,6 +17,9 @@ from sessionmesh.core.cli import (
 )
 from sessionmesh.errors import MeshError, UsageError
 from sessionmesh.server._security import is_loopback
+
+#: The environment variable --session-key falls back to.
+SESSION_KEY_ENV = "SESSIONMESH_MCP_SESSION_KEY"
 
 #: How long the front door waits for the registry's first view before serving anyway.
 _FIRST_VIEW = 5.0
@@ -44,6 +48,14 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
         "--insecure",
         action="store_true",
         help="serve plain HTTP on an address reachable from elsewhere (refused without it)",
+    )
+    p.add_argument(
+        "--session-key",
+        default=None,
+        metavar="SECRET",
+        help="sign the Mcp-Session-Id of handshake-era clients with this secret: give every "
+        f"front door behind one balancer the same (${SESSION_KEY_ENV}; default: a key of "
+        "this process's own)",
     )
     metrics_option(p)
     security_options(p, serves=False)  # towards the mesh: the registry and the agents
@@ -97,7 +109,7 @@ async def mcp_command(args: argparse.Namespace) -> int:
                 args.host, args.metrics_port, None, insecure=args.insecure
             )
         config = uvicorn.Config(
-            app(front, args.host, args.port, args.allow_origin),
+            app(front, args.host, args.port, args.allow_origin, _session_key(args)),
             log_level="warning",
             lifespan="on",
         )
@@ -116,3 +128,8 @@ async def mcp_command(args: argparse.Namespace) -> int:
     finally:
         await client.aclose()
     return 0
+
+
+def _session_key(args: argparse.Namespace) -> bytes | None:
+    key = args.session_key or os.environ.get(SESSION_KEY_ENV)
+    return key.encode() if key else None

@@ -1,0 +1,107 @@
+"""A handshake-era ``Mcp-Session-Id`` with no table behind it (MCP 2025-11-25).
+
+The front door runs stateless, yet handshake-era clients expect the ``initialize`` answer
+to name a session and send it back. The id is a random nonce and its HMAC under a key the
+front doors share (``--session-key``): any front door with the key accepts it, none keeps
+anything, and a forged or foreign one is answered 404, as for a session that ended (the
+client starts anew). ``DELETE`` of a valid id succeeds: there is nothing to delete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+HEADER = b"mcp-session-id"
+#: An initialize request is small: bodies over this are never looked into.
+_MAX_LOOK = 64 * 1024
+
+
+class SignedSessions:
+    def __init__(self, app: ASGIApp, key: bytes) -> None:
+        self.app = app
+        self.key = key
+
+    def new(self) -> str:
+        nonce = secrets.token_urlsafe(16)
+        return f"{nonce}.{self._mac(nonce)}"
+
+    def valid(self, session_id: str) -> bool:
+        nonce, _, mac = session_id.partition(".")
+        return bool(nonce) and hmac.compare_digest(mac, self._mac(nonce))
+
+    def _mac(self, nonce: str) -> str:
+        return hmac.new(self.key, nonce.encode(), hashlib.sha256).hexdigest()[:32]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or ())
+        presented = headers.get(HEADER)
+        if presented is not None:
+            if not self.valid(presented.decode("latin-1")):
+                await _respond(send, 404, "no such session: initialize again")
+                return
+            if scope["method"] == "DELETE":
+                await _respond(send, 200, None)  # nothing is kept: nothing to end
+                return
+            await self.app(scope, receive, send)
+            return
+        length = int(headers.get(b"content-length", b"0") or 0)
+        if scope["method"] != "POST" or not 0 < length <= _MAX_LOOK:
+            await self.app(scope, receive, send)
+            return
+        # Read the body to see whether it is an initialize, then hand it on as it came.
+        received: list[Message] = []
+        body = b""
+        while True:
+            message = await receive()
+            received.append(message)
+            body += message.get("body", b"")
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay() -> Message:
+            return received.pop(0) if received else await receive()
+
+        if not _is_initialize(body):
+            await self.app(scope, replay, send)
+            return
+        session_id = self.new().encode()
+
+        async def named(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 200:
+                message["headers"] = [*message.get("headers", ()), (HEADER, session_id)]
+            await send(message)
+
+        await self.app(scope, replay, named)
+
+
+def _is_initialize(body: bytes) -> bool:
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(request, dict) and request.get("method") == "initialize"
+
+
+async def _respond(send: Send, status: int, message: str | None) -> None:
+    body = (
+        json.dumps({"jsonrpc": "2.0", "id": None, "error": {"code": -32001, "message": message}})
+        if message
+        else ""
+    ).encode()
+    headers = [(b"content-type", b"application/json")] if body else []
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
