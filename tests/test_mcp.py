@@ -447,3 +447,53 @@ def _post(url: str, method: str, session_id: str | None) -> Any:
     with urllib.request.urlopen(request, timeout=10) as response:
         response.read()
         return response
+
+
+async def test_a_cancelled_tools_call_cancels_the_mesh_call(reg: str) -> None:
+    import socket
+
+    import anyio
+    import uvicorn
+
+    from sessionmesh.server import Agent
+    from sessionmesh.server._mcp import FrontDoor, app
+
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    @mesh.tool(session_required=True)
+    async def wait_forever(session: mesh.Session) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async with (
+        Agent([wait_forever], name="waiter", registry=reg),
+        mesh.connect(registry=reg) as client,
+    ):
+        await eventually(lambda: bool(client.instances()), what="the agent listed")
+        sock = socket.create_server(("127.0.0.1", 0))
+        web = uvicorn.Server(
+            uvicorn.Config(app(FrontDoor(client), "127.0.0.1", 0, []), log_level="error")
+        )
+        serving = asyncio.create_task(web.serve(sockets=[sock]))
+        try:
+            url = f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
+            for era in ERAS:
+                started.clear()
+                cancelled.clear()
+                async with Client(url, mode=era) as mcp_client:
+                    async with anyio.create_task_group() as group:
+
+                        async def call() -> None:
+                            await mcp_client.call_tool("wait_forever", {})
+
+                        group.start_soon(call)
+                        await asyncio.wait_for(started.wait(), 10)
+                        group.cancel_scope.cancel()  # the client gives up on the call
+                    await asyncio.wait_for(cancelled.wait(), 10)  # so does the mesh
+        finally:
+            web.should_exit = True
+            await serving

@@ -9,6 +9,7 @@ run behind any balancer. The SDK's transport runs stateless (no ``Mcp-Session-Id
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import json
@@ -30,7 +31,7 @@ from sessionmesh.v1 import registry_service_pb2 as rpb
 from sessionmesh.wire.names import is_durable, short
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Coroutine
 
     from mcp.server.context import ServerRequestContext
 
@@ -65,6 +66,8 @@ class FrontDoor:
         self._callers: collections.OrderedDict[str, MeshClient] = collections.OrderedDict()
         #: Prometheus metrics, when the front door serves them (--metrics-port).
         self.metrics: FrontDoorMetrics | None = None
+        #: Calls in flight by (Mcp-Session-Id, request id), for handshake-era cancels.
+        self.in_flight: dict[tuple[str, str], asyncio.Task[Any]] | None = None
 
     async def _client_for(self, ctx: ServerRequestContext[Any]) -> MeshClient:
         request = ctx.request
@@ -133,11 +136,34 @@ class FrontDoor:
             attributes["mcp.session.id"] = short(handle)  # the handle is a secret: shortened
         began = time.perf_counter()
         with tracing.span(f"tools/call {params.name}", carrier, attributes, server=True):
-            result = await self._call(ctx, tool, arguments, handle)
+            result = await self._cancellable(ctx, self._call(ctx, tool, arguments, handle))
         if self.metrics is not None:
             outcome = result.structured_content.get("reason", "?") if result.is_error else "ok"
             self.metrics.done(tool.name, str(outcome).lower(), time.perf_counter() - began)
         return result
+
+    async def _cancellable(
+        self, ctx: ServerRequestContext[Any], call: Coroutine[Any, Any, types.CallToolResult]
+    ) -> types.CallToolResult:
+        """Run the call in a task a handshake-era ``notifications/cancelled`` can find by
+        the client's session and request ids (the mesh call is then cancelled too)."""
+        request = ctx.request
+        presented = request.headers.get("mcp-session-id") if request is not None else None
+        if self.in_flight is None or presented is None or ctx.request_id is None:
+            return await call
+        key = (presented, str(ctx.request_id))
+        task = asyncio.ensure_future(call)
+        self.in_flight[key] = task
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            task.cancel()  # the request itself was cancelled: so is its mesh call
+            raise
+        finally:
+            self.in_flight.pop(key, None)
+        if task.cancelled():
+            return _failed("CANCELLED", "the client cancelled the call")
+        return task.result()
 
     async def _call(
         self,
@@ -263,4 +289,6 @@ def app(
     starlette = server.streamable_http_app(
         stateless_http=True, transport_security=security, host=host
     )
-    return SignedSessions(starlette, session_key or secrets.token_bytes(32))
+    signed = SignedSessions(starlette, session_key or secrets.token_bytes(32))
+    front.in_flight = signed.in_flight
+    return signed

@@ -4,11 +4,13 @@ The front door runs stateless, yet handshake-era clients expect the ``initialize
 to name a session and send it back. The id is a random nonce and its HMAC under a key the
 front doors share (``--session-key``): any front door with the key accepts it, none keeps
 anything, and a forged or foreign one is answered 404, as for a session that ended (the
-client starts anew). ``DELETE`` of a valid id succeeds: there is nothing to delete.
+client starts anew). ``DELETE`` of a valid id succeeds: there is nothing to delete. A
+``notifications/cancelled`` cancels the call it names if that call runs on this process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -31,6 +33,10 @@ class SignedSessions:
     def __init__(self, app: ASGIApp, key: bytes) -> None:
         self.app = app
         self.key = key
+        #: Calls in flight, by (session id, request id): a handshake-era client cancels one
+        #: with a notification that arrives as a request of its own, at a stateless
+        #: transport that never saw the call. Only calls on this process are found.
+        self.in_flight: dict[tuple[str, str], asyncio.Task[Any]] = {}
 
     def new(self) -> str:
         nonce = secrets.token_urlsafe(16)
@@ -56,8 +62,6 @@ class SignedSessions:
             if scope["method"] == "DELETE":
                 await _respond(send, 200, None)  # nothing is kept: nothing to end
                 return
-            await self.app(scope, receive, send)
-            return
         length = int(headers.get(b"content-length", b"0") or 0)
         if scope["method"] != "POST" or not 0 < length <= _MAX_LOOK:
             await self.app(scope, receive, send)
@@ -75,7 +79,13 @@ class SignedSessions:
         async def replay() -> Message:
             return received.pop(0) if received else await receive()
 
-        if not _is_initialize(body):
+        request = _json(body)
+        if presented is not None and request.get("method") == "notifications/cancelled":
+            params = request.get("params") or {}
+            call = self.in_flight.get((presented.decode("latin-1"), str(params.get("requestId"))))
+            if call is not None:
+                call.cancel()
+        if request.get("method") != "initialize":
             await self.app(scope, replay, send)
             return
         session_id = self.new().encode()
@@ -88,12 +98,12 @@ class SignedSessions:
         await self.app(scope, replay, named)
 
 
-def _is_initialize(body: bytes) -> bool:
+def _json(body: bytes) -> dict[str, Any]:
     try:
         request = json.loads(body)
     except ValueError:
-        return False
-    return isinstance(request, dict) and request.get("method") == "initialize"
+        return {}
+    return request if isinstance(request, dict) else {}
 
 
 async def _respond(send: Send, status: int, message: str | None) -> None:
