@@ -445,7 +445,11 @@ def _post(url: str, method: str, session_id: str | None) -> Any:
     body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
     request = urllib.request.Request(url, data=body.encode(), headers=headers)
     with urllib.request.urlopen(request, timeout=10) as response:
-        response.read()
+        said = response.read().decode()
+        # An SSE answer (event: message / data: {...}) or plain JSON.
+        data = [line[5:] for line in said.splitlines() if line.startswith("data:")]
+        answer = json.loads(data[0] if data else said or "{}")
+        response.capabilities = answer.get("result", {}).get("capabilities", {})
         return response
 
 
@@ -497,3 +501,36 @@ async def test_a_cancelled_tools_call_cancels_the_mesh_call(reg: str) -> None:
         finally:
             web.should_exit = True
             await serving
+
+
+async def test_a_handshake_era_client_hears_that_the_tools_changed(reg: str) -> None:
+    async with counters(reg, 1), front_door(reg) as (_, door):
+        opened = await asyncio.to_thread(_post, door["url"], "initialize", None)
+        assert opened.capabilities["tools"]["listChanged"] is True
+        session_id = opened.headers["mcp-session-id"]
+        request = urllib.request.Request(
+            door["url"],
+            headers={
+                "Accept": "text/event-stream",
+                "Mcp-Session-Id": session_id,
+                "MCP-Protocol-Version": "2025-11-25",
+            },
+        )
+        stream = await asyncio.to_thread(urllib.request.urlopen, request, timeout=30)
+        try:
+            assert await asyncio.to_thread(stream.readline) == b": listening\n"
+            # A new agent with a new tool: the listening client hears of it.
+            async with serve("tests/agents/replica.py", "--registry", reg):
+                heard = await asyncio.to_thread(_read_until, stream, b"list_changed")
+            assert b'"method": "notifications/tools/list_changed"' in heard
+        finally:
+            stream.close()
+
+
+def _read_until(stream: Any, marker: bytes) -> bytes:
+    said = b""
+    while marker not in said:
+        line = stream.readline()  # bounded by the stream's 30 s timeout
+        assert line, "the stream ended"
+        said += line
+    return said

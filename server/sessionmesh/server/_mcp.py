@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import mcp_types as types
-from mcp.server.lowlevel import Server
+from mcp.server.lowlevel import NotificationOptions, Server
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
 
@@ -93,6 +93,21 @@ class FrontDoor:
         callers, self._callers = self._callers, collections.OrderedDict()
         for client in callers.values():
             await client.aclose()
+
+    def watch_tools(self, changed: Callable[[], None]) -> None:
+        """Call ``changed`` whenever the tools the front door lists change."""
+        listed = [self._signature()]
+
+        def on_change(*_: Any) -> None:
+            now = self._signature()
+            if now != listed[0]:
+                listed[0] = now
+                changed()
+
+        self.client.watch.listeners.append(on_change)
+
+    def _signature(self) -> str:
+        return repr(sorted((t.name, repr(t.input_schema)) for t in self.tools().values()))
 
     def tools(self) -> dict[str, MeshTool]:
         serving = [i for i in self.client.instances() if i.state == rpb.INSTANCE_STATE_SERVING]
@@ -274,7 +289,7 @@ def app(
     """The front door's ASGI app: MCP's Streamable HTTP transport at ``/mcp``, handing
     handshake-era clients a signed ``Mcp-Session-Id`` (``session_key``: shared by front
     doors that serve one balancer; by default one of this process's own)."""
-    server: Server[Any] = Server(
+    server: Server[Any] = _MeshServer(
         "sessionmesh",
         description="The tools of a sessionmesh mesh; a call with a session handle lands on "
         "the replica that holds the session.",
@@ -291,4 +306,15 @@ def app(
     )
     signed = SignedSessions(starlette, session_key or secrets.token_bytes(32))
     front.in_flight = signed.in_flight
+    front.watch_tools(signed.tools_changed)
     return signed
+
+
+class _MeshServer(Server[Any]):
+    """The SDK's server, saying in the handshake that its tool list changes (agents come
+    and go): handshake-era clients hear it on their GET stream."""
+
+    def create_initialization_options(self, *args: Any, **kwargs: Any) -> Any:
+        if not args and "notification_options" not in kwargs:
+            kwargs["notification_options"] = NotificationOptions(tools_changed=True)
+        return super().create_initialization_options(*args, **kwargs)

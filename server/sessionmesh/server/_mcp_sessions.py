@@ -37,6 +37,14 @@ class SignedSessions:
         #: with a notification that arrives as a request of its own, at a stateless
         #: transport that never saw the call. Only calls on this process are found.
         self.in_flight: dict[tuple[str, str], asyncio.Task[Any]] = {}
+        #: The open GET streams of handshake-era clients: each is told when tools change.
+        self.listening: set[asyncio.Queue[bytes]] = set()
+
+    def tools_changed(self) -> None:
+        """Tell every listening client (``notifications/tools/list_changed``)."""
+        event = _sse({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+        for queue in self.listening:
+            queue.put_nowait(event)
 
     def new(self) -> str:
         nonce = secrets.token_urlsafe(16)
@@ -61,6 +69,9 @@ class SignedSessions:
                 return
             if scope["method"] == "DELETE":
                 await _respond(send, 200, None)  # nothing is kept: nothing to end
+                return
+            if scope["method"] == "GET":
+                await self._listen(receive, send)
                 return
         length = int(headers.get(b"content-length", b"0") or 0)
         if scope["method"] != "POST" or not 0 < length <= _MAX_LOOK:
@@ -96,6 +107,45 @@ class SignedSessions:
             await send(message)
 
         await self.app(scope, replay, named)
+
+    async def _listen(self, receive: Receive, send: Send) -> None:
+        """A handshake-era client's standing stream: server notifications (tools changed)
+        until the client goes away. Held by this connection only, not by a session."""
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.listening.add(queue)
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store")]
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send(
+                {"type": "http.response.body", "body": b": listening\n\n", "more_body": True}
+            )
+            gone = asyncio.ensure_future(_disconnected(receive))
+            try:
+                while not gone.done():
+                    event = asyncio.ensure_future(queue.get())
+                    await asyncio.wait([event, gone], return_when=asyncio.FIRST_COMPLETED)
+                    if not event.done():
+                        event.cancel()
+                        break
+                    await send(
+                        {"type": "http.response.body", "body": event.result(), "more_body": True}
+                    )
+            finally:
+                gone.cancel()
+            await send({"type": "http.response.body", "body": b""})
+        except OSError:
+            pass  # the client went away mid-write
+        finally:
+            self.listening.discard(queue)
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _sse(message: dict[str, Any]) -> bytes:
+    return f"event: message\ndata: {json.dumps(message)}\n\n".encode()
 
 
 def _json(body: bytes) -> dict[str, Any]:
