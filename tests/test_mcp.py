@@ -534,3 +534,26 @@ def _read_until(stream: Any, marker: bytes) -> bytes:
         assert line, "the stream ended"
         said += line
     return said
+
+
+async def test_the_front_door_serves_https_with_the_agents_tls_flags(tmp_path: Path) -> None:
+    """--tls-cert/--tls-key are served (HTTPS) and dial the mesh, as an agent's are."""
+    import ssl
+
+    pki = Pki(tmp_path)
+    server = pki.server(client_ca=False)
+    tls = ("--tls-cert", str(server.cert), "--tls-key", str(server.key), "--tls-ca", pki.ca_file)
+    async with (
+        process("registry", "--port", "0", *tls[:4]) as (_, reg),
+        serve("examples/counter.py", "--registry", reg["registry"], *tls),
+        front_door(reg["registry"], *tls) as (_, door),
+    ):
+        assert door["url"].startswith("https://127.0.0.1:")
+        trusted = ssl.create_default_context(cafile=pki.ca_file)
+        async with (
+            httpx2.AsyncClient(verify=trusted) as http,
+            Client(streamable_http_client(door["url"], http_client=http), mode="legacy") as c,
+        ):
+            first = await _eventually_listed(c)
+            assert first.structured_content["count"] == 1
+            await c.call_tool("close_session", {"session": first.structured_content["session"]})

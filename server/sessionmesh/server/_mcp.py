@@ -296,10 +296,12 @@ def app(
         on_list_tools=front.list_tools,
         on_call_tool=front.call_tool,
     )
+    local = (host, "localhost", "127.0.0.1")
     security = TransportSecuritySettings(
         enable_dns_rebinding_protection=True,
         allowed_hosts=[f"{host}:*", f"{host}", "localhost:*", "127.0.0.1:*"],
-        allowed_origins=origins or [f"http://{host}:*", "http://localhost:*", "http://127.0.0.1:*"],
+        allowed_origins=origins
+        or [f"{scheme}://{name}:*" for scheme in ("http", "https") for name in local],
     )
     starlette = server.streamable_http_app(
         stateless_http=True, transport_security=security, host=host

@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 import socket
+import ssl
+from typing import TYPE_CHECKING, Any
 
 from sessionmesh.core.cli import (
     metrics_option,
@@ -17,6 +19,9 @@ from sessionmesh.core.cli import (
 )
 from sessionmesh.errors import MeshError, UsageError
 from sessionmesh.server._security import is_loopback
+
+if TYPE_CHECKING:
+    from sessionmesh.core import TLS
 
 #: The environment variable --session-key falls back to.
 SESSION_KEY_ENV = "SESSIONMESH_MCP_SESSION_KEY"
@@ -58,7 +63,9 @@ def add(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argpar
         "this process's own)",
     )
     metrics_option(p)
-    security_options(p, serves=False)  # towards the mesh: the registry and the agents
+    # As for agents: --tls-cert/--tls-key are served (HTTPS) and presented to the mesh;
+    # --tls-client-ca requires client certificates from MCP clients.
+    security_options(p, serves=True)
     p.set_defaults(run=mcp_command)
     return p
 
@@ -76,14 +83,17 @@ async def mcp_command(args: argparse.Namespace) -> int:
     from sessionmesh import mesh, tracing
 
     tracing.configure_from_env(service_name="sessionmesh-mcp")  # OTEL_EXPORTER_OTLP_ENDPOINT
-    if not is_loopback(args.host) and not args.insecure:
+    tls = tls_from(args)
+    https = tls is not None and tls.serves
+    if not https and not is_loopback(args.host) and not args.insecure:
         raise SystemExit(
-            f"sessionmesh: {args.host} is reachable from elsewhere: put the front door behind "
-            "a TLS-terminating proxy and pass --insecure, or bind a loopback address"
+            f"sessionmesh: {args.host} is reachable from elsewhere: serve HTTPS (--tls-cert, "
+            "--tls-key), or put the front door behind a TLS-terminating proxy and pass "
+            "--insecure, or bind a loopback address"
         )
     address = registry_address(args, required=True)
     assert address is not None
-    client = mesh.connect(registry=address, tls=tls_from(args), token=token_from(args))
+    client = mesh.connect(registry=address, tls=tls, token=token_from(args))
     try:
         try:
             await client.ready(within=_FIRST_VIEW)
@@ -96,7 +106,6 @@ async def mcp_command(args: argparse.Namespace) -> int:
                 f"sessionmesh: the MCP front door cannot listen on {args.host}:{args.port}: "
                 f"{exc.strerror}; choose another --port (0 picks a free one)"
             ) from None
-        tls = tls_from(args)
         front = FrontDoor(
             client, lambda token: mesh.connect(registry=address, tls=tls, token=token)
         )
@@ -112,8 +121,10 @@ async def mcp_command(args: argparse.Namespace) -> int:
             app(front, args.host, args.port, args.allow_origin, _session_key(args)),
             log_level="warning",
             lifespan="on",
+            **_https(tls),
         )
-        url = ready["url"] = f"http://{args.host}:{sock.getsockname()[1]}/mcp"
+        scheme = "https" if https else "http"
+        url = ready["url"] = f"{scheme}://{args.host}:{sock.getsockname()[1]}/mcp"
         print(json.dumps(ready), flush=True)
         say(f"MCP front door serving on {url}")
         # Listening already (callers queue until uvicorn accepts); it stops on SIGINT/SIGTERM.
@@ -133,3 +144,14 @@ async def mcp_command(args: argparse.Namespace) -> int:
 def _session_key(args: argparse.Namespace) -> bytes | None:
     key = args.session_key or os.environ.get(SESSION_KEY_ENV)
     return key.encode() if key else None
+
+
+def _https(tls: TLS | None) -> dict[str, Any]:
+    """uvicorn's TLS settings: the certificate served, and the CA client certificates must
+    come from (mutual TLS), if given."""
+    if tls is None or not tls.serves:
+        return {}
+    settings: dict[str, Any] = {"ssl_certfile": tls.cert, "ssl_keyfile": tls.key}
+    if tls.client_ca:
+        settings.update(ssl_ca_certs=tls.client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return settings
