@@ -68,6 +68,10 @@ class FrontDoor:
         self.metrics: FrontDoorMetrics | None = None
         #: Calls in flight by (Mcp-Session-Id, request id), for handshake-era cancels.
         self.in_flight: dict[tuple[str, str], asyncio.Task[Any]] | None = None
+        self._tools: dict[str, MeshTool] | None = None
+        self._tools_at = 0.0
+        # First among the watch's listeners: a later one (watch_tools) sees fresh tools.
+        client.watch.listeners.insert(0, self._forget_tools)
 
     async def _client_for(self, ctx: ServerRequestContext[Any]) -> MeshClient:
         request = ctx.request
@@ -110,8 +114,16 @@ class FrontDoor:
         return repr(sorted((t.name, repr(t.input_schema)) for t in self.tools().values()))
 
     def tools(self) -> dict[str, MeshTool]:
-        serving = [i for i in self.client.instances() if i.state == rpb.INSTANCE_STATE_SERVING]
-        return mesh_tools(serving)
+        """The tools, made again after the registry's view changed, or every few seconds
+        (a reconnected view is replaced without a word per instance), not per call."""
+        now = time.monotonic()
+        if self._tools is None or now - self._tools_at > TOOLS_TTL_MS / 1000:
+            serving = [i for i in self.client.instances() if i.state == rpb.INSTANCE_STATE_SERVING]
+            self._tools, self._tools_at = mesh_tools(serving), now
+        return self._tools
+
+    def _forget_tools(self, *_: Any) -> None:
+        self._tools = None
 
     async def list_tools(
         self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
