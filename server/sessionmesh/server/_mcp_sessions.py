@@ -90,7 +90,9 @@ class SignedSessions:
         async def replay() -> Message:
             return received.pop(0) if received else await receive()
 
-        request = _json(body)
+        # Most bodies are tools/call: only the two methods looked for are parsed here.
+        wanted = b'"initialize"' in body or b"notifications/cancelled" in body
+        request = _json(body) if wanted else {}
         if presented is not None and request.get("method") == "notifications/cancelled":
             params = request.get("params") or {}
             call = self.in_flight.get((presented.decode("latin-1"), str(params.get("requestId"))))
