@@ -21,6 +21,7 @@ pytest.importorskip("mcp", reason="the MCP front door needs sessionmesh[mcp]")
 import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
 from sessionmesh import mesh
 from sessionmesh.testing import eventually
@@ -238,7 +239,10 @@ async def _eventually_listed(client: Client) -> Any:
     result: list[Any] = []
 
     async def called() -> bool:
-        reply = await client.call_tool("session_counter", {"increment": 1})
+        try:
+            reply = await client.call_tool("session_counter", {"increment": 1})
+        except MCPError:  # "unknown tool": its view of the mesh has not caught up yet
+            return False
         if reply.is_error:
             return False
         result.append(reply)

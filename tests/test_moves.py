@@ -201,12 +201,13 @@ async def test_an_idle_durable_session_hibernates_and_wakes_where_it_is_called(
         assert await counter(increment=2) == 2
         sid = counter.session_id
         assert sid is not None and is_durable(sid)
-        owner = holder(agents, sid)
+        # Its first owner (it may have hibernated already: it is idle from here on).
+        owner = next(a for a in agents if sid.startswith(a.instance_id))
         await eventually(lambda: sid not in owner.sessions, what="the idle session hibernates")
         assert owner.sessions.counters["hibernated"] == 1
         assert await store.keys() == 1  # its state waits in the store
         assert await counter(increment=3) == 5  # woken by its next call, state and all
-        assert sum(sid in a.sessions for a in agents) == 1
+        assert sum(sid in a.sessions for a in agents) <= 1  # never two live copies
         await counter.cleanup_auto_session()
         assert await store.keys() == 0
 
