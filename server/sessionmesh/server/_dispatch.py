@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sessionmesh.server._durable import Durable
 from sessionmesh.server._errors import (
     Fail,
+    elsewhere,
     invalid_arguments,
     moved,
     session_not_found,
@@ -28,7 +29,7 @@ from sessionmesh.server._tool import each_once
 from sessionmesh.v1 import session_service_pb2 as pb
 from sessionmesh.wire.codec import TooDeep, from_struct
 from sessionmesh.wire.keys import SESSION_CREATE_KEY, SESSION_ID_KEY
-from sessionmesh.wire.names import SESSION_ID_SHAPE, is_durable, owner_of, short, well_formed
+from sessionmesh.wire.names import SESSION_ID_SHAPE, is_durable, owner_of, well_formed
 from sessionmesh.wire.reasons import Reason
 
 log = logging.getLogger("sessionmesh.agent")
@@ -234,11 +235,8 @@ class Dispatcher:
         if owner != self.store.instance_id and self.locate is not None:
             endpoint = self.locate(owner)
             if endpoint is not None:
-                return Fail(
-                    Reason.SESSION_ELSEWHERE,
-                    f"session {short(session_id)}... lives on instance {owner} at {endpoint}; "
-                    "send its calls there",
-                    {"session_id": session_id, "owner_instance": owner, "owner_endpoint": endpoint},
+                return elsewhere(
+                    session_id, owner, endpoint, "lives on instance", "send its calls there"
                 )
         return session_not_found(session_id)
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from google.protobuf.struct_pb2 import Value
 
 from sessionmesh.core._tasks import Tasks
-from sessionmesh.server._errors import Fail, not_json, session_not_found
+from sessionmesh.server._errors import Fail, elsewhere, not_json, session_not_found
 from sessionmesh.server._records import Save, Saved, SessionRecords, StoreUnavailable
 from sessionmesh.wire.codec import NotJsonLike, set_value
 from sessionmesh.wire.names import short
@@ -225,12 +225,12 @@ class Durability:
 
     def _moved(self, session_id: str, owner: str) -> Fail:
         endpoint = (self.locate(owner) if self.locate is not None else None) or ""
-        return Fail(
-            Reason.SESSION_ELSEWHERE,
-            f"session {short(session_id)}... was taken over by instance {owner}"
-            f"{' at ' + endpoint if endpoint else ''}; this copy was stale and did nothing "
-            "that counts: send the call there",
-            {"session_id": session_id, "owner_instance": owner, "owner_endpoint": endpoint},
+        return elsewhere(
+            session_id,
+            owner,
+            endpoint,
+            "was taken over by instance",
+            "this copy was stale and did nothing that counts: send the call there",
         )
 
     def _state_json(self, session: Session) -> str:

@@ -55,14 +55,22 @@ def session_not_found(session_id: str) -> Fail:
     )
 
 
+def elsewhere(session_id: str, owner: str, endpoint: str, where: str, then: str) -> Fail:
+    """SESSION_ELSEWHERE: the session is on instance ``owner`` (at ``endpoint``, if known),
+    ``where`` saying how it came there and ``then`` what the caller does."""
+    at = f" at {endpoint}" if endpoint else ""
+    return Fail(
+        Reason.SESSION_ELSEWHERE,
+        f"session {short(session_id)}... {where} {owner}{at}; {then}",
+        {"session_id": session_id, "owner_instance": owner, "owner_endpoint": endpoint},
+    )
+
+
 def moved(session_id: str, owner: str, locate: Callable[[str], str | None] | None) -> Fail:
     """A session that moved from this replica to instance ``owner``: the redirect."""
     endpoint = (locate(owner) if locate is not None else None) or ""
-    return Fail(
-        Reason.SESSION_ELSEWHERE,
-        f"session {short(session_id)}... moved to instance {owner}"
-        f"{' at ' + endpoint if endpoint else ''}; nothing ran here: send the call there",
-        {"session_id": session_id, "owner_instance": owner, "owner_endpoint": endpoint},
+    return elsewhere(
+        session_id, owner, endpoint, "moved to instance", "nothing ran here: send the call there"
     )
 
 
